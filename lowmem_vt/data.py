@@ -1,0 +1,316 @@
+"""SAT data: the real loader (hub id or local files), the paper's question format, and a generator of
+SAT-style spatial questions with rendered images written in SAT's own schema.
+
+SAT schema (``array/SAT``, ``SAT_train.parquet``): ``image_bytes`` (a list of encoded images; the paper
+keeps single-image rows), ``question``, ``answers`` (option texts), ``correct_answer`` (an option text).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
+
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+# The paper's base-model prompt, verbatim; the completion is primed with "<think>".
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question about the image, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then provides the user "
+    "with the answer.\nUser: {question} \nAssistant: Let me solve this step by step.\n<think>"
+)
+
+
+class DataError(ValueError):
+    """A record that cannot be used; the message names the record."""
+
+
+@dataclass
+class Example:
+    """One prompt: its image, the question text as asked (options included), the options and the answer."""
+
+    uid: str
+    image: Image.Image
+    question: str
+    choices: list[str]
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def join_options(options: list[str]) -> str:
+    """``[a, b, c]`` -> ``"a, b or c"`` (the paper's joining)."""
+    if len(options) == 1:
+        return options[0]
+    return ", ".join(options[:-1]) + " or " + options[-1]
+
+
+def sat_question(question: str, options: list[str]) -> str:
+    return f"Answer in natural language. {question} Choose between the following options: {join_options(options)}"
+
+
+def build_prompt_text(question: str) -> str:
+    """The full prompt string, image placeholder first (the placeholder is expanded by the input builder)."""
+    return IMAGE_PLACEHOLDER + R1_ZERO_TEMPLATE.format(question=question)
+
+
+# ------------------------------------------------------------------------------------------- decoding
+
+
+def decode_image(value: Any, image_dir: str = "") -> Image.Image:
+    """An image from SAT's ``image_bytes`` cell (bytes, {'bytes': ...}, {'path': ...}) or a file name."""
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            value = value["bytes"]
+        elif value.get("path"):
+            value = value["path"]
+        else:
+            raise DataError("image cell has neither bytes nor path")
+    if isinstance(value, (bytes, bytearray)):
+        img = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        p = Path(image_dir) / value if image_dir and not os.path.isabs(value) else Path(value)
+        if not p.is_file():
+            raise DataError(f"image file not found: {p}")
+        img = Image.open(p)
+    else:
+        raise DataError(f"unsupported image value of type {type(value).__name__}")
+    img.load()
+    return img.convert("RGB")
+
+
+def record_to_example(
+    record: dict,
+    index: int,
+    *,
+    rng: random.Random,
+    shuffle_options: bool,
+    max_pixels: int,
+    image_dir: str = "",
+) -> Example:
+    """Validate one SAT-schema record and turn it into an Example. Raises DataError naming the record."""
+    uid = str(record.get("id", record.get("idx", index)))
+    where = f"record {index} (id {uid})"
+    for key in ("image_bytes", "question", "answers", "correct_answer"):
+        if key not in record or record[key] is None:
+            raise DataError(f"{where}: missing field {key!r}")
+    images = record["image_bytes"]
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    images = list(images)
+    if len(images) != 1:
+        raise DataError(f"{where}: {len(images)} images; the recipe uses single-image rows")
+    question = str(record["question"]).strip()
+    if not question:
+        raise DataError(f"{where}: empty question")
+    options = [str(a) for a in record["answers"]]
+    if len(options) < 2:
+        raise DataError(f"{where}: fewer than two answer options")
+    answer = str(record["correct_answer"])
+    if answer not in options:
+        raise DataError(f"{where}: correct_answer {answer!r} is not among the options {options}")
+    try:
+        image = decode_image(images[0], image_dir)
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from exc
+    except Exception as exc:  # PIL raises many types for corrupt bytes
+        raise DataError(f"{where}: unreadable image ({type(exc).__name__}: {exc})") from exc
+    # Images are resized to max_pixels by the processor; one this far beyond it is a broken record
+    # (it would cost a decode of tens of megapixels for nothing), so it is skipped.
+    if image.width * image.height > 16 * max_pixels:
+        raise DataError(f"{where}: image {image.width}x{image.height} is over 16 x max_pixels ({max_pixels})")
+    if shuffle_options:
+        options = options[:]
+        rng.shuffle(options)
+    return Example(uid, image, sat_question(question, options), options, answer, {"raw_question": question})
+
+
+def _read_table(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        return data if isinstance(data, list) else data.get("data", [])
+    raise DataError(f"unsupported data file {path}; expected .parquet, .json or .jsonl")
+
+
+def read_sat_records(path: str, data_file: str, max_samples: int) -> list[dict]:
+    """Raw records from a local file/folder or, for an ``owner/name`` hub id, through ``datasets``."""
+    p = Path(os.path.expanduser(path))
+    if p.is_file():
+        return _read_table(p)[: max_samples * 2]
+    if p.is_dir():
+        f = p / data_file
+        files = [f] if f.is_file() else sorted(x for x in p.iterdir() if x.suffix in (".parquet", ".json", ".jsonl"))
+        if not files:
+            raise DataError(f"no {data_file} or .parquet/.json/.jsonl files in {p}")
+        rows: list[dict] = []
+        for f in files:
+            rows.extend(_read_table(f))
+        return rows
+    from datasets import load_dataset  # only the hub path needs it
+
+    # streaming: read only as many rows as needed from a large parquet (SAT is ~175k rows)
+    ds = load_dataset(path, data_files=data_file, split="train", streaming=True)
+    rows = []
+    for row in ds:
+        rows.append(row)
+        if len(rows) >= max_samples * 2:  # headroom for multi-image rows skipped below
+            break
+    return rows
+
+
+@dataclass
+class LoadReport:
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def as_metrics(self) -> dict[str, int]:
+        return {"data_kept": self.kept, "data_skipped": sum(self.skipped.values())}
+
+
+def examples_from_records(
+    records: Iterable[dict],
+    *,
+    max_samples: int,
+    shuffle_options: bool,
+    max_pixels: int,
+    seed: int,
+    on_error: str = "skip",
+    image_dir: str = "",
+) -> tuple[list[Example], LoadReport]:
+    """Valid examples (at most ``max_samples``), skipping bad records with a warning, or raising."""
+    rng = random.Random(seed)
+    report = LoadReport()
+    out: list[Example] = []
+    for i, rec in enumerate(records):
+        if len(out) >= max_samples:
+            break
+        try:
+            out.append(record_to_example(rec, i, rng=rng, shuffle_options=shuffle_options, max_pixels=max_pixels, image_dir=image_dir))
+        except DataError as exc:
+            if on_error == "raise":
+                raise
+            reason = str(exc).split(": ", 1)[-1].split(" (")[0]
+            report.skipped[reason[:60]] += 1
+            log.warning("skipping %s", exc)
+    report.kept = len(out)
+    if not out:
+        raise DataError("no usable records in the dataset (every record was skipped; see the warnings above)")
+    return out, report
+
+
+# ------------------------------------------------------------------------------------------- generator
+
+_COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (230, 200, 30)}
+_SHAPES = ("circle", "square", "triangle")
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color: tuple) -> None:
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def generate_sat_records(n: int, *, size: int = 112, tasks: list[str] | None = None, seed: int = 0) -> list[dict]:
+    """``n`` SAT-schema records with rendered images and known answers.
+
+    Tasks: ``left_right``, ``above_below``, ``closer`` (the larger object is closer), ``count``.
+    """
+    tasks = tasks or ["left_right", "above_below", "closer", "count"]
+    unknown = set(tasks) - {"left_right", "above_below", "closer", "count"}
+    if unknown:
+        raise ValueError(f"unknown generated task(s) {sorted(unknown)}")
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        task = tasks[i % len(tasks)]
+        img = Image.new("RGB", (size, size), (245, 245, 245))
+        draw = ImageDraw.Draw(img)
+        (c1, c2) = rng.sample(list(_COLORS), 2)
+        (s1, s2) = rng.sample(_SHAPES, 2)
+        a, b = f"{c1} {s1}", f"{c2} {s2}"
+        r = size * 0.12
+        if task == "left_right":
+            left = rng.random() < 0.5
+            xa, xb = (size * 0.25, size * 0.75) if left else (size * 0.75, size * 0.25)
+            _draw(draw, s1, xa, size * rng.uniform(0.3, 0.7), r, _COLORS[c1])
+            _draw(draw, s2, xb, size * rng.uniform(0.3, 0.7), r, _COLORS[c2])
+            question, answers, correct = f"Is the {a} to the left or to the right of the {b}?", ["left", "right"], "left" if left else "right"
+        elif task == "above_below":
+            above = rng.random() < 0.5
+            ya, yb = (size * 0.25, size * 0.75) if above else (size * 0.75, size * 0.25)
+            _draw(draw, s1, size * rng.uniform(0.3, 0.7), ya, r, _COLORS[c1])
+            _draw(draw, s2, size * rng.uniform(0.3, 0.7), yb, r, _COLORS[c2])
+            question, answers, correct = f"Is the {a} above or below the {b}?", ["above", "below"], "above" if above else "below"
+        elif task == "closer":
+            a_closer = rng.random() < 0.5
+            ra, rb = (r * 1.6, r * 0.7) if a_closer else (r * 0.7, r * 1.6)
+            _draw(draw, s1, size * 0.28, size * 0.5, ra, _COLORS[c1])
+            _draw(draw, s2, size * 0.72, size * 0.5, rb, _COLORS[c2])
+            question, answers, correct = f"Which object is closer to the camera, the {a} or the {b}?", [a, b], a if a_closer else b
+        else:
+            k = rng.randint(1, 4)
+            cells = rng.sample([(x, y) for x in range(3) for y in range(3)], k)
+            for x, y in cells:
+                _draw(draw, s1, size * (x + 0.5) / 3, size * (y + 0.5) / 3, size * 0.1, _COLORS[c1])
+            question = f"How many {c1} {s1}s are in the image?"
+            answers, correct = ["1", "2", "3", "4"], str(k)
+        records.append(
+            {"image_bytes": [_png(img)], "question": question, "answers": answers, "correct_answer": correct, "question_type": task}
+        )
+    return records
+
+
+def write_sat_parquet(records: list[dict], path: str | os.PathLike) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records), p)
+    return p
+
+
+def load_examples(data_cfg) -> tuple[list[Example], LoadReport]:
+    """Examples for a recipe's ``data`` section (see config.DataConfig)."""
+    if data_cfg.source == "generated":
+        records = generate_sat_records(
+            data_cfg.generated_samples, size=data_cfg.generated_image_size, tasks=data_cfg.generated_tasks, seed=data_cfg.seed
+        )
+    else:
+        records = read_sat_records(data_cfg.path, data_cfg.data_file, data_cfg.max_samples)
+    return examples_from_records(
+        records,
+        max_samples=data_cfg.max_samples,
+        shuffle_options=data_cfg.shuffle_options,
+        max_pixels=data_cfg.max_pixels,
+        seed=data_cfg.seed,
+        on_error=data_cfg.on_error,
+        image_dir=data_cfg.image_dir,
+    )

@@ -1,0 +1,135 @@
+"""GRPO in plain PyTorch: group advantages, the per-token surrogate + KL, and its aggregation.
+
+This module is the reference the Triton kernels in ``kernels/`` are checked against. Every loss is
+written as the *contribution of one micro-batch* to the full-batch loss, normalised by counts of the
+whole optimizer batch, so that summing micro-batch losses (gradient accumulation) gives exactly the
+loss of the full batch whatever the micro-batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LOSS_TYPES = ("grpo", "dr_grpo", "bnpo")
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: bool = True) -> torch.Tensor:
+    """Advantages of a flat reward vector made of consecutive groups of ``num_generations``.
+
+    rewards: [P * G] float. Returns [P * G] float32: (r - group mean) / (group std + 1e-4), the std unbiased
+    as in the paper's code (``torch.std``). A group whose rewards are all equal gets zero advantage (never NaN).
+    """
+    if rewards.numel() % num_generations:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {num_generations}")
+    grouped = rewards.float().view(-1, num_generations)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    return centred.reshape(-1)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | list[int], pad_length_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """1 on every completion token up to and including the first EOS, 0 after it.
+
+    completion_ids: [B, T] long. Returns [B, T] float32.
+    """
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    is_eos = torch.zeros_like(completion_ids, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= completion_ids == e
+    # number of EOS strictly before each position: a token is kept while none has been seen yet
+    seen_before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()
+    mask = (seen_before == 0).float()
+    if pad_length_mask is not None:
+        mask = mask * pad_length_mask.float()
+    return mask
+
+
+@dataclass
+class LossCounts:
+    """Counts over the whole optimizer batch that normalise every micro-batch's share of the loss."""
+
+    num_sequences: int  # completions in the optimizer batch
+    num_tokens: float  # masked completion tokens in the optimizer batch
+    max_completion_length: int
+
+
+def per_token_loss(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token GRPO loss ``-(min(r·A, clip(r)·A) - beta·k3)``.
+
+    logp, old_logp, ref_logp: [B, T] float32 log-probs of the sampled tokens; advantages: [B].
+    ``old_logp=None`` means one update per rollout: the ratio is ``exp(logp - logp.detach())`` (value 1,
+    gradient of logp), exactly the paper's form. Returns (loss [B, T], k3 [B, T], clipped [B, T] bool).
+    """
+    old = logp.detach() if old_logp is None else old_logp
+    ratio = torch.exp(logp - old)
+    adv = advantages.unsqueeze(1)
+    unclipped = ratio * adv
+    clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    surrogate = torch.minimum(unclipped, clipped_ratio * adv)
+    is_clipped = (clipped_ratio * adv < unclipped)
+    loss = -surrogate
+    if ref_logp is not None and beta != 0.0:
+        delta = ref_logp - logp
+        k3 = torch.exp(delta) - delta - 1.0
+        loss = loss + beta * k3
+    else:
+        k3 = torch.zeros_like(logp)
+    return loss, k3, is_clipped
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, counts: LossCounts) -> torch.Tensor:
+    """This micro-batch's share of the batch loss. per_token, mask: [B, T].
+
+    grpo: mean over each completion's tokens, then mean over completions (the paper).
+    dr_grpo: sum over tokens / (completions · max_completion_length) (Dr. GRPO, no length bias).
+    bnpo: sum over tokens / tokens in the batch.
+    """
+    masked = per_token * mask
+    if loss_type == "grpo":
+        per_seq = masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return per_seq.sum() / counts.num_sequences
+    if loss_type == "dr_grpo":
+        return masked.sum() / (counts.num_sequences * counts.max_completion_length)
+    if loss_type == "bnpo":
+        return masked.sum() / max(counts.num_tokens, 1.0)
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    *,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float,
+    loss_type: str,
+    counts: LossCounts,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one micro-batch from per-token log-probs. Returns (loss, stats summed over this micro-batch).
+
+    stats: ``kl_sum`` (sum of per-sequence mean k3), ``clipped_tokens`` and ``tokens`` for the logs.
+    """
+    per_tok, k3, clipped = per_token_loss(logp, advantages, old_logp, ref_logp, beta, epsilon_low, epsilon_high)
+    loss = aggregate(per_tok, mask, loss_type, counts)
+    with torch.no_grad():
+        per_seq_kl = (k3 * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        stats = {
+            "kl_sum": float(per_seq_kl.sum()),
+            "clipped_tokens": float((clipped.float() * mask).sum()),
+            "tokens": float(mask.sum()),
+        }
+    return loss, stats

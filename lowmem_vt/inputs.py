@@ -1,0 +1,192 @@
+"""Our own Qwen2-VL input builder: tokenizer + image processor -> ids, token types, M-RoPE positions.
+
+Why not ``Qwen2VLProcessor``: it cannot be constructed without torchvision (transformers 5.x), and owning
+this step is how padding and truncation are kept from corrupting image tokens:
+- each ``<|image_pad|>`` is expanded into grid_t·grid_h·grid_w / merge² tokens;
+- prompt truncation shortens the question text only, never the image block or the template;
+- M-RoPE positions are computed per prompt, unpadded, and carried with it, so no padding side can shift
+  them; completion token j of a prompt sits at position ``next_position + j`` in all three axes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data import IMAGE_PLACEHOLDER, R1_ZERO_TEMPLATE, DataError
+
+
+@dataclass
+class PromptInputs:
+    """One encoded prompt (unpadded). L = prompt tokens, P = image patches."""
+
+    input_ids: torch.Tensor  # [L] long
+    mm_token_type_ids: torch.Tensor  # [L] int: 1 on image tokens
+    position_ids: torch.Tensor  # [3, L] long, M-RoPE (temporal, height, width)
+    pixel_values: torch.Tensor  # [P, C·T·patch·patch] float32
+    image_grid_thw: torch.Tensor  # [1, 3] long
+    next_position: int  # position of the first completion token (all three axes)
+    truncated: bool = False
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_image_tokens(self) -> int:
+        return int(self.mm_token_type_ids.sum())
+
+
+def mrope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor, merge: int) -> tuple[torch.Tensor, int]:
+    """M-RoPE positions [3, L] of one unpadded prompt and the next free position.
+
+    Text tokens advance all three axes together; an image block of (t, h/merge, w/merge) tokens takes
+    (t, row, col) offsets from the current position, after which the position advances by max(h, w)/merge.
+    """
+    types = mm_token_type_ids.tolist()
+    chunks = []
+    pos = 0
+    grids = iter(image_grid_thw.tolist())
+    i = 0
+    while i < len(types):
+        j = i
+        while j < len(types) and types[j] == types[i]:
+            j += 1
+        n = j - i
+        if types[i] == 0:
+            chunks.append(torch.arange(pos, pos + n).view(1, -1).expand(3, -1))
+            pos += n
+        else:
+            t, h, w = next(grids)
+            gh, gw = h // merge, w // merge
+            if t * gh * gw != n:
+                raise ValueError(f"image block of {n} tokens does not match grid {t}x{gh}x{gw}")
+            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+            chunks.append(torch.stack([tt, hh, ww]).reshape(3, -1) + pos)
+            pos += max(gh, gw)
+        i = j
+    return torch.cat(chunks, dim=1).long(), pos
+
+
+class InputBuilder:
+    """Turns (image, question) into PromptInputs for a Qwen2-VL model."""
+
+    def __init__(self, tokenizer, image_processor, model_config, *, max_prompt_length: int, min_pixels: int, max_pixels: int):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token_id = model_config.image_token_id
+        self.merge = model_config.vision_config.spatial_merge_size
+        self.max_prompt_length = max_prompt_length
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        head, tail = R1_ZERO_TEMPLATE.split("{question}")
+        self._head, self._tail = IMAGE_PLACEHOLDER + head, tail
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_image(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+        out = self.image_processor(images=[image], size=size, return_tensors="pt")
+        return out["pixel_values"].float(), out["image_grid_thw"].long()
+
+    def encode(self, image, question: str) -> PromptInputs:
+        pixel_values, grid = self.encode_image(image)
+        n_image = int(grid.prod()) // self.merge**2
+        ids = self._ids(self._head + question + self._tail)
+        truncated = False
+        if len(ids) - 1 + n_image > self.max_prompt_length:
+            # Shorten the question text only; image tokens and the template are never cut.
+            head, tail = self._ids(self._head), self._ids(self._tail)
+            room = self.max_prompt_length - (len(head) - 1 + n_image) - len(tail)
+            if room < 0:
+                raise DataError(
+                    f"the prompt needs {len(head) - 1 + n_image + len(tail)} tokens for the image ({n_image} tokens) and "
+                    f"the template alone, over grpo.max_prompt_length {self.max_prompt_length}: raise it or lower data.max_pixels"
+                )
+            ids = head + self._ids(question)[:room] + tail
+            truncated = True
+        return self._expand(ids, pixel_values, grid, n_image, truncated)
+
+    def _expand(self, ids: list[int], pixel_values, grid, n_image: int, truncated: bool) -> PromptInputs:
+        if ids.count(self.image_token_id) != 1:
+            raise DataError(f"expected one image placeholder in the prompt, found {ids.count(self.image_token_id)}")
+        k = ids.index(self.image_token_id)
+        expanded = ids[:k] + [self.image_token_id] * n_image + ids[k + 1 :]
+        input_ids = torch.tensor(expanded, dtype=torch.long)
+        types = (input_ids == self.image_token_id).int()
+        positions, nxt = mrope_positions(types, grid, self.merge)
+        return PromptInputs(input_ids, types, positions, pixel_values, grid, nxt, truncated)
+
+
+# ----------------------------------------------------------------------------------------- batching
+
+
+def collate_prompts_left(prompts: list[PromptInputs], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompt batch for ``generate`` (input_ids, attention_mask, mm_token_type_ids, image tensors)."""
+    L = max(p.length for p in prompts)
+    B = len(prompts)
+    input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    types = torch.zeros((B, L), dtype=torch.int)
+    for i, p in enumerate(prompts):
+        input_ids[i, L - p.length :] = p.input_ids
+        attention_mask[i, L - p.length :] = 1
+        types[i, L - p.length :] = p.mm_token_type_ids
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mm_token_type_ids": types,
+        "pixel_values": torch.cat([p.pixel_values for p in prompts]),
+        "image_grid_thw": torch.cat([p.image_grid_thw for p in prompts]),
+    }
+
+
+@dataclass
+class SequenceBatch:
+    """Prompt + completion rows, right-padded: row i = [prompt_i, completion_i, pad...].
+
+    No left padding means no fully-masked query rows and no shifted positions; completion token j of row i
+    is predicted by the hidden state at ``completion_index[i, j]``.
+    """
+
+    input_ids: torch.Tensor  # [B, S] long
+    attention_mask: torch.Tensor  # [B, S] long
+    image_mask: torch.Tensor  # [B, S] bool: the prompt's image tokens (a sampled <|image_pad|> is text)
+    position_ids: torch.Tensor  # [3, B, S] long
+    completion_index: torch.Tensor  # [B, T] long: where the hidden state that predicts token j lives
+    prompt_rows: list[int]  # which prompt (index into the step's prompt list) each row holds
+
+    def to(self, device) -> "SequenceBatch":
+        return SequenceBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.image_mask.to(device), self.position_ids.to(device),
+            self.completion_index.to(device), self.prompt_rows,
+        )
+
+
+def build_sequences(
+    prompts: list[PromptInputs], prompt_rows: list[int], completion_ids: torch.Tensor, completion_mask: torch.Tensor, pad_token_id: int
+) -> SequenceBatch:
+    """Rows for the policy/reference forward. completion_ids, completion_mask: [B, T]; prompt_rows: [B]."""
+    B, T = completion_ids.shape
+    lengths = [prompts[r].length for r in prompt_rows]
+    S = max(lengths) + T
+    input_ids = torch.full((B, S), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, S), dtype=torch.long)
+    image_mask = torch.zeros((B, S), dtype=torch.bool)
+    position_ids = torch.zeros((3, B, S), dtype=torch.long)
+    completion_index = torch.zeros((B, T), dtype=torch.long)
+    steps = torch.arange(T)
+    for i, r in enumerate(prompt_rows):
+        p, L = prompts[r], lengths[i]
+        input_ids[i, :L] = p.input_ids
+        input_ids[i, L : L + T] = completion_ids[i].cpu()
+        attention_mask[i, :L] = 1
+        image_mask[i, :L] = p.mm_token_type_ids.bool()
+        attention_mask[i, L : L + T] = completion_mask[i].cpu().long()
+        position_ids[:, i, :L] = p.position_ids
+        position_ids[:, i, L : L + T] = (p.next_position + steps).view(1, -1)
+        completion_index[i] = L - 1 + steps
+    return SequenceBatch(input_ids, attention_mask, image_mask, position_ids, completion_index, list(prompt_rows))

@@ -1,0 +1,179 @@
+"""Loading Qwen2-VL with LoRA/QLoRA, and the forward passes the trainer needs.
+
+The policy and the reference share one set of weights: the reference is the same model with the LoRA
+adapter disabled. Image embeddings are computed once per step by ``image_embeddings`` (the vision tower is
+frozen) and scattered into the token embeddings of every pass that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import LoraConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+# "tiny:<dir>" = the offline tiny Qwen2-VL, built into <dir> on first use (see tiny.py)
+TINY_PREFIX = "tiny:"
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    peft_model: torch.nn.Module  # PeftModel: the trainable policy
+    tokenizer: object
+    image_processor: object
+    device: torch.device
+    vision_calls: list  # [number of images encoded by the vision tower], shared counter
+
+    @property
+    def hf_model(self):
+        """The Qwen2VLForConditionalGeneration holding the (injected) LoRA layers."""
+        return self.peft_model.get_base_model()
+
+    @property
+    def config(self):
+        return self.hf_model.config
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.hf_model.lm_head.weight
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is visible; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    if name == "auto":
+        if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        return "sdpa"
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise RuntimeError("model.attn_implementation is flash_attention_2 but flash-attn is not installed (pip install lowmem-vt[gpu])")
+    return name
+
+
+def lora_target_regex(target_modules: list[str]) -> str:
+    """LoRA on the language model's linears only (the vision tower stays frozen and adapter-free)."""
+    names = "|".join(target_modules)
+    return rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({names})"
+
+
+def load_tokenizer_and_processor(name_or_path: str, min_pixels: int, max_pixels: int):
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    # the PIL image processor needs no torchvision (the fast one does); same outputs
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(
+        name_or_path, size={"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    )
+    return tokenizer, image_processor
+
+
+def load_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.device, *, min_pixels: int, max_pixels: int,
+               adapter_path: str | None = None, trainable: bool = True) -> LoadedModel:
+    """Load the base model by hub id or local path, freeze it, and add (or load) the LoRA adapter."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+    from transformers import Qwen2VLForConditionalGeneration
+
+    if model_cfg.name_or_path.startswith(TINY_PREFIX):
+        from .tiny import build_tiny_model
+
+        model_cfg.name_or_path = str(build_tiny_model(model_cfg.name_or_path[len(TINY_PREFIX):]))
+    dtype = DTYPES[model_cfg.dtype]
+    kwargs = dict(dtype=dtype, attn_implementation=resolve_attention(model_cfg.attn_implementation, device))
+    if model_cfg.quantization == "nf4":
+        if device.type != "cuda":
+            raise RuntimeError("model.quantization: nf4 (QLoRA) needs a CUDA GPU with bitsandbytes; use quantization: none on CPU")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+            # the vision tower and the (tied) head stay in bf16: quantizing them saves little and costs accuracy
+            llm_int8_skip_modules=["visual", "lm_head"],
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    model = Qwen2VLForConditionalGeneration.from_pretrained(model_cfg.name_or_path, **kwargs)
+    if model_cfg.quantization == "none":
+        model.to(device)
+    tokenizer, image_processor = load_tokenizer_and_processor(model_cfg.name_or_path, min_pixels, max_pixels)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if adapter_path is not None:
+        peft_model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+    else:
+        peft_cfg = PeftLoraConfig(
+            r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+            target_modules=lora_target_regex(lora_cfg.target_modules), bias="none",
+        )
+        peft_model = get_peft_model(model, peft_cfg)
+    # peft keeps LoRA weights in fp32 over a bf16 base (autocast_adapter_dtype): AdamW on bf16 would lose small updates
+    if model_cfg.gradient_checkpointing and trainable:
+        peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    counter = [0]
+
+    def count_images(_module, args, kwargs_):
+        grid = kwargs_.get("grid_thw", args[1] if len(args) > 1 else None)
+        counter[0] += int(grid.shape[0]) if grid is not None else 1
+
+    peft_model.get_base_model().model.visual.register_forward_pre_hook(count_images, with_kwargs=True)
+    return LoadedModel(peft_model, tokenizer, image_processor, device, counter)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def image_embeddings(lm: LoadedModel, pixel_values: list[torch.Tensor], grids: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Vision-tower features of each prompt's image, [tokens_i, H] in the model's dtype. One tower call."""
+    inner = lm.hf_model.model
+    pv = torch.cat(pixel_values).to(lm.device)
+    grid = torch.cat(grids).to(lm.device)
+    out = inner.get_image_features(pv, grid, return_dict=True)
+    return [e.detach() for e in out.pooler_output]
+
+
+def sequence_hidden(lm: LoadedModel, batch, image_embeds: list[torch.Tensor]) -> torch.Tensor:
+    """Final hidden states that predict each completion token: [B, T, H].
+
+    ``batch`` is an inputs.SequenceBatch already on the device; ``image_embeds`` is indexed by its
+    ``prompt_rows``. The LM head is applied separately (chunked, see kernels).
+    """
+    inner = lm.hf_model.model
+    embeds = inner.get_input_embeddings()(batch.input_ids)
+    image_mask = batch.image_mask.unsqueeze(-1)
+    feats = torch.cat([image_embeds[r] for r in batch.prompt_rows]).to(embeds.dtype)
+    if int(image_mask.sum()) != feats.shape[0]:
+        raise RuntimeError(f"{int(image_mask.sum())} image tokens in the batch but {feats.shape[0]} image features")
+    embeds = embeds.masked_scatter(image_mask, feats)
+    out = inner.language_model(
+        inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+    )
+    hidden = out.last_hidden_state
+    idx = batch.completion_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return hidden.gather(1, idx)
+
+
+def save_adapter(lm: LoadedModel, path: str | Path) -> None:
+    lm.peft_model.save_pretrained(str(path))

@@ -1,0 +1,72 @@
+"""Training plots from metrics.jsonl: rewards, accuracy, response length, reflection-word rate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .metrics import read_metrics
+
+PANELS = [
+    ("reward", "total reward"),
+    ("rewards/", "reward per function"),
+    ("accuracy", "accuracy"),
+    ("completion_length_mean", "response length (tokens)"),
+    ("reflection_rate", "reflection-word rate"),
+    ("kl", "KL to reference"),
+]
+
+
+def smooth(values: list[float], alpha: float) -> list[float]:
+    """Exponential moving average (alpha = weight of the past), skipping missing values."""
+    out, acc = [], None
+    for v in values:
+        if v is None:
+            out.append(acc)
+            continue
+        acc = v if acc is None else alpha * acc + (1 - alpha) * v
+        out.append(acc)
+    return out
+
+
+def plot_metrics(metrics_path: str | Path, out_dir: str | Path, smoothing: float = 0.8) -> list[Path]:
+    """One PNG per panel plus ``overview.png``; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    if not rows:
+        raise ValueError(f"{metrics_path} holds no metrics")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = [r["step"] for r in rows]
+    written = []
+    fig_all, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax_all, (key, title) in zip(axes.flat, PANELS):
+        keys = sorted({k for r in rows for k in r if k.startswith(key)}) if key.endswith("/") else [key]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for k in keys:
+            vals = [r.get(k) for r in rows]
+            if all(v is None for v in vals):
+                continue
+            for a in (ax, ax_all):
+                a.plot(steps, vals, alpha=0.25, color=None)
+                a.plot(steps, smooth(vals, smoothing), label=k)
+        for a in (ax, ax_all):
+            a.set_title(title)
+            a.set_xlabel("step")
+            a.grid(alpha=0.3)
+            if len(keys) > 1:
+                a.legend(fontsize=8)
+        path = out / f"{key.strip('/').replace('/', '_')}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    fig_all.tight_layout()
+    overview = out / "overview.png"
+    fig_all.savefig(overview, dpi=90)
+    plt.close(fig_all)
+    written.append(overview)
+    return written

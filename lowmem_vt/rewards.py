@@ -1,0 +1,84 @@
+"""Rule-based rewards of the R1-Zero recipe. Each returns 0.0 or 1.0 and never raises.
+
+The completion is what the model wrote *after* the prompt, which already ends in ``<think>``.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Callable, Sequence
+
+FORMAT_PATTERN = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+ANSWER_PATTERN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def format_reward(completion: str, **_) -> float:
+    """1 when ``"<think>" + completion`` is exactly ``<think>…</think> <answer>…</answer>`` (paper)."""
+    try:
+        return 1.0 if FORMAT_PATTERN.fullmatch("<think>" + completion) else 0.0
+    except Exception:  # noqa: BLE001 -- a reward must never stop a run
+        return 0.0
+
+
+def extract_answer(completion: str) -> str:
+    """Text inside the first ``<answer>…</answer>``, or the whole completion when there is none, stripped."""
+    m = ANSWER_PATTERN.search(completion)
+    return (m.group(1) if m else completion).strip()
+
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.lower().translate(_PUNCT).split())
+
+
+def _letter(text: str) -> int | None:
+    """Option index of a bare letter answer: A, a, (A), (a), A. -> 0."""
+    m = re.fullmatch(r"\(?\s*([A-Za-z])\s*[\).:]?", text.strip())
+    return ord(m.group(1).upper()) - ord("A") if m else None
+
+
+def accuracy_reward(completion: str, answer: str, choices: Sequence[str] = (), mode: str = "exact", **_) -> float:
+    """1 when the extracted answer is the correct option.
+
+    exact (paper): stripped text equals the option text. normalized: also ignores case, punctuation and
+    extra spaces, and accepts the option's letter (A, (a), ...) when ``choices`` are given.
+    """
+    try:
+        pred = extract_answer(completion)
+        if pred == answer.strip():
+            return 1.0
+        if mode != "normalized":
+            return 0.0
+        if _normalize(pred) == _normalize(answer) and _normalize(answer):
+            return 1.0
+        idx = _letter(pred)
+        if idx is not None and 0 <= idx < len(choices) and choices[idx].strip() == answer.strip():
+            return 1.0
+        return 0.0
+    except Exception:  # noqa: BLE001
+        return 0.0
+
+
+REWARD_FUNCS: dict[str, Callable[..., float]] = {"format": format_reward, "accuracy": accuracy_reward}
+
+
+def compute_rewards(
+    completions: list[str], answers: list[str], choices: list[Sequence[str]], funcs: list[str], accuracy_mode: str = "exact"
+) -> dict[str, list[float]]:
+    """One list of rewards per reward function, each aligned with ``completions``."""
+    out: dict[str, list[float]] = {}
+    for name in funcs:
+        fn = REWARD_FUNCS[name]
+        out[name] = [fn(c, answer=a, choices=ch, mode=accuracy_mode) for c, a, ch in zip(completions, answers, choices)]
+    return out
+
+
+def reflection_rate(completions: list[str], words: list[str]) -> float:
+    """Share of completions that use any reflection word (whole-word, case-insensitive)."""
+    if not completions or not words:
+        return 0.0
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(re.escape(w) for w in words) + r")(?![\w-])", re.IGNORECASE)
+    return sum(1 for c in completions if pattern.search(c)) / len(completions)

@@ -1,0 +1,48 @@
+"""Rollout through Hugging Face ``generate`` on the training weights (LoRA active)."""
+
+from __future__ import annotations
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..inputs import collate_prompts_left
+from .base import RolloutBackend, RolloutResult, SamplingParams, finish
+
+
+class HFRollout(RolloutBackend):
+    def __init__(self, lm):
+        self.lm = lm
+
+    @torch.no_grad()
+    def generate(self, prompts, image_embeds, params: SamplingParams) -> RolloutResult:
+        lm = self.lm
+        model = lm.hf_model
+        batch = collate_prompts_left(prompts, lm.pad_token_id)
+        # The step's image features are reused: generate expands them to the G samples itself.
+        mm = {"image": BaseModelOutputWithPooling(pooler_output=tuple(image_embeds))}
+        was_training = model.training
+        model.eval()  # gradient checkpointing in train mode would turn the KV cache off
+        try:
+            sample = not params.greedy
+            out = model.generate(
+                input_ids=batch["input_ids"].to(lm.device),
+                attention_mask=batch["attention_mask"].to(lm.device),
+                mm_token_type_ids=batch["mm_token_type_ids"].to(lm.device),
+                image_grid_thw=batch["image_grid_thw"].to(lm.device),
+                mm_encoder_outputs=mm,
+                do_sample=sample,
+                temperature=params.temperature if sample else None,
+                top_p=params.top_p if sample else None,
+                top_k=(params.top_k or None) if sample else None,
+                max_new_tokens=params.max_new_tokens,
+                num_return_sequences=params.num_generations,
+                eos_token_id=lm.eos_token_id,
+                pad_token_id=lm.pad_token_id,
+                use_cache=True,
+            )
+        finally:
+            model.train(was_training)
+        completion = out[:, batch["input_ids"].shape[1] :]
+        if completion.shape[1] == 0:
+            completion = torch.full((out.shape[0], 1), lm.pad_token_id, dtype=torch.long, device=out.device)
+        return finish(completion, lm.eos_token_id, lm.pad_token_id, len(prompts), params.num_generations)

@@ -1,0 +1,168 @@
+"""Offline models: a tiny random Qwen2-VL with a locally built tokenizer and image-processor config,
+saved with ``save_pretrained`` so tests and the demo load it through the same code path as the real
+model; and the real Qwen2-VL-2B architecture from its config (random weights) for GPU benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .data import R1_ZERO_TEMPLATE, generate_sat_records, sat_question
+
+# Qwen2-VL's special tokens (names as in the real tokenizer). The base model ends text with <|endoftext|>.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+# In the real tokenizer these tags are several tokens each; the tiny tokenizer makes them one token so a
+# tiny model can learn the format in a CPU test's budget. They are ordinary (non-special) tokens: decoding
+# keeps them, exactly as the real tokenizer's text does.
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+
+def _corpus() -> list[str]:
+    lines = [R1_ZERO_TEMPLATE.format(question="")]
+    for rec in generate_sat_records(400, size=28, seed=1234):
+        lines.append(sat_question(rec["question"], rec["answers"]))
+        lines.extend(rec["answers"])
+    lines += ["wait, let me verify. however, I re-check the image.", "The answer is", "left right above below closer"]
+    return lines
+
+
+def build_tiny_tokenizer():
+    """A word-level tokenizer over the generated SAT-style corpus, with Qwen2-VL's special tokens.
+
+    About 100 tokens: a random tiny policy then samples a given answer word with probability ~1 %, so
+    rule-based rewards give GRPO a signal within a CPU test's budget (a 151k vocabulary never would).
+    Words outside the corpus map to ``<unk>``: this tokenizer is for the offline tiny model only.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
+    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS + ["<unk>"], show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>", extra_special_tokens={}
+    )
+    fast.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    fast.add_tokens(TAG_TOKENS)
+    return fast
+
+
+def tiny_config(tokenizer, hidden_size: int = 64, layers: int = 2):
+    """A tiny Qwen2-VL config whose special-token ids come from ``tokenizer``."""
+    from transformers import Qwen2VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    heads, kv_heads = 4, 2
+    head_dim = hidden_size // heads
+    # M-RoPE splits head_dim/2 rotary frequencies between (temporal, height, width)
+    half = head_dim // 2
+    mrope = [half - 2 * (half // 3), half // 3, half // 3]
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=2, embed_dim=32, hidden_size=hidden_size, num_heads=4, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, in_channels=3,
+    )
+    return Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,  # see build_tiny_model
+    )
+
+
+def qwen2_vl_2b_config():
+    """The real Qwen/Qwen2-VL-2B architecture (values from its config.json): 2.21 B parameters."""
+    from transformers import Qwen2VLConfig
+
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+            num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+            bos_token_id=151643, eos_token_id=151643, pad_token_id=151643,
+        ),
+        vision_config=dict(
+            depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, in_channels=3,
+        ),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=True,
+    )
+
+
+def image_processor_config(min_pixels: int = 3136, max_pixels: int = 401408) -> dict:
+    """Qwen2-VL's preprocessor_config.json (CLIP normalisation, 14-px patches, 2x2 merge)."""
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+    }
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2, head_std: float = 0.1) -> Path:
+    """Write a tiny random Qwen2-VL + tokenizer + image-processor config to ``out_dir``; returns the path.
+
+    The head is frozen under LoRA and the final RMSNorm gives hidden states of norm ~sqrt(hidden_size).
+    With the default init (std 0.02) the largest logit gap a policy could ever reach is ~2.5 nats, so no
+    token could pass a few % probability; ``head_std`` 0.1 allows ~6 nats (a confident policy, as a trained
+    head allows) while the random start stays close to uniform (logit std ~0.8). The head is untied here:
+    tied to random embeddings, a 2-layer model's residual stream makes it repeat its last input token with
+    probability ~1. Idempotent: a complete directory is reused.
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file() and (out / "preprocessor_config.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tiny_tokenizer()
+    cfg = tiny_config(tok, hidden_size=hidden_size, layers=layers)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(cfg).float()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, head_std)
+    model.generation_config = GenerationConfig(
+        bos_token_id=cfg.text_config.bos_token_id, eos_token_id=cfg.text_config.eos_token_id, pad_token_id=cfg.text_config.pad_token_id
+    )
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(image_processor_config(min_pixels=3136, max_pixels=112 * 112), indent=2))
+    return out

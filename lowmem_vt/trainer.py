@@ -1,0 +1,410 @@
+"""The GRPO trainer. ``Trainer.step()`` is the recipe, in order:
+rollout -> rewards -> advantages -> reference log-probs -> policy update -> log.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from . import checkpoint as ckpt
+from .config import RecipeConfig, to_dict
+from .data import DataError, Example, load_examples
+from .grpo import LossCounts, group_advantages
+from .inputs import InputBuilder, PromptInputs, build_sequences
+from .kernels import fused_grpo_loss, resolve_backend, token_logprobs
+from .metrics import MetricsWriter
+from .model import LoadedModel, image_embeddings, load_model, resolve_device, sequence_hidden, trainable_parameters
+from .rewards import compute_rewards, reflection_rate
+from .rollout import SamplingParams, make_rollout
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps); the last good checkpoint is intact."""
+
+
+class StepInterrupted(Exception):
+    """SIGINT/SIGTERM arrived during a step; the step is abandoned and the state before it is saved."""
+
+
+@dataclass
+class StepBatch:
+    examples: list[Example]
+    prompts: list[PromptInputs]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_scheduler(optimizer, kind: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+    t = cfg.train
+    kw = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kw)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise RuntimeError(f"train.optimizer {t.optimizer} needs bitsandbytes (pip install bitsandbytes)") from exc
+    cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, **kw)
+
+
+class Trainer:
+    def __init__(self, cfg: RecipeConfig, *, resume: str | None = None, lm: LoadedModel | None = None):
+        self.cfg = cfg
+        self.out = Path(cfg.log.output_dir)
+        seed_everything(cfg.train.seed)
+        self.device = resolve_device(cfg.train.device)
+        # Data before the model: a broken dataset fails fast, before minutes of loading.
+        self.examples, self.data_report = load_examples(cfg.data)
+        self.steps_per_epoch = len(self.examples) // cfg.train.prompts_per_step
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{len(self.examples)} usable examples, fewer than train.prompts_per_step ({cfg.train.prompts_per_step})"
+            )
+        self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.num_epochs * self.steps_per_epoch)
+        self.lm = lm or load_model(
+            cfg.model, cfg.lora, self.device, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels
+        )
+        self.device = self.lm.device
+        self.kernel_backend = resolve_backend(cfg.kernels, self.device)
+        self.inputs = InputBuilder(
+            self.lm.tokenizer, self.lm.image_processor, self.lm.config, max_prompt_length=cfg.grpo.max_prompt_length,
+            min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+        )
+        self.rollout = make_rollout(cfg.rollout.backend, self.lm)
+        self.params = trainable_parameters(self.lm.peft_model)
+        self.optimizer = make_optimizer(self.params, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, self.total_steps)
+        self.step_count = 0  # completed optimizer steps
+        self.bad_steps = 0  # consecutive non-finite steps
+        self.skipped_records = 0
+        self._interrupt: int | None = None
+        self._updated = False
+        resumed_from = None
+        if resume:
+            resumed_from = ckpt.resolve_resume(resume, self.out)
+            self._restore(resumed_from)
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.step_count if resume else None)
+        self.samples_path = self.out / "samples.jsonl"
+        self.recipe_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "recipe.yaml").write_text(self.recipe_text)
+        if resumed_from:
+            log.info("resumed from %s at step %d", resumed_from, self.step_count)
+
+    # ------------------------------------------------------------------------------------ data order
+
+    def _batch_indices(self, step: int) -> list[int]:
+        """Prompts of optimizer step ``step``: a fixed per-epoch permutation, so resume replays the order."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.data.seed * 1000003 + epoch)
+        perm = torch.randperm(len(self.examples), generator=g).tolist()
+        n = self.cfg.train.prompts_per_step
+        return perm[k * n : (k + 1) * n]
+
+    def _encode(self, indices: list[int]) -> StepBatch:
+        examples, prompts = [], []
+        for i in indices:
+            ex = self.examples[i]
+            try:
+                prompts.append(self.inputs.encode(ex.image, ex.question))
+                examples.append(ex)
+            except DataError as exc:
+                if self.cfg.data.on_error == "raise":
+                    raise
+                self.skipped_records += 1
+                log.warning("skipping example %s: %s", ex.uid, exc)
+        if not prompts:
+            raise DataError(f"every prompt of step {self.step_count + 1} was rejected; see the warnings above")
+        return StepBatch(examples, prompts)
+
+    # ----------------------------------------------------------------------------------------- step
+
+    def _check_interrupt(self) -> None:
+        # Only before the step's first optimizer update: after it, the state "before the step" is gone.
+        if self._interrupt is not None and not self._updated:
+            raise StepInterrupted(signal.Signals(self._interrupt).name)
+
+    def step(self) -> dict:
+        """One GRPO optimizer step (more with num_iterations > 1) on the next prompts. Returns its metrics."""
+        cfg, g = self.cfg, self.cfg.grpo
+        t0 = time.perf_counter()
+        self._updated = False
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        batch = self._encode(self._batch_indices(self.step_count))
+        G = g.num_generations
+        vision_before = self.lm.vision_calls[0]
+
+        # 1. rollout: G samples per prompt, the image encoded once per prompt and reused by every pass
+        embeds = image_embeddings(self.lm, [p.pixel_values for p in batch.prompts], [p.image_grid_thw for p in batch.prompts])
+        params = SamplingParams(G, g.max_completion_length, g.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
+        t_roll = time.perf_counter()
+        roll = self.rollout.generate(batch.prompts, embeds, params)
+        t_roll = time.perf_counter() - t_roll
+        self._check_interrupt()
+
+        # 2. rewards
+        texts = self.lm.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True)
+        answers = [batch.examples[r].answer for r in roll.prompt_rows]
+        choices = [batch.examples[r].choices for r in roll.prompt_rows]
+        per_func = compute_rewards(texts, answers, choices, cfg.rewards.funcs, cfg.rewards.accuracy_mode)
+        rewards = torch.tensor([sum(v) for v in zip(*per_func.values())], dtype=torch.float32)
+
+        # 3. advantages, per group of G
+        advantages = group_advantages(rewards, G, cfg.grpo.scale_rewards)
+
+        # 4. reference log-probs (adapter off) and, for several updates per rollout, the old policy's
+        B = roll.completion_ids.shape[0]
+        mb = cfg.train.micro_batch_size
+        slices = [slice(i, min(i + mb, B)) for i in range(0, B, mb)]
+        ref_logp = self._logprobs(batch.prompts, embeds, roll, slices, adapter=False) if g.beta > 0 else None
+        old_logp = self._logprobs(batch.prompts, embeds, roll, slices, adapter=True) if g.num_iterations > 1 else None
+        self._check_interrupt()
+
+        # 5. policy update(s)
+        counts = LossCounts(B, float(roll.completion_mask.sum()), g.max_completion_length)
+        eps_high = g.epsilon if g.epsilon_high is None else g.epsilon_high
+        loss_total, kl_sum, clipped, grad_norm, skipped = 0.0, 0.0, 0.0, float("nan"), False
+        for _ in range(g.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_total, kl_sum, clipped = 0.0, 0.0, 0.0
+            for s in slices:
+                seqs, T = self._sequences(batch.prompts, roll, s)
+                hidden = sequence_hidden(self.lm, seqs, embeds)
+                loss, stats, _ = fused_grpo_loss(
+                    hidden, self.lm.lm_head_weight, roll.completion_ids[s, :T].to(self.device),
+                    roll.completion_mask[s, :T].to(self.device), advantages[s].to(self.device),
+                    None if old_logp is None else old_logp[s, :T].to(self.device),
+                    None if ref_logp is None else ref_logp[s, :T].to(self.device),
+                    beta=g.beta, epsilon_low=g.epsilon, epsilon_high=eps_high, loss_type=g.loss_type, counts=counts,
+                    temperature=g.temperature, backend=self.kernel_backend,
+                )
+                loss.backward()
+                loss_total += float(loss.detach())
+                kl_sum += stats["kl_sum"]
+                clipped += stats["clipped_tokens"]
+                self._check_interrupt()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.train.max_grad_norm or float("inf")))
+            if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+                skipped = True
+                self.optimizer.zero_grad(set_to_none=True)
+                break
+            self.optimizer.step()
+            self._updated = True
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        if skipped:
+            self.bad_steps += 1
+            log.warning("step %d: non-finite loss %s / grad norm %s; update skipped (%d in a row)",
+                        self.step_count + 1, loss_total, grad_norm, self.bad_steps)
+        else:
+            self.bad_steps = 0
+        self.scheduler.step()
+        self.step_count += 1
+
+        # 6. log
+        elapsed = time.perf_counter() - t0
+        lengths = roll.completion_mask.sum(1)
+        gen_tokens = float(lengths.sum())
+        grouped = rewards.view(-1, G)
+        m = {
+            "step": self.step_count,
+            "epoch": self.step_count / self.steps_per_epoch,
+            "reward": float(rewards.mean()),
+            "reward_std": float(grouped.std(1).mean()),
+            "frac_reward_zero_std": float((grouped.std(1) == 0).float().mean()),
+            **{f"rewards/{k}": float(np.mean(v)) for k, v in per_func.items()},
+            "accuracy": float(np.mean(per_func["accuracy"])) if "accuracy" in per_func else None,
+            "format_rate": float(np.mean(per_func["format"])) if "format" in per_func else None,
+            "completion_length_mean": float(lengths.mean()),
+            "completion_length_max": float(lengths.max()),
+            "reflection_rate": reflection_rate(texts, cfg.rewards.reflection_words),
+            "kl": kl_sum / B,
+            "clip_fraction": clipped / max(counts.num_tokens, 1.0),
+            "loss": loss_total,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_per_s": gen_tokens / max(t_roll, 1e-9),
+            "rollout_s": t_roll,
+            "step_time_s": elapsed,
+            "vision_forward_calls": self.lm.vision_calls[0] - vision_before,
+            "prompts": len(batch.prompts),
+            "skipped_step": skipped,
+            "bad_steps_total": getattr(self, "_bad_total", 0) + int(skipped),
+            "data_skipped": self.data_report.as_metrics()["data_skipped"] + self.skipped_records,
+            "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None,
+        }
+        self._bad_total = m["bad_steps_total"]
+        self._last_texts = (texts, answers, rewards.tolist())
+        return m
+
+    def _sequences(self, prompts, roll, s: slice):
+        mask = roll.completion_mask[s]
+        T = max(1, int(mask.sum(1).max()))  # trim the padding every row of this micro-batch has
+        seqs = build_sequences(prompts, roll.prompt_rows[s], roll.completion_ids[s, :T], mask[:, :T], self.lm.pad_token_id)
+        return seqs.to(self.device), T
+
+    @torch.no_grad()
+    def _logprobs(self, prompts, embeds, roll, slices, *, adapter: bool) -> torch.Tensor:
+        """Per-token log-probs [B, T_max] of the sampled completions, policy (adapter on) or reference (off)."""
+        out = torch.zeros(roll.completion_ids.shape, dtype=torch.float32)
+        ctx = self.lm.peft_model.disable_adapter() if not adapter else _null()
+        with ctx:
+            for s in slices:
+                seqs, T = self._sequences(prompts, roll, s)
+                hidden = sequence_hidden(self.lm, seqs, embeds)
+                lp = token_logprobs(hidden, self.lm.lm_head_weight, roll.completion_ids[s, :T].to(self.device),
+                                    self.cfg.grpo.temperature, self.kernel_backend)
+                out[s, :T] = lp.float().cpu()
+        return out
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def _state(self, rng: dict | None = None, step: int | None = None) -> dict:
+        return {
+            "step": self.step_count if step is None else step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng or ckpt.rng_state(),
+            "bad_steps": self.bad_steps,
+            "bad_total": getattr(self, "_bad_total", 0),
+            "skipped_records": self.skipped_records,
+        }
+
+    def save(self, rng: dict | None = None) -> Path:
+        path = ckpt.save_checkpoint(self.out, self.step_count, peft_model=self.lm.peft_model, state=self._state(rng),
+                                    recipe_text=self.recipe_text, keep=self.cfg.log.keep_checkpoints)
+        log.info("saved %s", path)
+        return path
+
+    def _restore(self, path: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        adapter = path / "adapter"
+        weights = load_file(str(adapter / "adapter_model.safetensors"), device=str(self.device))
+        result = set_peft_model_state_dict(self.lm.peft_model, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"checkpoint {path} does not match the recipe's LoRA layout: {result.unexpected_keys[:3]}")
+        state = ckpt.load_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        self.step_count = state["step"]
+        self.bad_steps = state["bad_steps"]
+        self._bad_total = state.get("bad_total", 0)
+        self.skipped_records = state.get("skipped_records", 0)
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self._interrupt is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._interrupt = signum
+        log.warning("%s received: saving a checkpoint and stopping (again to stop at once)", signal.Signals(signum).name)
+
+    def train(self) -> dict | None:
+        """Run to the end (or to an interruption); returns the last step's metrics."""
+        from tqdm.auto import tqdm
+
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(total=self.total_steps, initial=self.step_count, desc="GRPO", dynamic_ncols=True,
+                   disable=not self.cfg.log.progress_bar)
+        last = None
+        try:
+            while self.step_count < self.total_steps:
+                rng_before = ckpt.rng_state()
+                try:
+                    m = self.step()
+                except StepInterrupted:
+                    # the interrupted step made no optimizer update: save the state from before it
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.save(rng=rng_before)
+                    bar.write(f"interrupted: checkpoint of step {self.step_count} saved in {self.out}")
+                    return last
+                except torch.cuda.OutOfMemoryError as exc:
+                    raise RuntimeError(self._oom_message()) from exc
+                self.metrics.write(m)
+                last = m
+                bar.update(1)
+                bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.4f}", len=f"{m['completion_length_mean']:.0f}")
+                if self.cfg.log.sample_every and self.step_count % self.cfg.log.sample_every == 0:
+                    self._log_sample(bar)
+                if self.bad_steps >= self.cfg.train.max_bad_steps:
+                    raise TrainingStopped(
+                        f"{self.bad_steps} steps in a row had a non-finite loss or gradient; stopping. The last good "
+                        f"checkpoint in {self.out} is intact. Lower train.learning_rate or check the data."
+                    )
+                if self.step_count % self.cfg.log.save_steps == 0 or self.step_count == self.total_steps:
+                    self.save()
+                if self._interrupt is not None:
+                    if self.step_count % self.cfg.log.save_steps != 0 and self.step_count != self.total_steps:
+                        self.save()
+                    bar.write(f"interrupted: checkpoint of step {self.step_count} saved in {self.out}")
+                    return last
+        finally:
+            bar.close()
+            self.metrics.close()
+            for s, h in old.items():
+                signal.signal(s, h)
+        if self.cfg.log.plot:
+            from .plot import plot_metrics
+
+            plot_metrics(self.out / "metrics.jsonl", self.out / "plots")
+        return last
+
+    def _log_sample(self, bar) -> None:
+        import json
+
+        texts, answers, rewards = self._last_texts
+        rec = {"step": self.step_count, "answer": answers[0], "reward": rewards[0], "completion": texts[0]}
+        with open(self.samples_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.write(f"[step {self.step_count}] reward {rewards[0]:.1f} answer={answers[0]!r}: <think>{texts[0][:300]!r}")
+
+    def _oom_message(self) -> str:
+        c = self.cfg
+        return (
+            "CUDA out of memory. Turn one of these down: train.micro_batch_size "
+            f"({c.train.micro_batch_size}), grpo.num_generations ({c.grpo.num_generations}), grpo.max_completion_length "
+            f"({c.grpo.max_completion_length}), data.max_pixels ({c.data.max_pixels}); or set model.quantization: nf4 / "
+            "model.gradient_checkpointing: true."
+        )
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

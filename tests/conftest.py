@@ -1,0 +1,53 @@
+"""Shared fixtures: the tiny offline Qwen2-VL (built once per session) and a loaded LoRA model on it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from lowmem_vt.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen2vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_dir):
+    """The tiny model with a LoRA adapter whose B is non-zero, so policy != reference."""
+    from lowmem_vt.config import LoraConfig, ModelConfig
+    from lowmem_vt.model import load_model
+
+    torch.manual_seed(0)
+    lm = load_model(ModelConfig(name_or_path=str(tiny_dir), dtype="float32"), LoraConfig(r=4, alpha=8),
+                    torch.device("cpu"), min_pixels=3136, max_pixels=112 * 112)
+    return lm
+
+
+def tiny_recipe(tiny_dir, out_dir, **over):
+    """The demo recipe pointed at the session's tiny model and a temporary output folder."""
+    from lowmem_vt.config import load_config
+
+    base = [f"model.name_or_path={tiny_dir}", f"log.output_dir={out_dir}", "log.progress_bar=false", "log.plot=false"]
+    return load_config("recipes/demo_tiny.yaml", base + [f"{k}={v}" for k, v in over.items()])
+
+
+@pytest.fixture
+def recipe_factory(tiny_dir, tmp_path):
+    def make(**over):
+        return tiny_recipe(tiny_dir, tmp_path / "out", **over)
+
+    return make
+
+
+logging.getLogger("lowmem_vt").setLevel(logging.WARNING)
