@@ -219,6 +219,7 @@ def examples_from_records(
 
 _COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (230, 200, 30)}
 _SHAPES = ("circle", "square", "triangle")
+GENERATED_TASKS = ("left_right", "above_below", "closer", "count", "color")
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color: tuple) -> None:
@@ -240,10 +241,11 @@ def _png(img: Image.Image) -> bytes:
 def generate_sat_records(n: int, *, size: int = 112, tasks: list[str] | None = None, seed: int = 0) -> list[dict]:
     """``n`` SAT-schema records with rendered images and known answers.
 
-    Tasks: ``left_right``, ``above_below``, ``closer`` (the larger object is closer), ``count``.
+    Tasks: ``left_right``, ``above_below``, ``closer`` (the larger object is closer), ``count``, and
+    ``color`` (one large shape, red or blue: the simplest image-dependent question, used by the learning test).
     """
     tasks = tasks or ["left_right", "above_below", "closer", "count"]
-    unknown = set(tasks) - {"left_right", "above_below", "closer", "count"}
+    unknown = set(tasks) - set(GENERATED_TASKS)
     if unknown:
         raise ValueError(f"unknown generated task(s) {sorted(unknown)}")
     rng = random.Random(seed)
@@ -268,6 +270,10 @@ def generate_sat_records(n: int, *, size: int = 112, tasks: list[str] | None = N
             _draw(draw, s1, size * rng.uniform(0.3, 0.7), ya, r, _COLORS[c1])
             _draw(draw, s2, size * rng.uniform(0.3, 0.7), yb, r, _COLORS[c2])
             question, answers, correct = f"Is the {a} above or below the {b}?", ["above", "below"], "above" if above else "below"
+        elif task == "color":
+            color = rng.choice(["red", "blue"])
+            _draw(draw, s1, size * 0.5, size * 0.5, size * 0.45, _COLORS[color])
+            question, answers, correct = "What color is the shape?", ["red", "blue"], color
         elif task == "closer":
             a_closer = rng.random() < 0.5
             ra, rb = (r * 1.6, r * 0.7) if a_closer else (r * 0.7, r * 1.6)

@@ -333,8 +333,8 @@ class Trainer:
         self._interrupt = signum
         log.warning("%s received: saving a checkpoint and stopping (again to stop at once)", signal.Signals(signum).name)
 
-    def train(self) -> dict | None:
-        """Run to the end (or to an interruption); returns the last step's metrics."""
+    def train(self, until_step: int | None = None) -> dict | None:
+        """Run to the end, to ``until_step`` (then save) or to an interruption; returns the last step's metrics."""
         from tqdm.auto import tqdm
 
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -342,7 +342,8 @@ class Trainer:
                    disable=not self.cfg.log.progress_bar)
         last = None
         try:
-            while self.step_count < self.total_steps:
+            stop_at = self.total_steps if until_step is None else min(until_step, self.total_steps)
+            while self.step_count < stop_at:
                 rng_before = ckpt.rng_state()
                 try:
                     m = self.step()
@@ -365,10 +366,10 @@ class Trainer:
                         f"{self.bad_steps} steps in a row had a non-finite loss or gradient; stopping. The last good "
                         f"checkpoint in {self.out} is intact. Lower train.learning_rate or check the data."
                     )
-                if self.step_count % self.cfg.log.save_steps == 0 or self.step_count == self.total_steps:
+                if self.step_count % self.cfg.log.save_steps == 0 or self.step_count == stop_at:
                     self.save()
                 if self._interrupt is not None:
-                    if self.step_count % self.cfg.log.save_steps != 0 and self.step_count != self.total_steps:
+                    if self.step_count % self.cfg.log.save_steps != 0 and self.step_count != stop_at:
                         self.save()
                     bar.write(f"interrupted: checkpoint of step {self.step_count} saved in {self.out}")
                     return last
@@ -377,7 +378,7 @@ class Trainer:
             self.metrics.close()
             for s, h in old.items():
                 signal.signal(s, h)
-        if self.cfg.log.plot:
+        if self.cfg.log.plot and self.step_count == self.total_steps:
             from .plot import plot_metrics
 
             plot_metrics(self.out / "metrics.jsonl", self.out / "plots")

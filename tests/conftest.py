@@ -31,6 +31,10 @@ def tiny_lm(tiny_dir):
     torch.manual_seed(0)
     lm = load_model(ModelConfig(name_or_path=str(tiny_dir), dtype="float32"), LoraConfig(r=4, alpha=8),
                     torch.device("cpu"), min_pixels=3136, max_pixels=112 * 112)
+    with torch.no_grad():
+        for name, p in lm.peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
     return lm
 
 
