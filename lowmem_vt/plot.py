@@ -29,7 +29,10 @@ def smooth(values: list[float], alpha: float) -> list[float]:
 
 
 def plot_metrics(metrics_path: str | Path, out_dir: str | Path, smoothing: float = 0.8) -> list[Path]:
-    """One PNG per panel plus ``overview.png``; returns the files written."""
+    """One PNG per panel plus ``overview.png``; returns the files written.
+
+    Each series is drawn twice in one color: the raw values faint, their moving average (``smoothing``) solid.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,24 +44,33 @@ def plot_metrics(metrics_path: str | Path, out_dir: str | Path, smoothing: float
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = [r["step"] for r in rows]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     written = []
     fig_all, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig_all.suptitle(f"{Path(metrics_path).parent.name or 'run'}: {len(rows)} steps (solid: moving average, {smoothing})")
     for ax_all, (key, title) in zip(axes.flat, PANELS):
         keys = sorted({k for r in rows for k in r if k.startswith(key)}) if key.endswith("/") else [key]
         fig, ax = plt.subplots(figsize=(6, 4))
+        drawn = 0
         for k in keys:
             vals = [r.get(k) for r in rows]
             if all(v is None for v in vals):
                 continue
+            color = colors[drawn % len(colors)]
+            drawn += 1
+            raw = [float("nan") if v is None else v for v in vals]
+            avg = [float("nan") if v is None else v for v in smooth(vals, smoothing)]
             for a in (ax, ax_all):
-                a.plot(steps, vals, alpha=0.25, color=None)
-                a.plot(steps, smooth(vals, smoothing), label=k)
+                a.plot(steps, raw, alpha=0.25, color=color)
+                a.plot(steps, avg, color=color, label=k)
         for a in (ax, ax_all):
             a.set_title(title)
             a.set_xlabel("step")
             a.grid(alpha=0.3)
-            if len(keys) > 1:
+            if drawn > 1:
                 a.legend(fontsize=8)
+            elif drawn == 0:
+                a.text(0.5, 0.5, "not logged", ha="center", va="center", transform=a.transAxes, color="gray")
         path = out / f"{key.strip('/').replace('/', '_')}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=100)

@@ -19,6 +19,7 @@ import yaml
 from . import checkpoint as ckpt
 from .config import RecipeConfig, to_dict
 from .data import DataError, Example, load_examples
+from .distributed import init_from_env, wrap_policy
 from .grpo import LossCounts, group_advantages
 from .inputs import InputBuilder, PromptInputs, build_sequences
 from .kernels import fused_grpo_loss, resolve_backend, token_logprobs
@@ -42,6 +43,7 @@ class StepInterrupted(Exception):
 class StepBatch:
     examples: list[Example]
     prompts: list[PromptInputs]
+    seeds: list[int]  # per-prompt sampling seeds
 
 
 def seed_everything(seed: int) -> None:
@@ -83,6 +85,14 @@ class Trainer:
         self.out = Path(cfg.log.output_dir)
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
+        self.dist = init_from_env(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if cfg.train.prompts_per_step % self.dist.world_size:
+            raise DataError(
+                f"{cfg.source_file}: key 'train.prompts_per_step': {cfg.train.prompts_per_step} prompts do not split over "
+                f"{self.dist.world_size} ranks; use a multiple of the number of processes"
+            )
         # Data before the model: a broken dataset fails fast, before minutes of loading.
         self.examples, self.data_report = load_examples(cfg.data)
         self.steps_per_epoch = len(self.examples) // cfg.train.prompts_per_step
@@ -101,6 +111,7 @@ class Trainer:
             min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
         )
         self.rollout = make_rollout(cfg.rollout.backend, self.lm)
+        self.policy = wrap_policy(self.lm, self.dist)  # DDP all-reduces LoRA gradients when several ranks run
         self.params = trainable_parameters(self.lm.peft_model)
         self.optimizer = make_optimizer(self.params, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, self.total_steps)
@@ -113,31 +124,40 @@ class Trainer:
         if resume:
             resumed_from = ckpt.resolve_resume(resume, self.out)
             self._restore(resumed_from)
-        self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.step_count if resume else None)
         self.samples_path = self.out / "samples.jsonl"
         self.recipe_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "recipe.yaml").write_text(self.recipe_text)
+        self.metrics = None
+        if self.dist.is_main:  # one writer: rank 0 logs and saves
+            self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.step_count if resume else None)
+            (self.out / "recipe.yaml").write_text(self.recipe_text)
         if resumed_from:
             log.info("resumed from %s at step %d", resumed_from, self.step_count)
 
     # ------------------------------------------------------------------------------------ data order
 
-    def _batch_indices(self, step: int) -> list[int]:
-        """Prompts of optimizer step ``step``: a fixed per-epoch permutation, so resume replays the order."""
+    def _batch_indices(self, step: int) -> tuple[list[int], list[int]]:
+        """This rank's prompts of optimizer step ``step`` and their sampling seeds.
+
+        The global order is a fixed per-epoch permutation and each prompt's seed depends on (step, its place
+        in the global batch) only: resuming replays the same prompts and samples, with any number of ranks.
+        """
         epoch, k = divmod(step, self.steps_per_epoch)
         g = torch.Generator().manual_seed(self.cfg.data.seed * 1000003 + epoch)
         perm = torch.randperm(len(self.examples), generator=g).tolist()
         n = self.cfg.train.prompts_per_step
-        return perm[k * n : (k + 1) * n]
+        per_rank = n // self.dist.world_size
+        lo = k * n + self.dist.rank * per_rank
+        seeds = [(self.cfg.train.seed * 1_000_003 + step * 4099 + j) % 2**63 for j in range(lo - k * n, lo - k * n + per_rank)]
+        return perm[lo : lo + per_rank], seeds
 
-    def _encode(self, indices: list[int]) -> StepBatch:
-        examples, prompts = [], []
-        for i in indices:
+    def _encode(self, indices: list[int], seeds: list[int]) -> StepBatch:
+        examples, prompts, kept_seeds = [], [], []
+        for i, seed in zip(indices, seeds):
             ex = self.examples[i]
             try:
                 prompts.append(self.inputs.encode(ex.image, ex.question))
                 examples.append(ex)
+                kept_seeds.append(seed)
             except DataError as exc:
                 if self.cfg.data.on_error == "raise":
                     raise
@@ -145,14 +165,17 @@ class Trainer:
                 log.warning("skipping example %s: %s", ex.uid, exc)
         if not prompts:
             raise DataError(f"every prompt of step {self.step_count + 1} was rejected; see the warnings above")
-        return StepBatch(examples, prompts)
+        return StepBatch(examples, prompts, kept_seeds)
 
     # ----------------------------------------------------------------------------------------- step
 
     def _check_interrupt(self) -> None:
         # Only before the step's first optimizer update: after it, the state "before the step" is gone.
-        if self._interrupt is not None and not self._updated:
-            raise StepInterrupted(signal.Signals(self._interrupt).name)
+        # Every rank reaches these checks at the same points, so they agree (a collective) and stop together.
+        if self._updated:
+            return
+        if self.dist.any(self._interrupt is not None):
+            raise StepInterrupted(signal.Signals(self._interrupt or signal.SIGTERM).name)
 
     def step(self) -> dict:
         """One GRPO optimizer step (more with num_iterations > 1) on the next prompts. Returns its metrics."""
@@ -161,13 +184,13 @@ class Trainer:
         self._updated = False
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        batch = self._encode(self._batch_indices(self.step_count))
+        batch = self._encode(*self._batch_indices(self.step_count))
         G = g.num_generations
         vision_before = self.lm.vision_calls[0]
 
         # 1. rollout: G samples per prompt, the image encoded once per prompt and reused by every pass
         embeds = image_embeddings(self.lm, [p.pixel_values for p in batch.prompts], [p.image_grid_thw for p in batch.prompts])
-        params = SamplingParams(G, g.max_completion_length, g.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
+        params = SamplingParams(G, g.max_completion_length, g.temperature, cfg.rollout.top_p, cfg.rollout.top_k, seeds=batch.seeds)
         t_roll = time.perf_counter()
         roll = self.rollout.generate(batch.prompts, embeds, params)
         t_roll = time.perf_counter() - t_roll
@@ -191,31 +214,38 @@ class Trainer:
         old_logp = self._logprobs(batch.prompts, embeds, roll, slices, adapter=True) if g.num_iterations > 1 else None
         self._check_interrupt()
 
-        # 5. policy update(s)
-        counts = LossCounts(B, float(roll.completion_mask.sum()), g.max_completion_length)
+        # 5. policy update(s). DDP averages gradients over ranks, so each rank normalises by the per-rank
+        # share of the global counts: the result is the gradient of the global-batch loss.
+        tokens_all, seqs_all = self.dist.sum([float(roll.completion_mask.sum()), float(B)])
+        W = self.dist.world_size
+        counts = LossCounts(seqs_all / W, tokens_all / W, g.max_completion_length)
         eps_high = g.epsilon if g.epsilon_high is None else g.epsilon_high
         loss_total, kl_sum, clipped, grad_norm, skipped = 0.0, 0.0, 0.0, float("nan"), False
         for _ in range(g.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             loss_total, kl_sum, clipped = 0.0, 0.0, 0.0
-            for s in slices:
+            for j, s in enumerate(slices):
                 seqs, T = self._sequences(batch.prompts, roll, s)
-                hidden = sequence_hidden(self.lm, seqs, embeds)
-                loss, stats, _ = fused_grpo_loss(
-                    hidden, self.lm.lm_head_weight, roll.completion_ids[s, :T].to(self.device),
-                    roll.completion_mask[s, :T].to(self.device), advantages[s].to(self.device),
-                    None if old_logp is None else old_logp[s, :T].to(self.device),
-                    None if ref_logp is None else ref_logp[s, :T].to(self.device),
-                    beta=g.beta, epsilon_low=g.epsilon, epsilon_high=eps_high, loss_type=g.loss_type, counts=counts,
-                    temperature=g.temperature, backend=self.kernel_backend,
-                )
-                loss.backward()
+                sync = j == len(slices) - 1 or not self.dist.enabled  # all-reduce once, after the last micro-batch
+                with (_null() if sync else self.policy.no_sync()):
+                    hidden = self.policy(seqs, embeds)
+                    loss, stats, _ = fused_grpo_loss(
+                        hidden, self.lm.lm_head_weight, roll.completion_ids[s, :T].to(self.device),
+                        roll.completion_mask[s, :T].to(self.device), advantages[s].to(self.device),
+                        None if old_logp is None else old_logp[s, :T].to(self.device),
+                        None if ref_logp is None else ref_logp[s, :T].to(self.device),
+                        beta=g.beta, epsilon_low=g.epsilon, epsilon_high=eps_high, loss_type=g.loss_type, counts=counts,
+                        temperature=g.temperature, backend=self.kernel_backend,
+                    )
+                    loss.backward()
                 loss_total += float(loss.detach())
                 kl_sum += stats["kl_sum"]
                 clipped += stats["clipped_tokens"]
                 self._check_interrupt()
+            loss_total, kl_sum, clipped = self.dist.sum([loss_total, kl_sum, clipped])
+            loss_total /= W
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.train.max_grad_norm or float("inf")))
-            if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+            if self.dist.any(not (math.isfinite(loss_total) and math.isfinite(grad_norm))):
                 skipped = True
                 self.optimizer.zero_grad(set_to_none=True)
                 break
@@ -232,10 +262,15 @@ class Trainer:
         self.scheduler.step()
         self.step_count += 1
 
-        # 6. log
+        # 6. log (over all ranks: every rank holds whole groups)
         elapsed = time.perf_counter() - t0
-        lengths = roll.completion_mask.sum(1)
+        lengths = self.dist.gather(roll.completion_mask.sum(1))
         gen_tokens = float(lengths.sum())
+        reflect = reflection_rate(texts, cfg.rewards.reflection_words)
+        per_func = {k: self.dist.gather(torch.tensor(v, dtype=torch.float64)).tolist() for k, v in per_func.items()}
+        rewards = self.dist.gather(rewards)
+        vision_calls, n_prompts, reflect_sum = self.dist.sum(
+            [self.lm.vision_calls[0] - vision_before, len(batch.prompts), reflect * B])
         grouped = rewards.view(-1, G)
         m = {
             "step": self.step_count,
@@ -248,17 +283,17 @@ class Trainer:
             "format_rate": float(np.mean(per_func["format"])) if "format" in per_func else None,
             "completion_length_mean": float(lengths.mean()),
             "completion_length_max": float(lengths.max()),
-            "reflection_rate": reflection_rate(texts, cfg.rewards.reflection_words),
-            "kl": kl_sum / B,
-            "clip_fraction": clipped / max(counts.num_tokens, 1.0),
+            "reflection_rate": reflect_sum / seqs_all,
+            "kl": kl_sum / seqs_all,
+            "clip_fraction": clipped / max(tokens_all, 1.0),
             "loss": loss_total,
             "grad_norm": grad_norm,
             "lr": lr,
             "tokens_per_s": gen_tokens / max(t_roll, 1e-9),
             "rollout_s": t_roll,
             "step_time_s": elapsed,
-            "vision_forward_calls": self.lm.vision_calls[0] - vision_before,
-            "prompts": len(batch.prompts),
+            "vision_forward_calls": int(vision_calls),
+            "prompts": int(n_prompts),
             "skipped_step": skipped,
             "bad_steps_total": getattr(self, "_bad_total", 0) + int(skipped),
             "data_skipped": self.data_report.as_metrics()["data_skipped"] + self.skipped_records,
@@ -301,10 +336,15 @@ class Trainer:
             "skipped_records": self.skipped_records,
         }
 
-    def save(self, rng: dict | None = None) -> Path:
+    def save(self, rng: dict | None = None) -> Path | None:
+        """Rank 0 writes the checkpoint (the adapter and optimizer are identical on every rank)."""
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return None
         path = ckpt.save_checkpoint(self.out, self.step_count, peft_model=self.lm.peft_model, state=self._state(rng),
                                     recipe_text=self.recipe_text, keep=self.cfg.log.keep_checkpoints)
         log.info("saved %s", path)
+        self.dist.barrier()
         return path
 
     def _restore(self, path: Path) -> None:
@@ -339,7 +379,7 @@ class Trainer:
 
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=self.total_steps, initial=self.step_count, desc="GRPO", dynamic_ncols=True,
-                   disable=not self.cfg.log.progress_bar)
+                   disable=not (self.cfg.log.progress_bar and self.dist.is_main))
         last = None
         try:
             stop_at = self.total_steps if until_step is None else min(until_step, self.total_steps)
@@ -355,11 +395,12 @@ class Trainer:
                     return last
                 except torch.cuda.OutOfMemoryError as exc:
                     raise RuntimeError(self._oom_message()) from exc
-                self.metrics.write(m)
+                if self.metrics is not None:
+                    self.metrics.write(m)
                 last = m
                 bar.update(1)
                 bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.4f}", len=f"{m['completion_length_mean']:.0f}")
-                if self.cfg.log.sample_every and self.step_count % self.cfg.log.sample_every == 0:
+                if self.cfg.log.sample_every and self.step_count % self.cfg.log.sample_every == 0 and self.dist.is_main:
                     self._log_sample(bar)
                 if self.bad_steps >= self.cfg.train.max_bad_steps:
                     raise TrainingStopped(
@@ -368,17 +409,18 @@ class Trainer:
                     )
                 if self.step_count % self.cfg.log.save_steps == 0 or self.step_count == stop_at:
                     self.save()
-                if self._interrupt is not None:
+                if self.dist.any(self._interrupt is not None):
                     if self.step_count % self.cfg.log.save_steps != 0 and self.step_count != stop_at:
                         self.save()
                     bar.write(f"interrupted: checkpoint of step {self.step_count} saved in {self.out}")
                     return last
         finally:
             bar.close()
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
             for s, h in old.items():
                 signal.signal(s, h)
-        if self.cfg.log.plot and self.step_count == self.total_steps:
+        if self.cfg.log.plot and self.step_count == self.total_steps and self.dist.is_main:
             from .plot import plot_metrics
 
             plot_metrics(self.out / "metrics.jsonl", self.out / "plots")

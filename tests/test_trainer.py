@@ -23,7 +23,7 @@ def _adapter(tr):
 def test_step_zero_policy_equals_reference_and_step_logs(recipe_factory):
     cfg = recipe_factory(**SMALL, **{"train.max_steps": 2})
     tr = Trainer(cfg)
-    batch = tr._encode(tr._batch_indices(0))
+    batch = tr._encode(*tr._batch_indices(0))
     from lowmem_vt.model import image_embeddings
     from lowmem_vt.rollout import SamplingParams
 

@@ -18,6 +18,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     greedy: bool = False
+    # One seed per prompt: a prompt's G samples then depend on its seed alone, not on which other prompts
+    # share the batch or the rank, so resuming and data-parallel runs sample exactly what one process would.
+    seeds: list[int] | None = None
 
 
 @dataclass

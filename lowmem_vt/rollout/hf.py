@@ -15,6 +15,21 @@ class HFRollout(RolloutBackend):
 
     @torch.no_grad()
     def generate(self, prompts, image_embeds, params: SamplingParams) -> RolloutResult:
+        if params.seeds is None or params.greedy:
+            return self._generate(prompts, image_embeds, params)
+        # per-prompt seeds: one generate call per prompt, its RNG seeded from that prompt's seed
+        parts = []
+        for p, e, seed in zip(prompts, image_embeds, params.seeds):
+            torch.manual_seed(seed)
+            parts.append(self._generate([p], [e], params))
+        T = max(r.completion_ids.shape[1] for r in parts)
+        pad = self.lm.pad_token_id
+        ids = torch.cat([torch.nn.functional.pad(r.completion_ids, (0, T - r.completion_ids.shape[1]), value=pad) for r in parts])
+        mask = torch.cat([torch.nn.functional.pad(r.completion_mask, (0, T - r.completion_mask.shape[1])) for r in parts])
+        rows = [i for i in range(len(prompts)) for _ in range(params.num_generations)]
+        return RolloutResult(ids, mask, rows)
+
+    def _generate(self, prompts, image_embeds, params: SamplingParams) -> RolloutResult:
         lm = self.lm
         model = lm.hf_model
         batch = collate_prompts_left(prompts, lm.pad_token_id)

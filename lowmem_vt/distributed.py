@@ -1,0 +1,94 @@
+"""Data-parallel training through torch.distributed as torchrun / ``accelerate launch`` set it up.
+
+Both launchers export RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT; we initialise the default process
+group from them (NCCL on GPUs, gloo on CPU) and wrap the policy forward in DistributedDataParallel, which
+all-reduces (averages) the LoRA gradients. Nothing else crosses ranks but a few metric sums and flags.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (float64 on CPU: exact for counts)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        return t.cpu().tolist()
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shaped tensors from every rank along dim 0, in rank order."""
+        if not self.enabled:
+            return t
+        x = t.cuda() if dist.get_backend() == "nccl" else t
+        out = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(out, x)
+        return torch.cat([o.cpu() for o in out])
+
+    def any(self, flag: bool) -> bool:
+        return self.sum([float(flag)])[0] > 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_from_env(device_type: str) -> Dist:
+    """The process group from torchrun/accelerate environment variables; a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return Dist(rank, world, local)
+
+
+class PolicyForward(torch.nn.Module):
+    """The policy pass as one module, so DDP sees a forward and can all-reduce the LoRA gradients."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.peft_model = lm.peft_model  # registered: DDP hooks the trainable LoRA parameters
+        self._lm = [lm]  # not a submodule
+
+    def forward(self, seqs, image_embeds):
+        from .model import sequence_hidden
+
+        return sequence_hidden(self._lm[0], seqs, image_embeds)
+
+
+def wrap_policy(lm, d: Dist) -> torch.nn.Module:
+    module = PolicyForward(lm)
+    if not d.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [lm.device.index] if lm.device.type == "cuda" else None
+    # the vision tower and the frozen base never get gradients; only LoRA parameters are synchronised
+    return DDP(module, device_ids=ids, find_unused_parameters=False)

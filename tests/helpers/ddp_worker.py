@@ -1,0 +1,16 @@
+"""Run by torchrun in tests/test_distributed.py: train k steps with the real Trainer, dump this rank's adapter."""
+
+import sys
+
+import torch
+
+from lowmem_vt.config import load_config
+from lowmem_vt.trainer import Trainer
+
+recipe, out_dump, *overrides = sys.argv[1:]
+torch.set_num_threads(1)
+cfg = load_config(recipe, overrides)
+tr = Trainer(cfg)
+tr.train()
+state = {n: p.detach().cpu() for n, p in tr.lm.peft_model.named_parameters() if p.requires_grad}
+torch.save({"adapter": state, "rank": tr.dist.rank, "world": tr.dist.world_size}, f"{out_dump}.rank{tr.dist.rank}.pt")
