@@ -101,6 +101,13 @@ class Trainer:
                 f"{len(self.examples)} usable examples, fewer than train.prompts_per_step ({cfg.train.prompts_per_step})"
             )
         self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.num_epochs * self.steps_per_epoch)
+        if self.device.type == "cuda" and lm is None:
+            # refuse, before loading, a run whose predicted peak does not fit this GPU (names the knob)
+            from .planner import check_fits, config_for, detected_gpu_gib
+
+            memory_plan = check_fits(cfg, config_for(cfg), detected_gpu_gib())
+            if self.dist.is_main:
+                log.info("memory plan (GiB):\n%s", memory_plan.table())
         self.lm = lm or load_model(
             cfg.model, cfg.lora, self.device, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels
         )
@@ -436,12 +443,18 @@ class Trainer:
         bar.write(f"[step {self.step_count}] reward {rewards[0]:.1f} answer={answers[0]!r}: <think>{texts[0][:300]!r}")
 
     def _oom_message(self) -> str:
+        from .planner import config_for, plan
+
         c = self.cfg
+        try:
+            table = "\nThe memory plan for this recipe:\n" + plan(c, self.lm.config).table()
+        except Exception as exc:  # noqa: BLE001 -- the OOM message must not fail itself
+            table = f"\n(memory plan unavailable: {exc})"
         return (
             "CUDA out of memory. Turn one of these down: train.micro_batch_size "
             f"({c.train.micro_batch_size}), grpo.num_generations ({c.grpo.num_generations}), grpo.max_completion_length "
             f"({c.grpo.max_completion_length}), data.max_pixels ({c.data.max_pixels}); or set model.quantization: nf4 / "
-            "model.gradient_checkpointing: true."
+            "model.gradient_checkpointing: true." + table
         )
 
 

@@ -1,0 +1,59 @@
+"""The memory planner's arithmetic on known configurations, checked against hand-computed values."""
+
+import pytest
+
+from lowmem_vt.config import load_config
+from lowmem_vt.planner import GIB, PlanError, check_fits, kv_cache_bytes_per_token, model_shape, plan
+from lowmem_vt.tiny import qwen2_vl_2b_config
+
+
+@pytest.fixture(scope="module")
+def cfg2b():
+    return qwen2_vl_2b_config()
+
+
+def test_2b_parameter_counts(cfg2b):
+    s = model_shape(cfg2b, 64, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert round((s.params_text_linear + s.params_other) / 1e9, 3) == 2.209  # ANCHORS.md: 2.209 B
+    assert round(s.params_vision / 1e9, 3) == 0.665
+    # LoRA r=64 on q/k/v/o/gate/up/down: per layer r·(1536+1536 + 2·(1536+256) + 1536+1536 + 3·(1536+8960)) × 28 layers
+    assert s.lora_params == 64 * (3072 + 2 * 1792 + 3072 + 3 * 10496) * 28 == 73_859_072
+
+
+def test_kv_cache_bytes(cfg2b):
+    s = model_shape(cfg2b, 8, ["q_proj"])
+    # 2 (K and V) x 28 layers x 2 kv heads x 128 head dim x 2 bytes (bf16)
+    assert kv_cache_bytes_per_token(s, 2) == 2 * 28 * 2 * 128 * 2 == 28_672
+
+
+def test_plan_of_the_lora_recipe(cfg2b):
+    cfg = load_config("recipes/sat_lora.yaml")
+    p = plan(cfg, cfg2b)
+    assert p.phases["weights"] == pytest.approx(2_208_985_600 * 2 / GIB, rel=2e-3)  # bf16 weights ~4.11 GiB
+    assert p.phases["LoRA params + grads + optimizer"] == pytest.approx(73_859_072 * 16 / GIB)
+    qlora = plan(load_config("recipes/sat_qlora.yaml"), cfg2b)
+    # NF4 on the language model's linears (per layer 2·1536² + 2·1536·256 + 3·1536·8960, × 28), the rest
+    # (vision tower, embeddings/head, norms, biases) stays bf16
+    text_linear = (2 * 1536**2 + 2 * 1536 * 256 + 3 * 1536 * 8960) * 28
+    assert text_linear == 1_310_195_712
+    nf4 = text_linear * (4 + 8 / 64 + 32 / (64 * 256)) / 8 + (2_208_985_600 - text_linear) * 2
+    assert qlora.phases["weights"] == pytest.approx(nf4 / GIB, rel=2e-3)
+    assert qlora.phases["LoRA params + grads + optimizer"] == pytest.approx(73_859_072 * 10 / GIB)  # 8-bit AdamW
+
+
+def test_plan_that_cannot_fit_names_the_knob(cfg2b):
+    cfg = load_config("recipes/sat_lora.yaml", ["train.micro_batch_size=64", "grpo.num_generations=8",
+                                                "train.prompts_per_step=8"])
+    with pytest.raises(PlanError) as err:
+        check_fits(cfg, cfg2b, gpu_gib=8.0)
+    msg = str(err.value)
+    assert "train.micro_batch_size" in msg and "recipes/sat_lora.yaml" in msg
+    assert check_fits(load_config("recipes/sat_lora.yaml"), cfg2b, gpu_gib=24.0).peak < 24.0
+
+
+def test_plan_cli(tiny_dir, capsys):
+    from lowmem_vt.cli import main
+
+    assert main(["plan", "recipes/demo_tiny.yaml", f"model.name_or_path={tiny_dir}", "--gpu-gib", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak" in out and "rollout KV cache" in out
