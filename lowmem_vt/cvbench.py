@@ -96,7 +96,11 @@ def _table_path(path: str, data_file: str) -> Path:
         raise DataError(f"CV-Bench data {path!r} is neither a local file or folder nor a hub id owner/name")
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(path, data_file, repo_type="dataset"))
+    try:
+        return Path(hf_hub_download(path, data_file, repo_type="dataset"))
+    except Exception as exc:  # offline, unknown repo or file, network: each has its own type
+        raise DataError(f"cannot get {data_file} of the hub dataset {path} ({type(exc).__name__}: {exc}); "
+                        "download it and pass the local file or folder as --data") from exc
 
 
 def spread(n_total: int, limit: int | None) -> list[int]:
@@ -195,7 +199,8 @@ def generate_cvbench_records(n: int, *, size: int = 112, seed: int = 0) -> list[
             draw_shape(draw, s3, size * 0.15, size * 0.5, r, COLORS[c3])
             draw_shape(draw, s1, xa, size * 0.3, r, COLORS[c1])
             draw_shape(draw, s2, xb, size * 0.7, r, COLORS[c2])
-            question = f"Estimate the real-world distances between objects in this image. Which object is closer to the {ref}, the {a} or the {b}?"
+            question = (f"Estimate the real-world distances between objects in this image. "
+                        f"Which object is closer to the {ref}, the {a} or the {b}?")
             choices, correct = [a, b], a if a_near else b
         if task != "Count":
             rng.shuffle(choices)

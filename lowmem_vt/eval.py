@@ -295,7 +295,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-dir", default=None, help="folder of the images JSON records name (default: the JSON's folder)")
     p.add_argument("--limit", type=int, default=None, help="evaluate N items spread evenly over the set (every task represented)")
     p.add_argument("--batch-size", type=int, default=8, help="questions decoded together")
-    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help=f"response budget (default {MAX_NEW_TOKENS})")
     p.add_argument("--backend", default="hf", choices=["hf", "engine", "vllm"], help="rollout backend")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],

@@ -69,8 +69,9 @@ def cmd_merge(args) -> int:
     except (FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**30
-    print(f"merged model written to {out} ({size:.2f} GiB); load it with "
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    human = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+    print(f"merged model written to {out} ({human}); load it with "
           f"Qwen2VLForConditionalGeneration.from_pretrained({str(out)!r}) or lowmem-vt eval --model {out}")
     return 0
 

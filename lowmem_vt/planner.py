@@ -207,14 +207,15 @@ def config_for(cfg: RecipeConfig):
 
         name = str(build_tiny_model(name[len("tiny:"):]))
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name, local_files_only=True)
     except OSError:
-        if name.rstrip("/").endswith("Qwen2-VL-2B"):
-            # offline: the 2B architecture is known (tiny.qwen2_vl_2b_config mirrors its config.json)
-            from .tiny import qwen2_vl_2b_config
+        pass
+    if name.rstrip("/").endswith("Qwen2-VL-2B"):
+        # not cached: the 2B architecture is known (tiny.qwen2_vl_2b_config mirrors its config.json)
+        from .tiny import qwen2_vl_2b_config
 
-            return qwen2_vl_2b_config()
-        raise
+        return qwen2_vl_2b_config()
+    return AutoConfig.from_pretrained(name)
 
 
 def register_cli(sub) -> None:
