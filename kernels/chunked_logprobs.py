@@ -1,0 +1,429 @@
+"""Log-probabilities of chosen tokens straight from hidden states, without the [N, V] logits.
+
+``logp[n] = log_softmax(hidden[n] @ weight.T / temperature)[targets[n]]``
+
+For Qwen2-VL (V = 151,936) the fp32 logits of one 8k-token micro-batch take 5 GB; the kernels here keep
+at most a [BLOCK_N, BLOCK_V] tile of them, in registers.
+
+* Forward: programs on a grid (row blocks, vocabulary splits) stream their vocabulary range of ``weight``
+  tile by tile, keeping an online log-sum-exp in fp32 and picking the target logit on the way; a tiny
+  finishing kernel merges the per-split log-sum-exps into ``lse`` and ``logp``. Splitting the vocabulary
+  gives the GPU enough programs when the micro-batch has few row blocks.
+* Backward: one program per (row block, vocabulary tile) recomputes its logits tile, forms
+  ``dlogits = g * (onehot(target) - softmax) / temperature`` and adds ``dlogits @ W_tile`` into an fp32
+  ``dh`` with atomics (and ``dlogits.T @ h`` into ``dW`` when the head is trained). A row block cannot
+  keep its whole ``dh`` in registers (BLOCK_N x H fp32 is 768 KB at H = 1536), so each vocabulary tile
+  flushes its share; the order of those atomic adds makes ``dh`` reproducible only to rounding.
+
+Matmuls run on ``tl.dot`` with the inputs' dtype (bf16 on the GPU) and fp32 accumulation; the softmax
+arithmetic is fp32 throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Launch shape of one streaming kernel. Tests use small tiles under the interpreter; the GPU big ones.
+
+    block_n: rows per program; block_v: vocabulary columns per step; block_h: hidden columns per tl.dot
+    (reduced to a divisor of H). v_splits: forward programs per row block along the vocabulary, None to
+    give the GPU about two programs per SM. All block sizes are powers of two >= 16 (tl.dot's minimum).
+    """
+
+    block_n: int = 128
+    block_v: int = 128
+    block_h: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    v_splits: int | None = None
+
+
+FORWARD_TILES = Tiles(block_n=128, block_v=128, block_h=64)
+# Each backward program flushes [block_n, H] of dh per vocabulary tile: a wide vocabulary tile halves that
+# atomic traffic, a tall row block halves the re-reads of W. 128 x 128 keeps the fp32 logits tile at 64 KB.
+BACKWARD_TILES = Tiles(block_n=128, block_v=128, block_h=64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch reference
+# ----------------------------------------------------------------------------------------------------
+
+
+def chunked_logprobs_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """Plain-PyTorch log-probs of ``targets``, ``chunk_size`` rows of fp32 logits at a time.
+
+    hidden: [N, H]; weight: [V, H]; targets: [N] long. Returns [N] float32 (float64 for float64 inputs, so
+    that ``torch.autograd.gradcheck`` can run on it). Differentiable by autograd in hidden and weight.
+    """
+    compute_dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+    w = weight.to(compute_dtype)
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h = hidden[start : start + chunk_size].to(compute_dtype)
+        logits = (h @ w.T) / temperature
+        logp = torch.log_softmax(logits, dim=-1)
+        pieces.append(logp.gather(1, targets[start : start + chunk_size].unsqueeze(1)).squeeze(1))
+    if not pieces:
+        return hidden.new_zeros(0, dtype=compute_dtype)
+    return torch.cat(pieces)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logits_tile(
+    h_block, w_block, n_valid, v_valid, H, stride_hn, stride_wv, inv_temperature,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_V] fp32 tile of hidden @ weight.T / temperature.
+
+    h_block points at the block's first row of hidden, w_block at the tile's first row of weight. Rows past
+    n_valid and columns past v_valid repeat the last valid one (finite values the caller masks out), so the
+    loads in the hot loop need no predicates.
+    """
+    offs_n = tl.minimum(tl.arange(0, BLOCK_N), n_valid - 1)
+    offs_v = tl.minimum(tl.arange(0, BLOCK_V), v_valid - 1)
+    offs_k = tl.arange(0, BLOCK_H)
+    h_ptrs = h_block + offs_n[:, None] * stride_hn + offs_k[None, :]
+    w_ptrs = w_block + offs_k[:, None] + offs_v[None, :] * stride_wv
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for _ in range(0, H, BLOCK_H):
+        acc = tl.dot(tl.load(h_ptrs), tl.load(w_ptrs), acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_H
+        w_ptrs += BLOCK_H
+    return acc * inv_temperature
+
+
+@triton.jit
+def _lse_partial_kernel(
+    h_ptr, w_ptr, targets_ptr, part_lse_ptr, target_logit_ptr,
+    N, V, H, stride_hn, stride_wv, tiles_per_split, inv_temperature,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Log-sum-exp of one row block over one vocabulary split; the target logit from the split holding it.
+
+    Grid (row blocks, splits) with row blocks fastest, so programs running together walk the same tiles
+    of W and share them through L2.
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    row_start = pid_n * BLOCK_N
+    rows = row_start + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    offs_v = tl.arange(0, BLOCK_V)
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
+    # 64-bit block offsets: N * H and V * H pass 2**31 for long micro-batches and big heads
+    h_block = h_ptr + row_start.to(tl.int64) * stride_hn
+    v_begin = pid_s * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+
+    running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    w_block = w_ptr + v_begin.to(tl.int64) * stride_wv
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        logits = _logits_tile(h_block, w_block, N - row_start, v_end - v0, H,
+                              stride_hn, stride_wv, inv_temperature, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+        w_block += BLOCK_V * stride_wv
+        logits = tl.where((offs_v < v_end - v0)[None, :], logits, float("-inf"))
+        # every tile holds at least one real column, so new_max is finite and exp(-inf - finite) = 0
+        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        running_max = new_max
+        target_logit += tl.sum(tl.where(offs_v[None, :] == (targets - v0)[:, None], logits, 0.0), axis=1)
+
+    tl.store(part_lse_ptr + pid_s * N + rows, running_max + tl.log(running_sum), mask=row_mask)
+    holds_target = (targets >= v_begin) & (targets < v_end)
+    tl.store(target_logit_ptr + rows, target_logit, mask=row_mask & holds_target)
+
+
+@triton.jit
+def _merge_splits(part_lse_ptr, offs, mask, N, num_splits):
+    """Log-sum-exp over the vocabulary splits of the per-split log-sum-exps at rows ``offs``."""
+    running_max = tl.full(offs.shape, float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros(offs.shape, dtype=tl.float32)
+    for s in range(0, num_splits):
+        x = tl.load(part_lse_ptr + s * N + offs, mask=mask, other=0.0)
+        new_max = tl.maximum(running_max, x)
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.exp(x - new_max)
+        running_max = new_max
+    return running_max + tl.log(running_sum)
+
+
+@triton.jit
+def _logprobs_finish_kernel(part_lse_ptr, target_logit_ptr, lse_ptr, logp_ptr, N, num_splits, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    lse = _merge_splits(part_lse_ptr, offs, mask, N, num_splits)
+    target_logit = tl.load(target_logit_ptr + offs, mask=mask, other=0.0)
+    tl.store(lse_ptr + offs, lse, mask=mask)
+    tl.store(logp_ptr + offs, target_logit - lse, mask=mask)
+
+
+@triton.jit
+def _logprobs_backward_kernel(
+    h_ptr, w_ptr, targets_ptr, lse_ptr, grad_ptr, dh_ptr, dw_ptr,
+    N, V, H, stride_hn, stride_wv, inv_temperature,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+):
+    """dh += dlogits @ W_tile and dW_tile += dlogits.T @ h for one (row block, vocabulary tile).
+
+    grad_ptr holds d loss / d logp per row; dlogits = g * (onehot(target) - softmax) / temperature.
+    dh [N, H] and dW [V, H] are fp32, contiguous, zero-initialised.
+    """
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    row_start = pid_n * BLOCK_N
+    v_start = pid_v * BLOCK_V
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_v = tl.arange(0, BLOCK_V)
+    offs_k = tl.arange(0, BLOCK_H)
+    row_mask = offs_n < N - row_start
+    col_mask = offs_v < V - v_start
+    grad = tl.load(grad_ptr + row_start + offs_n, mask=row_mask, other=0.0)
+    # padding at the end of each completion gives whole row blocks of zero gradient: skip their matmuls
+    if tl.max(tl.abs(grad), axis=0) == 0.0:
+        return
+
+    h_block = h_ptr + row_start.to(tl.int64) * stride_hn
+    w_block = w_ptr + v_start.to(tl.int64) * stride_wv
+    logits = _logits_tile(h_block, w_block, N - row_start, V - v_start, H, stride_hn, stride_wv,
+                          inv_temperature, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+    lse = tl.load(lse_ptr + row_start + offs_n, mask=row_mask, other=0.0)
+    targets = tl.load(targets_ptr + row_start + offs_n, mask=row_mask, other=-1).to(tl.int32)
+    probs = tl.exp(logits - lse[:, None])
+    onehot = tl.where(offs_v[None, :] == (targets - v_start)[:, None], 1.0, 0.0)
+    dlogits = (grad * inv_temperature)[:, None] * (onehot - probs)
+    dlogits = tl.where(row_mask[:, None] & col_mask[None, :], dlogits, 0.0)
+    # the second matmul runs in W's dtype (bf16 on the GPU) like the first, accumulating in fp32
+    dlogits = dlogits.to(w_ptr.dtype.element_ty)
+
+    # rows / columns past the end read the last valid one: finite, and multiplied by dlogits = 0
+    offs_n_read = tl.minimum(offs_n, N - row_start - 1)
+    offs_v_read = tl.minimum(offs_v, V - v_start - 1)
+    for k0 in range(0, H, BLOCK_H):
+        if COMPUTE_DH:
+            w_tile = tl.load(w_block + offs_v_read[:, None] * stride_wv + (k0 + offs_k)[None, :])
+            dh_part = tl.dot(dlogits, w_tile, input_precision=DOT_PRECISION)
+            dh_ptrs = dh_ptr + row_start.to(tl.int64) * H + offs_n[:, None] * H + (k0 + offs_k)[None, :]
+            tl.atomic_add(dh_ptrs, dh_part, mask=row_mask[:, None], sem="relaxed")
+        if COMPUTE_DW:
+            h_tile = tl.load(h_block + offs_n_read[:, None] * stride_hn + (k0 + offs_k)[None, :])
+            dw_part = tl.dot(tl.trans(dlogits), h_tile, input_precision=DOT_PRECISION)
+            dw_ptrs = dw_ptr + v_start.to(tl.int64) * H + offs_v[:, None] * H + (k0 + offs_k)[None, :]
+            tl.atomic_add(dw_ptrs, dw_part, mask=col_mask[:, None], sem="relaxed")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers (shared with grpo_loss.py)
+# ----------------------------------------------------------------------------------------------------
+
+_FINISH_BLOCK = 1024
+
+
+def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tiles: Tiles) -> int:
+    """Validate shapes; return the hidden chunk per tl.dot (a divisor of H)."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be [N] with N = {hidden.shape[0]}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if hidden.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("hidden and weight must be contiguous along H")
+    H = hidden.shape[1]
+    block_h = min(tiles.block_h, H & -H)  # largest power of two dividing H, capped by the tile
+    if block_h < 16:
+        raise ValueError(f"the Triton kernels need H to be a multiple of 16 (tl.dot's minimum), got H = {H}")
+    return block_h
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs would silently run in tf32 on the GPU; the reference does exact fp32
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_v_splits(row_blocks: int, v_tiles: int, tiles: Tiles, device: torch.device) -> int:
+    if tiles.v_splits is not None:
+        return max(1, min(tiles.v_splits, v_tiles))
+    if device.type != "cuda":
+        return 1
+    target_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(v_tiles, triton.cdiv(target_programs, row_blocks)))
+
+
+def lse_and_target_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, tiles: Tiles
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Streaming forward pass. Returns (per-split lse [splits, N] fp32, target logit / temperature [N] fp32, splits)."""
+    block_h = _check_inputs(hidden, weight, targets, tiles)
+    N, H = hidden.shape
+    V = weight.shape[0]
+    row_blocks = triton.cdiv(N, tiles.block_n)
+    v_tiles = triton.cdiv(V, tiles.block_v)
+    splits = _num_v_splits(row_blocks, v_tiles, tiles, hidden.device)
+    tiles_per_split = triton.cdiv(v_tiles, splits)
+    splits = triton.cdiv(v_tiles, tiles_per_split)  # no empty split
+    part_lse = torch.empty(splits, N, device=hidden.device, dtype=torch.float32)
+    target_logit = torch.zeros(N, device=hidden.device, dtype=torch.float32)
+    if N == 0:
+        return part_lse, target_logit, splits
+    _lse_partial_kernel[(row_blocks, splits)](
+        hidden, weight, targets, part_lse, target_logit,
+        N, V, H, hidden.stride(0), weight.stride(0), tiles_per_split, 1.0 / temperature,
+        BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_H=block_h, DOT_PRECISION=_dot_precision(hidden.dtype),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return part_lse, target_logit, splits
+
+
+def logprobs_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, tiles: Tiles
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (logp [N] fp32, lse [N] fp32) of hidden [N, H] @ weight [V, H].T / temperature."""
+    N = hidden.shape[0]
+    part_lse, target_logit, splits = lse_and_target_logits(hidden, weight, targets, temperature, tiles)
+    lse = torch.empty_like(target_logit)
+    logp = torch.empty_like(target_logit)
+    if N == 0:
+        return logp, lse
+    _logprobs_finish_kernel[(triton.cdiv(N, _FINISH_BLOCK),)](part_lse, target_logit, lse, logp, N, splits, BLOCK=_FINISH_BLOCK)
+    return logp, lse
+
+
+def logprobs_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+    temperature: float,
+    tiles: Tiles,
+    compute_dh: bool,
+    compute_dw: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Streaming backward pass: (dh [N, H] in hidden's dtype or None, dW [V, H] in weight's dtype or None).
+
+    grad_logp: [N] fp32, d loss / d logp per row.
+    """
+    block_h = _check_inputs(hidden, weight, targets, tiles)
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dh = torch.zeros(N, H, device=hidden.device, dtype=torch.float32) if compute_dh else None
+    dw = torch.zeros(V, H, device=weight.device, dtype=torch.float32) if compute_dw else None
+    if N > 0 and (compute_dh or compute_dw):
+        grid = (triton.cdiv(N, tiles.block_n), triton.cdiv(V, tiles.block_v))
+        _logprobs_backward_kernel[grid](
+            hidden, weight, targets, lse, grad_logp.float().contiguous(),
+            dh if compute_dh else lse, dw if compute_dw else lse,  # unused pointers when not computed
+            N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+            BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_H=block_h, DOT_PRECISION=_dot_precision(hidden.dtype),
+            COMPUTE_DH=compute_dh, COMPUTE_DW=compute_dw,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )
+    return (dh.to(hidden.dtype) if compute_dh else None), (dw.to(weight.dtype) if compute_dw else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd wrapper and public entry points
+# ----------------------------------------------------------------------------------------------------
+
+
+class ChunkedLogprobs(torch.autograd.Function):
+    """logp = log_softmax(hidden @ weight.T / temperature)[targets] with the streaming Triton kernels.
+
+    Saves hidden, weight, targets and the per-row lse ([N] fp32); the backward recomputes the logits.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, forward_tiles, backward_tiles):
+        logp, lse = logprobs_forward(hidden, weight, targets, temperature, forward_tiles)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature = temperature
+        ctx.backward_tiles = backward_tiles
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        dh, dw = logprobs_backward(
+            hidden, weight, targets, lse, grad_logp, ctx.temperature, ctx.backward_tiles,
+            compute_dh=ctx.needs_input_grad[0], compute_dw=ctx.needs_input_grad[1],
+        )
+        return dh, dw, None, None, None, None
+
+
+def _prepare(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden in weight's dtype with unit stride along H (autograd sees the cast); targets contiguous long."""
+    hidden = hidden.to(weight.dtype)
+    if hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    return hidden, targets.contiguous().long()
+
+
+def chunked_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    backend: str = "triton",
+    *,
+    forward_tiles: Tiles = FORWARD_TILES,
+    backward_tiles: Tiles = BACKWARD_TILES,
+) -> torch.Tensor:
+    """Log-probs of ``targets`` under ``softmax(hidden @ weight.T / temperature)``, never forming [N, V].
+
+    hidden: [N, H] (cast to weight's dtype); weight: [V, H]; targets: [N] long in [0, V).
+    Returns [N] float32, differentiable in hidden and weight. backend: "triton" (streaming kernels; needs
+    CUDA or TRITON_INTERPRET=1, and H a multiple of 16) or "torch" (``chunked_logprobs_reference``).
+    """
+    if backend == "torch":
+        return chunked_logprobs_reference(hidden, weight, targets, temperature)
+    if backend != "triton":
+        raise ValueError(f"unknown backend {backend!r}; expected 'triton' or 'torch'")
+    hidden, targets = _prepare(hidden, weight, targets)
+    return ChunkedLogprobs.apply(hidden, weight, targets, float(temperature), forward_tiles, backward_tiles)
+
+
+@torch.no_grad()
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    backend: str = "triton",
+    *,
+    forward_tiles: Tiles = FORWARD_TILES,
+) -> torch.Tensor:
+    """Per-token log-probs without gradient, for the reference-model pass and the old-policy log-probs.
+
+    hidden: [B, T, H]; weight: [V, H]; targets: [B, T] long. Returns [B, T] float32.
+    """
+    B, T, H = hidden.shape
+    flat_hidden = hidden.reshape(B * T, H)
+    flat_targets = targets.reshape(B * T)
+    if backend == "torch":
+        logp = chunked_logprobs_reference(flat_hidden, weight, flat_targets, temperature)
+    elif backend == "triton":
+        flat_hidden, flat_targets = _prepare(flat_hidden, weight, flat_targets)
+        logp, _ = logprobs_forward(flat_hidden, weight, flat_targets, float(temperature), forward_tiles)
+    else:
+        raise ValueError(f"unknown backend {backend!r}; expected 'triton' or 'torch'")
+    return logp.float().view(B, T)

@@ -1,0 +1,294 @@
+"""Triton kernels against their PyTorch references and lowmem_vt.grpo, on CPU under the Triton interpreter.
+
+Every run draws fresh inputs; the seed is printed and named in every assertion message. Reproduce a failure
+with ``LOWMEM_TEST_SEED=<seed> pytest tests/test_kernels.py``.
+
+Error measure: ``rel_err(x, ref) = max|x - ref| / max|ref|``. Bounds in fp32: 1e-5 for log-probs and the
+loss, 1e-4 for gradients (the kernels sum in another order, and dh gathers atomic partial sums). The
+interpreter reads bf16 tensors wrongly with CPU torch, so bf16 is tested only on CUDA.
+"""
+
+import os
+from dataclasses import replace
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lowmem_vt.grpo import LOSS_TYPES, LossCounts, grpo_loss  # noqa: E402
+from lowmem_vt.kernels import (  # noqa: E402
+    Tiles,
+    chunked_logprobs,
+    chunked_logprobs_reference,
+    fused_grpo_loss,
+    resolve_backend,
+    token_logprobs,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# small tiles so that the interpreter stays fast and the shapes below leave ragged tiles
+SMALL = Tiles(block_n=16, block_v=32, block_h=16, num_warps=4, num_stages=1)
+LOGP_TOL = 1e-5
+GRAD_TOL = 1e-4
+
+
+@pytest.fixture
+def seed() -> int:
+    value = int(os.environ.get("LOWMEM_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"seed={value}")
+    torch.manual_seed(value)
+    return value
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp(min=1e-30))
+
+
+def make_head(N: int, H: int, V: int, dtype=torch.float32):
+    """hidden, weight (logits of std ~3, so the softmax is neither flat nor one-hot), targets."""
+    hidden = torch.randn(N, H, device=DEVICE, dtype=dtype)
+    weight = (torch.randn(V, H, device=DEVICE) * 3.0 / H**0.5).to(dtype)
+    targets = torch.randint(0, V, (N,), device=DEVICE)
+    return hidden, weight, targets
+
+
+def ragged_mask(B: int, T: int) -> torch.Tensor:
+    """Each completion keeps a random prefix of at least half its length; the first is empty (all padding)."""
+    lengths = torch.randint(T // 2, T + 1, (B,), device=DEVICE)
+    lengths[0] = 0
+    return (torch.arange(T, device=DEVICE)[None, :] < lengths[:, None]).float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# backend resolution
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_resolve_backend(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_backend("auto", cpu) == "torch"
+    assert resolve_backend("auto", cuda) == "triton"
+    assert resolve_backend("torch", cuda) == "torch"
+    assert resolve_backend("triton", cuda) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", cpu) == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        resolve_backend("triton", cpu)
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        resolve_backend("cuda", cpu)
+
+
+def test_rejects_hidden_size_not_multiple_of_16():
+    hidden, weight, targets = make_head(8, 24, 40)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        chunked_logprobs(hidden, weight, targets, forward_tiles=SMALL, backward_tiles=SMALL)
+
+
+# ----------------------------------------------------------------------------------------------------
+# chunked_logprobs
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "N, H, V, temperature, v_splits, weight_grad",
+    [
+        (64, 32, 256, 1.0, 1, False),  # every dimension a multiple of its tile
+        (70, 32, 300, 0.7, 3, False),  # ragged rows and vocabulary, 3 vocabulary splits
+        (37, 16, 97, 1.3, None, True),  # ragged everywhere, dW requested
+        (5, 32, 33, 1.0, 2, True),  # fewer rows than a tile; last split holds one column
+    ],
+)
+def test_chunked_logprobs_matches_reference(seed, N, H, V, temperature, v_splits, weight_grad):
+    hidden, weight, targets = make_head(N, H, V)
+    tiles = replace(SMALL, v_splits=v_splits)
+    grad_out = torch.randn(N, device=DEVICE)
+    grad_out[16:32] = 0.0  # a row block (or part of one) with zero gradient: the backward skips whole ones
+    results = {}
+    for backend in ("triton", "torch"):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(weight_grad)
+        logp = chunked_logprobs(h, w, targets, temperature, backend, forward_tiles=tiles, backward_tiles=tiles)
+        logp.backward(grad_out)
+        results[backend] = (logp.detach(), h.grad, w.grad)
+    (logp, dh, dw), (logp_ref, dh_ref, dw_ref) = results["triton"], results["torch"]
+    assert logp.dtype == torch.float32 and logp.shape == (N,)
+    assert rel_err(logp, logp_ref) < LOGP_TOL, f"seed={seed} logp rel err {rel_err(logp, logp_ref):.2e}"
+    assert rel_err(dh, dh_ref) < GRAD_TOL, f"seed={seed} dh rel err {rel_err(dh, dh_ref):.2e}"
+    if weight_grad:
+        assert rel_err(dw, dw_ref) < GRAD_TOL, f"seed={seed} dW rel err {rel_err(dw, dw_ref):.2e}"
+    else:
+        assert dw is None
+
+
+def test_token_logprobs_matches_reference(seed):
+    B, T, H, V = 3, 11, 32, 150
+    hidden, weight, targets = make_head(B * T, H, V)
+    tiles = replace(SMALL, v_splits=2)
+    hidden = hidden.view(B, T, H).requires_grad_(True)
+    logp = token_logprobs(hidden, weight, targets.view(B, T), 0.9, "triton", forward_tiles=tiles)
+    logp_ref = token_logprobs(hidden, weight, targets.view(B, T), 0.9, "torch")
+    assert logp.shape == (B, T) and not logp.requires_grad
+    assert rel_err(logp, logp_ref) < LOGP_TOL, f"seed={seed} rel err {rel_err(logp, logp_ref):.2e}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# fused_grpo_loss
+# ----------------------------------------------------------------------------------------------------
+
+
+def grpo_inputs(B: int, T: int, H: int, V: int, with_old: bool, with_ref: bool, temperature: float = 1.0):
+    hidden, weight, targets = make_head(B * T, H, V)
+    with torch.no_grad():
+        logp = chunked_logprobs_reference(hidden, weight, targets, temperature).view(B, T)
+    # perturbations of 0.5 nat push about a third of the ratios past the clip bound on their advantage's side
+    old_logp = logp + 0.5 * torch.randn(B, T, device=DEVICE) if with_old else None
+    ref_logp = logp + 0.3 * torch.randn(B, T, device=DEVICE) if with_ref else None
+    return dict(
+        hidden=hidden.view(B, T, H),
+        weight=weight,
+        targets=targets.view(B, T),
+        mask=ragged_mask(B, T),
+        advantages=torch.randn(B, device=DEVICE),
+        old_logp=old_logp,
+        ref_logp=ref_logp,
+    )
+
+
+def run_loss(inputs, backend, weight_grad, tiles, **kwargs):
+    h = inputs["hidden"].clone().requires_grad_(True)
+    w = inputs["weight"].clone().requires_grad_(weight_grad)
+    args = {**inputs, "hidden": h, "weight": w}
+    loss, stats, logp = fused_grpo_loss(**args, backend=backend, forward_tiles=tiles, backward_tiles=tiles, **kwargs)
+    (3.0 * loss).backward()  # a non-unit upstream gradient
+    return loss.detach(), stats, logp, h.grad, w.grad
+
+
+@pytest.mark.parametrize(
+    "loss_type, with_old, with_ref, beta, temperature, weight_grad",
+    [
+        ("grpo", False, True, 0.04, 1.0, False),
+        ("grpo", True, True, 0.1, 0.7, True),
+        ("dr_grpo", True, True, 0.04, 1.3, False),
+        ("dr_grpo", False, False, 0.0, 1.0, False),
+        ("bnpo", True, False, 0.04, 0.7, False),  # beta set but no reference: no KL term
+        ("bnpo", False, True, 0.1, 1.0, True),
+    ],
+)
+def test_fused_grpo_loss_matches_reference(seed, loss_type, with_old, with_ref, beta, temperature, weight_grad):
+    B, T, H, V = 5, 13, 32, 300  # 65 rows: ragged row tiles; 300 columns: ragged vocabulary tile
+    inputs = grpo_inputs(B, T, H, V, with_old, with_ref, temperature)
+    mask = inputs["mask"]
+    counts = LossCounts(num_sequences=2 * B, num_tokens=float(mask.sum()) + 7.0, max_completion_length=T + 3)
+    kwargs = dict(beta=beta, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, counts=counts, temperature=temperature)
+    tiles = replace(SMALL, v_splits=2)
+    loss, stats, logp, dh, dw = run_loss(inputs, "triton", weight_grad, tiles, **kwargs)
+    loss_ref, stats_ref, logp_ref, dh_ref, dw_ref = run_loss(inputs, "torch", weight_grad, tiles, **kwargs)
+
+    # the torch backend is exactly lowmem_vt.grpo.grpo_loss on the reference log-probs
+    direct, direct_stats = grpo_loss(
+        logp_ref, mask, inputs["advantages"], inputs["old_logp"], inputs["ref_logp"],
+        **{k: v for k, v in kwargs.items() if k != "temperature"},
+    )
+    assert float(direct) == float(loss_ref) and direct_stats == stats_ref, f"seed={seed}"
+
+    msg = f"seed={seed} {loss_type} old={with_old} ref={with_ref}"
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert logp.shape == (B, T) and logp.dtype == torch.float32 and not logp.requires_grad
+    assert rel_err(logp, logp_ref) < LOGP_TOL, f"{msg}: logp rel err {rel_err(logp, logp_ref):.2e}"
+    assert abs(float(loss) - float(loss_ref)) <= LOGP_TOL * max(1.0, abs(float(loss_ref))), f"{msg}: loss {float(loss)} vs {float(loss_ref)}"
+    assert stats.keys() == stats_ref.keys(), msg
+    assert stats["tokens"] == stats_ref["tokens"], msg
+    assert abs(stats["kl_sum"] - stats_ref["kl_sum"]) <= 1e-4 * max(1.0, abs(stats_ref["kl_sum"])), f"{msg}: {stats} vs {stats_ref}"
+    # a ratio within rounding of a clip bound may fall on either side
+    assert abs(stats["clipped_tokens"] - stats_ref["clipped_tokens"]) <= 1.0, f"{msg}: {stats} vs {stats_ref}"
+    if with_old:
+        assert stats_ref["clipped_tokens"] > 0, f"{msg}: test inputs should exercise the clip"
+    assert rel_err(dh, dh_ref) < GRAD_TOL, f"{msg}: dh rel err {rel_err(dh, dh_ref):.2e}"
+    if weight_grad:
+        assert rel_err(dw, dw_ref) < GRAD_TOL, f"{msg}: dW rel err {rel_err(dw, dw_ref):.2e}"
+    else:
+        assert dw is None
+
+
+def test_fused_grpo_loss_rejects_unknown_loss_type():
+    inputs = grpo_inputs(2, 3, 16, 20, with_old=False, with_ref=False)
+    counts = LossCounts(num_sequences=2, num_tokens=6.0, max_completion_length=3)
+    with pytest.raises(ValueError, match="loss_type"):
+        fused_grpo_loss(**inputs, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="sum", counts=counts)
+
+
+def test_loss_types_are_all_covered():
+    covered = {"grpo", "dr_grpo", "bnpo"}
+    assert covered == set(LOSS_TYPES), "add the new loss type to test_fused_grpo_loss_matches_reference"
+
+
+# ----------------------------------------------------------------------------------------------------
+# the references themselves, by finite differences in float64
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_reference_logprobs_gradcheck(seed):
+    N, H, V = 6, 4, 9
+    hidden = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    fn = lambda h, w: chunked_logprobs_reference(h, w, targets, temperature=0.8, chunk_size=4)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (hidden, weight)), f"seed={seed}"
+
+
+def test_reference_grpo_loss_gradcheck(seed):
+    B, T, H, V = 3, 4, 4, 7
+    hidden = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (B, T))
+    with torch.no_grad():
+        logp = chunked_logprobs_reference(hidden.view(-1, H), weight, targets.view(-1)).view(B, T)
+    # ratios e^{+-0.5} sit far from the clip bounds 0.8 / 1.28, where the loss is not differentiable
+    old_logp = logp + 0.5 * torch.sign(torch.randn(B, T, dtype=torch.float64))
+    ref_logp = logp + 0.2 * torch.randn(B, T, dtype=torch.float64)
+    mask = ragged_mask(B, T).double().cpu()
+    counts = LossCounts(num_sequences=B, num_tokens=float(mask.sum()), max_completion_length=T)
+
+    def fn(h, w):
+        loss, _, _ = fused_grpo_loss(
+            h, w, targets, mask, torch.randn(B, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)),
+            old_logp, ref_logp, beta=0.1, epsilon_low=0.2, epsilon_high=0.28, loss_type="grpo", counts=counts,
+            temperature=1.1, backend="torch",
+        )
+        return loss
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight)), f"seed={seed}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# bf16 on the GPU (the interpreter cannot read bf16 with CPU torch)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton kernels need CUDA (the interpreter misreads bf16)")
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
+def test_bf16_on_cuda(seed, loss_type):
+    B, T, H, V = 4, 250, 256, 5003  # default tiles, ragged rows and vocabulary
+    inputs = grpo_inputs(B, T, H, V, with_old=True, with_ref=True, temperature=0.9)
+    inputs["hidden"] = inputs["hidden"].bfloat16()
+    inputs["weight"] = inputs["weight"].bfloat16()
+    counts = LossCounts(num_sequences=B, num_tokens=float(inputs["mask"].sum()), max_completion_length=T)
+    kwargs = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, counts=counts, temperature=0.9)
+    results = {}
+    for backend in ("triton", "torch"):
+        h = inputs["hidden"].clone().requires_grad_(True)
+        loss, stats, logp = fused_grpo_loss(**{**inputs, "hidden": h}, backend=backend, **kwargs)
+        loss.backward()
+        results[backend] = (loss.detach(), logp, h.grad)
+    (loss, logp, dh), (loss_ref, logp_ref, dh_ref) = results["triton"], results["torch"]
+    assert dh.dtype == torch.bfloat16
+    # products of bf16 are exact in fp32, so the log-probs differ only by summation order
+    assert rel_err(logp, logp_ref) < 1e-4, f"seed={seed} logp rel err {rel_err(logp, logp_ref):.2e}"
+    assert abs(float(loss) - float(loss_ref)) <= 1e-3 * max(1.0, abs(float(loss_ref))), f"seed={seed}"
+    # dlogits are rounded to bf16 before the second matmul
+    assert rel_err(dh, dh_ref) < 2e-2, f"seed={seed} dh rel err {rel_err(dh, dh_ref):.2e}"
+
+    logp_only = chunked_logprobs(inputs["hidden"].view(B * T, H), inputs["weight"], inputs["targets"].view(-1), 0.9)
+    assert rel_err(logp_only, logp_ref.view(-1)) < 1e-4, f"seed={seed}"
