@@ -133,6 +133,8 @@ class EngineRollout(RolloutBackend):
     def _prefill(self, prompts, image_embeds, params: SamplingParams) -> DecodeState:
         """Allocate the static state, run each prompt once, copy its K/V to its G rows, sample token 0."""
         G, T = params.num_generations, params.max_new_tokens
+        if params.seeds is not None and len(params.seeds) != len(prompts):
+            raise ValueError(f"{len(params.seeds)} sampling seeds for {len(prompts)} prompts: give one seed per prompt")
         B = len(prompts) * G
         prompt_end = max(p.length for p in prompts)
         C = math.ceil((prompt_end + T) / CACHE_BUCKET) * CACHE_BUCKET
