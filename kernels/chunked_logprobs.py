@@ -13,7 +13,8 @@ at most a [BLOCK_N, BLOCK_V] tile of them, in registers.
   ``dlogits = g * (onehot(target) - softmax) / temperature`` and adds ``dlogits @ W_tile`` into an fp32
   ``dh`` with atomics (and ``dlogits.T @ h`` into ``dW`` when the head is trained). A row block cannot
   keep its whole ``dh`` in registers (BLOCK_N x H fp32 is 768 KB at H = 1536), so each vocabulary tile
-  flushes its share; the order of those atomic adds makes ``dh`` reproducible only to rounding.
+  flushes its share; the order of those atomic adds makes ``dh`` reproducible only to rounding. Row
+  blocks whose incoming gradient is all zero (completion padding) return before any matmul.
 
 Matmuls run on ``tl.dot`` with the inputs' dtype (bf16 on the GPU) and fp32 accumulation; the softmax
 arithmetic is fp32 throughout.
@@ -47,7 +48,9 @@ class Tiles:
 
 FORWARD_TILES = Tiles(block_n=128, block_v=128, block_h=64)
 # Each backward program flushes [block_n, H] of dh per vocabulary tile: a wide vocabulary tile halves that
-# atomic traffic, a tall row block halves the re-reads of W. 128 x 128 keeps the fp32 logits tile at 64 KB.
+# atomic traffic, a tall row block halves the re-reads of W. Compiled for sm_90 (not yet timed), 128 x 128
+# x 64 with 8 warps and 3 stages pipelines its loads onto wgmma without spills (175 / 135 registers);
+# 128 x 256 also fits (255 registers) and is the first thing to try on the GPU.
 BACKWARD_TILES = Tiles(block_n=128, block_v=128, block_h=64)
 
 
