@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowmem_vt.grpo import LOSS_TYPES, LossCounts, grpo_loss
+from lowmem_vt.grpo import LOSS_TYPES, LossCounts, grpo_loss, loss_stats
 
 from .chunked_logprobs import (
     BACKWARD_TILES,
@@ -187,12 +187,4 @@ def fused_grpo_loss(
         flat_hidden, weight, flat_targets, advantages.detach().float().contiguous(), flat(old_logp), flat(ref_logp),
         weights, T, float(beta), float(epsilon_low), float(epsilon_high), float(temperature), forward_tiles, backward_tiles,
     )
-    with torch.no_grad():
-        mask = mask.float()
-        per_seq_kl = (k3.view(B, T) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        stats = {
-            "kl_sum": float(per_seq_kl.sum()),
-            "clipped_tokens": float((clipped.view(B, T) * mask).sum()),
-            "tokens": float(mask.sum()),
-        }
-    return loss, stats, logp.view(B, T)
+    return loss, loss_stats(k3.view(B, T), clipped.view(B, T), mask), logp.view(B, T)

@@ -89,7 +89,6 @@ class RolloutConfig:
     backend: Literal["hf", "engine", "vllm"] = "hf"
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    batch_size: int = 0  # completions generated together; 0 = all of a step at once
 
 
 @dataclass

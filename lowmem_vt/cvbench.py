@@ -9,7 +9,6 @@ question followed by lettered options), ``choices`` (option texts) and ``answer`
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import re
@@ -19,7 +18,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from .data import DataError, _read_table, decode_image
+from .data import COLORS, SHAPES, DataError, decode_image, draw_shape, png_bytes, read_table
 
 CVBENCH_HUB_ID = "nyu-visionx/CV-Bench"
 CVBENCH_DATA_FILE = "test.parquet"  # the full set with images embedded
@@ -116,7 +115,7 @@ def load_cvbench(path: str = CVBENCH_HUB_ID, data_file: str = CVBENCH_DATA_FILE,
     """Validated items of a CV-Bench-schema set. ``image_dir`` (for records naming image files) defaults to the
     annotation file's folder, where the hub's ``img/`` lies."""
     table = _table_path(path, data_file)
-    records = _read_table(table)
+    records = read_table(table)
     if not records:
         raise DataError(f"{table} holds no records")
     base = str(table.parent) if image_dir is None else image_dir
@@ -125,21 +124,9 @@ def load_cvbench(path: str = CVBENCH_HUB_ID, data_file: str = CVBENCH_DATA_FILE,
 
 # ------------------------------------------------------------------------------------------- generator
 
-COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (230, 200, 30)}
-SHAPES = ("circle", "square", "triangle")
 TASKS = ("Count", "Relation", "Depth", "Distance")
 TASK_TYPE = {"Count": "2D", "Relation": "2D", "Depth": "3D", "Distance": "3D"}
 TYPE_SOURCES = {"2D": ("ADE20K", "COCO"), "3D": ("Omni3D",)}
-
-
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color: tuple) -> None:
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "circle":
-        draw.ellipse(box, fill=color)
-    elif shape == "square":
-        draw.rectangle(box, fill=color)
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
 
 
 def lettered_prompt(question: str, choices: list[str]) -> str:
@@ -204,23 +191,11 @@ def generate_cvbench_records(n: int, *, size: int = 112, seed: int = 0) -> list[
             choices, correct = [a, b], a if a_near else b
         if task != "Count":
             rng.shuffle(choices)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
         records.append({
             "idx": i, "type": kind, "task": task, "source": source,
-            "image": {"bytes": buf.getvalue(), "path": None},
+            "image": {"bytes": png_bytes(img), "path": None},
             "question": question, "prompt": lettered_prompt(question, choices), "choices": choices,
             "answer": f"({chr(ord('A') + choices.index(correct))})",
             "filename": f"img/{kind}/{task.lower()}/generated_{i}.png",
         })
     return records
-
-
-def write_cvbench_parquet(records: list[dict], path: str | os.PathLike) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(records), p)
-    return p

@@ -136,7 +136,7 @@ def record_to_example(
     return Example(uid, image, sat_question(question, options), options, answer, {"raw_question": question})
 
 
-def _read_table(path: Path) -> list[dict]:
+def read_table(path: Path) -> list[dict]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -153,7 +153,7 @@ def read_sat_records(path: str, data_file: str, max_samples: int) -> list[dict]:
     """Raw records from a local file/folder or, for an ``owner/name`` hub id, through ``datasets``."""
     p = Path(os.path.expanduser(path))
     if p.is_file():
-        return _read_table(p)[: max_samples * 2]
+        return read_table(p)[: max_samples * 2]
     if p.is_dir():
         f = p / data_file
         files = [f] if f.is_file() else sorted(x for x in p.iterdir() if x.suffix in (".parquet", ".json", ".jsonl"))
@@ -161,7 +161,7 @@ def read_sat_records(path: str, data_file: str, max_samples: int) -> list[dict]:
             raise DataError(f"no {data_file} or .parquet/.json/.jsonl files in {p}")
         rows: list[dict] = []
         for f in files:
-            rows.extend(_read_table(f))
+            rows.extend(read_table(f))
         return rows
     from datasets import load_dataset  # only the hub path needs it
 
@@ -217,12 +217,12 @@ def examples_from_records(
 
 # ------------------------------------------------------------------------------------------- generator
 
-_COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (230, 200, 30)}
-_SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (230, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
 GENERATED_TASKS = ("left_right", "above_below", "closer", "count", "color")
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color: tuple) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color: tuple) -> None:
     box = (cx - r, cy - r, cx + r, cy + r)
     if shape == "circle":
         draw.ellipse(box, fill=color)
@@ -232,7 +232,7 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
 
 
-def _png(img: Image.Image) -> bytes:
+def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -254,46 +254,47 @@ def generate_sat_records(n: int, *, size: int = 112, tasks: list[str] | None = N
         task = tasks[i % len(tasks)]
         img = Image.new("RGB", (size, size), (245, 245, 245))
         draw = ImageDraw.Draw(img)
-        (c1, c2) = rng.sample(list(_COLORS), 2)
-        (s1, s2) = rng.sample(_SHAPES, 2)
+        (c1, c2) = rng.sample(list(COLORS), 2)
+        (s1, s2) = rng.sample(SHAPES, 2)
         a, b = f"{c1} {s1}", f"{c2} {s2}"
         r = size * 0.12
         if task == "left_right":
             left = rng.random() < 0.5
             xa, xb = (size * 0.25, size * 0.75) if left else (size * 0.75, size * 0.25)
-            _draw(draw, s1, xa, size * rng.uniform(0.3, 0.7), r, _COLORS[c1])
-            _draw(draw, s2, xb, size * rng.uniform(0.3, 0.7), r, _COLORS[c2])
+            draw_shape(draw, s1, xa, size * rng.uniform(0.3, 0.7), r, COLORS[c1])
+            draw_shape(draw, s2, xb, size * rng.uniform(0.3, 0.7), r, COLORS[c2])
             question, answers, correct = f"Is the {a} to the left or to the right of the {b}?", ["left", "right"], "left" if left else "right"
         elif task == "above_below":
             above = rng.random() < 0.5
             ya, yb = (size * 0.25, size * 0.75) if above else (size * 0.75, size * 0.25)
-            _draw(draw, s1, size * rng.uniform(0.3, 0.7), ya, r, _COLORS[c1])
-            _draw(draw, s2, size * rng.uniform(0.3, 0.7), yb, r, _COLORS[c2])
+            draw_shape(draw, s1, size * rng.uniform(0.3, 0.7), ya, r, COLORS[c1])
+            draw_shape(draw, s2, size * rng.uniform(0.3, 0.7), yb, r, COLORS[c2])
             question, answers, correct = f"Is the {a} above or below the {b}?", ["above", "below"], "above" if above else "below"
         elif task == "color":
             color = rng.choice(["red", "blue"])
-            _draw(draw, s1, size * 0.5, size * 0.5, size * 0.45, _COLORS[color])
+            draw_shape(draw, s1, size * 0.5, size * 0.5, size * 0.45, COLORS[color])
             question, answers, correct = "What color is the shape?", ["red", "blue"], color
         elif task == "closer":
             a_closer = rng.random() < 0.5
             ra, rb = (r * 1.6, r * 0.7) if a_closer else (r * 0.7, r * 1.6)
-            _draw(draw, s1, size * 0.28, size * 0.5, ra, _COLORS[c1])
-            _draw(draw, s2, size * 0.72, size * 0.5, rb, _COLORS[c2])
+            draw_shape(draw, s1, size * 0.28, size * 0.5, ra, COLORS[c1])
+            draw_shape(draw, s2, size * 0.72, size * 0.5, rb, COLORS[c2])
             question, answers, correct = f"Which object is closer to the camera, the {a} or the {b}?", [a, b], a if a_closer else b
         else:
             k = rng.randint(1, 4)
             cells = rng.sample([(x, y) for x in range(3) for y in range(3)], k)
             for x, y in cells:
-                _draw(draw, s1, size * (x + 0.5) / 3, size * (y + 0.5) / 3, size * 0.1, _COLORS[c1])
+                draw_shape(draw, s1, size * (x + 0.5) / 3, size * (y + 0.5) / 3, size * 0.1, COLORS[c1])
             question = f"How many {c1} {s1}s are in the image?"
             answers, correct = ["1", "2", "3", "4"], str(k)
         records.append(
-            {"image_bytes": [_png(img)], "question": question, "answers": answers, "correct_answer": correct, "question_type": task}
+            {"image_bytes": [png_bytes(img)], "question": question, "answers": answers, "correct_answer": correct, "question_type": task}
         )
     return records
 
 
-def write_sat_parquet(records: list[dict], path: str | os.PathLike) -> Path:
+def write_parquet(records: list[dict], path: str | os.PathLike) -> Path:
+    """Records (in SAT or CV-Bench schema) as one parquet file; parent folders are created."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -20,7 +20,7 @@ import string
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -157,53 +157,6 @@ def to_markdown(summary: dict, title: str = "CV-Bench") -> str:
 # ------------------------------------------------------------------------------------------- models
 
 
-@dataclass
-class PlainModel:
-    """A Qwen2-VL without an adapter (a base or a merged model), exposing what ``model.LoadedModel`` exposes to
-    the rollout and ``model.image_embeddings``."""
-
-    hf_model: torch.nn.Module
-    tokenizer: object
-    image_processor: object
-    device: torch.device
-    vision_calls: list = field(default_factory=lambda: [0])
-
-    @property
-    def config(self):
-        return self.hf_model.config
-
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.hf_model.lm_head.weight
-
-    @property
-    def eos_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-
-
-def load_plain_model(name_or_path: str, device: torch.device, *, dtype: str, min_pixels: int, max_pixels: int,
-                     attn_implementation: str = "auto") -> PlainModel:
-    """A base or merged Qwen2-VL by hub id or local path (``tiny:<dir>`` builds the offline tiny model)."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    from .model import DTYPES, TINY_PREFIX, load_tokenizer_and_processor, resolve_attention
-
-    if name_or_path.startswith(TINY_PREFIX):
-        from .tiny import build_tiny_model
-
-        name_or_path = str(build_tiny_model(name_or_path[len(TINY_PREFIX):]))
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
-        name_or_path, dtype=DTYPES[dtype], attn_implementation=resolve_attention(attn_implementation, device))
-    model.to(device).eval()
-    model.requires_grad_(False)
-    tokenizer, image_processor = load_tokenizer_and_processor(name_or_path, min_pixels, max_pixels)
-    return PlainModel(model, tokenizer, image_processor, device)
-
-
 def load_eval_model(*, checkpoint: str | None, model: str | None, device: torch.device, dtype: str | None,
                     min_pixels: int | None, max_pixels: int | None):
     """The model to evaluate and the pixel budget to use: a checkpoint's base + adapter (``model`` overrides
@@ -213,6 +166,8 @@ def load_eval_model(*, checkpoint: str | None, model: str | None, device: torch.
             raise ValueError("name a --checkpoint (base + adapter) or a --model (base or merged model)")
         dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
         min_px, max_px = min_pixels or 3136, max_pixels or 401408
+        from .model import load_plain_model
+
         return load_plain_model(model, device, dtype=dtype, min_pixels=min_px, max_pixels=max_px), min_px, max_px
     from .merge import checkpoint_configs
     from .model import load_model

@@ -124,12 +124,19 @@ def grpo_loss(
     stats: ``kl_sum`` (sum of per-sequence mean k3), ``clipped_tokens`` and ``tokens`` for the logs.
     """
     per_tok, k3, clipped = per_token_loss(logp, advantages, old_logp, ref_logp, beta, epsilon_low, epsilon_high)
-    loss = aggregate(per_tok, mask, loss_type, counts)
-    with torch.no_grad():
-        per_seq_kl = (k3 * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        stats = {
-            "kl_sum": float(per_seq_kl.sum()),
-            "clipped_tokens": float((clipped.float() * mask).sum()),
-            "tokens": float(mask.sum()),
-        }
-    return loss, stats
+    return aggregate(per_tok, mask, loss_type, counts), loss_stats(k3, clipped, mask)
+
+
+@torch.no_grad()
+def loss_stats(k3: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Sums over one micro-batch for the logs; k3, clipped, mask: [B, T].
+
+    ``kl_sum``: sum over completions of each one's mean k3; ``clipped_tokens``; ``tokens``.
+    """
+    mask = mask.float()
+    per_seq_kl = (k3 * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return {
+        "kl_sum": float(per_seq_kl.sum()),
+        "clipped_tokens": float((clipped.float() * mask).sum()),
+        "tokens": float(mask.sum()),
+    }

@@ -24,18 +24,9 @@ TINY_PREFIX = "tiny:"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-@dataclass
-class LoadedModel:
-    peft_model: torch.nn.Module  # PeftModel: the trainable policy
-    tokenizer: object
-    image_processor: object
-    device: torch.device
-    vision_calls: list  # [number of images encoded by the vision tower], shared counter
-
-    @property
-    def hf_model(self):
-        """The Qwen2VLForConditionalGeneration holding the (injected) LoRA layers."""
-        return self.peft_model.get_base_model()
+class _ModelViews:
+    """What the rollout, the evaluator and ``image_embeddings`` read off a loaded model; subclasses give
+    ``hf_model`` (a Qwen2VLForConditionalGeneration) and ``tokenizer``."""
 
     @property
     def config(self):
@@ -52,6 +43,33 @@ class LoadedModel:
     @property
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+
+@dataclass
+class LoadedModel(_ModelViews):
+    """The base model with its LoRA adapter (the policy; the reference is the adapter disabled)."""
+
+    peft_model: torch.nn.Module  # PeftModel: the trainable policy
+    tokenizer: object
+    image_processor: object
+    device: torch.device
+    vision_calls: list  # [number of images encoded by the vision tower], shared counter
+
+    @property
+    def hf_model(self):
+        """The Qwen2VLForConditionalGeneration holding the (injected) LoRA layers."""
+        return self.peft_model.get_base_model()
+
+
+@dataclass
+class PlainModel(_ModelViews):
+    """A Qwen2-VL without an adapter: a base model or a merged one (evaluation)."""
+
+    hf_model: torch.nn.Module
+    tokenizer: object
+    image_processor: object
+    device: torch.device
+    vision_calls: list  # [number of images encoded by the vision tower], shared counter
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,6 +96,41 @@ def lora_target_regex(target_modules: list[str]) -> str:
     return rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({names})"
 
 
+def resolve_model_path(name_or_path: str) -> str:
+    """A hub id or local path as given; ``tiny:<dir>`` builds the offline tiny model there first."""
+    if name_or_path.startswith(TINY_PREFIX):
+        from .tiny import build_tiny_model
+
+        return str(build_tiny_model(name_or_path[len(TINY_PREFIX):]))
+    return name_or_path
+
+
+def _count_vision_calls(hf_model) -> list:
+    """A counter of images encoded by the vision tower, kept up to date by a forward pre-hook."""
+    counter = [0]
+
+    def count_images(_module, args, kwargs_):
+        grid = kwargs_.get("grid_thw", args[1] if len(args) > 1 else None)
+        counter[0] += int(grid.shape[0]) if grid is not None else 1
+
+    hf_model.model.visual.register_forward_pre_hook(count_images, with_kwargs=True)
+    return counter
+
+
+def load_plain_model(name_or_path: str, device: torch.device, *, dtype: str, min_pixels: int, max_pixels: int,
+                     attn_implementation: str = "auto") -> PlainModel:
+    """A base or merged Qwen2-VL by hub id or local path, frozen, in eval mode."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    name_or_path = resolve_model_path(name_or_path)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        name_or_path, dtype=DTYPES[dtype], attn_implementation=resolve_attention(attn_implementation, device))
+    model.to(device).eval()
+    model.requires_grad_(False)
+    tokenizer, image_processor = load_tokenizer_and_processor(name_or_path, min_pixels, max_pixels)
+    return PlainModel(model, tokenizer, image_processor, device, _count_vision_calls(model))
+
+
 def load_tokenizer_and_processor(name_or_path: str, min_pixels: int, max_pixels: int):
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
@@ -96,10 +149,7 @@ def load_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.devic
     from peft import PeftModel, get_peft_model
     from transformers import Qwen2VLForConditionalGeneration
 
-    if model_cfg.name_or_path.startswith(TINY_PREFIX):
-        from .tiny import build_tiny_model
-
-        model_cfg.name_or_path = str(build_tiny_model(model_cfg.name_or_path[len(TINY_PREFIX):]))
+    model_cfg.name_or_path = resolve_model_path(model_cfg.name_or_path)
     dtype = DTYPES[model_cfg.dtype]
     kwargs = dict(dtype=dtype, attn_implementation=resolve_attention(model_cfg.attn_implementation, device))
     if model_cfg.quantization == "nf4":
@@ -130,14 +180,7 @@ def load_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.devic
     # peft keeps LoRA weights in fp32 over a bf16 base (autocast_adapter_dtype): AdamW on bf16 would lose small updates
     if model_cfg.gradient_checkpointing and trainable:
         peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    counter = [0]
-
-    def count_images(_module, args, kwargs_):
-        grid = kwargs_.get("grid_thw", args[1] if len(args) > 1 else None)
-        counter[0] += int(grid.shape[0]) if grid is not None else 1
-
-    peft_model.get_base_model().model.visual.register_forward_pre_hook(count_images, with_kwargs=True)
-    return LoadedModel(peft_model, tokenizer, image_processor, device, counter)
+    return LoadedModel(peft_model, tokenizer, image_processor, device, _count_vision_calls(peft_model.get_base_model()))
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -127,7 +127,8 @@ def plan(cfg: RecipeConfig, config) -> Plan:
     L = prompt_tokens(cfg, s)
     T = g.max_completion_length
     G = g.num_generations
-    rollout_rows = G * (cfg.rollout.batch_size or t.prompts_per_step) if cfg.rollout.batch_size else G
+    # hf generates one prompt's G samples per call (per-prompt seeds); the engine and vLLM decode all rows at once
+    rollout_rows = G if cfg.rollout.backend == "hf" else G * t.prompts_per_step
     kv = kv_cache_bytes_per_token(s, b) * rollout_rows * (L + T)
     decode_logits = rollout_rows * s.vocab * 4 * 2  # fp32 logits + sampling workspace of one decode step
     p.phases["rollout KV cache"] = kv / GIB
@@ -201,11 +202,9 @@ def config_for(cfg: RecipeConfig):
     """The model config without loading weights (hub id, local path, or the tiny model's)."""
     from transformers import AutoConfig
 
-    name = cfg.model.name_or_path
-    if name.startswith("tiny:"):
-        from .tiny import build_tiny_model
+    from .model import resolve_model_path
 
-        name = str(build_tiny_model(name[len("tiny:"):]))
+    name = resolve_model_path(cfg.model.name_or_path)
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True)
     except OSError:

@@ -4,6 +4,7 @@ rollout -> rewards -> advantages -> reference log-probs -> policy update -> log.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -127,6 +128,7 @@ class Trainer:
         self.skipped_records = 0
         self._interrupt: int | None = None
         self._updated = False
+        self._bad_total = 0  # skipped steps over the whole run (kept in checkpoints)
         resumed_from = None
         if resume:
             resumed_from = ckpt.resolve_resume(resume, self.out)
@@ -234,7 +236,7 @@ class Trainer:
             for j, s in enumerate(slices):
                 seqs, T = self._sequences(batch.prompts, roll, s)
                 sync = j == len(slices) - 1 or not self.dist.enabled  # all-reduce once, after the last micro-batch
-                with (_null() if sync else self.policy.no_sync()):
+                with (contextlib.nullcontext() if sync else self.policy.no_sync()):
                     hidden = self.policy(seqs, embeds)
                     loss, stats, _ = fused_grpo_loss(
                         hidden, self.lm.lm_head_weight, roll.completion_ids[s, :T].to(self.device),
@@ -302,7 +304,7 @@ class Trainer:
             "vision_forward_calls": int(vision_calls),
             "prompts": int(n_prompts),
             "skipped_step": skipped,
-            "bad_steps_total": getattr(self, "_bad_total", 0) + int(skipped),
+            "bad_steps_total": self._bad_total + int(skipped),
             "data_skipped": self.data_report.as_metrics()["data_skipped"] + self.skipped_records,
             "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None,
         }
@@ -320,7 +322,7 @@ class Trainer:
     def _logprobs(self, prompts, embeds, roll, slices, *, adapter: bool) -> torch.Tensor:
         """Per-token log-probs [B, T_max] of the sampled completions, policy (adapter on) or reference (off)."""
         out = torch.zeros(roll.completion_ids.shape, dtype=torch.float32)
-        ctx = self.lm.peft_model.disable_adapter() if not adapter else _null()
+        ctx = self.lm.peft_model.disable_adapter() if not adapter else contextlib.nullcontext()
         with ctx:
             for s in slices:
                 seqs, T = self._sequences(prompts, roll, s)
@@ -339,7 +341,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng or ckpt.rng_state(),
             "bad_steps": self.bad_steps,
-            "bad_total": getattr(self, "_bad_total", 0),
+            "bad_total": self._bad_total,
             "skipped_records": self.skipped_records,
         }
 
@@ -457,10 +459,3 @@ class Trainer:
             "model.gradient_checkpointing: true." + table
         )
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

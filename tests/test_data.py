@@ -11,7 +11,7 @@ from lowmem_vt.data import (
     generate_sat_records,
     read_sat_records,
     sat_question,
-    write_sat_parquet,
+    write_parquet,
 )
 
 
@@ -46,7 +46,7 @@ def test_generated_left_right_answer_matches_the_drawing():
 
 def test_sat_loader_reads_local_parquet_and_jsonl(tmp_path):
     recs = generate_sat_records(6, seed=1)
-    write_sat_parquet(recs, tmp_path / "SAT_train.parquet")
+    write_parquet(recs, tmp_path / "SAT_train.parquet")
     rows = read_sat_records(str(tmp_path), "SAT_train.parquet", max_samples=100)
     assert len(rows) == 6 and rows[0]["question"] == recs[0]["question"]
     ex, report = examples_from_records(rows, max_samples=4, shuffle_options=True, max_pixels=401408, seed=0)

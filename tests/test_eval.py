@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from lowmem_vt.cvbench import COLORS, draw_shape, generate_cvbench_records, load_cvbench, record_to_item, write_cvbench_parquet
+from lowmem_vt.cvbench import generate_cvbench_records, load_cvbench, record_to_item
+from lowmem_vt.data import COLORS, draw_shape, write_parquet
 from lowmem_vt.data import DataError
 from lowmem_vt.eval import Scored, choice_index, evaluate, score, summarize, to_markdown
 
@@ -20,7 +21,7 @@ def records():
 
 @pytest.fixture(scope="module")
 def parquet(records, tmp_path_factory):
-    return write_cvbench_parquet(records, tmp_path_factory.mktemp("cvbench") / "test.parquet")
+    return write_parquet(records, tmp_path_factory.mktemp("cvbench") / "test.parquet")
 
 
 def test_generated_set_has_cvbench_schema_and_known_answers(records, parquet):
@@ -79,7 +80,7 @@ def test_json_annotations_with_image_files(records, tmp_path):
 def test_missing_field_names_the_record(records, tmp_path):
     broken = [dict(r) for r in records[:5]]
     del broken[3]["prompt"]
-    write_cvbench_parquet(broken, tmp_path / "test.parquet")
+    write_parquet(broken, tmp_path / "test.parquet")
     with pytest.raises(DataError, match=r"record 3 \(idx 3\): missing field 'prompt'"):
         load_cvbench(str(tmp_path / "test.parquet"))
     bad = dict(records[1], answer="(E)")
@@ -180,7 +181,7 @@ def test_eval_command_reports_bad_data(tiny_dir, records, tmp_path, capsys):
 
     broken = [dict(r) for r in records[:2]]
     del broken[1]["choices"]
-    write_cvbench_parquet(broken, tmp_path / "bad.parquet")
+    write_parquet(broken, tmp_path / "bad.parquet")
     rc = main(["eval", "--model", str(tiny_dir), "--data", str(tmp_path / "bad.parquet"), "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "record 1 (idx 1): missing field 'choices'" in capsys.readouterr().err
