@@ -39,13 +39,13 @@ class Dist:
         return t.cpu().tolist()
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate equal-shaped tensors from every rank along dim 0, in rank order."""
+        """Concatenate small per-rank tensors along dim 0, in rank order. Lengths may differ between ranks
+        (a rank that rejected a prompt holds fewer completions), hence objects rather than all_gather."""
         if not self.enabled:
             return t
-        x = t.cuda() if dist.get_backend() == "nccl" else t
-        out = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(out, x)
-        return torch.cat([o.cpu() for o in out])
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, t.detach().cpu())
+        return torch.cat(out)
 
     def any(self, flag: bool) -> bool:
         return self.sum([float(flag)])[0] > 0

@@ -1,4 +1,5 @@
-"""Data-parallel training on CPU: 2 processes over gloo (torchrun) against one process, same global batch."""
+"""Data-parallel training on CPU over gloo: torchrun and `accelerate launch` with 2 processes against one
+process with the same global batch, and a 2-rank run resumed by 1 rank."""
 
 import json
 import os
@@ -10,31 +11,54 @@ import pytest
 import torch
 
 WORKER = Path(__file__).parent / "helpers" / "ddp_worker.py"
+ROOT = Path(__file__).parent.parent
 
 
-def _overrides(tiny_dir, out):
+def _overrides(tiny_dir, out, steps):
+    # constant lr: a run stopped early and resumed follows the same schedule as one run
     return [f"model.name_or_path={tiny_dir}", f"log.output_dir={out}", "log.progress_bar=false", "log.plot=false",
-            "train.prompts_per_step=4", "grpo.num_generations=4", "train.micro_batch_size=4", "grpo.max_completion_length=4",
-            "data.generated_samples=16", "train.max_steps=2", "log.save_steps=2", "train.learning_rate=1e-2",
-            "data.generated_tasks=[color]", "rewards.funcs=[accuracy]", "grpo.max_completion_length=1"]
+            "train.prompts_per_step=4", "grpo.num_generations=4", "train.micro_batch_size=4",
+            "data.generated_samples=16", f"train.max_steps={steps}", "log.save_steps=1", "train.learning_rate=1e-2",
+            "train.lr_scheduler=constant", "data.generated_tasks=[color]", "rewards.funcs=[accuracy]",
+            "grpo.max_completion_length=1"]
 
 
-def _run(cmd, tmp_path):
+def _run(launcher, dump, overrides, resume=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    res = subprocess.run(cmd, cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=600)
+    if resume:
+        env["LOWMEM_RESUME"] = "latest"
+    cmd = [*launcher, str(WORKER), "recipes/demo_tiny.yaml", str(dump), *overrides]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    return res
 
 
-def test_two_ranks_match_one_process(tiny_dir, tmp_path):
-    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", str(WORKER),
-          "recipes/demo_tiny.yaml", str(tmp_path / "ddp_dump"), *_overrides(tiny_dir, ddp_out)], tmp_path)
-    _run([sys.executable, str(WORKER), "recipes/demo_tiny.yaml", str(tmp_path / "single_dump"), *_overrides(tiny_dir, single_out)], tmp_path)
-    r0 = torch.load(tmp_path / "ddp_dump.rank0.pt")
-    r1 = torch.load(tmp_path / "ddp_dump.rank1.pt")
-    one = torch.load(tmp_path / "single_dump.rank0.pt")
-    assert r0["world"] == 2 and one["world"] == 1
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
+# --multi_gpu selects accelerate's torch-elastic launcher; without CUDA the trainer uses gloo
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534"]
+SINGLE = [sys.executable]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    _run(SINGLE, tmp / "dump", _overrides(tiny_dir, tmp / "out", 2))
+    one = torch.load(tmp / "dump.rank0.pt")
+    assert one["world"] == 1
+    return one, _metrics(tmp / "out")
+
+
+@pytest.mark.parametrize("launcher", [TORCHRUN, ACCELERATE], ids=["torchrun", "accelerate"])
+def test_two_ranks_match_one_process(launcher, single_run, tiny_dir, tmp_path):
+    one, one_m = single_run
+    _run(launcher, tmp_path / "dump", _overrides(tiny_dir, tmp_path / "out", 2))
+    r0 = torch.load(tmp_path / "dump.rank0.pt")
+    r1 = torch.load(tmp_path / "dump.rank1.pt")
+    assert r0["world"] == r1["world"] == 2
     moved = 0.0
     for k, v in r0["adapter"].items():
         assert torch.equal(v, r1["adapter"][k]), f"ranks differ on {k}"
@@ -42,12 +66,25 @@ def test_two_ranks_match_one_process(tiny_dir, tmp_path):
         if "lora_B" in k:
             moved += float(v.abs().sum())
     # only rank 0 logs and saves; metrics cover the global batch
-    ddp_m = [json.loads(l) for l in (ddp_out / "metrics.jsonl").read_text().splitlines()]
-    one_m = [json.loads(l) for l in (single_out / "metrics.jsonl").read_text().splitlines()]
+    ddp_m = _metrics(tmp_path / "out")
     assert [m["step"] for m in ddp_m] == [1, 2]
     for a, b in zip(ddp_m, one_m):
         assert a["prompts"] == b["prompts"] == 4
         assert a["reward"] == b["reward"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
-    assert (ddp_out / "checkpoint-2" / "COMPLETE").is_file()
+    assert (tmp_path / "out" / "checkpoint-2" / "COMPLETE").is_file()
     assert moved > 0 or all(m["reward_std"] == 0 for m in one_m)
+
+
+def test_two_rank_checkpoint_resumed_by_one_rank(single_run, tiny_dir, tmp_path):
+    """A different number of ranks re-shards the data deterministically: same prompts, same samples."""
+    one, one_m = single_run
+    _run(TORCHRUN, tmp_path / "dump", _overrides(tiny_dir, tmp_path / "out", 1))
+    _run(SINGLE, tmp_path / "dump", _overrides(tiny_dir, tmp_path / "out", 2), resume=True)
+    resumed = torch.load(tmp_path / "dump.rank0.pt")
+    assert resumed["world"] == 1
+    for k, v in resumed["adapter"].items():
+        torch.testing.assert_close(v, one["adapter"][k], rtol=1e-4, atol=1e-5, msg=k)
+    m = _metrics(tmp_path / "out")
+    assert [r["step"] for r in m] == [1, 2]
+    assert [r["reward"] for r in m] == [r["reward"] for r in one_m]
