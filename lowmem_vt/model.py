@@ -153,16 +153,17 @@ def load_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.devic
     dtype = DTYPES[model_cfg.dtype]
     kwargs = dict(dtype=dtype, attn_implementation=resolve_attention(model_cfg.attn_implementation, device))
     if model_cfg.quantization == "nf4":
-        if device.type != "cuda":
-            raise RuntimeError("model.quantization: nf4 (QLoRA) needs a CUDA GPU with bitsandbytes; use quantization: none on CPU")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
             # the vision tower and the (tied) head stay in bf16: quantizing them saves little and costs accuracy
-            llm_int8_skip_modules=["visual", "lm_head"],
+            # (transformers matches these from the start of the module name, or as a suffix: "visual" alone
+            # matched nothing in 5.x and the vision tower was quantized; a test checks its dtype)
+            llm_int8_skip_modules=["model.visual", "visual", "lm_head"],
         )
-        kwargs["device_map"] = {"": device.index or 0}
+        # bitsandbytes places the 4-bit weights itself; its CPU backend runs NF4 too (slowly: tests only)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     model = Qwen2VLForConditionalGeneration.from_pretrained(model_cfg.name_or_path, **kwargs)
     if model_cfg.quantization == "none":
         model.to(device)
@@ -180,6 +181,9 @@ def load_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.devic
     # peft keeps LoRA weights in fp32 over a bf16 base (autocast_adapter_dtype): AdamW on bf16 would lose small updates
     if model_cfg.gradient_checkpointing and trainable:
         peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # from_pretrained leaves every module in eval mode, and a decoder layer checkpoints only while
+    # `self.training`: without this, checkpointing is silently off (measured: 10x the saved activations)
+    peft_model.train(trainable)
     return LoadedModel(peft_model, tokenizer, image_processor, device, _count_vision_calls(peft_model.get_base_model()))
 
 
