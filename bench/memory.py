@@ -1,7 +1,9 @@
 """One recipe step of sat_lora.yaml's shapes on the real Qwen2-VL-2B architecture (random weights):
-peak memory and time of each phase (vision, rollout, reference pass, policy update). GPU only.
+peak memory and time of each phase (vision, rollout, reference pass, policy update, optimizer step),
+for bf16 LoRA or QLoRA, next to the planner's prediction. GPU only.
 
-    python bench/step.py [--completion 1024] [--micro-batch 8] [--backend hf|engine] [--kernels triton|torch]
+    python bench/memory.py [--quantization none|nf4] [--optimizer adamw|adamw_8bit] [--completion 1024]
+                           [--micro-batch 8] [--backend hf|engine] [--kernels triton|torch]
 
 Shapes as ../shared/ANCHORS.md: one prompt = vision_start + 256 image tokens (448x448) + vision_end + 80 text
 tokens; G = 8 completions; LoRA r 64 on q/k/v/o/gate/up/down; beta 0.04. EOS is never sampled (it is
@@ -25,9 +27,11 @@ def main() -> int:
     ap.add_argument("--backend", default="hf")
     ap.add_argument("--kernels", default="triton")
     ap.add_argument("--no-ckpt", action="store_true")
+    ap.add_argument("--quantization", default="none", choices=["none", "nf4"])
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit"])
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("skipped: bench/step.py needs a CUDA GPU")
+        print("skipped: bench/memory.py needs a CUDA GPU")
         return 0
     from PIL import Image
     from transformers import Qwen2VLForConditionalGeneration
@@ -52,8 +56,8 @@ def main() -> int:
         from pathlib import Path
 
         Path(d, "preprocessor_config.json").write_text(json.dumps(image_processor_config()))
-        lm = load_model(ModelConfig(name_or_path=d, gradient_checkpointing=not args.no_ckpt), LoraConfig(r=64, alpha=128),
-                        dev, min_pixels=3136, max_pixels=448 * 448)
+        lm = load_model(ModelConfig(name_or_path=d, gradient_checkpointing=not args.no_ckpt, quantization=args.quantization),
+                        LoraConfig(r=64, alpha=128), dev, min_pixels=3136, max_pixels=448 * 448)
     torch.cuda.synchronize()
     weights_gib = torch.cuda.memory_allocated() / 2**30
 
@@ -107,10 +111,25 @@ def main() -> int:
             loss.backward()
 
     phase(f"policy update (micro-batch {mb})", update)
-    print(f"device: {torch.cuda.get_device_name()}; weights + LoRA resident: {weights_gib:.2f} GiB")
-    print("| phase | time s | peak GiB |\n|---|---:|---:|")
+
+    from lowmem_vt.config import load_config
+    from lowmem_vt.model import trainable_parameters
+    from lowmem_vt.planner import plan
+    from lowmem_vt.trainer import make_optimizer
+
+    recipe = load_config("recipes/sat_lora.yaml", [
+        f"model.quantization={args.quantization}", f"train.optimizer={args.optimizer}", f"train.micro_batch_size={mb}",
+        f"grpo.max_completion_length={T}", f"model.gradient_checkpointing={str(not args.no_ckpt).lower()}",
+        f"kernels={args.kernels}", f"rollout.backend={args.backend}", "data.max_pixels=200704"])  # 448x448 -> 256 tokens
+    opt = make_optimizer(trainable_parameters(lm.peft_model), recipe)
+    phase(f"optimizer step ({args.optimizer})", opt.step)
+    predicted = plan(recipe, cfg)
+    print(f"device: {torch.cuda.get_device_name()}; {args}; weights + LoRA resident: {weights_gib:.2f} GiB")
+    print("| phase | time s | measured peak GiB |\n|---|---:|---:|")
     for name, t, m in rows:
         print(f"| {name} | {t:.2f} | {m:.2f} |")
+    print(f"\nplanner prediction (max over phases, includes {0.5} GiB CUDA context that max_memory_allocated does not "
+          f"count): {predicted.peak:.2f} GiB\n{predicted.table()}")
     return 0
 
 
