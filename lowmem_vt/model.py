@@ -167,6 +167,8 @@ def load_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.devic
     model = Qwen2VLForConditionalGeneration.from_pretrained(model_cfg.name_or_path, **kwargs)
     if model_cfg.quantization == "none":
         model.to(device)
+    else:
+        keep_nf4_trainable(model)
     tokenizer, image_processor = load_tokenizer_and_processor(model_cfg.name_or_path, min_pixels, max_pixels)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -185,6 +187,39 @@ def load_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.devic
     # `self.training`: without this, checkpointing is silently off (measured: 10x the saved activations)
     peft_model.train(trainable)
     return LoadedModel(peft_model, tokenizer, image_processor, device, _count_vision_calls(peft_model.get_base_model()))
+
+
+def _unpack_cpu_nf4(module, _args) -> None:
+    """Forward pre-hook: put a weight that was packed for CPU inference back in the standard NF4 layout."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    w = module.weight
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+        module.quant_state = w.quant_state
+
+
+def keep_nf4_trainable(model: torch.nn.Module) -> int:
+    """Keep every bitsandbytes ``Linear4bit`` in the layout the training path reads; returns how many.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) converts a ``Linear4bit``'s weight in place and for good to
+    a packed CPU-inference layout the first time it runs in eval mode on an input without grad (our rollout,
+    reference pass and evaluation all do). The training path cannot read that layout (it fails in
+    ``matmul_4bit``), and CPUs without the instruction never convert, so results would depend on the CPU.
+    The conversion is switched off, and a pre-hook undoes one made elsewhere before the layer runs.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            if module.weight.device.type == "cpu":  # only CPU weights are ever packed
+                module.register_forward_pre_hook(_unpack_cpu_nf4)
+            n += 1
+    return n
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -1,6 +1,8 @@
 """Gradient checkpointing really takes effect (bf16/fp32 LoRA and NF4 QLoRA), counted as the bytes autograd
 keeps for backward; and QLoRA loads and trains a step on the tiny model (bitsandbytes' CPU backend)."""
 
+import math
+
 import pytest
 import torch
 
@@ -83,3 +85,48 @@ def test_qlora_loads_and_trains_a_step(recipe_factory):
     assert all(p.dtype == torch.float32 for p in tr.params)  # LoRA weights train in fp32
     m = tr.step()
     assert m["grad_norm"] == m["grad_norm"] and not m["skipped_step"]
+
+
+@needs_nf4
+def test_qlora_trains_where_bitsandbytes_packs_nf4_for_cpu_inference(recipe_factory, monkeypatch):
+    """Issue 11. On a CPU with AVX512-BF16, bitsandbytes 0.50 converts a Linear4bit's weight in place, for good,
+    to a CPU-inference layout the first time it runs in eval mode without grad (our rollout does); the next
+    training forward then fails. Forcing the module flag makes every CPU take that path, so this test fails on
+    the old code whatever the CPU (the conversion itself is plain torch)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from lowmem_vt.checkpoint import resolve_resume
+    from lowmem_vt.trainer import Trainer
+
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)  # read by Linear4bit.__init__
+    over = {"model.quantization": "nf4", "model.dtype": "bfloat16", "train.max_steps": 3, "train.prompts_per_step": 2,
+            "grpo.num_generations": 4, "train.micro_batch_size": 8, "grpo.max_completion_length": 4,
+            "data.generated_samples": 8, "log.save_steps": 2}
+    tr = Trainer(recipe_factory(**over))
+    layers = [m for m in tr.lm.hf_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers
+    m1 = tr.step()  # rollout (eval mode, no grad), reference pass, policy update
+    assert math.isfinite(m1["grad_norm"]) and not m1["skipped_step"]
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+
+    # a conversion made elsewhere (another tool, an older load) is undone before the layer trains
+    q = layers[0]
+    ref = q.weight.data.clone()
+    q.weight.data, q.weight.quant_state = _convert_weight_packed_for_cpu(q.weight.data, q.weight.quant_state)
+    assert q.weight.quant_state.packing_format_for_cpu
+    m2 = tr.step()
+    assert math.isfinite(m2["grad_norm"]) and not m2["skipped_step"]
+    assert not q.weight.quant_state.packing_format_for_cpu and torch.equal(q.weight.data, ref)
+    adapter = {n: p.detach().clone() for n, p in tr.lm.peft_model.named_parameters() if p.requires_grad}
+
+    # a checkpoint saved while a weight is packed loads and trains on (bitsandbytes unpacks on save)
+    q.weight.data, q.weight.quant_state = _convert_weight_packed_for_cpu(q.weight.data, q.weight.quant_state)
+    path = tr.save()
+    resumed = Trainer(recipe_factory(**over), resume=str(path))
+    assert resumed.step_count == 2 and resolve_resume("latest", tr.out) == path
+    for n, p in resumed.lm.peft_model.named_parameters():
+        if n in adapter:
+            torch.testing.assert_close(p.detach(), adapter[n], rtol=0, atol=0)
+    m3 = resumed.step()
+    assert math.isfinite(m3["grad_norm"]) and not m3["skipped_step"]
