@@ -91,7 +91,7 @@ class Scored:
 
 def score(item: CVBenchItem, response: str, response_tokens: int = 0) -> Scored:
     """Score one response (the text after the prompt's ``<think>``)."""
-    i = choice_index(extract_answer(response), item.choices)
+    i = choice_index(extract_answer(response, lenient=True), item.choices)
     pred = None if i is None else f"({chr(ord('A') + i)})"
     return Scored(item.idx, item.type, item.task, item.source, item.answer, pred, pred == item.answer,
                   format_reward(response) == 1.0, response_tokens, response)

@@ -9,8 +9,15 @@ import re
 import string
 from typing import Callable, Sequence
 
+# The paper's code (VisualThinker-R1-Zero, src/open-r1-multimodal/src/open_r1/grpo.py):
+#   format:   re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", "<think>" + completion, re.DOTALL)
+#   accuracy: m = re.search(r'<answer>(.*?)</answer>', content)          # no DOTALL
+#             student_answer = m.group(1).strip() if m else content.strip(); reward = student_answer == truth
+# Without DOTALL an answer whose tags span a line break ("<answer>left\n</answer>") does not match, and the
+# whole completion is compared instead (it scores 0): `exact` keeps that. `normalized` reads across lines.
 FORMAT_PATTERN = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
-ANSWER_PATTERN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+ANSWER_PATTERN = re.compile(r"<answer>(.*?)</answer>")
+LENIENT_ANSWER_PATTERN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def format_reward(completion: str, **_) -> float:
@@ -21,9 +28,12 @@ def format_reward(completion: str, **_) -> float:
         return 0.0
 
 
-def extract_answer(completion: str) -> str:
-    """Text inside the first ``<answer>…</answer>``, or the whole completion when there is none, stripped."""
-    m = ANSWER_PATTERN.search(completion)
+def extract_answer(completion: str, lenient: bool = False) -> str:
+    """Text inside the first ``<answer>…</answer>``, or the whole completion when there is none, stripped.
+
+    The paper's rule matches within one line; ``lenient`` also matches tags that span line breaks.
+    """
+    m = (LENIENT_ANSWER_PATTERN if lenient else ANSWER_PATTERN).search(completion)
     return (m.group(1) if m else completion).strip()
 
 
@@ -43,11 +53,12 @@ def _letter(text: str) -> int | None:
 def accuracy_reward(completion: str, answer: str, choices: Sequence[str] = (), mode: str = "exact", **_) -> float:
     """1 when the extracted answer is the correct option.
 
-    exact (paper): stripped text equals the option text. normalized: also ignores case, punctuation and
-    extra spaces, and accepts the option's letter (A, (a), ...) when ``choices`` are given.
+    exact (paper, character for character): the first single-line ``<answer>…</answer>`` (else the whole
+    completion), stripped, equals the option text. normalized: also reads tags across line breaks, ignores
+    case, punctuation and extra spaces, and accepts the option's letter (A, (a), ...) when ``choices`` are given.
     """
     try:
-        pred = extract_answer(completion)
+        pred = extract_answer(completion, lenient=mode == "normalized")
         if pred == answer.strip():
             return 1.0
         if mode != "normalized":
