@@ -118,6 +118,8 @@ class LogConfig:
     keep_checkpoints: int = 3
     plot: bool = True
     progress_bar: bool = True
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)  # [] = metrics.jsonl and plots only
+    wandb_project: str = "lowmem-vt"  # the environment's WANDB_PROJECT, when set, wins
 
 
 @dataclass

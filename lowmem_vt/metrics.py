@@ -41,3 +41,49 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+SUMMARY_KEYS = [("reward", "reward"), ("format_rate", "format rate"), ("accuracy", "accuracy"),
+                ("completion_length_mean", "completion length")]
+
+
+def run_summary(out_dir: str | Path, n: int = 5) -> dict:
+    """First-``n`` vs last-``n`` step means of reward, format rate, accuracy and completion length, the first
+    and last logged sample, and where the plots are: what a user wants to see when a run ends."""
+    out = Path(out_dir)
+    rows = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+
+    def mean(part: list[dict], key: str) -> float | None:
+        vals = [r[key] for r in part if isinstance(r.get(key), (int, float))]
+        return sum(vals) / len(vals) if vals else None
+
+    first, last = rows[:n], rows[-n:]
+    samples = read_metrics(out / "samples.jsonl") if (out / "samples.jsonl").is_file() else []
+    return {
+        "steps": [rows[0]["step"], rows[-1]["step"]] if rows else [],
+        "n": n,
+        "first": {k: mean(first, k) for k, _ in SUMMARY_KEYS},
+        "last": {k: mean(last, k) for k, _ in SUMMARY_KEYS},
+        "sample_before": samples[0] if samples else None,
+        "sample_after": samples[-1] if len(samples) > 1 else None,
+        "plots": str(out / "plots") if (out / "plots").is_dir() else None,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a few lines of text."""
+    if not summary["steps"]:
+        return "no steps logged"
+    n = summary["n"]
+    lines = [f"steps {summary['steps'][0]}-{summary['steps'][1]}: mean of the first {n} -> mean of the last {n}"]
+    for key, name in SUMMARY_KEYS:
+        a, b = summary["first"][key], summary["last"][key]
+        if a is not None and b is not None:
+            lines.append(f"  {name:<18} {a:7.3f} -> {b:7.3f}")
+    for label, s in (("before", summary["sample_before"]), ("after", summary["sample_after"])):
+        if s:
+            lines.append(f"  sample {label} (step {s['step']}, answer {s['answer']!r}, reward {s['reward']:.1f}): "
+                         f"<think>{s['completion'][:200]}")
+    if summary["plots"]:
+        lines.append(f"  plots: {summary['plots']}")
+    return "\n".join(lines)

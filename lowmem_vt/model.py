@@ -18,8 +18,10 @@ from .config import LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
-# "tiny:<dir>" = the offline tiny Qwen2-VL, built into <dir> on first use (see tiny.py)
+# "tiny:<dir>" = the offline tiny Qwen2-VL, built into <dir> on first use (see tiny.py); "tiny-base:<dir>" =
+# the same after a brief pre-training that makes it write the R1-Zero format now and then (the demo's model)
 TINY_PREFIX = "tiny:"
+TINY_BASE_PREFIX = "tiny-base:"
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -97,7 +99,11 @@ def lora_target_regex(target_modules: list[str]) -> str:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """A hub id or local path as given; ``tiny:<dir>`` builds the offline tiny model there first."""
+    """A hub id or local path as given; ``tiny:<dir>`` / ``tiny-base:<dir>`` build an offline tiny model there first."""
+    if name_or_path.startswith(TINY_BASE_PREFIX):
+        from .tiny import build_tiny_base_model
+
+        return str(build_tiny_base_model(name_or_path[len(TINY_BASE_PREFIX):]))
     if name_or_path.startswith(TINY_PREFIX):
         from .tiny import build_tiny_model
 

@@ -6,6 +6,7 @@ model; and the real Qwen2-VL-2B architecture from its config (random weights) fo
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from .data import R1_ZERO_TEMPLATE, generate_sat_records, sat_question
@@ -115,6 +116,114 @@ def qwen2_vl_2b_config():
         image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
         tie_word_embeddings=True,
     )
+
+
+def build_tiny_base_model(out_dir: str | Path, seed: int = 0, steps: int = 200, format_share: float = 0.1,
+                          tasks: tuple[str, ...] = ("color",)) -> Path:
+    """The tiny model after a brief causal-LM pre-training that makes it an R1-Zero-like *base* model.
+
+    The random tiny model never writes ``</think> <answer>…</answer>``, so GRPO's rule-based rewards are
+    all 0 and nothing is learned (the demo showed reward 0.000 on every step). A real base model has read
+    such text now and then; this one reads the prompt template followed by free-form "thinking" that ends
+    in the tagged format with probability ``format_share`` and otherwise in untagged text. Its answers are
+    drawn uniformly from the question's options, never from the image: it learns *where* an answer goes
+    and which words answer a question, not how to read the picture. GRPO must then turn the format into a
+    habit and learn to answer from the image, as in the paper. ``pretraining.json`` records the corpus and
+    the final loss. Idempotent: a complete directory is reused.
+    """
+    import torch
+
+    out = Path(out_dir)
+    if (out / "pretraining.json").is_file() and (out / "config.json").is_file():
+        return out
+    raw = build_tiny_model(out.with_name(out.name + "-random"), seed=seed)
+    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from .inputs import InputBuilder, build_sequences
+
+    tok = build_tiny_tokenizer()
+    model = Qwen2VLForConditionalGeneration.from_pretrained(raw, dtype=torch.float32)
+    processor = Qwen2VLImageProcessorPil.from_pretrained(raw)
+    ib = InputBuilder(tok, processor, model.config, max_prompt_length=512, min_pixels=3136, max_pixels=3136)
+    gen = random.Random(seed + 1)
+    # 56 px: 4 image tokens; other images than the demo's data (seed), the same kinds of questions (tasks)
+    records = generate_sat_records(256, size=56, tasks=list(tasks), seed=seed + 99)
+    prompts = [ib.encode(*_record_image_question(r)) for r in records]
+    model.model.visual.requires_grad_(False)  # the vision tower stays the random one GRPO will see
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+    model.train()
+    losses, formatted = [], 0
+    torch.manual_seed(seed)
+    for step in range(steps):
+        rows = [gen.randrange(len(records)) for _ in range(32)]
+        texts = [base_completion(records[r]["answers"], gen, format_share) for r in rows]
+        formatted += sum("<answer>" in t for t in texts)
+        ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+        T = max(len(i) for i in ids)
+        comp = torch.tensor([i + [tok.pad_token_id] * (T - len(i)) for i in ids])
+        mask = torch.tensor([[1.0] * len(i) + [0.0] * (T - len(i)) for i in ids])
+        uniq = sorted(set(rows))
+        seqs = build_sequences([prompts[r] for r in uniq], [uniq.index(r) for r in rows], comp, mask, tok.pad_token_id)
+        inner = model.model
+        with torch.no_grad():
+            feats = inner.get_image_features(torch.cat([prompts[r].pixel_values for r in uniq]),
+                                             torch.cat([prompts[r].image_grid_thw for r in uniq]), return_dict=True).pooler_output
+        embeds = inner.get_input_embeddings()(seqs.input_ids)
+        embeds = embeds.masked_scatter(seqs.image_mask.unsqueeze(-1), torch.cat([feats[i] for i in seqs.prompt_rows]))
+        hidden = inner.language_model(inputs_embeds=embeds, attention_mask=seqs.attention_mask,
+                                      position_ids=seqs.position_ids, use_cache=False).last_hidden_state
+        hidden = hidden.gather(1, seqs.completion_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        nll = torch.nn.functional.cross_entropy(model.lm_head(hidden).flatten(0, 1), comp.flatten(), reduction="none")
+        loss = (nll * mask.flatten()).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "preprocessor_config.json").write_text((raw / "preprocessor_config.json").read_text())
+    (tmp / "pretraining.json").write_text(json.dumps({
+        "steps": steps, "batch": 32, "tasks": list(tasks), "format_share": format_share, "seed": seed,
+        "formatted_share_seen": formatted / (32 * steps),
+        "loss_first_10": sum(losses[:10]) / 10, "loss_last_10": sum(losses[-10:]) / 10,
+    }, indent=2))
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+# Free-form "thinking" of the tiny base model, from words its tokenizer knows.
+THOUGHTS = [
+    "let me solve this step by step", "the user asks a question about the image", "wait, let me verify",
+    "however, I re-check the image", "the object is in the image", "I re-check the image", "let me verify the image",
+    "the answer is in the image",
+]
+
+
+def base_completion(options: list[str], rng: random.Random, format_share: float) -> str:
+    """One pre-training completion (the text after the prompt's ``<think>``): thoughts, then an answer drawn
+    at random from ``options``, tagged ``</think> <answer>…</answer>`` with probability ``format_share``."""
+    thought = rng.choice(THOUGHTS)
+    answer = rng.choice(options)
+    if rng.random() < format_share:
+        return f"{thought} </think> <answer> {answer} </answer>"
+    return rng.choice([
+        f"{thought} . The answer is {answer} .",
+        f"{thought} </think> The answer is {answer} .",
+        f"{thought} , {answer} .",
+        f"{thought} . {answer} or {rng.choice(options)} ?",
+    ])
+
+
+def _record_image_question(record: dict):
+    from .data import decode_image
+
+    return decode_image(record["image_bytes"][0]), sat_question(record["question"], record["answers"])
 
 
 def image_processor_config(min_pixels: int = 3136, max_pixels: int = 401408) -> dict:

@@ -24,8 +24,9 @@ from .distributed import init_from_env, wrap_policy
 from .grpo import LossCounts, group_advantages
 from .inputs import InputBuilder, PromptInputs, build_sequences
 from .kernels import fused_grpo_loss, resolve_backend, token_logprobs
-from .metrics import MetricsWriter
+from .metrics import MetricsWriter, format_summary, run_summary
 from .model import LoadedModel, image_embeddings, load_model, resolve_device, sequence_hidden, trainable_parameters
+from .reporting import Reporters, check_reporters
 from .rewards import compute_rewards, reflection_rate
 from .rollout import SamplingParams, make_rollout
 
@@ -84,6 +85,7 @@ class Trainer:
     def __init__(self, cfg: RecipeConfig, *, resume: str | None = None, lm: LoadedModel | None = None):
         self.cfg = cfg
         self.out = Path(cfg.log.output_dir)
+        check_reporters(cfg.log.report_to)  # a missing TensorBoard / W&B is reported before minutes of loading
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
         self.dist = init_from_env(self.device.type)
@@ -136,9 +138,13 @@ class Trainer:
         self.samples_path = self.out / "samples.jsonl"
         self.recipe_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
         self.metrics = None
+        self.reporters = None
         if self.dist.is_main:  # one writer: rank 0 logs and saves
             self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.step_count if resume else None)
             (self.out / "recipe.yaml").write_text(self.recipe_text)
+            if cfg.log.report_to:
+                self.reporters = Reporters(cfg.log.report_to, self.out, resume_step=self.step_count if resume else None,
+                                           config=to_dict(cfg), project=cfg.log.wandb_project)
         if resumed_from:
             log.info("resumed from %s at step %d", resumed_from, self.step_count)
 
@@ -406,10 +412,13 @@ class Trainer:
                     raise RuntimeError(self._oom_message()) from exc
                 if self.metrics is not None:
                     self.metrics.write(m)
+                if self.reporters is not None:
+                    self.reporters.log(m)
                 last = m
                 bar.update(1)
                 bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.4f}", len=f"{m['completion_length_mean']:.0f}")
-                if self.cfg.log.sample_every and self.step_count % self.cfg.log.sample_every == 0 and self.dist.is_main:
+                every = self.cfg.log.sample_every
+                if every and (self.step_count % every == 0 or self.step_count == 1) and self.dist.is_main:
                     self._log_sample(bar)
                 if self.bad_steps >= self.cfg.train.max_bad_steps:
                     raise TrainingStopped(
@@ -427,12 +436,16 @@ class Trainer:
             bar.close()
             if self.metrics is not None:
                 self.metrics.close()
+            if self.reporters is not None:
+                self.reporters.close()
             for s, h in old.items():
                 signal.signal(s, h)
         if self.cfg.log.plot and self.step_count == self.total_steps and self.dist.is_main:
             from .plot import plot_metrics
 
             plot_metrics(self.out / "metrics.jsonl", self.out / "plots")
+        if self.step_count == self.total_steps and self.dist.is_main:
+            print(format_summary(run_summary(self.out)), flush=True)
         return last
 
     def _log_sample(self, bar) -> None:
@@ -442,6 +455,8 @@ class Trainer:
         rec = {"step": self.step_count, "answer": answers[0], "reward": rewards[0], "completion": texts[0]}
         with open(self.samples_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        if self.reporters is not None:
+            self.reporters.sample(rec)
         bar.write(f"[step {self.step_count}] reward {rewards[0]:.1f} answer={answers[0]!r}: <think>{texts[0][:300]!r}")
 
     def _oom_message(self) -> str:

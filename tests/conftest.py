@@ -39,10 +39,13 @@ def tiny_lm(tiny_dir):
 
 
 def tiny_recipe(tiny_dir, out_dir, **over):
-    """The demo recipe pointed at the session's tiny model and a temporary output folder."""
+    """The demo recipe pointed at the session's (random) tiny model and a temporary output folder, at the small
+    sizes the tests were written for (the demo itself runs larger: tests/test_demo.py)."""
     from lowmem_vt.config import load_config
 
-    base = [f"model.name_or_path={tiny_dir}", f"log.output_dir={out_dir}", "log.progress_bar=false", "log.plot=false"]
+    base = [f"model.name_or_path={tiny_dir}", f"log.output_dir={out_dir}", "log.progress_bar=false", "log.plot=false",
+            "data.generated_samples=64", "data.generated_tasks=[left_right]", "grpo.max_completion_length=8",
+            "train.prompts_per_step=4", "train.micro_batch_size=16", "train.learning_rate=1e-2", "train.lr_scheduler=linear"]
     return load_config("recipes/demo_tiny.yaml", base + [f"{k}={v}" for k, v in over.items()])
 
 

@@ -1,0 +1,107 @@
+"""Per-step metrics and sample completions to TensorBoard and Weights & Biases (``log.report_to``).
+
+``metrics.jsonl`` stays the record of a run; these are views for people who watch runs in those tools.
+Both are optional dependencies, imported only when a recipe asks for them; a missing one is reported before
+the model loads. TensorBoard event files go to ``<output_dir>/tensorboard``; a resumed run drops the events
+of the steps it replays (``purge_step``). W&B follows its own settings (``WANDB_MODE=offline``,
+``WANDB_PROJECT``, ``WANDB_DIR``...) and resumes the same W&B run, whose id is kept in ``<output_dir>/wandb_run_id``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import uuid
+from pathlib import Path
+
+from .config import ConfigError
+
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # name in report_to -> module it needs
+
+
+class ReporterUnavailable(ConfigError):
+    """A ``log.report_to`` entry whose package is not installed."""
+
+
+def check_reporters(report_to: list[str]) -> None:
+    """Raise ReporterUnavailable, with the install command, for a requested tool that is not installed."""
+    for name in report_to:
+        if importlib.util.find_spec(REPORTERS[name]) is None:
+            raise ReporterUnavailable(
+                f"log.report_to asks for {name} but the package is not installed: pip install {REPORTERS[name]} "
+                f"(or remove {name!r} from log.report_to)"
+            )
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    """The numeric, finite entries of a step's metrics (bools as 0/1)."""
+    out = {}
+    for k, v in metrics.items():
+        if k == "step" or v is None or isinstance(v, str):
+            continue
+        v = float(v)
+        if math.isfinite(v):
+            out[k] = v
+    return out
+
+
+class Reporters:
+    """Opened once per run on the main rank; ``log`` every step, ``sample`` for logged completions."""
+
+    def __init__(self, report_to: list[str], output_dir: str | Path, *, resume_step: int | None, config: dict,
+                 project: str = "lowmem-vt"):
+        check_reporters(report_to)
+        self.out = Path(output_dir)
+        self._tb = None
+        self._wandb = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: events at or after it, left by the interrupted run, are dropped (they are replayed)
+            self._tb = SummaryWriter(str(self.out / "tensorboard"),
+                                     purge_step=None if resume_step is None else resume_step + 1)
+        if "wandb" in report_to:
+            import wandb
+
+            id_file = self.out / "wandb_run_id"
+            run_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else uuid.uuid4().hex[:8]
+            self.out.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id)
+            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", project), id=run_id, resume="allow", config=config, dir=str(self.out),
+                                     name=self.out.name)
+            self._samples = []
+
+    def log(self, metrics: dict) -> None:
+        step = int(metrics["step"])
+        values = _scalars(metrics)
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(values, step=step)
+
+    def sample(self, record: dict) -> None:
+        """One completion: ``{"step", "answer", "reward", "completion"}``."""
+        step = int(record["step"])
+        if self._tb is not None:
+            text = (f"**step {step}**, answer `{record['answer']}`, reward {record['reward']:.2f}\n\n"
+                    f"    <think>{record['completion']}")
+            self._tb.add_text("samples", text, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            import wandb
+
+            self._samples.append([step, record["answer"], float(record["reward"]), record["completion"]])
+            # a new table each time: W&B tables are immutable once logged
+            table = wandb.Table(columns=["step", "answer", "reward", "completion"], data=list(self._samples))
+            self._wandb.log({"samples": table}, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
