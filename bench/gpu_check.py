@@ -10,10 +10,12 @@ Stages, in order of value (budget in seconds on an H100; each runs as its own pr
 |---|---|---:|
 | cuda_tests | `pytest -m gpu tests`: the tests that need CUDA (kernels in bf16, NF4, planner refusal, engine) | 90 |
 | loss_head | `bench/loss_head.py`: our loss head vs plain torch vs Liger | 45 |
-| rollout | `bench/rollout.py`: engine vs HF generate | 90 |
-| step_lora | `bench/memory.py --recipe recipes/sat_lora.yaml --steps 3`: whole step, time and peak per phase | 65 |
+| rollout | `bench/rollout.py --skip-hf --skip-compile`: the engine, 8 x 1024 tokens | 90 |
+| step_lora | `bench/memory.py --recipe recipes/sat_lora.yaml --steps 3 --backend engine`: whole step, time and peak per phase beside the planner | 65 |
 | step_qlora | the same for `recipes/sat_qlora.yaml` (NF4 + paged 8-bit AdamW) | 65 |
-| vs_trl | `bench/vs_trl.py`: TRL's GRPOTrainer at the same shapes | 100 |
+| vs_trl | `bench/vs_trl.py --completion 128`: our Trainer.step() and TRL's GRPOTrainer at the same shapes | 100 |
+
+The arguments each stage passes live in ``STAGES`` below: one place to change when a bench script changes.
 
 The whole run stays within ``--budget`` (480 s = 8 min, install included): a stage gets the smaller of its own
 budget and what is left, and is not started with less than 15 s left.
@@ -69,7 +71,6 @@ class Stage:
     budget_s: float
     script: str | None  # bench script; None for the pytest stage
     args: list[str] = field(default_factory=list)
-    result: str = ""  # basename of the JSON/MD the script writes (default: the script's name)
 
     def command(self, out: Path, smoke: bool) -> list[str]:
         if self.script is None:  # pytest -m gpu, its own junit report turned into cuda_tests.json by the harness
@@ -79,18 +80,23 @@ class Stage:
 
     @property
     def result_name(self) -> str:
-        return self.result or (Path(self.script).stem if self.script else self.name)
+        """The script writes DIR/<this>.json and .md (bench/report.py): its own name, or cuda_tests."""
+        return Path(self.script).stem if self.script else self.name
 
 
 STAGES = [
     Stage("cuda_tests", "CUDA tests (pytest -m gpu)", 90, None),
     Stage("loss_head", "Loss head: ours vs torch vs Liger", 45, "bench/loss_head.py"),
-    Stage("rollout", "Rollout: engine vs HF generate", 90, "bench/rollout.py"),
+    # HF generate at 8 x 1024 takes ~85 s and torch.compile 1-2 min: neither fits this stage's budget
+    Stage("rollout", "Rollout: the engine, 8 x 1024 tokens", 90, "bench/rollout.py", ["--skip-hf", "--skip-compile"]),
+    # the anchors' shapes (1 prompt x 8 x 1024, micro-batch 8); the engine: HF would take ~85 s a rollout
     Stage("step_lora", "Whole step, sat_lora (bf16 LoRA), 3 steps", 65, "bench/memory.py",
-          ["--recipe", "recipes/sat_lora.yaml", "--steps", "3"]),
+          ["--recipe", "recipes/sat_lora.yaml", "--steps", "3", "--backend", "engine"]),
     Stage("step_qlora", "Whole step, sat_qlora (NF4 QLoRA), 3 steps", 65, "bench/memory.py",
-          ["--recipe", "recipes/sat_qlora.yaml", "--steps", "3"]),
-    Stage("vs_trl", "TRL GRPOTrainer at the same shapes", 100, "bench/vs_trl.py"),
+          ["--recipe", "recipes/sat_qlora.yaml", "--steps", "3", "--backend", "engine"]),
+    # TRL's first step at 1024 tokens took 134 s on the H100 (the second 70.5 s): 128 tokens, both sides
+    Stage("vs_trl", "TRL GRPOTrainer at the same shapes (128 tokens)", 100, "bench/vs_trl.py",
+          ["--completion", "128", "--steps", "2"]),
 ]
 
 ENV_PROBE = r"""
@@ -157,7 +163,7 @@ class Check:
                     ["GPU memory GiB", env.get("gpu_memory_gib")], ["driver", env.get("driver")],
                     ["python", env.get("python")], ["torch CUDA", env.get("torch_cuda")], ["git", env.get("git")]]
             rows += [[k, v if v else "not installed"] for k, v in pk.items()]
-            lines += [report.table(["", ""], rows), ""]
+            lines += [report.table(["environment", ""], rows), ""]
         if d["install"]:
             lines += [report.table(["install step", "status", "s"],
                                    [[s["what"], s["status"], s["seconds"]] for s in d["install"]]), ""]

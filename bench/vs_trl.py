@@ -30,6 +30,7 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -158,13 +159,13 @@ def trl_dataset(args: argparse.Namespace):
     return Dataset.from_list(rows)
 
 
-def trl_steps(args: argparse.Namespace, model_dir: Path, tmp: Path) -> list[dict]:
+def trl_steps(args: argparse.Namespace, model_dir: Path, tmp: Path, steps: list[dict], on_step) -> list[dict]:
+    """TRL's steps, appended to ``steps`` as they end (``on_step`` saves them: a run cut off keeps them)."""
     from peft import LoraConfig
     from transformers import Qwen2VLForConditionalGeneration, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     cuda = not args.smoke
-    steps: list[dict] = []
 
     class Meter(TrainerCallback):
         def on_step_begin(self, _args, state, control, **kw):
@@ -179,10 +180,12 @@ def trl_steps(args: argparse.Namespace, model_dir: Path, tmp: Path) -> list[dict
             steps.append({"step": state.global_step, "s": round(time.perf_counter() - self.t, 3),
                           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
             print(f"trl step {state.global_step}: {json.dumps(steps[-1])}", flush=True)
+            on_step()
 
         def on_log(self, _args, state, control, logs=None, **kw):
             if steps and logs and "completions/mean_length" in logs:
                 steps[-1]["completion_tokens_mean"] = float(logs["completions/mean_length"])  # TRL logs strings
+                on_step()
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
                                                             attn_implementation="sdpa", device_map="cuda" if cuda else "cpu")
@@ -247,7 +250,11 @@ def main(argv=None) -> int:
         if "ours" in args.skip:
             res["ours"] = {"skipped": "--skip ours"}
         else:
-            res["ours"] = ours(args, model_dir, tmp)
+            try:
+                res["ours"] = ours(args, model_dir, tmp)
+            except Exception as exc:  # noqa: BLE001 - recorded; TRL's side still runs, and the script then fails
+                res["ours"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                traceback.print_exc()
         save()
         gc.collect()
         if not args.smoke:
@@ -258,12 +265,13 @@ def main(argv=None) -> int:
             res["trl"] = {"skipped": why}
             res["skipped"] = f"TRL side: {why}"  # the comparison did not happen; our side's figures are kept above
         else:
-            res["trl"] = trl_steps(args, model_dir, tmp)
+            res["trl"] = []
+            trl_steps(args, model_dir, tmp, res["trl"], save)
             if isinstance(res["ours"], list) and res["ours"] and res["trl"]:
                 res["speedup"] = res["trl"][-1]["s"] / res["ours"][-1]["s"]
         save()
     print(markdown(res))
-    return 0
+    return 1 if "error" in res["ours"] else 0
 
 
 if __name__ == "__main__":
