@@ -139,8 +139,11 @@ class Check:
         self.data: dict = {"smoke": smoke, "budget_s": budget, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                            "install": None, "env": None, "stages": []}
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        # TRITON_INTERPRET set either way: tests/test_kernels.py sets it to 1 at import unless set, and pytest imports
+        # every test module, so on a GPU it would turn later @triton.jit kernels into interpreted ones
+        self.env["TRITON_INTERPRET"] = "1" if smoke else "0"
         if smoke:
-            self.env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+            self.env["CUDA_VISIBLE_DEVICES"] = ""
         self.work = Path(tempfile.mkdtemp(prefix="gpu_check_"))  # stage folders: only the merged files go to --out
 
     def left(self) -> float:
