@@ -49,7 +49,6 @@ import sys
 import tempfile
 import threading
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,9 +72,8 @@ class Stage:
     args: list[str] = field(default_factory=list)
 
     def command(self, out: Path, smoke: bool) -> list[str]:
-        if self.script is None:  # pytest -m gpu, its own junit report turned into cuda_tests.json by the harness
-            return [PY, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider", "tests",
-                    f"--junitxml={out / 'junit.xml'}"]
+        if self.script is None:  # pytest -m gpu; bench/pytest_results.py logs each test, tests_report() sums up
+            return [PY, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider", "-p", "pytest_results", "tests"]
         return [PY, str(ROOT / self.script), "--out", str(out), *self.args, *(["--smoke"] if smoke else [])]
 
     @property
@@ -145,6 +143,8 @@ class Check:
         if smoke:
             self.env["CUDA_VISIBLE_DEVICES"] = ""
         self.work = Path(tempfile.mkdtemp(prefix="gpu_check_"))  # stage folders: only the merged files go to --out
+        # bench/ on the path of every stage: the pytest stage loads bench/pytest_results.py as a plugin
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "bench"), self.env.get("PYTHONPATH")]))
 
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.t0)
@@ -270,11 +270,12 @@ class Check:
         self.log(f"\n=== {stage.name}: {stage.title} ({budget:.0f} s)")
         rec.update(status="running")
         t = time.monotonic()
+        self.env["GPU_CHECK_TESTS_JSONL"] = str(d / "tests.jsonl")
 
         def collect() -> None:
             rec["seconds"] = round(time.monotonic() - t, 1)
             if stage.script is None:
-                junit_report(d)
+                tests_report(d)
             res, md = d / f"{stage.result_name}.json", d / f"{stage.result_name}.md"
             if res.is_file():
                 try:
@@ -318,26 +319,26 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def junit_report(d: Path) -> None:
-    """pytest's junit XML -> cuda_tests.json / .md: every test with its outcome, seconds and message."""
-    xml = d / "junit.xml"
-    if not xml.is_file():
+def tests_report(d: Path) -> None:
+    """bench/pytest_results.py's lines -> cuda_tests.json / .md: each test's outcome, seconds and message; a
+    test that started and has no outcome was running when the stage stopped."""
+    log = d / "tests.jsonl"
+    if not log.is_file():
         return
-    tests, counts = [], {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
-    for case in ET.parse(xml).getroot().iter("testcase"):
-        outcome, message = "passed", ""
-        for tag in ("failure", "error", "skipped"):
-            el = case.find(tag)
-            if el is not None:
-                outcome = "failed" if tag == "failure" else tag
-                text = (el.get("message") or el.text or "").strip()
-                message = text.splitlines()[0][:300] if text else ""
-        counts[outcome] += 1
-        tests.append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
-                      "seconds": round(float(case.get("time") or 0), 2), "message": message})
-    md = report.table(["test", "outcome", "s", "message"], [[t["test"], t["outcome"], t["seconds"], t["message"]] for t in tests])
+    tests: dict[str, dict] = {}
+    for line in log.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["outcome"] == "started":
+            tests.setdefault(rec["test"], {"test": rec["test"], "outcome": "running", "seconds": None, "message": ""})
+        else:
+            tests[rec["test"]] = rec
+    counts = {k: 0 for k in ("passed", "failed", "error", "skipped", "running")}
+    for rec in tests.values():
+        counts[rec["outcome"]] += 1
+    rows = [[r["test"], r["outcome"], r["seconds"], r["message"]] for r in tests.values()]
     summary = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
-    report.write(d, "cuda_tests", {"counts": counts, "tests": tests}, f"{summary}\n\n{md}")
+    report.write(d, "cuda_tests", {"counts": counts, "tests": list(tests.values())},
+                 f"{summary}\n\n{report.table(['test', 'outcome', 's', 'message'], rows)}")
 
 
 def carry_size_mib(wheels: Path) -> float:
