@@ -251,8 +251,9 @@ class Check:
         if shutil.which("nvidia-smi") and not self.smoke:
             q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
             env["driver"] = q.stdout.strip() or None
-        git = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True)
-        env["git"] = git.stdout.strip() or None
+        if shutil.which("git"):  # the device machine gets a copy of the tree, perhaps without .git
+            git = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True)
+            env["git"] = git.stdout.strip() or None
         self.data["env"] = env
         self.save()
 
