@@ -11,14 +11,15 @@ Stages, in order of value (budget in seconds on an H100; each runs as its own pr
 | cuda_tests | `pytest -m gpu tests`: the tests that need CUDA (kernels in bf16, NF4, planner refusal, engine) | 90 |
 | loss_head | `bench/loss_head.py`: our loss head vs plain torch vs Liger | 45 |
 | rollout | `bench/rollout.py --skip-hf --skip-compile`: the engine, 8 x 1024 tokens | 90 |
-| step_lora | `bench/memory.py --recipe recipes/sat_lora.yaml --steps 3 --backend engine`: whole step, time and peak per phase beside the planner | 65 |
-| step_qlora | the same for `recipes/sat_qlora.yaml` (NF4 + paged 8-bit AdamW) | 65 |
-| vs_trl | `bench/vs_trl.py --completion 128`: our Trainer.step() and TRL's GRPOTrainer at the same shapes | 100 |
+| step_lora | `bench/memory.py --recipe recipes/sat_lora.yaml --steps 3 --backend engine`: whole step, time and peak per phase beside the planner | 80 |
+| step_qlora | the same for `recipes/sat_qlora.yaml` (NF4 + paged 8-bit AdamW) | 80 |
+| vs_trl | `bench/vs_trl.py --completion 128`: our Trainer.step() and TRL's GRPOTrainer at the same shapes | 150 |
 
 The arguments each stage passes live in ``STAGES`` below: one place to change when a bench script changes.
 
 The whole run stays within ``--budget`` (480 s = 8 min, install included): a stage gets the smaller of its own
-budget and what is left, and is not started with less than 15 s left.
+budget and what is left, and is not started with less than 15 s left. The budgets add up to more than that on
+purpose: stages that finish early leave their time to the later ones, and when none does, the last are cut.
 
 Output folder (``--out``; default ``$OUT`` where set, as on the device machine, else ``out/gpu_check``):
 ``gpu_check.json`` (environment, then every stage: status, reason, seconds, the stage's own JSON),
@@ -88,12 +89,12 @@ STAGES = [
     # HF generate at 8 x 1024 takes ~85 s and torch.compile 1-2 min: neither fits this stage's budget
     Stage("rollout", "Rollout: the engine, 8 x 1024 tokens", 90, "bench/rollout.py", ["--skip-hf", "--skip-compile"]),
     # the anchors' shapes (1 prompt x 8 x 1024, micro-batch 8); the engine: HF would take ~85 s a rollout
-    Stage("step_lora", "Whole step, sat_lora (bf16 LoRA), 3 steps", 65, "bench/memory.py",
+    Stage("step_lora", "Whole step, sat_lora (bf16 LoRA), 3 steps", 80, "bench/memory.py",
           ["--recipe", "recipes/sat_lora.yaml", "--steps", "3", "--backend", "engine"]),
-    Stage("step_qlora", "Whole step, sat_qlora (NF4 QLoRA), 3 steps", 65, "bench/memory.py",
+    Stage("step_qlora", "Whole step, sat_qlora (NF4 QLoRA), 3 steps", 80, "bench/memory.py",
           ["--recipe", "recipes/sat_qlora.yaml", "--steps", "3", "--backend", "engine"]),
     # TRL's first step at 1024 tokens took 134 s on the H100 (the second 70.5 s): 128 tokens, both sides
-    Stage("vs_trl", "TRL GRPOTrainer at the same shapes (128 tokens)", 100, "bench/vs_trl.py",
+    Stage("vs_trl", "TRL GRPOTrainer at the same shapes (128 tokens)", 150, "bench/vs_trl.py",
           ["--completion", "128", "--steps", "2"]),
 ]
 

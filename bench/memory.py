@@ -65,8 +65,8 @@ def main() -> int:
     side, n_text = (448, 80) if cuda else (56, 8)
     if args.smoke:
         args.completion, args.kernels = min(args.completion, 4), "torch"
-        # bitsandbytes' CPU paths depend on the CPU's features (NF4 repacks for AVX512-BF16 after an eval-mode
-        # forward, then fails in training) and paged state needs CUDA: the smoke keeps the code path, not NF4
+        # bitsandbytes' NF4 on CPU is slow and its path depends on the CPU's features, and paged optimizer state
+        # needs CUDA: the smoke keeps this script's code path, not NF4 (tests/test_memory.py covers NF4 on CPU)
         args.quantization, args.optimizer = "none", "adamw"
     dev = torch.device("cuda" if cuda else "cpu")
     with tempfile.TemporaryDirectory() as d:
