@@ -30,3 +30,21 @@ test-other-cpu: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out artifacts
+
+# make gpu-wheels (here, with PyPI): the packages the GPU machine lacks, as Python 3.12 manylinux wheels in
+#   wheels/ (git-ignored; the device tool carries it), then checks that tree + wheels fit what it moves.
+# make gpu-check (on the GPU machine): install them and the project without touching its torch, then every
+#   stage of bench/gpu_check.py; results in $OUT (the device tool's) or out/gpu_check.
+GPU_WHEELS := bitsandbytes==0.50.2 trl==1.16.0 liger-kernel==0.8.5 datasets==4.8.5 dill==0.4.1 multiprocess==0.70.19
+WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64,--platform $(p))
+
+gpu-wheels:
+	mkdir -p wheels
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(WHEEL_PLATFORMS) -d wheels $(GPU_WHEELS)
+	$(PY) bench/gpu_check.py --carry-size
+
+gpu-check:
+	$(PY) bench/gpu_check.py --install
+
+.PHONY: gpu-wheels gpu-check

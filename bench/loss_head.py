@@ -2,6 +2,7 @@
 
     python bench/loss_head.py                      # B=8, T=1024, H=1536, V=151,936, bf16
     python bench/loss_head.py --bwd-block-v 256    # try other tiles
+    python bench/loss_head.py --out DIR [--smoke]  # also write DIR/loss_head.json + .md; --smoke: tiny, CPU
 
 Compares (a) naive PyTorch with the full fp32 logits, (b) the chunked PyTorch reference (backend "torch"),
 (c) Liger-Kernel's LigerFusedLinearGRPOLoss when liger_kernel imports, (d) ours (backend "triton").
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import statistics
 import sys
 import time
@@ -24,6 +26,8 @@ import torch
 
 from lowmem_vt.grpo import LossCounts, grpo_loss
 from lowmem_vt.kernels import Tiles, chunked_logprobs_reference, fused_grpo_loss
+
+import report
 
 EPSILON_LOW, EPSILON_HIGH, BETA = 0.2, 0.28, 0.04
 
@@ -49,7 +53,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-warps", type=int, default=8)
     p.add_argument("--num-stages", type=int, default=3)
     p.add_argument("--skip", nargs="*", default=[], choices=["naive", "torch", "liger", "ours"], help="methods to leave out")
-    return p.parse_args()
+    p.add_argument("--out", default=None, help="write loss_head.json / loss_head.md here")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, fp32 (ours under TRITON_INTERPRET=1)")
+    args = p.parse_args()
+    if args.smoke:  # Liger compiles with torch.compile: minutes on CPU, so it is left to the GPU run
+        args.batch, args.seq, args.hidden, args.vocab, args.dtype, args.chunk = 2, 16, 32, 100, "float32", 8
+        args.repeats, args.warmup, args.skip = 2, 1, [*args.skip, "liger"]
+        args.block_n = args.block_v = args.bwd_block_n = args.bwd_block_v = 32
+        args.block_h = 16
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            args.skip.append("ours")
+    return args
 
 
 def make_inputs(args: argparse.Namespace, device: torch.device) -> dict:
@@ -138,15 +152,20 @@ def measure(loss_fn: Callable, x: dict, args: argparse.Namespace) -> tuple[float
         loss.backward()
         return loss.detach(), hidden.grad
 
+    cuda = x["hidden"].is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(args.warmup):
         step()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        sync()
         times.append((time.perf_counter() - start) * 1e3)
+    if not cuda:
+        loss, grad = step()
+        return statistics.median(times), float("nan"), loss, grad
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -159,15 +178,21 @@ def measure(loss_fn: Callable, x: dict, args: argparse.Namespace) -> tuple[float
 
 def main() -> int:
     args = parse_args()
-    if not torch.cuda.is_available():
-        print("bench/loss_head.py needs a CUDA GPU; skipped (no CUDA device here).")
-        return 0
-    device = torch.device("cuda")
+    if not args.smoke and not torch.cuda.is_available():
+        return report.skip(args.out, "loss_head", "bench/loss_head.py needs a CUDA GPU (--smoke runs it on CPU)")
+    device = torch.device("cpu" if args.smoke else "cuda")
     x = make_inputs(args, device)
     N = args.batch * args.seq
     tflop = 3 * 2 * N * args.vocab * args.hidden / 1e12  # logits forward, recomputed logits, dh
-    print(f"N={N} (B={args.batch}, T={args.seq}), H={args.hidden}, V={args.vocab}, {args.dtype}, loss_type={args.loss_type}, "
-          f"{torch.cuda.get_device_name(device)}; {tflop:.1f} TFLOP of matmul in fwd+bwd with recomputation")
+    head = (f"N={N} (B={args.batch}, T={args.seq}), H={args.hidden}, V={args.vocab}, {args.dtype}, loss_type={args.loss_type}, "
+            f"{'cpu (smoke)' if args.smoke else torch.cuda.get_device_name(device)}; {tflop:.1f} TFLOP of matmul in fwd+bwd "
+            "with recomputation")
+    print(head)
+    results: list[dict] = []
+    header = "| method | fwd+bwd ms (median) | extra peak MiB | rel. error vs first row |\n|---|---:|---:|---|"
+
+    def save() -> None:
+        report.write(args.out, "loss_head", {"shapes": vars(args), "methods": results}, "\n".join([head, "", header, *rows]))
 
     liger_fn, liger_note = liger_loss_fn(args)
     methods: list[tuple[str, str, Callable | None, str]] = [
@@ -181,19 +206,26 @@ def main() -> int:
     reference: tuple[torch.Tensor, torch.Tensor] | None = None
     for key, name, fn, why_not in methods:
         if key in args.skip:
-            rows.append(f"| {name} | skipped (--skip) | | |")
+            rows.append(f"| {name} | skipped (--skip{' or --smoke' if args.smoke else ''}) | | |")
+            results.append({"method": key, "status": "skipped"})
             continue
         if fn is None:
             rows.append(f"| {name} | skipped: {why_not} | | |")
+            results.append({"method": key, "status": "skipped", "reason": why_not})
+            save()
             continue
         try:
             ms, mib, loss, grad = measure(fn, x, args)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             rows.append(f"| {name} | out of memory | | |")
+            results.append({"method": key, "status": "out of memory"})
+            save()
             continue
         except Exception as exc:  # a third-party API mismatch should not hide the other rows
             rows.append(f"| {name} | failed: {type(exc).__name__}: {str(exc)[:120]} | | |")
+            results.append({"method": key, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300]})
+            save()
             continue
         if reference is None:
             reference = (loss, grad)
@@ -203,11 +235,13 @@ def main() -> int:
             grad_err = float((grad.float() - reference[1].float()).abs().max() / reference[1].float().abs().max())
             agreement = f"loss {loss_err:.1e}, dh {grad_err:.1e}"
         rows.append(f"| {name} | {ms:.2f} | {mib:,.0f} | {agreement} |")
+        results.append({"method": key, "status": "ok", "ms": ms, "extra_mib": None if mib != mib else mib, "agreement": agreement})
+        save()
         print(rows[-1], flush=True)
 
+    save()
     print()
-    print("| method | fwd+bwd ms (median) | extra peak MiB | rel. error vs first row |")
-    print("|---|---:|---:|---|")
+    print(header)
     for row in rows:
         print(row)
     return 0

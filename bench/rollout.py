@@ -2,6 +2,7 @@
 
     python bench/rollout.py                  # 8 completions x 1024 tokens, ~2 min of which HF is ~1.5
     python bench/rollout.py --skip-hf        # the engine's numbers only
+    python bench/rollout.py --out DIR [--smoke]   # also rollout.json / rollout.md; --smoke: tiny model, CPU
 
 Model: the real Qwen2-VL-2B architecture (lowmem_vt.tiny.qwen2_vl_2b_config) with random weights in bf16 and
 a LoRA adapter of r 64 on every language-model linear (B non-zero, so the adapter changes the output), as
@@ -29,12 +30,14 @@ import types
 
 import torch
 
+import report
+
 from lowmem_vt.inputs import PromptInputs, build_sequences, mrope_positions
 from lowmem_vt.model import LoadedModel, image_embeddings, lora_target_regex, sequence_hidden
 from lowmem_vt.rollout import SamplingParams
 from lowmem_vt.rollout.engine import EngineRollout
 from lowmem_vt.rollout.hf import HFRollout
-from lowmem_vt.tiny import qwen2_vl_2b_config
+from lowmem_vt.tiny import build_tiny_tokenizer, qwen2_vl_2b_config, tiny_config
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -49,18 +52,27 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--step-repeats", type=int, default=200, help="decode steps timed per method in part 2")
     p.add_argument("--skip-hf", action="store_true", help="leave out HF generate (the slow one)")
     p.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (compiles for ~1-2 min)")
-    return p.parse_args()
+    p.add_argument("--out", default=None, help="write rollout.json / rollout.md here")
+    p.add_argument("--smoke", action="store_true", help="the tiny model on CPU: rollouts and the LoRA check only")
+    args = p.parse_args()
+    if args.smoke:
+        args.completions, args.tokens, args.prompt_length, args.image_side, args.lora_r = 2, 4, 20, 56, 4
+        args.skip_compile = True
+    return args
 
 
-def build_lm(lora_r: int) -> LoadedModel:
-    """The 2B architecture, random bf16 weights on the GPU, LoRA as load_model adds it (adapter fp32)."""
+def build_lm(lora_r: int, smoke: bool = False) -> LoadedModel:
+    """The 2B architecture, random bf16 weights on the GPU, LoRA as load_model adds it (adapter fp32).
+    ``smoke``: the tiny config, fp32 on CPU."""
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2VLForConditionalGeneration
 
-    cfg = qwen2_vl_2b_config()
+    cfg = tiny_config(build_tiny_tokenizer()) if smoke else qwen2_vl_2b_config()
+    device = torch.device("cpu" if smoke else "cuda")
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Qwen2VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    with device:
+        model = Qwen2VLForConditionalGeneration._from_config(cfg, dtype=torch.float32 if smoke else torch.bfloat16,
+                                                             attn_implementation="sdpa")
     model.requires_grad_(False)
     peft_model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=lora_target_regex(LORA_TARGETS),
                                                   bias="none"))
@@ -72,7 +84,7 @@ def build_lm(lora_r: int) -> LoadedModel:
     model.model.visual.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     # eos -1: no token ends a completion, so every run decodes the same number of tokens
     tokenizer = types.SimpleNamespace(eos_token_id=-1, pad_token_id=cfg.text_config.pad_token_id)
-    return LoadedModel(peft_model, tokenizer, None, torch.device("cuda"), calls)
+    return LoadedModel(peft_model, tokenizer, None, device, calls)
 
 
 def bench_prompt(cfg, length: int, image_side: int) -> PromptInputs:
@@ -85,7 +97,9 @@ def bench_prompt(cfg, length: int, image_side: int) -> PromptInputs:
     if n_text < 2:
         raise SystemExit(f"--prompt-length {length} leaves no room for text around {n_image} image tokens")
     g = torch.Generator().manual_seed(0)
-    text = torch.randint(0, cfg.vision_start_token_id - 10, (n_text,), generator=g)  # ordinary tokens
+    # ordinary tokens: below the special ones (the 2B vocabulary ends with them; the tiny one starts with them)
+    lo, hi = (0, cfg.vision_start_token_id - 10) if cfg.vision_start_token_id > 1000 else (10, cfg.text_config.vocab_size)
+    text = torch.randint(lo, hi, (n_text,), generator=g)
     head = n_text // 8
     ids = torch.cat([text[:head], torch.tensor([cfg.vision_start_token_id]), torch.full((n_image,), cfg.image_token_id),
                      torch.tensor([cfg.vision_end_token_id]), text[head:]])
@@ -97,7 +111,11 @@ def bench_prompt(cfg, length: int, image_side: int) -> PromptInputs:
 
 
 def measured(fn):
-    """(result, seconds, extra peak bytes) of one call."""
+    """(result, seconds, extra peak bytes or NaN off CUDA) of one call."""
+    if not torch.cuda.is_available():
+        t = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t, float("nan")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -177,6 +195,11 @@ def decode_step_ms(lm, prompt, embeds, params, repeats: int, skip_compile: bool)
     return [f"| {name} | {ms:.3f} | {B / ms * 1e3:,.0f} |" for name, ms in rows]
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
 def lora_choice(lm, prompt, embeds, roll) -> list[str]:
     """Merge + unmerge in bf16 vs the untouched base weights; merged vs in-matmul log-probs of one completion."""
@@ -191,15 +214,15 @@ def lora_choice(lm, prompt, embeds, roll) -> list[str]:
 
     lm.hf_model.eval()
     in_matmul = logprobs()
-    torch.cuda.synchronize()
+    _sync()
     t = time.perf_counter()
     lm.peft_model.merge_adapter()
-    torch.cuda.synchronize()
+    _sync()
     t_merge = time.perf_counter() - t
     merged = logprobs()
     t = time.perf_counter()
     lm.peft_model.unmerge_adapter()
-    torch.cuda.synchronize()
+    _sync()
     t_unmerge = time.perf_counter() - t
     changed, total, worst = 0, 0, 0.0
     for m, w in zip(layers, saved):
@@ -217,24 +240,40 @@ def lora_choice(lm, prompt, embeds, roll) -> list[str]:
 
 def main() -> int:
     args = parse_args()
-    if not torch.cuda.is_available():
-        print("bench/rollout.py needs a CUDA GPU; skipped (no CUDA device here).")
-        return 0
-    lm = build_lm(args.lora_r)
+    if not args.smoke and not torch.cuda.is_available():
+        return report.skip(args.out, "rollout", "bench/rollout.py needs a CUDA GPU (--smoke runs it on CPU)")
+    lm = build_lm(args.lora_r, args.smoke)
     prompt = bench_prompt(lm.config, args.prompt_length, args.image_side)
     embeds = image_embeddings(lm, [prompt.pixel_values], [prompt.image_grid_thw])  # once, reused by every run
     params = SamplingParams(num_generations=args.completions, max_new_tokens=args.tokens, temperature=1.0)
-    print(f"{torch.cuda.get_device_name()}: Qwen2-VL-2B architecture, random bf16 weights, LoRA r {args.lora_r}; "
-          f"{args.completions} x {args.tokens} tokens from a {prompt.length}-token prompt ({prompt.num_image_tokens} image tokens); "
-          f"torch {torch.__version__}", flush=True)
+    device = "cpu (smoke), tiny model" if args.smoke else torch.cuda.get_device_name()
+    head = (f"{device}: Qwen2-VL-2B architecture, random bf16 weights, LoRA r {args.lora_r}; "
+            f"{args.completions} x {args.tokens} tokens from a {prompt.length}-token prompt ({prompt.num_image_tokens} image tokens); "
+            f"torch {torch.__version__}")
+    print(head, flush=True)
+    tables: dict[str, list[str]] = {}
+
+    def save() -> None:  # the tables so far, as markdown rows (JSON for the GPU check, markdown for people)
+        report.write(args.out, "rollout", {"device": device, "args": vars(args), "tables": tables},
+                     "\n\n".join([head] + ["\n".join(rows) for rows in tables.values()]))
+
     print("\n| rollout | tokens | s | tokens/s | extra peak MiB |\n|---|---:|---:|---:|---:|")
-    _, roll = rollouts(lm, prompt, embeds, params, args.skip_hf)
-    print(f"\n| decode step, batch {args.completions} | ms | tokens/s |\n|---|---:|---:|")
-    for row in decode_step_ms(lm, prompt, embeds, params, args.step_repeats, args.skip_compile):
-        print(row, flush=True)
+    rows, roll = rollouts(lm, prompt, embeds, params, args.skip_hf)
+    tables["rollouts"] = ["| rollout | tokens | s | tokens/s | extra peak MiB |", "|---|---:|---:|---:|---:|", *rows]
+    save()
+    if torch.cuda.is_available():  # CUDA graphs and torch.compile's cudagraph trees: GPU only
+        print(f"\n| decode step, batch {args.completions} | ms | tokens/s |\n|---|---:|---:|")
+        tables["decode_step"] = [f"| decode step, batch {args.completions} | ms | tokens/s |", "|---|---:|---:|"]
+        for row in decode_step_ms(lm, prompt, embeds, params, args.step_repeats, args.skip_compile):
+            tables["decode_step"].append(row)
+            print(row, flush=True)
+        save()
     print("\n| LoRA: merge/unmerge vs in the matmul | |\n|---|---|")
+    tables["lora"] = ["| LoRA: merge/unmerge vs in the matmul | |", "|---|---|"]
     for row in lora_choice(lm, prompt, embeds, roll):
+        tables["lora"].append(row)
         print(row, flush=True)
+    save()
     return 0
 
 

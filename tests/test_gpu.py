@@ -1,0 +1,65 @@
+"""Tests that need a CUDA GPU: QLoRA (NF4) on CUDA with the vision tower kept in bf16, and the planner's
+refusal before anything is loaded. Marked ``gpu`` (``pytest -m gpu``, run by ``make gpu-check``); without a
+GPU they are skipped with the reason."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_qlora_on_cuda_keeps_vision_bf16_and_trains(recipe_factory):
+    """sat_qlora's settings on the tiny model: NF4 language model, bf16 vision tower and head, fp32 LoRA,
+    paged 8-bit AdamW; two finite steps. The loss head is the torch reference here, so that a kernel fault
+    (tested on its own) cannot hide what this test says about NF4; the whole-step stage runs both together."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is carried as a wheel (make gpu-wheels)")
+    from lowmem_vt.trainer import Trainer
+
+    cfg = recipe_factory(**{"model.quantization": "nf4", "model.dtype": "bfloat16", "train.device": "cuda",
+                            "train.optimizer": "paged_adamw_8bit", "kernels": "torch", "train.max_steps": 2,
+                            "train.prompts_per_step": 2, "grpo.num_generations": 4, "train.micro_batch_size": 4,
+                            "grpo.max_completion_length": 8, "data.generated_samples": 8})
+    tr = Trainer(cfg)
+    model = tr.lm.hf_model
+    quantized = [m for m in model.model.language_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 7 * model.config.text_config.num_hidden_layers  # q/k/v/o/gate/up/down in every layer
+    assert all(m.weight.device.type == "cuda" for m in quantized)
+    visual = model.model.visual
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in visual.modules())
+    assert {p.dtype for p in visual.parameters()} == {torch.bfloat16}
+    assert all(p.device.type == "cuda" for p in visual.parameters())
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert tr.params and all(p.dtype == torch.float32 and p.device.type == "cuda" for p in tr.params)
+    assert isinstance(tr.optimizer, bnb.optim.PagedAdamW8bit)
+    for _ in range(2):
+        m = tr.step()
+        assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and not m["skipped_step"], m
+        assert m["vision_forward_calls"] == cfg.train.prompts_per_step  # one vision pass per prompt per step
+        assert 0 < m["peak_gpu_mem_gib"] < 4, m
+    assert tr.optimizer.state  # the 8-bit states exist: the step reached the optimizer
+
+
+def test_planner_refuses_before_loading_on_cuda(recipe_factory, tmp_path):
+    """A run that cannot fit is refused by the planner from the config alone: the model folder holds no
+    weights, so any attempt to load would fail differently; nothing is allocated on the GPU."""
+    from lowmem_vt.planner import PlanError
+    from lowmem_vt.tiny import qwen2_vl_2b_config
+    from lowmem_vt.trainer import Trainer
+
+    model_dir = tmp_path / "qwen2-vl-2b-config-only"
+    qwen2_vl_2b_config().save_pretrained(model_dir)
+    cfg = recipe_factory(**{"model.name_or_path": str(model_dir), "model.dtype": "bfloat16", "train.device": "cuda",
+                            "model.gradient_checkpointing": "false", "train.prompts_per_step": 4,
+                            "grpo.num_generations": 64, "train.micro_batch_size": 256,
+                            "grpo.max_completion_length": 16384})  # ~8.6 TB predicted: no GPU holds it
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with pytest.raises(PlanError) as err:
+        Trainer(cfg)
+    msg = str(err.value)
+    assert "exceeds the GPU's" in msg and "train.micro_batch_size" in msg, msg
+    assert torch.cuda.memory_allocated() == before
