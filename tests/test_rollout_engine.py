@@ -5,6 +5,7 @@ tiny model in float32. CPU: the eager decode path, and the capture logic with CU
 import collections
 import dataclasses
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -437,3 +438,15 @@ def test_adapter_in_bf16_is_as_close_as_the_fp32_adapter():
         err_ours, err_peft = (ours - truth).abs(), (theirs - truth).abs()
         assert float(err_ours.max()) <= 1.5 * float(err_peft.max()), (b_std, float(err_ours.max()), float(err_peft.max()))
         assert float(err_ours.mean()) <= 1.25 * float(err_peft.mean()), (b_std, float(err_ours.mean()), float(err_peft.mean()))
+
+
+def test_bench_rollout_smoke(tmp_path):
+    """bench/rollout.py --smoke: the GPU benchmark's every stage at tiny sizes on CPU, checks passing."""
+    root = Path(__file__).parents[1]
+    out = subprocess.run([sys.executable, str(root / "bench" / "rollout.py"), "--out", str(tmp_path), "--smoke"], cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    tables = json.loads((tmp_path / "rollout.json").read_text())["tables"]
+    assert {r["rows"] for r in tables["rollout"] if r["backend"] == "engine"} == {2, 6}
+    assert all(r["ok"] for r in tables["checks"]) and len(tables["checks"]) == 5
+    assert (tmp_path / "rollout.md").read_text().startswith("# bench/rollout.py")

@@ -337,10 +337,11 @@ class CudaGraphs:
 class EngineRollout(RolloutBackend):
     """``rollout.backend: engine``. Needs ``lm`` (model.LoadedModel) with a Qwen2-VL language model.
 
-    ``graphs``: how decode steps are captured; default CUDA graphs on a CUDA device, eager elsewhere.
+    ``graphs``: how decode steps are captured: "auto" (CUDA graphs on a CUDA device, eager elsewhere), None
+    (eager), or a ``CudaGraphs``-like object (the tests' CPU emulation).
     """
 
-    def __init__(self, lm, decode_bucket: int = DECODE_BUCKET, graphs: CudaGraphs | None = None):
+    def __init__(self, lm, decode_bucket: int = DECODE_BUCKET, graphs="auto"):
         self.lm = lm
         self.eos_token_id, self.pad_token_id = lm.eos_token_id, lm.pad_token_id
         model = lm.hf_model
@@ -353,7 +354,9 @@ class EngineRollout(RolloutBackend):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.decode_bucket = decode_bucket
-        self.graphs = graphs if graphs is not None else (CudaGraphs() if lm.device.type == "cuda" else None)
+        if graphs == "auto":
+            graphs = CudaGraphs() if lm.device.type == "cuda" else None
+        self.graphs = graphs
 
     @torch.no_grad()
     def generate(self, prompts, image_embeds, params: SamplingParams) -> RolloutResult:
