@@ -167,13 +167,15 @@ def fingerprint(lm) -> torch.Tensor:
 
 def trainer_logprobs(lm, prompts, embeds, roll, temperature: float, rows_per_pass: int) -> torch.Tensor:
     """The trainer's log-probs of the rollout's tokens (sequence_hidden + token_logprobs), a few rows a pass."""
-    out = torch.zeros(roll.completion_ids.shape, dtype=torch.float32)
+    ids, mask = roll.completion_ids.cpu(), roll.completion_mask.cpu()
+    out = torch.zeros(ids.shape, dtype=torch.float32)
     backend = resolve_backend("auto", lm.device)
-    for lo in range(0, roll.completion_ids.shape[0], rows_per_pass):
+    lm.hf_model.eval()
+    for lo in range(0, ids.shape[0], rows_per_pass):
         s = slice(lo, lo + rows_per_pass)
-        seqs = build_sequences(prompts, roll.prompt_rows[s], roll.completion_ids[s], roll.completion_mask[s], lm.pad_token_id)
+        seqs = build_sequences(prompts, roll.prompt_rows[s], ids[s], mask[s], lm.pad_token_id)
         hidden = sequence_hidden(lm, seqs.to(lm.device), embeds)
-        out[s] = token_logprobs(hidden, lm.lm_head_weight, roll.completion_ids[s].to(lm.device), temperature, backend).float().cpu()
+        out[s] = token_logprobs(hidden, lm.lm_head_weight, ids[s].to(lm.device), temperature, backend).float().cpu()
     return out
 
 
@@ -279,15 +281,16 @@ def main() -> int:
     rep.row("prompt 0 alone vs among all prompts (same seed)", rows_identical=f"{int((same == T).sum())} of {G}",
             shortest_identical_prefix=int(same.min()), tokens=T)
     trainer = trainer_logprobs(lm, prompts, embeds, big, 1.0, rows_per_pass=G)
-    diff = (big.sampling_logprobs - trainer).abs() * big.completion_mask
+    big_mask = big.completion_mask.cpu()
+    diff = (big.sampling_logprobs.cpu() - trainer).abs() * big_mask
     quarters = [float(q.max()) for q in diff.chunk(4, dim=1)]
     by_prompt = diff.view(n_prompts, G, -1)
     short, long_ = min(range(n_prompts), key=lambda i: prompts[i].length), max(range(n_prompts), key=lambda i: prompts[i].length)
-    n_tok = float(big.completion_mask.sum())
+    n_tok = float(big_mask.sum())
     rep.row("sampling log-probs vs the trainer's", max=float(diff.max()), mean=float(diff.sum()) / n_tok,
             max_per_quarter=" / ".join(f"{q:.3g}" for q in quarters),
-            shortest_prompt_mean=float(by_prompt[short].sum()) / float(big.completion_mask.view(n_prompts, G, -1)[short].sum()),
-            longest_prompt_mean=float(by_prompt[long_].sum()) / float(big.completion_mask.view(n_prompts, G, -1)[long_].sum()))
+            shortest_prompt_mean=float(by_prompt[short].sum()) / float(big_mask.view(n_prompts, G, -1)[short].sum()),
+            longest_prompt_mean=float(by_prompt[long_].sum()) / float(big_mask.view(n_prompts, G, -1)[long_].sum()))
     rep.check("log-probs match the trainer's", float(diff.max()) < 0.1 and float(diff.sum()) / n_tok < 0.01,
               "max < 0.1, mean < 0.01")
 
