@@ -43,6 +43,8 @@ from lowmem_vt.rollout.engine import DecodeWeights, EngineRollout, engine_alloca
 from lowmem_vt.tiny import qwen2_vl_2b_config
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# issue 12's goals at 1024 tokens: 1 prompt x 8 samples (>= 3x HF static cache + compile), 8 prompts x 8 (vLLM class)
+GOALS = {8: 4000, 64: 12000}
 
 
 class Report:
@@ -253,17 +255,22 @@ def main() -> int:
             tokens = int(roll.completion_mask.sum())
             alloc = engine_allocation_bytes(text_cfg, dtype, n, max(q.length for q in prompts[:n]), G, T,
                                             lora_r=64 if not args.smoke else 4, lora_targets=LORA_TARGETS if adapter else ())
+            goal = "" if args.smoke or not adapter else GOALS[n * G] if n * G in GOALS else ""
             rep.row("rollout", backend="engine", rows=n * G, prompts=n, adapter="on" if adapter else "off", tokens=tokens,
-                    seconds=seconds, tokens_per_s=tokens / seconds,
+                    seconds=seconds, tokens_per_s=tokens / seconds, goal_tokens_per_s=goal,
+                    meets_goal=(tokens / seconds >= goal) if goal else "",
                     extra_peak_MiB=peak / 2**20 if peak is not None else "n/a (CPU)",
                     predicted_peak_MiB=alloc.peak / 2**20, kv_cache_MiB=alloc.kv_cache / 2**20)
 
     hf = make_rollout("hf", lm)
-    roll, seconds, peak = measured(lambda: hf.generate(prompts[:1], embeds[:1], params(1, hf_T)), dev)
-    tokens = int(roll.completion_mask.sum())
-    rep.row("rollout", backend="hf generate (same call, shorter)", rows=G, prompts=1, adapter="on", tokens=tokens, seconds=seconds,
-            tokens_per_s=tokens / seconds, extra_peak_MiB=peak / 2**20 if peak is not None else "n/a (CPU)",
-            scaled_seconds_at_full_length_estimate=seconds * T / hf_T)
+    try:
+        roll, seconds, peak = measured(lambda: hf.generate(prompts[:1], embeds[:1], params(1, hf_T)), dev)
+        tokens = int(roll.completion_mask.sum())
+        rep.row("rollout", backend="hf generate (same call, shorter)", rows=G, prompts=1, adapter="on", tokens=tokens,
+                seconds=seconds, tokens_per_s=tokens / seconds, extra_peak_MiB=peak / 2**20 if peak is not None else "n/a (CPU)",
+                scaled_seconds_at_full_length_estimate=seconds * T / hf_T)
+    except Exception as e:  # noqa: BLE001 - the reference run failing must not lose the engine's checks
+        rep.check("hf generate ran", False, f"{type(e).__name__}: {e}"[:300])
 
     # ---- correctness
     rep.check("vision tower not called", lm.vision_calls[0] == vision_before, f"{lm.vision_calls[0] - vision_before} calls")
@@ -295,8 +302,11 @@ def main() -> int:
               "max < 0.1, mean < 0.01")
 
     # ---- decode step
-    for name, ms in decode_step_ms(lm, prompts, embeds, params(n_prompts, T), repeats):
-        rep.row(f"decode step, batch {n_prompts * G}, first bucket", way=name, ms=ms, tokens_per_s=n_prompts * G / ms * 1e3)
+    try:
+        for name, ms in decode_step_ms(lm, prompts, embeds, params(n_prompts, T), repeats):
+            rep.row(f"decode step, batch {n_prompts * G}, first bucket", way=name, ms=ms, tokens_per_s=n_prompts * G / ms * 1e3)
+    except Exception as e:  # noqa: BLE001
+        rep.check("decode step timing ran", False, f"{type(e).__name__}: {e}"[:300])
     tmp.cleanup()
     if rep.failures:
         print("FAILED checks:", ", ".join(rep.failures))

@@ -49,9 +49,9 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_stride, out_stride, eps, H: tl.con
     inside = cols < H
     x = tl.load(x_ptr + row * x_stride + cols, mask=inside, other=0.0).to(tl.float32)
     y = x * tl.math.rsqrt(tl.sum(x * x, axis=0) / H + eps)
-    w = tl.load(w_ptr + cols, mask=inside, other=0.0)
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     # round to the input dtype before the weight, as Qwen2RMSNorm does
-    y = y.to(w.dtype).to(tl.float32) * w.to(tl.float32)
+    y = y.to(x_ptr.dtype.element_ty).to(tl.float32) * w
     tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
