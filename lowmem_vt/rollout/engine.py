@@ -325,6 +325,10 @@ class CudaGraphs:
             step()
         torch.cuda.current_stream().wait_stream(self.stream)
 
+    def synchronize(self) -> None:
+        """Before the rollout's last graph is freed: its pool's memory must not be reused while it still runs."""
+        torch.cuda.synchronize()
+
     def capture(self, step, generators, pool):
         graph = torch.cuda.CUDAGraph()
         for gen in generators:
@@ -514,21 +518,25 @@ class EngineRollout(RolloutBackend):
         check_every = STOP_CHECK_EVERY if self.graphs is not None else 1
         pool = self.graphs.new_pool() if self.graphs is not None else None
         filled = 1  # column 0 came from the prefill; step j feeds column j and fills column j + 1
-        while filled < T:
-            self._compact(s)
-            if s.active == 0:
-                break
-            j = filled - 1
-            steps = min((j // lay.bucket + 1) * lay.bucket, T - 1) - j
-            step = partial(self._decode_step, s, w, params, s.active, lay.span(j))
-            if self.graphs is not None and steps > 2:
-                step = self._capture(s, step, pool).replay
-            for i in range(steps):
-                if i and i % check_every == 0 and bool(s.done[: s.active * lay.samples].all()):
-                    return filled
-                step()
-                filled += 1
-        return filled
+        try:
+            while filled < T:
+                self._compact(s)  # a host sync: the previous bucket's graph has finished before it is dropped
+                if s.active == 0:
+                    break
+                j = filled - 1
+                steps = min((j // lay.bucket + 1) * lay.bucket, T - 1) - j
+                step = partial(self._decode_step, s, w, params, s.active, lay.span(j))
+                if self.graphs is not None and steps > 2:
+                    step = self._capture(s, step, pool).replay
+                for i in range(steps):
+                    if i and i % check_every == 0 and bool(s.done[: s.active * lay.samples].all()):
+                        return filled
+                    step()
+                    filled += 1
+            return filled
+        finally:
+            if self.graphs is not None:
+                self.graphs.synchronize()
 
     def _capture(self, s: DecodeState, step, pool):
         """``step`` recorded as a CUDA graph over ``s``. The graph lives until the rollout returns: a kept graph

@@ -57,6 +57,9 @@ class EmulatedGraphs:
     def set_rng_state(self, state: torch.Tensor) -> None:
         torch.set_rng_state(state)
 
+    def synchronize(self) -> None:
+        pass
+
     def warm_up(self, step) -> None:
         self.warm_ups += 1
         step()
