@@ -450,3 +450,29 @@ def test_bench_rollout_smoke(tmp_path):
     assert {r["rows"] for r in tables["rollout"] if r["backend"] == "engine"} == {2, 6}
     assert all(r["ok"] for r in tables["checks"]) and len(tables["checks"]) == 5
     assert (tmp_path / "rollout.md").read_text().startswith("# bench/rollout.py")
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["k_proj"], []], ids=["q+v", "k", "none"])
+def test_fused_linears_equal_peft_layers_for_any_target_set(targets):
+    """q/k/v with biases, LoRA on some of them (two adapters' A in one matmul, B block-diagonal with the
+    adapted biases folded in), and o_proj with the residual added: equal to the peft layers' outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    from lowmem_vt.rollout.engine import FusedLinears
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    for name, (i, o, bias) in {"q_proj": (32, 32, True), "k_proj": (32, 16, True), "v_proj": (32, 16, True),
+                               "o_proj": (32, 32, False)}.items():
+        model.add_module(name, torch.nn.Linear(i, o, bias=bias))
+    if targets:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets + ["o_proj"])).base_model.model
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    x, h = torch.randn(5, 32), torch.randn(5, 32)
+    with torch.no_grad():
+        q, k, v = FusedLinears([model.q_proj, model.k_proj, model.v_proj], torch.float32)(x)
+        (o,) = FusedLinears([model.o_proj], torch.float32)(x, residual=h)
+        for ours, ref in ((q, model.q_proj(x)), (k, model.k_proj(x)), (v, model.v_proj(x)), (o, h + model.o_proj(x))):
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)

@@ -8,6 +8,7 @@ tokens/s they see.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -23,7 +24,9 @@ ROOT = Path(__file__).parents[1]
 G, T = 8, 1024
 
 
+@functools.cache
 def _bench():
+    """bench/rollout.py as a module: its model, prompts, fingerprint and the trainer's log-probs."""
     spec = importlib.util.spec_from_file_location("bench_rollout", ROOT / "bench" / "rollout.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_rollout"] = module
