@@ -164,7 +164,7 @@ def measured(fn, device):
 
 def fingerprint(lm) -> torch.Tensor:
     """One float64 sum per base (non-adapter) parameter: changes if any weight does."""
-    return torch.stack([p.detach().double().sum() for n, p in lm.hf_model.named_parameters() if "lora_" not in n])
+    return torch.stack([p.detach().sum(dtype=torch.float64) for n, p in lm.hf_model.named_parameters() if "lora_" not in n])
 
 
 def trainer_logprobs(lm, prompts, embeds, roll, temperature: float, rows_per_pass: int) -> torch.Tensor:
