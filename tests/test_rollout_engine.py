@@ -1,9 +1,17 @@
 """The in-process rollout engine against HF ``generate`` and against the trainer's own log-probs, on the
-tiny model in float32 (CPU: the eager decode path; CUDA graphs are exercised by bench/rollout.py only)."""
+tiny model in float32. CPU: the eager decode path, and the capture logic with CUDA graphs emulated
+(tests/helpers/graph_emulation.py); the real graphs are tested by tests/test_rollout_engine_gpu.py."""
 
+import collections
 import dataclasses
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 import types
+from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +21,12 @@ from lowmem_vt.data import examples_from_records, generate_sat_records
 from lowmem_vt.inputs import InputBuilder, build_sequences
 from lowmem_vt.model import image_embeddings, sequence_hidden
 from lowmem_vt.rollout import SamplingParams, make_rollout
-from lowmem_vt.rollout.engine import sample_tokens
+from lowmem_vt.rollout.engine import CacheLayout, DecodeWeights, EngineRollout, engine_allocation_bytes, sample_tokens
+from lowmem_vt.rollout.fused import rms_norm_reference
+from lowmem_vt.tiny import qwen2_vl_2b_config
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from graph_emulation import EmulatedGraphs  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,12 +66,14 @@ def with_eos(lm, eos: int):
     return dataclasses.replace(lm, tokenizer=types.SimpleNamespace(eos_token_id=eos, pad_token_id=lm.pad_token_id))
 
 
+@pytest.mark.parametrize("bucket", [128, 4], ids=["one-bucket", "bucket-4"])
 @pytest.mark.parametrize("which", [[1], [0, 1, 2]], ids=["single", "batched"])
-def test_greedy_equals_hf_generate(lm, prompts, embeds, which):
+def test_greedy_equals_hf_generate(lm, prompts, embeds, which, bucket):
+    """bucket 4: attention over 6 growing spans of the cache, one per 4 steps."""
     ps, es = [prompts[i] for i in which], [embeds[i] for i in which]
     params = SamplingParams(num_generations=1, max_new_tokens=24, greedy=True)
     vision_before = lm.vision_calls[0]
-    ours = make_rollout("engine", lm).generate(ps, es, params)
+    ours = EngineRollout(lm, decode_bucket=bucket).generate(ps, es, params)
     assert lm.vision_calls[0] == vision_before  # the engine reuses the step's image features
     ref = make_rollout("hf", lm).generate(ps, es, params)
     assert torch.equal(ours.completion_ids, ref.completion_ids)
@@ -183,3 +198,281 @@ def test_vllm_backend_generates(tiny_dir, prompts):  # pragma: no cover - needs 
     roll = make_rollout("vllm", gpu).generate(prompts, feats, SamplingParams(2, 8, seeds=[1, 2, 3]))
     assert roll.completion_ids.shape[0] == 6 and roll.prompt_rows == [0, 0, 1, 1, 2, 2]
     assert roll.completion_ids.shape[1] <= 8 and bool(roll.completion_mask[:, 0].all())
+
+
+# ------------------------------------------------------------------ capture, buckets, compaction (issue 16)
+
+
+@pytest.mark.parametrize("seeds", [[11, 22, 33], None], ids=["per-prompt-seeds", "global-rng"])
+def test_emulated_graph_capture_samples_what_eager_samples(lm, prompts, embeds, seeds):
+    """The capture path (warm-up, restore, capture, replay; one graph per bucket) on CPU with the CUDA calls
+    emulated: same tokens and log-probs as the eager path for the same seeds. The warm-up draws random numbers;
+    before the fix its draws shifted every replay's, so the graph path sampled differently from token 2 on."""
+    params = SamplingParams(3, 14, seeds=seeds)
+    torch.manual_seed(7)
+    eager = EngineRollout(lm, decode_bucket=4).generate(prompts, embeds, params)
+    graphs = EmulatedGraphs()
+    torch.manual_seed(7)
+    replayed = EngineRollout(lm, decode_bucket=4, graphs=graphs).generate(prompts, embeds, params)
+    # 13 decode steps: 0-3, 4-7, 8-11 are captured buckets; step 12 alone runs eagerly
+    assert [g.replays for g in graphs.captured] == [4, 4, 4] and graphs.warm_ups == 3
+    assert torch.equal(replayed.completion_ids, eager.completion_ids)
+    assert torch.equal(replayed.sampling_logprobs, eager.sampling_logprobs)
+
+
+def test_finished_prompts_leave_the_batch_without_changing_any_sample(lm, prompts, embeds):
+    """A forced EOS ends prompts at different times; with bucket 2 they leave the batch early (the cache rows of
+    the others move down), with bucket 128 they stay. Per-prompt seeds: identical tokens either way."""
+    params = SamplingParams(num_generations=2, max_new_tokens=16, seeds=[5, 6, 7])
+    free = EngineRollout(with_eos(lm, -1)).generate(prompts, embeds, params)
+    ids = free.completion_ids[:, :10]
+    # a token that ends every sample of some prompts (within 10 tokens) but not of all of them
+    ended = {int(t): [all(bool((ids[r] == t).any()) for r in (2 * p, 2 * p + 1)) for p in range(3)] for t in ids.unique()}
+    eos = next(t for t, e in sorted(ended.items()) if 0 < sum(e) < 3)
+    kept = EngineRollout(with_eos(lm, eos)).generate(prompts, embeds, params)
+    engine = EngineRollout(with_eos(lm, eos), decode_bucket=2)
+    active = []
+    compact = engine._compact
+    engine._compact = lambda s: (compact(s), active.append(s.active))
+    dropped = engine.generate(prompts, embeds, params)
+    assert torch.equal(dropped.completion_ids, kept.completion_ids)
+    # other batch and span sizes sum in another order: log-probs agree to float32 rounding
+    torch.testing.assert_close(dropped.sampling_logprobs, kept.sampling_logprobs, atol=1e-5, rtol=0)
+    assert active == sorted(active, reverse=True) and active[-1] < 3, active  # prompts did leave
+
+
+def test_cache_holds_each_prompt_once_and_attention_reads_the_filled_part(lm, prompts, embeds):
+    params = SamplingParams(num_generations=4, max_new_tokens=300)
+    s = EngineRollout(lm).new_state([p.length for p in prompts], [p.next_position for p in prompts], params)
+    P, lay = len(prompts), s.layout
+    assert s.kv.shape[2] == P  # not P * G
+    longest = max(p.length for p in prompts)
+    assert lay.prompt_slots == -(-longest // 64) * 64 and lay == CacheLayout.of(P, longest, 4, 300)
+    assert s.kv.shape[4] == lay.prompt_slots + 4 * 384  # 300 steps rounded up to 3 buckets of 128
+    spans = [lay.prompt_slots + 4 * n for n in (128, 128, 256, 384)]
+    assert [lay.span(j) for j in (0, 127, 128, 299)] == spans
+
+
+# ------------------------------------------------------------------------- allocation (for the planner)
+
+
+def test_allocation_function_equals_what_the_engine_allocates(lm, prompts):
+    """engine_allocation_bytes (what the planner calls) against the storages of the state and the adapter
+    copies the engine allocates for a rollout, on the tiny model (fp32, LoRA r 4 on every linear)."""
+    engine = EngineRollout(lm)
+    params = SamplingParams(num_generations=3, max_new_tokens=40)
+    lengths = [p.length for p in prompts]
+    s = engine.new_state(lengths, [p.next_position for p in prompts], params)
+    weights = DecodeWeights(engine.text)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in s.tensors() + weights.tensors()}
+    predicted = engine_allocation_bytes(lm.config.text_config, torch.float32, len(prompts), max(lengths), 3, 40,
+                                        lora_r=4, lora_targets=_targets(lm))
+    assert sum(storages.values()) == predicted.allocated
+    assert s.kv.untyped_storage().nbytes() == predicted.kv_cache
+
+
+def _targets(lm):
+    """The adapted linears' names, as the recipe lists them."""
+    return sorted({n.rsplit(".", 2)[-2] for n, _ in lm.hf_model.named_modules() if n.endswith(".lora_A")})
+
+
+# ------------------------------------------------------------------------- kernels per decode step
+
+
+class OperatorCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Operators that launch work: views, metadata queries and _unsafe_view (a view) are left out."""
+
+    FREE = {"prim.device.default", "aten._unsafe_view.default"}
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if not func.is_view and str(func) not in self.FREE:
+            self.counts[str(func)] += 1
+        if func is torch.ops.aten.exponential_.default:
+            kwargs.pop("generator", None)  # fake tensors draw nothing; the operator is counted all the same
+        return func(*args, **kwargs)
+
+
+def fake_2b_lm(lora_r: int = 64):
+    """The real Qwen2-VL-2B architecture in bf16 with LoRA on every language-model linear, as fake tensors
+    (shapes and dtypes, no memory): built on the meta device, peft applied there, then made fake CPU tensors."""
+    from peft import LoraConfig, get_peft_model
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from lowmem_vt.model import LoadedModel, lora_target_regex
+
+    cfg = qwen2_vl_2b_config()
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
+        model.requires_grad_(False)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        peft_model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=lora_target_regex(targets)))
+    mode = FakeTensorMode()
+    to_fake = partial(mode.fake_tensor_converter.from_meta_and_device, mode, device=torch.device("cpu"))
+    for module in peft_model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = torch.nn.Parameter(to_fake(p), requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = to_fake(b)
+    tokenizer = types.SimpleNamespace(eos_token_id=cfg.text_config.eos_token_id or 0, pad_token_id=cfg.text_config.pad_token_id or 0)
+    return LoadedModel(peft_model, tokenizer, None, torch.device("cpu"), [0]), mode
+
+
+def test_decode_step_of_the_2b_model_is_at_most_800_operators():
+    """One decode step of the 28-layer model (8 seeded prompts of different lengths x 8 samples, LoRA r 64 on
+    every linear, bf16), run on fake tensors under a dispatch counter: each counted operator is one kernel on
+    CUDA (the two fused ops are one Triton kernel each; SDPA one attention kernel)."""
+    lm, mode = fake_2b_lm()
+    engine = EngineRollout(lm)
+    params = SamplingParams(8, 1024, seeds=list(range(8)))
+    with mode:
+        s = engine.new_state([300 + 41 * i for i in range(8)], [90 + 41 * i for i in range(8)], params)
+        weights = DecodeWeights(engine.text)
+        counter = OperatorCounter()
+        with counter:
+            engine._decode_step(s, weights, params, 8, s.layout.span(0))
+    total = sum(counter.counts.values())
+    per_layer = {k: v // 28 for k, v in counter.counts.items() if v >= 28}
+    print(f"{total} operators per decode step; per layer: {per_layer}")
+    assert counter.counts["aten.addmm.default"] == 28 * 10  # q, k, v, o, gate, up, down + the 3 B matmuls
+    assert counter.counts["aten.mm.default"] == 28 * 5 + 1  # 4 A matmuls + gate/up's B; the head
+    assert counter.counts["lowmem_vt.rms_norm.default"] == 28 * 2 + 1
+    assert total <= 800, counter.counts
+
+
+# ---------------------------------------------------------------------------------- fused operators
+
+
+def test_fused_triton_kernels_equal_their_references_in_the_interpreter():
+    """The Triton kernels of rms_norm and rope_into_cache, float32 under TRITON_INTERPRET=1 (a subprocess: the
+    interpreter is chosen when triton.jit runs), against the PyTorch references the CPU path uses."""
+    code = """
+import torch
+from lowmem_vt.rollout import fused
+torch.manual_seed(0)
+x, w = torch.randn(6, 40), torch.randn(40)
+assert (fused.rms_norm_triton(x, w, 1e-6) - fused.rms_norm_reference(x, w, 1e-6)).abs().max() < 1e-5
+P, G, kvh, heads, d, C = 3, 2, 2, 6, 16, 40
+q, k, v = torch.randn(P * G, heads * d), torch.randn(P * G, kvh * d), torch.randn(P * G, kvh * d)
+cos, sin = torch.randn(P * G, d), torch.randn(P * G, d)
+kv = torch.randn(2, P, kvh, C, d)
+kv_ref = kv.clone()
+slot = torch.tensor([7])
+out = fused.rope_into_cache_triton(q, k, v, cos, sin, kv[0], kv[1], slot, G)
+ref = fused.rope_into_cache_reference(q, k, v, cos, sin, kv_ref[0], kv_ref[1], slot, G)
+assert out.shape == ref.shape == (P, kvh, G * heads // kvh, d)
+assert (out - ref).abs().max() < 1e-5 and (kv - kv_ref).abs().max() < 1e-5
+assert not torch.equal(kv_ref[:, :, :, 7:9], kv[:, :, :, 7:9].clone().zero_())
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_fused_references_equal_the_models_modules(lm):
+    """rms_norm's reference is Qwen2RMSNorm; rope_into_cache's queries and cache writes are HF's rotary."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
+    from lowmem_vt.rollout.fused import rope_into_cache_reference
+
+    text = lm.hf_model.model.language_model
+    norm = text.layers[0].input_layernorm
+    x = torch.randn(5, text.config.hidden_size)
+    assert torch.equal(rms_norm_reference(x, norm.weight, norm.variance_epsilon), norm(x))
+    P, G, kvh, heads = 2, 3, text.config.num_key_value_heads, text.config.num_attention_heads
+    d = text.config.hidden_size // heads
+    q, k, v = torch.randn(P * G, heads * d), torch.randn(P * G, kvh * d), torch.randn(P * G, kvh * d)
+    positions = torch.arange(P * G).view(1, -1, 1).expand(3, -1, 1) * 7
+    cos, sin = text.rotary_emb(q[:, None], positions)
+    kv = torch.zeros(2, P, kvh, 20, d)
+    out = rope_into_cache_reference(q, k, v, cos[:, 0], sin[:, 0], kv[0], kv[1], torch.tensor([4]), G)
+    q_hf, k_hf = apply_rotary_pos_emb(q.view(P * G, 1, heads, d).transpose(1, 2), k.view(P * G, 1, kvh, d).transpose(1, 2), cos, sin)
+    group = heads // kvh
+    for p in range(P):
+        for g in range(G):
+            r = p * G + g
+            for h in range(heads):
+                assert torch.equal(out[p, h // group, g * group + h % group], q_hf[r, h, 0])
+            assert torch.equal(kv[0, p, :, 4 + g], k_hf[r, :, 0])
+            assert torch.equal(kv[1, p, :, 4 + g], v.view(P * G, kvh, d)[r])
+
+
+def test_adapter_in_bf16_is_as_close_as_the_fp32_adapter():
+    """Decode runs the adapter in the base dtype (bf16); peft runs it in fp32 and rounds once. On a 2B-shaped
+    up_proj (1536 -> 8960, W ~ N(0, 0.02), r 64, x ~ N(0, 1)), both against the float64 truth: the bf16 adapter
+    adds at most about one bf16 rounding of the output (here: its max error <= 1.5x peft's, mean <= 1.25x)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lowmem_vt.rollout.engine import FusedLinears
+
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("up_proj", torch.nn.Linear(1536, 8960, bias=False))
+    with torch.no_grad():
+        model.up_proj.weight.copy_(torch.randn(8960, 1536, generator=g) * 0.02)
+    model = model.to(torch.bfloat16)
+    peft_model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, target_modules=["up_proj"]))
+    layer = peft_model.base_model.model.up_proj
+    for b_std in (1e-4, 1e-2):
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(torch.randn(64, 1536, generator=g) / 40)
+            layer.lora_B["default"].weight.copy_(torch.randn(8960, 64, generator=g) * b_std)
+        for p in layer.lora_A.parameters():
+            p.data = p.data.float()
+        for p in layer.lora_B.parameters():
+            p.data = p.data.float()  # load_model keeps the adapter in fp32
+        x = torch.randn(64, 1536, generator=g).to(torch.bfloat16)
+        with torch.no_grad():
+            ours = FusedLinears([layer], torch.bfloat16)(x)[0].double()
+            theirs = layer(x).double()
+            a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+            truth = x.double() @ layer.base_layer.weight.double().t() + 2.0 * (x.double() @ a.t()) @ b.t()
+        err_ours, err_peft = (ours - truth).abs(), (theirs - truth).abs()
+        assert float(err_ours.max()) <= 1.5 * float(err_peft.max()), (b_std, float(err_ours.max()), float(err_peft.max()))
+        assert float(err_ours.mean()) <= 1.25 * float(err_peft.mean()), (b_std, float(err_ours.mean()), float(err_peft.mean()))
+
+
+def test_bench_rollout_smoke(tmp_path):
+    """bench/rollout.py --smoke: the GPU benchmark's every stage at tiny sizes on CPU, checks passing."""
+    root = Path(__file__).parents[1]
+    out = subprocess.run([sys.executable, str(root / "bench" / "rollout.py"), "--out", str(tmp_path), "--smoke"], cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    tables = json.loads((tmp_path / "rollout.json").read_text())["tables"]
+    assert {r["rows"] for r in tables["rollout"] if r["backend"] == "engine"} == {2, 6}
+    assert all(r["ok"] for r in tables["checks"]) and len(tables["checks"]) == 5
+    assert (tmp_path / "rollout.md").read_text().startswith("# bench/rollout.py")
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["k_proj"], []], ids=["q+v", "k", "none"])
+def test_fused_linears_equal_peft_layers_for_any_target_set(targets):
+    """q/k/v with biases, LoRA on some of them (two adapters' A in one matmul, B block-diagonal with the
+    adapted biases folded in), and o_proj with the residual added: equal to the peft layers' outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    from lowmem_vt.rollout.engine import FusedLinears
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    for name, (i, o, bias) in {"q_proj": (32, 32, True), "k_proj": (32, 16, True), "v_proj": (32, 16, True),
+                               "o_proj": (32, 32, False)}.items():
+        model.add_module(name, torch.nn.Linear(i, o, bias=bias))
+    if targets:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets + ["o_proj"])).base_model.model
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    x, h = torch.randn(5, 32), torch.randn(5, 32)
+    with torch.no_grad():
+        q, k, v = FusedLinears([model.q_proj, model.k_proj, model.v_proj], torch.float32)(x)
+        (o,) = FusedLinears([model.o_proj], torch.float32)(x, residual=h)
+        for ours, ref in ((q, model.q_proj(x)), (k, model.k_proj(x)), (v, model.v_proj(x)), (o, h + model.o_proj(x))):
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)

@@ -1,12 +1,14 @@
 """Rollout: G completions per prompt behind one small interface (``RolloutBackend.generate``).
 
-Backends: ``hf`` (Hugging Face ``generate``; the reference and fallback). Other backends plug in
-through ``make_rollout``.
+Backends: ``hf`` (Hugging Face ``generate``; the reference and fallback), ``engine`` (the in-process
+engine), ``vllm``; chosen by ``make_rollout``. ``engine_allocation_bytes`` is what the engine allocates for a
+rollout (the planner's rollout phase).
 """
 
 from __future__ import annotations
 
 from .base import RolloutBackend, RolloutResult, SamplingParams
+from .engine import EngineBytes, engine_allocation_bytes
 
 
 def make_rollout(backend: str, lm) -> RolloutBackend:
@@ -26,4 +28,4 @@ def make_rollout(backend: str, lm) -> RolloutBackend:
     raise ValueError(f"unknown rollout.backend {backend!r}")
 
 
-__all__ = ["RolloutBackend", "RolloutResult", "SamplingParams", "make_rollout"]
+__all__ = ["EngineBytes", "RolloutBackend", "RolloutResult", "SamplingParams", "engine_allocation_bytes", "make_rollout"]

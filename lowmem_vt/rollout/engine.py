@@ -1,57 +1,162 @@
-"""In-process rollout on the training weights: one prefill per prompt, a static KV cache, CUDA-graph decode.
+"""In-process rollout on the training weights: one prefill per prompt, a shared-prefix KV cache, CUDA-graph decode.
 
-Decoding a few rows is bound by reading the weights once per token, so the work per step must be just
-that: no allocation, no host sync, no Python per kernel. The engine drives the model's own modules (the
-decoder layers' projections, norms and MLPs, the rotary embedding, the head), so the peft-injected LoRA
-layers apply the adapter in the matmul: the sampler is exactly the policy the trainer scores, and the
-base weights are neither copied nor modified. Image features come in from the trainer (computed once
-per step); the vision tower is never called here.
+Decoding a few rows is bound by reading the weights once per token and by the number of kernels launched, so
+a decode step does only that: no allocation, no host sync, no Python per kernel, and few, larger kernels.
+The engine reads the model's own weights (the decoder layers' projections and norms, the rotary embedding, the
+head) and the adapter's A and B of every peft LoRA layer, so the sampler is exactly the policy the trainer
+scores; the base weights are neither copied nor modified. Image features come in from the trainer (computed
+once per step); the vision tower is never called here.
 
-Cache layout: rows are ``p * G + g``; every prompt is end-aligned at slot ``prompt_end`` (the longest
-prompt's length), so decode step j writes slot ``prompt_end + j`` for every row and one scalar cursor
-serves the whole batch; slots before a shorter prompt's start are masked out. M-RoPE positions are per
-row: completion token j of prompt p sits at ``next_position_p + j`` on all three axes.
+Per decode step and layer (``DecodeWeights``): one RMSNorm kernel; the LoRA A matrices of q/k/v in one matmul
+and their B matrices in another (block-diagonal, bias and scaling folded in), then the three base matmuls
+adding onto them; one kernel for rotary + cache write + the queries' layout; one attention call; o_proj with
+its adapter and the residual in three matmuls; the same for gate/up and down. The adapter runs in the base
+dtype (copies made once per rollout; ``tests/test_rollout_engine.py`` bounds the difference to the fp32
+adapter peft computes).
+
+Cache layout (``CacheLayout``), per prompt p: ``[prompt slots | completion slots]``. The prompt's K/V is held
+once, end-aligned at ``prompt_slots``, and shared by its G samples; completion token j of sample g sits at slot
+``prompt_slots + j * G + g``, so what has been written is always a prefix, and attention at step j reads only
+the slots up to the end of j's bucket (``decode_bucket`` steps), not the whole cache. Attention runs per prompt:
+the queries of its G samples (x the query heads of a kv head) are the query "positions" of one SDPA call over
+the shared prefix and the completions, with a mask letting each sample see only its own completion slots.
+One CUDA graph is captured per bucket; at each bucket boundary prompts whose G samples have all ended leave
+the batch (``_compact``). M-RoPE positions are per row: completion token j of prompt p sits at
+``next_position_p + j`` on all three axes.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from .base import RolloutBackend, RolloutResult, SamplingParams, finish
+from .fused import rms_norm, rope_into_cache
 
-# Cache slots are rounded up to a multiple of this, so steps whose longest prompts differ by a few tokens
-# get the same shapes (cheap for the masked attention: the weights, not the cache, dominate a decode step).
-CACHE_BUCKET = 256
+# The prompt part of the cache is rounded up to this many slots (aligned attention masks, few distinct shapes).
+PROMPT_ALIGN = 64
+# Completion steps per attention bucket: step j attends over the slots of the steps up to the end of its bucket.
+# One graph per bucket; finished prompts leave the batch at bucket boundaries.
+DECODE_BUCKET = 128
 # Checking "every row has ended" is a host sync; on the GPU do it every few steps, not between every replay.
 STOP_CHECK_EVERY = 16
 
 
+@dataclass(frozen=True)
+class CacheLayout:
+    """Where each K/V lives: per prompt, ``prompt_slots`` then ``samples * steps`` completion slots."""
+
+    prompts: int
+    samples: int  # G
+    prompt_slots: int  # the longest prompt, rounded up to PROMPT_ALIGN; prompts are end-aligned here
+    steps: int  # completion steps held: max_new_tokens rounded up to the bucket
+    bucket: int
+
+    @classmethod
+    def of(cls, num_prompts: int, prompt_end: int, samples: int, max_new_tokens: int, bucket: int = DECODE_BUCKET):
+        return cls(num_prompts, samples, math.ceil(prompt_end / PROMPT_ALIGN) * PROMPT_ALIGN,
+                   math.ceil(max_new_tokens / bucket) * bucket, bucket)
+
+    @property
+    def slots(self) -> int:
+        return self.prompt_slots + self.samples * self.steps
+
+    def span(self, step: int) -> int:
+        """Slots attention reads at completion step ``step``: up to the end of its bucket."""
+        return self.prompt_slots + self.samples * (step // self.bucket + 1) * self.bucket
+
+
 @dataclass
 class DecodeState:
-    """Every tensor a decode step reads or writes, at fixed addresses so one CUDA graph replays them all.
+    """Every tensor a decode step reads or writes, at fixed addresses so CUDA graphs replay them.
 
-    B = prompts x num_generations rows, C = cache slots, T = max_new_tokens.
+    P prompts, G samples each, B = P * G rows (the first ``active`` prompts are decoding; ``_compact`` moves
+    the others out), C = layout.slots, T = max_new_tokens.
     """
 
-    kv: torch.Tensor  # [layers, 2, B, kv_heads, C, head_dim] model dtype: keys, values
+    kv: torch.Tensor  # [layers, 2, P, kv_heads, C, head_dim] model dtype: keys, values
     token: torch.Tensor  # [B] long: the token this step feeds
     offset: torch.Tensor  # [1] long: its completion index j
-    cursor: torch.Tensor  # [1] long: the cache slot it writes, prompt_end + j
-    start: torch.Tensor  # [B] long: first cache slot of the row's prompt
+    slot: torch.Tensor  # [1] long: the cache slot sample 0 writes, prompt_slots + j * G
+    start: torch.Tensor  # [P] long: first cache slot of the prompt
     next_position: torch.Tensor  # [B] long: M-RoPE position of completion token 0
-    slots: torch.Tensor  # [C] long: 0 .. C-1
+    rows: torch.Tensor  # [B] long: the output row (p * G + g in the caller's order) of each cache row
     done: torch.Tensor  # [B] bool: the row has sampled EOS
-    ids: torch.Tensor  # [B, T] long: sampled tokens (pad after EOS)
+    slot_step: torch.Tensor  # [C] long: completion index of each slot (-1 for prompt slots)
+    slot_sample: torch.Tensor  # [G, C] bool: the slot is a prompt slot or one of sample g's completion slots
+    ids: torch.Tensor  # [B, T] long: sampled tokens (pad after EOS), rows in the caller's order
     logprobs: torch.Tensor  # [B, T] float32: their log-probs (0 after EOS)
-    generators: list[torch.Generator] | None  # one per prompt (SamplingParams.seeds), else the global RNG
+    layout: CacheLayout
+    generators: list[torch.Generator] | None  # one per active prompt (SamplingParams.seeds), else the global RNG
+    active: int  # prompts still decoding
 
     def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, f.name) for f in fields(self) if f.name != "generators"]
+        return [v for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)]
+
+    def advancing(self) -> list[torch.Tensor]:
+        """What a step changes besides the slots it writes (undone after a warm-up or a capture)."""
+        return [self.token, self.offset, self.slot, self.done]
+
+
+@dataclass
+class EngineBytes:
+    """What the engine allocates for one rollout, in bytes."""
+
+    kv_cache: int
+    state: int  # DecodeState's other tensors (ids, log-probs, indices)
+    adapter: int  # the adapter's decode copies in the base dtype (concatenated A, block-diagonal B, bias)
+    step_workspace: int  # estimate: the largest transients of one decode step (logits and sampling, mask)
+
+    @property
+    def allocated(self) -> int:
+        """Held for the whole rollout (the tensors ``tests/test_rollout_engine.py`` measures)."""
+        return self.kv_cache + self.state + self.adapter
+
+    @property
+    def peak(self) -> int:
+        return self.allocated + self.step_workspace
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj")
+GROUPS = (ATTENTION, ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def engine_allocation_bytes(text_config, dtype: torch.dtype | str, num_prompts: int, prompt_length: int, num_generations: int,
+                            max_new_tokens: int, lora_r: int = 0, lora_targets=(), decode_bucket: int = DECODE_BUCKET) -> EngineBytes:
+    """The engine's allocation for a rollout of ``num_prompts`` prompts of at most ``prompt_length`` tokens.
+
+    ``text_config``: the Qwen2-VL text config (``config.text_config``); ``lora_targets``: the adapted linears'
+    names (``q_proj`` ...). For the planner: call it with the worst-case prompt length.
+    """
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    b = torch.empty((), dtype=dtype).element_size()
+    c = text_config
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    lay = CacheLayout.of(num_prompts, prompt_length, num_generations, max_new_tokens, decode_bucket)
+    P, G, C, B, T = num_prompts, num_generations, lay.slots, num_prompts * num_generations, max_new_tokens
+    kv = c.num_hidden_layers * 2 * P * c.num_key_value_heads * C * d * b
+    state = 8 * (B + 1 + 1 + P + B + B + C) + B + G * C + B * T * (8 + 4)
+    H, I = c.hidden_size, c.intermediate_size
+    shapes = {"q_proj": (H, c.num_attention_heads * d), "k_proj": (H, c.num_key_value_heads * d),
+              "v_proj": (H, c.num_key_value_heads * d), "o_proj": (c.num_attention_heads * d, H),
+              "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+    adapter = 0
+    for group in GROUPS:
+        adapted = [n for n in group if n in lora_targets]
+        if lora_r and adapted:
+            R, outs = lora_r * len(adapted), sum(shapes[n][1] for n in adapted)
+            bias = outs if group == ATTENTION else 0  # Qwen2: q/k/v have a bias, folded into the B matmul
+            adapter += (R * shapes[adapted[0]][0] + outs * R + bias) * b
+    adapter *= c.num_hidden_layers
+    # logits in the model dtype, then float32 scaled logits, log-softmax, probabilities and the race; the mask
+    workspace = B * c.vocab_size * (b + 4 * 4) + P * G * (c.num_attention_heads // c.num_key_value_heads) * C * b
+    return EngineBytes(kv, state, adapter, workspace)
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams,
@@ -94,10 +199,153 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
     return token, logp.gather(-1, token[:, None])[:, 0]
 
 
-class EngineRollout(RolloutBackend):
-    """``rollout.backend: engine``. Needs ``lm`` (model.LoadedModel) with a Qwen2-VL language model."""
+def _active_adapters(linear) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """(A [r, in], B [out, r], scaling) of each LoRA adapter peft would apply in ``linear`` now."""
+    if not hasattr(linear, "lora_A") or linear.disable_adapters or linear.merged:
+        return []
+    out = []
+    for name in linear.active_adapters:
+        if name not in linear.lora_A:
+            continue
+        if linear.use_dora.get(name, False):
+            raise NotImplementedError("rollout.backend: engine does not apply DoRA adapters; use rollout.backend: hf")
+        out.append((linear.lora_A[name].weight, linear.lora_B[name].weight, linear.scaling[name]))
+    return out
 
-    def __init__(self, lm):
+
+class FusedLinears:
+    """Linears that read one input (q/k/v, gate/up, or one alone), with their LoRA adapters, for decoding.
+
+    The adapters' A matrices are stacked into one [R, in] matrix and their B matrices (scaled) into one
+    block-diagonal [sum out, R] matrix with the adapted linears' biases, copied once per rollout in the base
+    dtype: two matmuls for all adapters, then each base matmul adds onto its slice (``addmm``). A base
+    weight stored in another dtype (NF4) is applied by its own module instead.
+    """
+
+    def __init__(self, modules, dtype: torch.dtype):
+        self.bases = [getattr(m, "base_layer", m) for m in modules]
+        parts = [_active_adapters(m) for m in modules]
+        self.adapted = [bool(p) for p in parts]
+        self.A = self.B = self.bias = None
+        if any(self.adapted):
+            As = [a for p in parts for a, _, _ in p]
+            self.A = torch.cat([a.detach().to(dtype) for a in As])
+            outs = [base.out_features for base, on in zip(self.bases, self.adapted) if on]
+            self.B = torch.zeros(sum(outs), self.A.shape[0], dtype=dtype, device=self.A.device)
+            row = col = 0
+            for p, base, on in zip(parts, self.bases, self.adapted):
+                if not on:
+                    continue
+                for a, b_, scale in p:
+                    self.B[row : row + base.out_features, col : col + a.shape[0]] = b_.detach() * scale
+                    col += a.shape[0]
+                row += base.out_features
+            if any(base.bias is not None for base, on in zip(self.bases, self.adapted) if on):
+                self.bias = torch.cat([base.bias.detach().to(dtype) if base.bias is not None else
+                                       torch.zeros(base.out_features, dtype=dtype, device=self.A.device)
+                                       for base, on in zip(self.bases, self.adapted) if on])
+        self.dtype = dtype
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.A, self.B, self.bias) if t is not None]
+
+    def _base(self, i: int, x: torch.Tensor, onto: torch.Tensor | None) -> torch.Tensor:
+        """onto + base_i(x) (with its bias when its adapter did not take it)."""
+        base = self.bases[i]
+        w = base.weight
+        if w.dtype != self.dtype:  # quantized: the module dequantizes
+            y = base(x)
+            return y if onto is None else onto + y
+        if onto is None:
+            return F.linear(x, w, base.bias)
+        if base.bias is not None and not self.adapted[i]:
+            onto = onto + base.bias
+        return torch.addmm(onto, x, w.t())
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Each linear's output for x [N, in]; with ``residual`` (one linear), residual + its output."""
+        if self.A is None:
+            return [self._base(i, x, residual) for i in range(len(self.bases))]
+        lora = x @ self.A.t()
+        if residual is not None:
+            lora = torch.addmm(residual if self.bias is None else residual + self.bias, lora, self.B.t())
+        elif self.bias is not None:
+            lora = torch.addmm(self.bias, lora, self.B.t())
+        else:
+            lora = lora @ self.B.t()
+        out, at = [], 0
+        for i, base in enumerate(self.bases):
+            if self.adapted[i]:
+                out.append(self._base(i, x, lora[:, at : at + base.out_features]))
+                at += base.out_features
+            else:
+                out.append(self._base(i, x, residual))
+        return out
+
+
+class DecodeWeights:
+    """Per layer: the two norms' weights and the fused linears, built at the start of each rollout."""
+
+    def __init__(self, text_model):
+        dtype = text_model.embed_tokens.weight.dtype
+        self.layers = []
+        for layer in text_model.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append(SimpleNamespace(
+                norm1=layer.input_layernorm, norm2=layer.post_attention_layernorm,
+                qkv=FusedLinears([a.q_proj, a.k_proj, a.v_proj], dtype), o=FusedLinears([a.o_proj], dtype),
+                gate_up=FusedLinears([m.gate_proj, m.up_proj], dtype), down=FusedLinears([m.down_proj], dtype),
+                act=m.act_fn, scaling=a.scaling))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for w in self.layers for f in (w.qkv, w.o, w.gate_up, w.down) for t in f.tensors()]
+
+
+class CudaGraphs:
+    """The CUDA side of decode-step capture. One side stream for the engine's life; a memory pool per rollout
+    shared by its graphs (they replay one after another). ``tests/test_rollout_engine.py`` emulates this class
+    on CPU (recording the step's operators and replaying them) to test the capture logic around it."""
+
+    def __init__(self):
+        self.stream = torch.cuda.Stream()
+
+    def new_pool(self):
+        return torch.cuda.graph_pool_handle()
+
+    def get_rng_state(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        torch.cuda.set_rng_state(state)
+
+    def warm_up(self, step) -> None:
+        """One eager run on the side stream: cuBLAS handles, lazy inits, the allocator's blocks."""
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            step()
+        torch.cuda.current_stream().wait_stream(self.stream)
+
+    def synchronize(self) -> None:
+        """Before the rollout's last graph is freed: its pool's memory must not be reused while it still runs."""
+        torch.cuda.synchronize()
+
+    def capture(self, step, generators, pool):
+        graph = torch.cuda.CUDAGraph()
+        for gen in generators:
+            graph.register_generator_state(gen)  # else each replay would redraw the captured random numbers
+        with torch.cuda.graph(graph, pool=pool, stream=self.stream):
+            step()
+        return graph
+
+
+class EngineRollout(RolloutBackend):
+    """``rollout.backend: engine``. Needs ``lm`` (model.LoadedModel) with a Qwen2-VL language model.
+
+    ``graphs``: how decode steps are captured: "auto" (CUDA graphs on a CUDA device, eager elsewhere), None
+    (eager), or a ``CudaGraphs``-like object (the tests' CPU emulation).
+    """
+
+    def __init__(self, lm, decode_bucket: int = DECODE_BUCKET, graphs="auto"):
         self.lm = lm
         self.eos_token_id, self.pad_token_id = lm.eos_token_id, lm.pad_token_id
         model = lm.hf_model
@@ -109,6 +357,10 @@ class EngineRollout(RolloutBackend):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.decode_bucket = decode_bucket
+        if graphs == "auto":
+            graphs = CudaGraphs() if lm.device.type == "cuda" else None
+        self.graphs = graphs
 
     @torch.no_grad()
     def generate(self, prompts, image_embeds, params: SamplingParams) -> RolloutResult:
@@ -119,7 +371,7 @@ class EngineRollout(RolloutBackend):
         model.eval()  # LoRA dropout off: the sampler must be the policy the trainer scores
         try:
             state = self._prefill(prompts, image_embeds, params)
-            filled = self._decode(state, params)
+            filled = self._decode(state, DecodeWeights(self.text), params)
         finally:
             model.train(was_training)
         out = finish(state.ids[:, :filled], self.eos_token_id, self.pad_token_id, len(prompts), params.num_generations)
@@ -130,42 +382,53 @@ class EngineRollout(RolloutBackend):
 
     # ------------------------------------------------------------------------------------- prefill
 
-    def _prefill(self, prompts, image_embeds, params: SamplingParams) -> DecodeState:
-        """Allocate the static state, run each prompt once, copy its K/V to its G rows, sample token 0."""
-        G, T = params.num_generations, params.max_new_tokens
-        if params.seeds is not None and len(params.seeds) != len(prompts):
-            raise ValueError(f"{len(params.seeds)} sampling seeds for {len(prompts)} prompts: give one seed per prompt")
-        B = len(prompts) * G
-        prompt_end = max(p.length for p in prompts)
-        C = math.ceil((prompt_end + T) / CACHE_BUCKET) * CACHE_BUCKET
+    def new_state(self, prompt_lengths: list[int], next_positions: list[int], params: SamplingParams) -> DecodeState:
+        """The rollout's static state (what ``engine_allocation_bytes`` accounts for), before any prompt ran."""
+        G, T, P = params.num_generations, params.max_new_tokens, len(prompt_lengths)
+        if params.seeds is not None and len(params.seeds) != P:
+            raise ValueError(f"{len(params.seeds)} sampling seeds for {P} prompts: give one seed per prompt")
+        lay = CacheLayout.of(P, max(prompt_lengths), G, T, self.decode_bucket)
+        B, C = P * G, lay.slots
         dev = self.lm.device
         dtype = self.text.embed_tokens.weight.dtype
         long = dict(dtype=torch.long, device=dev)
-        lengths = torch.tensor([p.length for p in prompts], **long).repeat_interleave(G)
-        s = DecodeState(
-            kv=torch.zeros(len(self.text.layers), 2, B, self.num_kv_heads, C, self.head_dim, dtype=dtype, device=dev),
+        slots = torch.arange(C, **long)
+        completion = (slots - lay.prompt_slots).clamp_min(0)
+        is_prompt = slots < lay.prompt_slots
+        return DecodeState(
+            kv=torch.zeros(len(self.text.layers), 2, P, self.num_kv_heads, C, self.head_dim, dtype=dtype, device=dev),
             token=torch.zeros(B, **long),
             offset=torch.zeros(1, **long),
-            cursor=torch.full((1,), prompt_end, **long),
-            start=prompt_end - lengths,
-            next_position=torch.tensor([p.next_position for p in prompts], **long).repeat_interleave(G),
-            slots=torch.arange(C, **long),
+            slot=torch.full((1,), lay.prompt_slots, **long),
+            start=lay.prompt_slots - torch.tensor(prompt_lengths, **long),
+            next_position=torch.tensor(next_positions, **long).repeat_interleave(G),
+            rows=torch.arange(B, **long),
             done=torch.zeros(B, dtype=torch.bool, device=dev),
+            slot_step=torch.where(is_prompt, -1, completion // G),
+            slot_sample=is_prompt | (completion % G == torch.arange(G, **long)[:, None]),
             ids=torch.full((B, T), self.pad_token_id, **long),
             logprobs=torch.zeros(B, T, dtype=torch.float32, device=dev),
+            layout=lay,
             generators=None if params.seeds is None else [torch.Generator(dev).manual_seed(x) for x in params.seeds],
+            active=P,
         )
+
+    def _prefill(self, prompts, image_embeds, params: SamplingParams) -> DecodeState:
+        """Allocate the state, run each prompt once into its cache slots, sample token 0 of every row."""
+        G = params.num_generations
+        s = self.new_state([p.length for p in prompts], [p.next_position for p in prompts], params)
+        dev, end = self.lm.device, s.layout.prompt_slots
         last = []
         for i, (prompt, feats) in enumerate(zip(prompts, image_embeds)):
-            rows, begin = slice(i * G, (i + 1) * G), prompt_end - prompt.length
             h = self._prompt_embeds(prompt, feats, i)
             cos, sin = self.text.rotary_emb(h, prompt.position_ids.to(dev)[:, None])
             for layer, kv in zip(self.text.layers, s.kv):
                 q, k, v = self._qkv(layer, h, cos, sin)
-                kv[0, rows, :, begin:prompt_end] = k  # one prefill, broadcast to the prompt's G rows
-                kv[1, rows, :, begin:prompt_end] = v
+                kv[0, i, :, end - prompt.length : end] = k[0]  # held once, read by the prompt's G samples
+                kv[1, i, :, end - prompt.length : end] = v[0]
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.self_attn.scaling, enable_gqa=True)
-                h = self._attention_out_and_mlp(layer, h, o.transpose(1, 2).reshape(1, prompt.length, -1))
+                h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(1, prompt.length, -1))
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
             last.append(self.lm_head(self.text.norm(h[:, -1])))
         token, logp = sample_tokens(torch.cat(last).repeat_interleave(G, dim=0), params, s.generators)
         s.ids[:, 0], s.logprobs[:, 0] = token, logp
@@ -182,10 +445,8 @@ class EngineRollout(RolloutBackend):
             raise RuntimeError(f"prompt {index} has {int(image.sum())} image tokens but {feats.shape[0]} image features")
         return h.masked_scatter(image, feats.to(device=dev, dtype=h.dtype))
 
-    # -------------------------------------------------------------------------------------- decode
-
     def _qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Rotated q [B, heads, S, d], k and v [B, kv_heads, S, d] of one decoder layer (LoRA in the matmul)."""
+        """Prefill: rotated q [1, heads, L, d], k and v [1, kv_heads, L, d] through the model's own modules."""
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         B, S, _ = x.shape
@@ -195,67 +456,108 @@ class EngineRollout(RolloutBackend):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 
-    @staticmethod
-    def _attention_out_and_mlp(layer, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        h = h + layer.self_attn.o_proj(o)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+    # -------------------------------------------------------------------------------------- decode
 
-    def _decode_step(self, s: DecodeState, params: SamplingParams) -> None:
-        """Feed ``s.token`` of every row, sample the next one, advance. Only in-place writes to ``s``."""
-        B = s.token.shape[0]
-        group = self.num_heads // self.num_kv_heads
-        positions = (s.next_position + s.offset).view(1, B, 1).expand(3, B, 1)
-        visible = ((s.slots >= s.start[:, None]) & (s.slots <= s.cursor)).view(B, 1, 1, -1)
-        h = self.text.embed_tokens(s.token[:, None])
-        cos, sin = self.text.rotary_emb(h, positions)
-        for layer, kv in zip(self.text.layers, s.kv):
-            q, k, v = self._qkv(layer, h, cos, sin)
-            kv[0].index_copy_(2, s.cursor, k)
-            kv[1].index_copy_(2, s.cursor, v)
-            # GQA without repeating the cache: a kv head's query heads act as its query "positions"
-            o = F.scaled_dot_product_attention(q.reshape(B, self.num_kv_heads, group, self.head_dim), kv[0], kv[1],
-                                               attn_mask=visible, scale=layer.self_attn.scaling)
-            h = self._attention_out_and_mlp(layer, h, o.reshape(B, 1, -1))
-        token, logp = sample_tokens(self.lm_head(self.text.norm(h[:, -1])), params, s.generators)
-        token = token.masked_fill(s.done, self.pad_token_id)
-        s.ids.index_copy_(1, s.offset + 1, token[:, None])
-        s.logprobs.index_copy_(1, s.offset + 1, logp.masked_fill(s.done, 0.0)[:, None])
-        s.done.logical_or_(token == self.eos_token_id)
-        s.token.copy_(token)
-        s.offset.add_(1)
-        s.cursor.add_(1)
+    def _decode_step(self, s: DecodeState, w: DecodeWeights, params: SamplingParams, prompts: int, span: int) -> None:
+        """Feed ``s.token`` of the first ``prompts`` prompts' rows, sample the next tokens, advance.
 
-    def _decode(self, s: DecodeState, params: SamplingParams) -> int:
-        """Run decode steps until every row has ended or T tokens exist; returns how many columns are filled."""
-        T = params.max_new_tokens
-        step = self._capture(s, params) if self.lm.device.type == "cuda" and T > 2 else (lambda: self._decode_step(s, params))
-        check_every = STOP_CHECK_EVERY if self.lm.device.type == "cuda" else 1
-        filled = 1
-        while filled < T:
-            if (filled - 1) % check_every == 0 and bool(s.done.all()):
-                break
-            step()
-            filled += 1
-        return filled
-
-    def _capture(self, s: DecodeState, params: SamplingParams):
-        """One decode step recorded as a CUDA graph over ``s``; returns its replay.
-
-        Captured per rollout (a few ms), not kept: a kept graph would pin the KV cache and the graph's
-        memory pool through the policy update, which needs that memory.
+        Attention reads the first ``span`` cache slots. Only in-place writes to ``s``; shapes fixed by
+        (prompts, span), so one CUDA graph per bucket replays it.
         """
-        saved = [t.clone() for t in (s.token, s.offset, s.cursor, s.done)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._decode_step(s, params)  # warm-up: cuBLAS handles, lazy inits, the allocator's blocks
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        for gen in s.generators or []:
-            graph.register_generator_state(gen)  # else each replay would redraw the captured random numbers
-        with torch.cuda.graph(graph):
-            self._decode_step(s, params)
-        # undo the warm-up step; what it wrote to the cache slot and ids column 1 is overwritten by step 0
-        for t, v in zip((s.token, s.offset, s.cursor, s.done), saved):
+        G = s.layout.samples
+        B, group = prompts * G, self.num_heads // self.num_kv_heads
+        token, done, rows = s.token[:B], s.done[:B], s.rows[:B]
+        x = self.text.embed_tokens(token)  # [B, H]
+        positions = (s.next_position[:B] + s.offset).view(1, B, 1).expand(3, B, 1)
+        cos, sin = self.text.rotary_emb(x[:, None], positions)
+        cos, sin = cos[:, 0], sin[:, 0]
+        # [prompts, 1, G * group, span]: sample g's queries see the prompt and its own completion slots so far
+        visible = s.slot_sample[:, :span] & (s.slot_step[:span] <= s.offset)  # [G, span]
+        visible = visible[None] & (torch.arange(span, device=x.device) >= s.start[:prompts, None])[:, None]
+        visible = visible[:, None, :, None].expand(prompts, 1, G, group, span).reshape(prompts, 1, G * group, span)
+        mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
+        h = x
+        for lw, kv in zip(w.layers, s.kv):
+            q, k, v = lw.qkv(rms_norm(h, lw.norm1.weight, lw.norm1.variance_epsilon))
+            q = rope_into_cache(q, k, v, cos, sin, kv[0, :prompts], kv[1, :prompts], s.slot, G)
+            o = F.scaled_dot_product_attention(q, kv[0, :prompts, :, :span], kv[1, :prompts, :, :span], attn_mask=mask,
+                                               scale=lw.scaling)
+            o = o.unflatten(2, (G, group)).transpose(1, 2).reshape(B, -1)
+            (h,) = lw.o(o, residual=h)
+            gate, up = lw.gate_up(rms_norm(h, lw.norm2.weight, lw.norm2.variance_epsilon))
+            (h,) = lw.down(lw.act(gate) * up, residual=h)
+        norm = self.text.norm
+        logits = self.lm_head(rms_norm(h, norm.weight, norm.variance_epsilon))
+        token_next, logp = sample_tokens(logits, params, s.generators)
+        token_next = token_next.masked_fill(done, self.pad_token_id)
+        column = (s.offset + 1).expand(B)
+        s.ids.index_put_((rows, column), token_next)
+        s.logprobs.index_put_((rows, column), logp.masked_fill(done, 0.0))
+        done.logical_or_(token_next == self.eos_token_id)
+        token.copy_(token_next)
+        s.offset.add_(1)
+        s.slot.add_(G)
+
+    def _compact(self, s: DecodeState) -> None:
+        """Move the prompts whose G samples have all ended out of the first ``s.active`` (a host sync)."""
+        G, n = s.layout.samples, s.active
+        keep = [p for p, ended in enumerate(s.done[: n * G].view(n, G).all(dim=1).tolist()) if not ended]
+        for new, old in enumerate(keep):
+            if new != old:  # keep is increasing, so nothing is overwritten before it moves
+                s.kv[:, :, new].copy_(s.kv[:, :, old])
+                s.start[new] = s.start[old]
+                for t in (s.token, s.next_position, s.rows, s.done):
+                    t[new * G : (new + 1) * G] = t[old * G : (old + 1) * G]
+        if s.generators is not None:
+            s.generators = [s.generators[p] for p in keep]
+        s.active = len(keep)
+
+    def _decode(self, s: DecodeState, w: DecodeWeights, params: SamplingParams) -> int:
+        """Run decode steps until every row has ended or T tokens exist; returns how many columns are filled."""
+        T, lay = params.max_new_tokens, s.layout
+        check_every = STOP_CHECK_EVERY if self.graphs is not None else 1
+        pool = self.graphs.new_pool() if self.graphs is not None else None
+        filled = 1  # column 0 came from the prefill; step j feeds column j and fills column j + 1
+        try:
+            while filled < T:
+                self._compact(s)  # a host sync: the previous bucket's graph has finished before it is dropped
+                if s.active == 0:
+                    break
+                j = filled - 1
+                steps = min((j // lay.bucket + 1) * lay.bucket, T - 1) - j
+                step = partial(self._decode_step, s, w, params, s.active, lay.span(j))
+                if self.graphs is not None and steps > 2:
+                    step = self._capture(s, step, pool).replay
+                for i in range(steps):
+                    if i and i % check_every == 0 and bool(s.done[: s.active * lay.samples].all()):
+                        return filled
+                    step()
+                    filled += 1
+            return filled
+        finally:
+            if self.graphs is not None:
+                self.graphs.synchronize()
+
+    def _capture(self, s: DecodeState, step, pool):
+        """``step`` recorded as a CUDA graph over ``s``. The graph lives until the rollout returns: a kept graph
+        would pin the KV cache and its memory pool through the policy update, which needs that memory.
+
+        The warm-up runs a real step: it draws random numbers and advances the state, so both are restored
+        before capture, and a replay then samples what the eager step would have (same seeds, same tokens).
+        """
+        generators = s.generators or []
+        saved = [t.clone() for t in s.advancing()]
+        rng = [g.get_state() for g in generators] if generators else [self.graphs.get_rng_state()]
+        self.graphs.warm_up(step)
+        for t, v in zip(s.advancing(), saved):
             t.copy_(v)
-        return graph.replay
+        if generators:
+            for g, state in zip(generators, rng):
+                g.set_state(state)
+        else:
+            self.graphs.set_rng_state(rng[0])
+        graph = self.graphs.capture(step, generators, pool)
+        # what the warm-up wrote to the cache slot and the next ids column is overwritten by the first replay
+        for t, v in zip(s.advancing(), saved):
+            t.copy_(v)
+        return graph
