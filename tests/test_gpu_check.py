@@ -32,7 +32,7 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
     counts = stages["cuda_tests"]["result"]["counts"]
     assert counts["skipped"] >= 2 and counts["failed"] == counts["error"] == 0, counts
     assert {m["method"]: m["status"] for m in stages["loss_head"]["result"]["methods"]}["torch"] == "ok"
-    assert stages["rollout"]["result"]["tables"]["rollouts"]
+    assert stages["rollout"]["result"]["tables"]["rollout"]  # the engine rows of the trainer's call
     for name in ("step_lora", "step_qlora"):
         phases = stages[name]["result"]["phases"]
         assert {p["step"] for p in phases} == {1, 2, 3}, name  # 3 steps, every phase timed
