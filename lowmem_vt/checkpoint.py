@@ -98,7 +98,7 @@ class RunLock:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                 os.close(fd)
                 if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise
+                    raise RunFolderError(f"cannot lock {path} ({exc.strerror}); use a log.output_dir on a local disk") from None
                 raise RunFolderError(
                     f"log.output_dir {folder} is in use by a live run ({holder}); wait for it to finish, stop it, "
                     "or choose another log.output_dir"

@@ -52,8 +52,8 @@ def cmd_train(args) -> int:
         print(f"stopped at once (second Ctrl-C); the last checkpoint in {cfg.log.output_dir} is intact. "
               f"Continue with: {resume_cmd}", file=sys.stderr)
         return 130
-    if trainer.interrupted_by is not None:
-        sig = trainer.interrupted_by
+    sig = trainer.interrupted_by
+    if sig is not None and trainer.step_count < trainer.total_steps:  # a signal during the last step: it finished
         print(f"interrupted by {sig.name} at step {trainer.step_count} of {trainer.total_steps}; checkpoint saved in "
               f"{cfg.log.output_dir}. Continue with: {resume_cmd}", file=sys.stderr)
         return 128 + int(sig)
@@ -136,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     except Exception as exc:
         if debug or not isinstance(exc, _user_error_types()):
             raise
