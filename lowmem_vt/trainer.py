@@ -99,8 +99,8 @@ class Trainer:
                 f"{self.dist.world_size} ranks; use a multiple of the number of processes"
             )
         # One run per folder: rank 0 locks it (refusing a folder holding another run unless resumed or overwritten)
-        self.lock = ckpt.claim_run_folder(self.out, resume=bool(resume), overwrite=overwrite) if self.dist.is_main else None
-        self._release = weakref.finalize(self, self.lock.release) if self.lock else None
+        lock = ckpt.claim_run_folder(self.out, resume=bool(resume), overwrite=overwrite) if self.dist.is_main else None
+        self._release = weakref.finalize(self, lock.release) if lock else None  # by close(), or if __init__ fails
         resumed_from = ckpt.resolve_resume(resume, self.out) if resume else None  # verified before the model loads
         # Data before the model: a broken dataset fails fast, before minutes of loading.
         self.examples, self.data_report = load_examples(cfg.data)
