@@ -19,7 +19,7 @@ from . import checkpoint as ckpt
 from .config import ModelConfig, RecipeConfig
 from .data import GENERATED_TASKS, peek_records
 from .kernels import resolve_backend
-from .model import TINY_PREFIX, lora_target_regex
+from .model import TINY_PREFIX, lora_target_regex, resolve_device
 
 QWEN2_VL = "qwen2_vl"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -42,14 +42,14 @@ def check_recipe(cfg: RecipeConfig, *, check_model: bool = True) -> None:
     check_data(cfg)
     if check_model:
         config = check_model_source(cfg.model.name_or_path, f"{f}: key 'model.name_or_path'")
-        check_lora_targets(config, cfg.lora.target_modules, f"{f}: key 'lora.target_modules'")
+        check_lora_targets(config, cfg.lora.target_modules, f)
 
 
 def check_device(name: str, where: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise PreflightError(f"{where}: 'cuda' but {why}; use train.device=cpu (or auto)")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    try:
+        return resolve_device(name)
+    except RuntimeError as exc:
+        raise PreflightError(f"{where}: {exc}") from None
 
 
 def _check_packages(cfg: RecipeConfig, device: torch.device) -> None:
@@ -137,7 +137,7 @@ def _check_model_folder(folder: Path, where: str) -> None:
         raise PreflightError(f"{where}: {folder} has no weights (*.safetensors or *.bin); copy the model's weight files into it")
 
 
-def check_lora_targets(config, target_modules: list[str], where: str) -> None:
+def check_lora_targets(config, target_modules: list[str], recipe_file: str) -> None:
     """Each LoRA target matches at least one linear of the language model (checked on the meta device)."""
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -147,4 +147,5 @@ def check_lora_targets(config, target_modules: list[str], where: str) -> None:
     known = sorted({n.rsplit(".", 1)[-1] for n in linears if re.fullmatch(lora_target_regex([r"\w+"]), n)})
     for i, target in enumerate(target_modules):
         if not any(re.fullmatch(lora_target_regex([target]), n) for n in linears):
-            raise PreflightError(f"{where}[{i}]: {target!r} matches no linear layer of the language model; known: {', '.join(known)}")
+            raise PreflightError(f"{recipe_file}: key 'lora.target_modules[{i}]': {target!r} matches no linear layer of the "
+                                 f"language model; known: {', '.join(known)}")

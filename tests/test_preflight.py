@@ -78,7 +78,7 @@ CASES = {
     "kernels: triton without CUDA": (lambda t, d: ["kernels=triton"], ["key 'kernels'", "CUDA"]),
     "output dir that is a file": (lambda t, d: [(t / "f").write_text("x") and f"log.output_dir={t / 'f'}"], ["is a file"]),
     "LoRA target matching nothing": (lambda t, d: ["lora.target_modules=[q_proj, qkv]"],
-                                     ["key 'lora.target_modules'[1]", "'qkv' matches no linear", "known: down_proj"]),
+                                     ["key 'lora.target_modules[1]'", "'qkv' matches no linear", "known: down_proj"]),
     "unknown generated task": (lambda t, d: ["data.generated_tasks=[left_right, spin]"], ["data.generated_tasks[1]", "'spin'"]),
     "data file missing a column": (lambda t, d: ["data.source=sat", f"data.path={_sat_file(t, 'no_question')}"],
                                    ["d.parquet", "no column 'question'"]),
