@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 log = logging.getLogger(__name__)
@@ -75,13 +76,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB, faithfully: 16/32-bit and float images are scaled (not clipped) to 0..255, and transparent
     pixels are composited on white (not shown in the colour hidden under them)."""
     if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        import numpy as np
-
         a = np.asarray(img, dtype=np.float64)
-        # integer modes: 16-bit full range (PNG stores 16-bit grey as I;16 or I); float: 0..1 unless larger
-        top = 1.0 if img.mode == "F" and a.size and a.max() <= 1.0 else (255.0 if img.mode == "F" else 65535.0)
-        a = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
-        return Image.fromarray(a, mode="L").convert("RGB")
+        if img.mode == "F":
+            top = 1.0 if a.size and a.max() <= 1.0 else 255.0  # float pixels: 0..1, or 0..255 when larger
+        else:
+            top = 65535.0  # integer grey: 16-bit (PNG stores 16-bit grey as I;16 or I)
+        return Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
