@@ -3,7 +3,6 @@ one line (file / key / record, and what to do) with exit status 2; ``--debug`` s
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
