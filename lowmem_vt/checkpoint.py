@@ -37,8 +37,9 @@ STATE_FILE = "trainer_state.pt"
 DONE_FILE = "COMPLETE"
 LOCK_FILE = ".lock"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-# what a folder holding a run contains (any of these)
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "recipe.yaml")
+# logs whose lines make a folder hold a run (with checkpoints); a recipe.yaml alone (a run that failed before its
+# first step) holds nothing to lose
+RUN_LOGS = ("metrics.jsonl", "samples.jsonl")
 
 
 class CheckpointError(RuntimeError):
@@ -135,11 +136,12 @@ class RunLock:
 
 
 def run_contents(folder: str | Path) -> list[str]:
-    """Names of what makes ``folder`` hold a run (logs, recipe, checkpoints); empty for a fresh folder."""
+    """Names of what makes ``folder`` hold a run (logged steps, checkpoints); empty for a fresh folder."""
     p = Path(folder)
     if not p.is_dir():
         return []
-    return sorted(x.name for x in p.iterdir() if x.name in RUN_FILES or _NAME.match(x.name) or x.name.startswith(".tmp-checkpoint-"))
+    return sorted(x.name for x in p.iterdir() if (x.name in RUN_LOGS and x.stat().st_size > 0) or _NAME.match(x.name)
+                  or x.name.startswith(".tmp-checkpoint-"))
 
 
 def check_output_dir(folder: str | Path) -> None:
@@ -248,8 +250,17 @@ def save_checkpoint(output_dir: str | Path, step: int, *, peft_model, state: dic
         os.rename(tmp, final)
     _fsync_path(out)
     for stale in list_checkpoints(out)[:-keep]:
-        shutil.rmtree(stale, ignore_errors=True)
+        _remove(stale)
     return final
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint so that a kill midway never leaves a listed checkpoint with files missing: it is
+    renamed out of the ``checkpoint-N`` namespace first (leftovers of a killed delete are removed next time)."""
+    doomed = checkpoint.with_name(".old-" + checkpoint.name)
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -236,3 +236,11 @@ def test_training_twice_in_one_folder_needs_resume_or_overwrite(tiny_dir, tmp_pa
     assert len(aside) == 1 and (aside[0] / "metrics.jsonl").read_text() == first
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1"]
     assert "--overwrite" in (ROOT / "Makefile").read_text().split("\ndemo:")[1].split("\n\n")[0]
+
+
+def test_folder_of_a_run_that_failed_before_its_first_step_is_reusable(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "recipe.yaml").write_text("x: 1\n")
+    (out / "metrics.jsonl").write_text("")
+    ckpt.claim_run_folder(out, resume=False).release()
