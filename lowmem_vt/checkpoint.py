@@ -8,8 +8,8 @@ aside to ``<folder>.old-<time>``, never deleted).
 A checkpoint (adapter in peft format + optimizer + scheduler + RNG + data cursor) is written into
 ``.tmp-checkpoint-N``: every file is fsynced, then the folder, then ``COMPLETE`` records each file's size
 and SHA-256; only then is it renamed to ``checkpoint-N``. A kill or power cut leaves at worst a temporary
-folder (ignored) and the previous checkpoints untouched; ``verify_checkpoint`` finds any damage after the
-fact. ``trainer_state.pt`` holds only tensors and plain Python types and is loaded with
+folder (ignored, removed by the next save) and the previous checkpoints untouched; ``verify_checkpoint`` finds
+any damage after the fact. ``trainer_state.pt`` holds only tensors and plain Python types and is loaded with
 ``weights_only=True``: loading a checkpoint cannot run code.
 """
 
@@ -221,8 +221,8 @@ def save_checkpoint(output_dir: str | Path, step: int, *, peft_model, state: dic
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"checkpoint-{step}"
     tmp = out / f".tmp-checkpoint-{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for leftover in [*out.glob(".tmp-checkpoint-*"), *out.glob(".old-checkpoint-*")]:  # of a killed save or delete
+        shutil.rmtree(leftover, ignore_errors=True)  # (the folder's lock makes this process its only writer)
     tmp.mkdir()
     peft_model.save_pretrained(str(tmp / "adapter"))
     torch.save(state, tmp / STATE_FILE)
@@ -256,9 +256,8 @@ def save_checkpoint(output_dir: str | Path, step: int, *, peft_model, state: dic
 
 def _remove(checkpoint: Path) -> None:
     """Delete a checkpoint so that a kill midway never leaves a listed checkpoint with files missing: it is
-    renamed out of the ``checkpoint-N`` namespace first (leftovers of a killed delete are removed next time)."""
+    renamed out of the ``checkpoint-N`` namespace first (leftovers of a killed delete go at the next save)."""
     doomed = checkpoint.with_name(".old-" + checkpoint.name)
-    shutil.rmtree(doomed, ignore_errors=True)
     os.rename(checkpoint, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
