@@ -17,8 +17,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# --overwrite: each demo replaces the previous demo run (moved aside to out/demo.old-<time>, not deleted)
 demo: $(STAMP)
-	$(BIN)/python train.py recipes/demo_tiny.yaml
+	$(BIN)/python train.py recipes/demo_tiny.yaml --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -1,12 +1,30 @@
-"""``lowmem-vt`` command line: train, plot, build-tiny (and the subcommands other modules register)."""
+"""``lowmem-vt`` command line: train, plot, build-tiny (and the subcommands other modules register).
+
+A user error (a recipe key, a data file, a model folder, a checkpoint, the run folder) is printed as one
+``error:`` line with exit status 2; ``--debug``, anywhere on the line, shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 
-from .config import ConfigError, load_config
+# The exception types whose messages are written for users: (module, class). Looked up in sys.modules, so a
+# command that never imported a module (plot never imports torch) does not pay for importing it here.
+USER_ERRORS = (
+    ("lowmem_vt.config", "ConfigError"),
+    ("lowmem_vt.data", "DataError"),
+    ("lowmem_vt.checkpoint", "CheckpointError"),
+    ("lowmem_vt.checkpoint", "RunFolderError"),
+    ("lowmem_vt.preflight", "PreflightError"),
+    ("lowmem_vt.plot", "PlotError"),
+)
+
+
+def _user_error_types() -> tuple[type, ...]:
+    return tuple(getattr(sys.modules[m], c) for m, c in USER_ERRORS if m in sys.modules)
 
 
 def _setup_logging() -> None:
@@ -16,25 +34,40 @@ def _setup_logging() -> None:
 
 
 def cmd_train(args) -> int:
+    from .config import load_config
     from .trainer import Trainer, TrainingStopped
 
+    if args.resume and args.overwrite:
+        print("error: --resume continues the run in log.output_dir and --overwrite moves it aside: give one of them", file=sys.stderr)
+        return 2
     cfg = load_config(args.recipe, args.overrides)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    resume_cmd = shlex.join(["lowmem-vt", "train", args.recipe, *args.overrides, "--resume", "latest"])
     try:
-        trainer = Trainer(cfg, resume=args.resume)
         last = trainer.train()
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without saving
+        print(f"stopped at once (second Ctrl-C); the last checkpoint in {cfg.log.output_dir} is intact. "
+              f"Continue with: {resume_cmd}", file=sys.stderr)
+        return 130
+    sig = trainer.interrupted_by
+    if sig is not None and trainer.step_count < trainer.total_steps:  # a signal during the last step: it finished
+        print(f"interrupted by {sig.name} at step {trainer.step_count} of {trainer.total_steps}; checkpoint saved in "
+              f"{cfg.log.output_dir}. Continue with: {resume_cmd}", file=sys.stderr)
+        return 128 + int(sig)
     if last:
         print(f"done: step {last['step']}, reward {last['reward']:.3f}, outputs in {cfg.log.output_dir}")
     return 0
 
 
 def cmd_plot(args) -> int:
-    from .plot import plot_metrics
+    from .plot import plot_metrics, resolve_metrics_path
 
-    out = args.out or str(__import__("pathlib").Path(args.metrics).parent / "plots")
-    for p in plot_metrics(args.metrics, out, smoothing=args.smoothing):
+    metrics = resolve_metrics_path(args.metrics)
+    out = args.out or str(metrics.parent / "plots")
+    for p in plot_metrics(metrics, out, smoothing=args.smoothing):
         print(p)
     return 0
 
@@ -48,16 +81,17 @@ def cmd_build_tiny(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowmem-vt", description="Memory-efficient R1-Zero GRPO for Qwen2-VL")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (may be given anywhere)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train with a recipe: lowmem-vt train recipes/sat_lora.yaml [key.sub=value ...]")
     add_train_args(t)
     t.set_defaults(func=cmd_train)
 
-    pl = sub.add_parser("plot", help="PNG plots from a metrics.jsonl")
+    pl = sub.add_parser("plot", help="PNG plots from a metrics.jsonl (or a run folder holding one)")
     pl.add_argument("metrics")
     pl.add_argument("--out", default=None, help="folder (default: plots/ beside the metrics)")
-    pl.add_argument("--smoothing", type=float, default=0.8)
+    pl.add_argument("--smoothing", type=float, default=0.8, help="weight of the past in the moving average, in [0, 1)")
     pl.set_defaults(func=cmd_plot)
 
     b = sub.add_parser("build-tiny", help="write the tiny offline Qwen2-VL (model, tokenizer, processor config)")
@@ -73,6 +107,8 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("recipe", help="a recipes/*.yaml file")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.learning_rate=1e-5")
     t.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    t.add_argument("--overwrite", action="store_true",
+                   help="log.output_dir holds a finished or abandoned run: move it aside to <dir>.old-<time> (never deleted) and start afresh")
 
 
 def _extra_commands():
@@ -93,11 +129,21 @@ def _extra_commands():
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     _setup_logging()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug or not isinstance(exc, _user_error_types()):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

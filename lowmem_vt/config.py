@@ -15,7 +15,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import re
+
 import yaml
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2 numbers: ``1e-5`` is a float (YAML 1.1, PyYAML's default, reads it as a string)."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)
 
 
 class ConfigError(ValueError):
@@ -232,13 +250,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        # YAML reads 1e-5 as a string (no dot); accept it as the number a user means
-        if isinstance(value, str):
-            try:
-                value = float(value) if any(c in value.lower() for c in ".e") else value
-            except ValueError:
-                pass
+        value = yaml_load(raw) if raw != "" else ""
         out.append((key.strip(), value))
     return out
 
@@ -252,7 +264,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"recipe file not found: {file}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml_load(p.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
         if loaded is None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,13 @@ def join_options(options: list[str]) -> str:
     return ", ".join(options[:-1]) + " or " + options[-1]
 
 
+# the sentence that lists the options; prompt truncation keeps it whole (see inputs.InputBuilder)
+OPTIONS_SENTENCE = " Choose between the following options: "
+SAT_COLUMNS = ("image_bytes", "question", "answers", "correct_answer")
+
+
 def sat_question(question: str, options: list[str]) -> str:
-    return f"Answer in natural language. {question} Choose between the following options: {join_options(options)}"
+    return f"Answer in natural language. {question}{OPTIONS_SENTENCE}{join_options(options)}"
 
 
 def build_prompt_text(question: str) -> str:
@@ -66,10 +72,27 @@ def build_prompt_text(question: str) -> str:
 # ------------------------------------------------------------------------------------------- decoding
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB, faithfully: 16/32-bit and float images are scaled (not clipped) to 0..255, and transparent
+    pixels are composited on white (not shown in the colour hidden under them)."""
+    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            top = 1.0 if a.size and a.max() <= 1.0 else 255.0  # float pixels: 0..1, or 0..255 when larger
+        else:
+            top = 65535.0  # integer grey: 16-bit (PNG stores 16-bit grey as I;16 or I)
+        return Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def decode_image(value: Any, image_dir: str = "") -> Image.Image:
     """An image from SAT's ``image_bytes`` cell (bytes, {'bytes': ...}, {'path': ...}) or a file name."""
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return to_rgb(value)
     if isinstance(value, dict):
         if value.get("bytes"):
             value = value["bytes"]
@@ -87,7 +110,7 @@ def decode_image(value: Any, image_dir: str = "") -> Image.Image:
     else:
         raise DataError(f"unsupported image value of type {type(value).__name__}")
     img.load()
-    return img.convert("RGB")
+    return to_rgb(img)
 
 
 def record_to_example(
@@ -114,6 +137,8 @@ def record_to_example(
     question = str(record["question"]).strip()
     if not question:
         raise DataError(f"{where}: empty question")
+    if not isinstance(record["answers"], (list, tuple)):
+        raise DataError(f"{where}: 'answers' is {type(record['answers']).__name__} {record['answers']!r}; expected a list of option texts")
     options = [str(a) for a in record["answers"]]
     if len(options) < 2:
         raise DataError(f"{where}: fewer than two answer options")
@@ -136,42 +161,104 @@ def record_to_example(
     return Example(uid, image, sat_question(question, options), options, answer, {"raw_question": question})
 
 
-def read_table(path: Path) -> list[dict]:
+def read_table(path: Path, limit: int | None = None) -> list[dict]:
+    """The records of one .parquet / .json / .jsonl file (the first ``limit`` if given). Raises DataError
+    naming the file (and line) for an empty, unreadable or malformed file."""
+    if path.suffix not in (".parquet", ".json", ".jsonl"):
+        raise DataError(f"unsupported data file {path}; expected .parquet, .json or .jsonl")
+    if path.stat().st_size == 0:
+        raise DataError(f"data file {path} is empty")
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            if limit is None:
+                return pq.read_table(path).to_pylist()
+            batch = next(pq.ParquetFile(path).iter_batches(batch_size=limit), None)
+            return [] if batch is None else batch.to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"data file {path} is not a readable parquet file ({type(exc).__name__}: {exc}); "
+                            "re-export it, or point data.path at the right file") from None
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix == ".json":
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path} line {n}: not valid JSON ({exc.msg}, column {exc.colno}); fix or remove that line") from None
+            if limit is not None and len(rows) >= limit:
+                break
+        return rows
+    try:
         data = json.loads(path.read_text())
-        return data if isinstance(data, list) else data.get("data", [])
-    raise DataError(f"unsupported data file {path}; expected .parquet, .json or .jsonl")
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg}); fix the file") from None
+    rows = data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else []
+    return rows[:limit] if limit is not None else rows
+
+
+def _local_files(p: Path, data_file: str) -> list[Path]:
+    if p.is_file():
+        return [p]
+    f = p / data_file
+    files = [f] if f.is_file() else sorted(x for x in p.iterdir() if x.suffix in (".parquet", ".json", ".jsonl"))
+    if not files:
+        raise DataError(f"no {data_file} or .parquet/.json/.jsonl files in {p}")
+    return files
+
+
+def peek_records(data_cfg, n: int = 8) -> None:
+    """A local dataset's first file has SAT's columns and at least one of its first ``n`` records is usable;
+    raises DataError naming the file, the missing column or the first record's problem."""
+    f = _local_files(Path(os.path.expanduser(data_cfg.path)), data_cfg.data_file)[0]
+    rows = read_table(f, limit=n)
+    if not rows:
+        raise DataError(f"data file {f} holds no records")
+    if f.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        columns = pq.read_schema(f).names
+    else:
+        columns = list(rows[0]) if isinstance(rows[0], dict) else []
+    for col in SAT_COLUMNS:
+        if col not in columns:
+            raise DataError(f"data file {f}: no column {col!r} (it has: {', '.join(map(str, columns)) or 'none'}); "
+                            f"SAT's schema needs {', '.join(SAT_COLUMNS)}")
+    first = None
+    for i, rec in enumerate(rows):
+        try:
+            record_to_example(rec, i, rng=random.Random(0), shuffle_options=False, max_pixels=data_cfg.max_pixels,
+                              image_dir=data_cfg.image_dir)
+            return
+        except DataError as exc:
+            first = first or exc
+    raise DataError(f"data file {f}: none of the first {len(rows)} records is usable; {first}")
 
 
 def read_sat_records(path: str, data_file: str, max_samples: int) -> list[dict]:
     """Raw records from a local file/folder or, for an ``owner/name`` hub id, through ``datasets``."""
     p = Path(os.path.expanduser(path))
-    if p.is_file():
-        return read_table(p)[: max_samples * 2]
-    if p.is_dir():
-        f = p / data_file
-        files = [f] if f.is_file() else sorted(x for x in p.iterdir() if x.suffix in (".parquet", ".json", ".jsonl"))
-        if not files:
-            raise DataError(f"no {data_file} or .parquet/.json/.jsonl files in {p}")
+    if p.exists():
         rows: list[dict] = []
-        for f in files:
+        for f in _local_files(p, data_file):
             rows.extend(read_table(f))
-        return rows
+        return rows[: max_samples * 2] if p.is_file() else rows
     from datasets import load_dataset  # only the hub path needs it
 
     # streaming: read only as many rows as needed from a large parquet (SAT is ~175k rows)
-    ds = load_dataset(path, data_files=data_file, split="train", streaming=True)
     rows = []
-    for row in ds:
-        rows.append(row)
-        if len(rows) >= max_samples * 2:  # headroom for multi-image rows skipped below
-            break
+    try:
+        ds = load_dataset(path, data_files=data_file, split="train", streaming=True)
+        for row in ds:
+            rows.append(row)
+            if len(rows) >= max_samples * 2:  # headroom for multi-image rows skipped below
+                break
+    except Exception as exc:  # noqa: BLE001 -- hub, network and format errors come in many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"data.path {path!r}: could not read the hub dataset ({type(exc).__name__}: {first[:160]}); "
+                        "check the id and the network, or point data.path at a local parquet/JSON file") from None
     return rows
 
 
@@ -247,7 +334,7 @@ def generate_sat_records(n: int, *, size: int = 112, tasks: list[str] | None = N
     tasks = tasks or ["left_right", "above_below", "closer", "count"]
     unknown = set(tasks) - set(GENERATED_TASKS)
     if unknown:
-        raise ValueError(f"unknown generated task(s) {sorted(unknown)}")
+        raise DataError(f"unknown generated task(s) {sorted(unknown)}; known: {', '.join(GENERATED_TASKS)}")
     rng = random.Random(seed)
     records = []
     for i in range(n):

@@ -3,18 +3,24 @@
 Why not ``Qwen2VLProcessor``: it cannot be constructed without torchvision (transformers 5.x), and owning
 this step is how padding and truncation are kept from corrupting image tokens:
 - each ``<|image_pad|>`` is expanded into grid_t·grid_h·grid_w / merge² tokens;
-- prompt truncation shortens the question text only, never the image block or the template;
+- prompt truncation shortens the question text only, never the image block or the template, and cuts
+  the question's middle: its start and the sentence listing the answer options are kept;
 - M-RoPE positions are computed per prompt, unpadded, and carried with it, so no padding side can shift
   them; completion token j of a prompt sits at position ``next_position + j`` in all three axes.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from .data import IMAGE_PLACEHOLDER, R1_ZERO_TEMPLATE, DataError
+from .data import IMAGE_PLACEHOLDER, OPTIONS_SENTENCE, R1_ZERO_TEMPLATE, DataError
+
+log = logging.getLogger(__name__)
+
+ELLIPSIS = " … "  # marks where a truncated question was cut
 
 
 @dataclass
@@ -83,6 +89,7 @@ class InputBuilder:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         head, tail = R1_ZERO_TEMPLATE.split("{question}")
         self._head, self._tail = IMAGE_PLACEHOLDER + head, tail
+        self.truncated_prompts = 0  # prompts whose question was shortened to fit max_prompt_length
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -106,9 +113,30 @@ class InputBuilder:
                     f"the prompt needs {len(head) - 1 + n_image + len(tail)} tokens for the image ({n_image} tokens) and "
                     f"the template alone, over grpo.max_prompt_length {self.max_prompt_length}: raise it or lower data.max_pixels"
                 )
-            ids = head + self._ids(question)[:room] + tail
+            ids = head + self._shorten(question, room) + tail
             truncated = True
+            self.truncated_prompts += 1
+            if self.truncated_prompts == 1:
+                log.warning(
+                    "a prompt is longer than grpo.max_prompt_length (%d tokens): its question was shortened in the middle "
+                    "(the answer options are kept). Raise grpo.max_prompt_length to avoid this; further cases are only "
+                    "counted (metric prompts_truncated)", self.max_prompt_length)
         return self._expand(ids, pixel_values, grid, n_image, truncated)
+
+    def _shorten(self, question: str, room: int) -> list[int]:
+        """The question's tokens cut to ``room`` by removing its middle: the options sentence (if any) is kept
+        whole when it fits, the rest of the room goes to the question's start."""
+        k = question.rfind(OPTIONS_SENTENCE)
+        before, after = (question[:k], question[k:]) if k >= 0 else (question, "")
+        b, a, mark = self._ids(before), self._ids(after), self._ids(ELLIPSIS)
+        if len(b) + len(a) <= room:
+            return b + a
+        if not a:  # no options sentence: keep the start and the end of the question
+            keep = max(0, room - len(mark))
+            return (b[: keep - keep // 2] + mark + b[len(b) - keep // 2 :]) if keep else b[:room]
+        if len(a) + len(mark) > room:  # the options alone do not fit: keep as much of them as fits, from the end
+            return a[len(a) - room :] if room else []
+        return b[: room - len(a) - len(mark)] + mark + a
 
     def _expand(self, ids: list[int], pixel_values, grid, n_image: int, truncated: bool) -> PromptInputs:
         if ids.count(self.image_token_id) != 1:

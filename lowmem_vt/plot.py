@@ -6,6 +6,11 @@ from pathlib import Path
 
 from .metrics import read_metrics
 
+
+class PlotError(ValueError):
+    """An argument that cannot be plotted; the message says which and why."""
+
+
 PANELS = [
     ("reward", "total reward"),
     ("rewards/", "reward per function"),
@@ -17,7 +22,9 @@ PANELS = [
 
 
 def smooth(values: list[float], alpha: float) -> list[float]:
-    """Exponential moving average (alpha = weight of the past), skipping missing values."""
+    """Exponential moving average (alpha = weight of the past, in [0, 1)), skipping missing values."""
+    if not 0 <= alpha < 1:
+        raise PlotError(f"smoothing must be in [0, 1) (the weight of the past in the moving average, e.g. 0.8), got {alpha}")
     out, acc = [], None
     for v in values:
         if v is None:
@@ -33,14 +40,21 @@ def plot_metrics(metrics_path: str | Path, out_dir: str | Path, smoothing: float
 
     Each series is drawn twice in one color: the raw values faint, their moving average (``smoothing``) solid.
     """
+    metrics_path = resolve_metrics_path(metrics_path)
+    smooth([], smoothing)  # a bad smoothing fails before any drawing
+    rows = read_metrics(metrics_path)
+    if not rows:
+        raise PlotError(f"{metrics_path} holds no metrics (empty, or no complete line)")
+    if any("completion" in r for r in rows[:5]):
+        raise PlotError(f"{metrics_path} is a samples log (completions), not metrics; plot the metrics.jsonl beside it")
+    if not all(isinstance(r.get("step"), (int, float)) for r in rows):
+        raise PlotError(f"{metrics_path} is not a metrics.jsonl written by lowmem-vt train (a line has no 'step')")
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_path)
-    if not rows:
-        raise ValueError(f"{metrics_path} holds no metrics")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = [r["step"] for r in rows]
@@ -82,3 +96,15 @@ def plot_metrics(metrics_path: str | Path, out_dir: str | Path, smoothing: float
     plt.close(fig_all)
     written.append(overview)
     return written
+
+
+def resolve_metrics_path(path: str | Path) -> Path:
+    """The metrics file itself, or ``metrics.jsonl`` inside a run folder; PlotError if there is none."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "metrics.jsonl").is_file():
+            return p / "metrics.jsonl"
+        raise PlotError(f"{p} is a folder without metrics.jsonl; give a metrics.jsonl or a run folder (log.output_dir)")
+    if not p.is_file():
+        raise PlotError(f"{p}: no such file; give a metrics.jsonl or a run folder (log.output_dir)")
+    return p

@@ -10,6 +10,7 @@ import math
 import random
 import signal
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
+from . import preflight
 from .config import RecipeConfig, to_dict
 from .data import DataError, Example, load_examples
 from .distributed import init_from_env, wrap_policy
@@ -26,7 +28,7 @@ from .inputs import InputBuilder, PromptInputs, build_sequences
 from .kernels import fused_grpo_loss, resolve_backend, token_logprobs
 from .metrics import MetricsWriter, format_summary, run_summary
 from .model import LoadedModel, image_embeddings, load_model, resolve_device, sequence_hidden, trainable_parameters
-from .reporting import Reporters, check_reporters
+from .reporting import Reporters
 from .rewards import compute_rewards, reflection_rate
 from .rollout import SamplingParams, make_rollout
 
@@ -82,10 +84,11 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
 
 
 class Trainer:
-    def __init__(self, cfg: RecipeConfig, *, resume: str | None = None, lm: LoadedModel | None = None):
+    def __init__(self, cfg: RecipeConfig, *, resume: str | None = None, overwrite: bool = False, lm: LoadedModel | None = None):
         self.cfg = cfg
         self.out = Path(cfg.log.output_dir)
-        check_reporters(cfg.log.report_to)  # a missing TensorBoard / W&B is reported before minutes of loading
+        # everything checkable before loading the model, in one place shared with the CLI (raises PreflightError)
+        preflight.check_recipe(cfg, check_model=lm is None)
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
         self.dist = init_from_env(self.device.type)
@@ -96,6 +99,10 @@ class Trainer:
                 f"{cfg.source_file}: key 'train.prompts_per_step': {cfg.train.prompts_per_step} prompts do not split over "
                 f"{self.dist.world_size} ranks; use a multiple of the number of processes"
             )
+        # One run per folder: rank 0 locks it (refusing a folder holding another run unless resumed or overwritten)
+        lock = ckpt.claim_run_folder(self.out, resume=bool(resume), overwrite=overwrite) if self.dist.is_main else None
+        self._release = weakref.finalize(self, lock.release) if lock else None  # by close(), or if __init__ fails
+        resumed_from = ckpt.resolve_resume(resume, self.out) if resume else None  # verified before the model loads
         # Data before the model: a broken dataset fails fast, before minutes of loading.
         self.examples, self.data_report = load_examples(cfg.data)
         self.steps_per_epoch = len(self.examples) // cfg.train.prompts_per_step
@@ -131,16 +138,13 @@ class Trainer:
         self._interrupt: int | None = None
         self._updated = False
         self._bad_total = 0  # skipped steps over the whole run (kept in checkpoints)
-        resumed_from = None
-        if resume:
-            resumed_from = ckpt.resolve_resume(resume, self.out)
+        if resumed_from:
             self._restore(resumed_from)
-        self.samples_path = self.out / "samples.jsonl"
         self.recipe_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-        self.metrics = None
-        self.reporters = None
-        if self.dist.is_main:  # one writer: rank 0 logs and saves
+        self.metrics = self.samples = self.reporters = None
+        if self.dist.is_main:  # one writer: rank 0 logs and saves; lines after the resumed step are dropped
             self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.step_count if resume else None)
+            self.samples = MetricsWriter(self.out / "samples.jsonl", resume_step=self.step_count if resume else None)
             (self.out / "recipe.yaml").write_text(self.recipe_text)
             if cfg.log.report_to:
                 self.reporters = Reporters(cfg.log.report_to, self.out, resume_step=self.step_count if resume else None,
@@ -284,8 +288,8 @@ class Trainer:
         reflect = reflection_rate(texts, cfg.rewards.reflection_words)
         per_func = {k: self.dist.gather(torch.tensor(v, dtype=torch.float64)).tolist() for k, v in per_func.items()}
         rewards = self.dist.gather(rewards)
-        vision_calls, n_prompts, reflect_sum = self.dist.sum(
-            [self.lm.vision_calls[0] - vision_before, len(batch.prompts), reflect * B])
+        vision_calls, n_prompts, reflect_sum, truncated = self.dist.sum(
+            [self.lm.vision_calls[0] - vision_before, len(batch.prompts), reflect * B, sum(p.truncated for p in batch.prompts)])
         grouped = rewards.view(-1, G)
         m = {
             "step": self.step_count,
@@ -309,6 +313,7 @@ class Trainer:
             "step_time_s": elapsed,
             "vision_forward_calls": int(vision_calls),
             "prompts": int(n_prompts),
+            "prompts_truncated": int(truncated),
             "skipped_step": skipped,
             "bad_steps_total": self._bad_total + int(skipped),
             "data_skipped": self.data_report.as_metrics()["data_skipped"] + self.skipped_records,
@@ -388,6 +393,19 @@ class Trainer:
         self._interrupt = signum
         log.warning("%s received: saving a checkpoint and stopping (again to stop at once)", signal.Signals(signum).name)
 
+    @property
+    def interrupted_by(self) -> signal.Signals | None:
+        """The signal (SIGINT/SIGTERM) that stopped ``train()`` early, if one did."""
+        return None if self._interrupt is None else signal.Signals(self._interrupt)
+
+    def close(self) -> None:
+        """Close the logs and release the run folder's lock (``train()`` does this when it returns)."""
+        for w in (self.metrics, self.samples, self.reporters):
+            if w is not None:
+                w.close()
+        if self._release is not None:
+            self._release()
+
     def train(self, until_step: int | None = None) -> dict | None:
         """Run to the end, to ``until_step`` (then save) or to an interruption; returns the last step's metrics."""
         from tqdm.auto import tqdm
@@ -434,10 +452,7 @@ class Trainer:
                     return last
         finally:
             bar.close()
-            if self.metrics is not None:
-                self.metrics.close()
-            if self.reporters is not None:
-                self.reporters.close()
+            self.close()
             for s, h in old.items():
                 signal.signal(s, h)
         if self.cfg.log.plot and self.step_count == self.total_steps and self.dist.is_main:
@@ -449,12 +464,9 @@ class Trainer:
         return last
 
     def _log_sample(self, bar) -> None:
-        import json
-
         texts, answers, rewards = self._last_texts
         rec = {"step": self.step_count, "answer": answers[0], "reward": rewards[0], "completion": texts[0]}
-        with open(self.samples_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        self.samples.write(rec)
         if self.reporters is not None:
             self.reporters.sample(rec)
         bar.write(f"[step {self.step_count}] reward {rewards[0]:.1f} answer={answers[0]!r}: <think>{texts[0][:300]!r}")

@@ -7,6 +7,7 @@ import pytest
 
 from lowmem_vt.config import ConfigError
 from lowmem_vt.metrics import read_metrics
+from lowmem_vt.preflight import PreflightError
 from lowmem_vt.reporting import check_reporters
 from lowmem_vt.trainer import Trainer
 
@@ -63,7 +64,7 @@ def test_missing_reporter_is_one_clear_error_before_loading(recipe_factory, monk
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError, match="pip install wandb"):
         check_reporters(["tensorboard", "wandb"])
-    with pytest.raises(ConfigError, match="log.report_to"):
+    with pytest.raises(PreflightError, match="log.report_to.*pip install wandb"):  # before the model loads
         Trainer(recipe_factory(**{"log.report_to": "[wandb]"}))
     with pytest.raises(ConfigError, match="log.report_to"):
         recipe_factory(**{"log.report_to": "[mlflow]"})
