@@ -123,6 +123,7 @@ def test_qlora_trains_where_bitsandbytes_packs_nf4_for_cpu_inference(recipe_fact
     # a checkpoint saved while a weight is packed loads and trains on (bitsandbytes unpacks on save)
     q.weight.data, q.weight.quant_state = _convert_weight_packed_for_cpu(q.weight.data, q.weight.quant_state)
     path = tr.save()
+    tr.close()  # releases the run folder's lock
     resumed = Trainer(recipe_factory(**over), resume=str(path))
     assert resumed.step_count == 2 and resolve_resume("latest", tr.out) == path
     for n, p in resumed.lm.peft_model.named_parameters():
