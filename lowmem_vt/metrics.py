@@ -58,10 +58,12 @@ def run_summary(out_dir: str | Path, n: int = 5) -> dict:
         return sum(vals) / len(vals) if vals else None
 
     first, last = rows[:n], rows[-n:]
+    start = {k: rows[0].get(k) for k, _ in SUMMARY_KEYS} if rows else {}
     samples = read_metrics(out / "samples.jsonl") if (out / "samples.jsonl").is_file() else []
     return {
         "steps": [rows[0]["step"], rows[-1]["step"]] if rows else [],
         "n": n,
+        "start": start,
         "first": {k: mean(first, k) for k, _ in SUMMARY_KEYS},
         "last": {k: mean(last, k) for k, _ in SUMMARY_KEYS},
         "sample_before": samples[0] if samples else None,
@@ -75,11 +77,12 @@ def format_summary(summary: dict) -> str:
     if not summary["steps"]:
         return "no steps logged"
     n = summary["n"]
-    lines = [f"steps {summary['steps'][0]}-{summary['steps'][1]}: mean of the first {n} -> mean of the last {n}"]
+    first, last = summary["steps"]
+    lines = [f"{'steps %d-%d' % (first, last):<30}{'step %d' % first:>9} {'first %d' % n:>9}    {'last %d' % n:>7}  (means)"]
     for key, name in SUMMARY_KEYS:
-        a, b = summary["first"][key], summary["last"][key]
+        s, a, b = summary["start"][key], summary["first"][key], summary["last"][key]
         if a is not None and b is not None:
-            lines.append(f"  {name:<18} {a:7.3f} -> {b:7.3f}")
+            lines.append(f"  {name:<28} {s:9.3f} {a:9.3f} -> {b:7.3f}")
     for label, s in (("before", summary["sample_before"]), ("after", summary["sample_after"])):
         if s:
             lines.append(f"  sample {label} (step {s['step']}, answer {s['answer']!r}, reward {s['reward']:.1f}): "
