@@ -3,6 +3,10 @@
 ``chunked_logprobs`` / ``token_logprobs``: log-probs of chosen tokens from hidden states without the
 [N, V] logits. ``fused_grpo_loss``: the GRPO + KL loss of ``lowmem_vt.grpo`` computed in the same passes.
 Every entry point takes ``backend="triton" | "torch"``; ``resolve_backend`` turns a config's "auto" into one.
+
+The Triton launches sit behind torch custom ops (``torch.ops.lowmem_vt.*``) with fake implementations, so
+the loss head runs under ``FakeTensorMode`` (memory simulation: shapes only, nothing launched) and inside
+``torch.compile`` graphs.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from .chunked_logprobs import (
     BACKWARD_TILES,
     FORWARD_TILES,
     Tiles,
+    check_targets,
     chunked_logprobs,
     chunked_logprobs_reference,
     token_logprobs,
@@ -44,6 +49,7 @@ __all__ = [
     "BACKWARD_TILES",
     "FORWARD_TILES",
     "Tiles",
+    "check_targets",
     "chunked_logprobs",
     "chunked_logprobs_reference",
     "fused_grpo_loss",

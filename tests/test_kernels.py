@@ -292,3 +292,131 @@ def test_bf16_on_cuda(seed, loss_type):
 
     logp_only = chunked_logprobs(inputs["hidden"].view(B * T, H), inputs["weight"], inputs["targets"].view(-1), 0.9)
     assert rel_err(logp_only, logp_ref.view(-1)) < 1e-4, f"seed={seed}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# custom ops: fake tensors, torch.compile, opcheck; targets and padding
+# ----------------------------------------------------------------------------------------------------
+
+
+def _forbid_launches(monkeypatch):
+    """Make every Triton kernel of the package raise if launched."""
+    import lowmem_vt.kernels.chunked_logprobs as cl
+    import lowmem_vt.kernels.grpo_loss as gl
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("a Triton kernel was launched under FakeTensorMode")
+
+    for module in (cl, gl):
+        for name in dir(module):
+            if name.startswith("_") and name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, NoLaunch())
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_loss_head_under_fake_tensor_mode(monkeypatch, weight_grad):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _forbid_launches(monkeypatch)
+    B, T, H, V = 8, 1024, 1536, 151_936  # the real head: fake tensors cost no memory
+    with FakeTensorMode():
+        hidden = torch.empty(B, T, H, dtype=torch.bfloat16, requires_grad=True)
+        weight = torch.empty(V, H, dtype=torch.bfloat16, requires_grad=weight_grad)
+        targets = torch.zeros(B, T, dtype=torch.long)
+        mask = torch.ones(B, T)
+        old_logp, ref_logp = torch.zeros(B, T), torch.zeros(B, T)
+        counts = LossCounts(num_sequences=B, num_tokens=float(B * T), max_completion_length=T)
+        loss, stats, logp = fused_grpo_loss(
+            hidden, weight, targets, mask, torch.zeros(B), old_logp, ref_logp,
+            beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="grpo", counts=counts, backend="triton",
+        )
+        loss.backward()
+        ref = token_logprobs(hidden.detach(), weight.detach(), targets, backend="triton")
+        only = chunked_logprobs(hidden.detach().view(B * T, H), weight.detach(), targets.view(-1), backend="triton")
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert logp.shape == (B, T) and ref.shape == (B, T) and only.shape == (B * T,)
+    assert set(stats) == {"kl_sum", "clipped_tokens", "tokens"} and all(v.shape == () for v in stats.values())
+    assert hidden.grad.shape == (B, T, H) and hidden.grad.dtype == torch.bfloat16
+    if weight_grad:
+        assert weight.grad.shape == (V, H) and weight.grad.dtype == torch.bfloat16
+    else:
+        assert weight.grad is None
+
+
+def test_loss_head_under_torch_compile(seed):
+    """The ops trace into one graph (fullgraph) through their fake implementations and give eager's results."""
+    torch._dynamo.reset()
+    B, T, H, V = 3, 7, 32, 90
+    inputs = grpo_inputs(B, T, H, V, with_old=True, with_ref=True)
+    counts = LossCounts(num_sequences=B, num_tokens=float(inputs["mask"].sum()), max_completion_length=T)
+    tiles = replace(SMALL, v_splits=2)
+
+    def step(hidden):
+        loss, stats, logp = fused_grpo_loss(
+            **{**inputs, "hidden": hidden}, beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="bnpo",
+            counts=counts, backend="triton", forward_tiles=tiles, backward_tiles=tiles,
+        )
+        return loss, stats["kl_sum"], logp
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        h = inputs["hidden"].clone().requires_grad_(True)
+        loss, kl_sum, logp = fn(h)
+        loss.backward()
+        results.append((loss.detach(), kl_sum, logp, h.grad))
+    for eager, traced in zip(*results):
+        assert torch.allclose(eager, traced, rtol=1e-6, atol=0), f"seed={seed}"
+
+
+def test_custom_ops_opcheck(seed):
+    """torch.library.opcheck: schema, fake implementation against the real one, autograd registration."""
+    N, H, V = 20, 16, 40
+    hidden, weight, targets = make_head(N, H, V)
+    tiles = replace(SMALL, v_splits=2).as_list()
+    h = hidden.clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.lowmem_vt.streaming_logprobs, (h, weight, targets, 0.9, tiles, tiles))
+    lse = chunked_logprobs_reference(hidden, weight, targets) * 0  # any [N] fp32 will do for the shape checks
+    torch.library.opcheck(
+        torch.ops.lowmem_vt.streaming_logprobs_backward,
+        (hidden, weight, targets, lse, torch.randn(N), 1.0, tiles, True, False),
+    )
+    adv, w = torch.randn(4), torch.rand(N)
+    torch.library.opcheck(
+        torch.ops.lowmem_vt.streaming_grpo_loss,
+        (h, weight, targets, adv, torch.randn(N), None, w, 5, 0.04, 0.8, 1.28, 1.0, tiles, tiles),
+    )
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("bad", [-1, 40])
+def test_targets_out_of_range_raise(backend, bad):
+    B, T, H, V = 2, 5, 16, 40
+    inputs = grpo_inputs(B, T, H, V, with_old=False, with_ref=True)
+    inputs["targets"][1, 3] = bad
+    counts = LossCounts(num_sequences=B, num_tokens=float(B * T), max_completion_length=T)
+    with pytest.raises(ValueError, match=r"targets must be token ids in \[0, 40\).*\[" + str(bad)):
+        fused_grpo_loss(**inputs, beta=0.04, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo", counts=counts,
+                        backend=backend, forward_tiles=SMALL, backward_tiles=SMALL)
+    with pytest.raises(ValueError, match="targets must be token ids"):
+        token_logprobs(inputs["hidden"], inputs["weight"], inputs["targets"], backend=backend, forward_tiles=SMALL)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_padding_never_inf_or_nan(seed, backend):
+    """Padded tokens with absurd old / ref log-probs (exp would overflow) leave loss and gradients finite."""
+    B, T, H, V = 4, 9, 16, 50
+    inputs = grpo_inputs(B, T, H, V, with_old=True, with_ref=True)
+    pad = inputs["mask"] == 0
+    assert pad.any()
+    inputs["old_logp"][pad] = -1e4  # ratio exp(logp + 1e4) = inf
+    inputs["ref_logp"][pad] = 1e4  # k3 = exp(1e4 - logp) = inf
+    counts = LossCounts(num_sequences=B, num_tokens=float(inputs["mask"].sum()), max_completion_length=T)
+    loss, stats, _, dh, dw = run_loss(
+        inputs, backend, True, SMALL,
+        beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="grpo", counts=counts,
+    )
+    assert torch.isfinite(loss), f"seed={seed} loss {loss}"
+    assert all(torch.isfinite(v) for v in stats.values()), f"seed={seed} {stats}"
+    assert torch.isfinite(dh).all() and torch.isfinite(dw).all(), f"seed={seed}"
