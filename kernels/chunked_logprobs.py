@@ -221,7 +221,8 @@ def _logprobs_backward_kernel(
     w_block = w_ptr + v_start.to(tl.int64) * stride_wv
     logits = _logits_tile(h_block, w_block, N - row_start, V - v_start, H, stride_hn, stride_wv,
                           inv_temperature, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-    lse = tl.load(lse_ptr + row_start + offs_n, mask=row_mask, other=0.0)
+    # rows past N repeat the last real row's logits: an lse of +inf gives them probability 0, not exp(logit)
+    lse = tl.load(lse_ptr + row_start + offs_n, mask=row_mask, other=float("inf"))
     targets = tl.load(targets_ptr + row_start + offs_n, mask=row_mask, other=-1).to(tl.int32)
     probs = tl.exp(logits - lse[:, None])
     onehot = tl.where(offs_v[None, :] == (targets - v_start)[:, None], 1.0, 0.0)
@@ -470,40 +471,15 @@ def chunked_logprobs(
     """Log-probs of ``targets`` under ``softmax(hidden @ weight.T / temperature)``, never forming [N, V].
 
     hidden: [N, H] (cast to weight's dtype); weight: [V, H]; targets: [N] long in [0, V).
-    Returns [N] float32, differentiable in hidden and weight. backend: "triton" (streaming kernels; needs
-    CUDA or TRITON_INTERPRET=1, and H a multiple of 16) or "torch" (``chunked_logprobs_reference``).
+    Returns [N] float32, differentiable in hidden and weight. backend: "triton" / "triton_streaming"
+    (streaming kernels; needs CUDA or TRITON_INTERPRET=1, and H a multiple of 16) or "torch"
+    (``chunked_logprobs_reference``). The fused-linear head has no such entry: it forms the gradient of a
+    loss it knows (``fused_grpo_loss``).
     """
     if backend == "torch":
         return chunked_logprobs_reference(hidden, weight, targets, temperature)
-    if backend != "triton":
-        raise ValueError(f"unknown backend {backend!r}; expected 'triton' or 'torch'")
+    if backend not in ("triton", "triton_streaming"):
+        raise ValueError(f"unknown backend {backend!r} for chunked_logprobs; expected 'triton', 'triton_streaming' or 'torch'")
     hidden, targets = _prepare(hidden, weight, targets)
     logp, _ = streaming_logprobs_op(hidden, weight, targets, float(temperature), forward_tiles.as_list(), backward_tiles.as_list())
     return logp
-
-
-@torch.no_grad()
-def token_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float = 1.0,
-    backend: str = "triton",
-    *,
-    forward_tiles: Tiles = FORWARD_TILES,
-) -> torch.Tensor:
-    """Per-token log-probs without gradient, for the reference-model pass and the old-policy log-probs.
-
-    hidden: [B, T, H]; weight: [V, H]; targets: [B, T] long. Returns [B, T] float32.
-    """
-    B, T, H = hidden.shape
-    flat_hidden = hidden.reshape(B * T, H)
-    flat_targets = targets.reshape(B * T)
-    if backend == "torch":
-        logp = chunked_logprobs_reference(flat_hidden, weight, flat_targets, temperature)
-    elif backend == "triton":
-        flat_hidden, flat_targets = _prepare(flat_hidden, weight, flat_targets)
-        logp, _ = streaming_logprobs_op(flat_hidden, weight, flat_targets, float(temperature), forward_tiles.as_list(), forward_tiles.as_list())
-    else:
-        raise ValueError(f"unknown backend {backend!r}; expected 'triton' or 'torch'")
-    return logp.float().view(B, T)

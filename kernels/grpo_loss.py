@@ -23,34 +23,17 @@ import torch
 import triton
 import triton.language as tl
 
-from lowmem_vt.grpo import LOSS_TYPES, LossCounts, grpo_loss, loss_stats
 
 from .chunked_logprobs import (
-    BACKWARD_TILES,
-    FORWARD_TILES,
     Tiles,
     _check_inputs,
     _merge_splits,
-    _prepare,
     check_targets,
-    chunked_logprobs_reference,
     lse_and_target_logits,
     streaming_input_grads,
 )
 
 _FINISH_BLOCK = 1024
-
-
-def aggregation_weights(mask: torch.Tensor, loss_type: str, counts: LossCounts) -> torch.Tensor:
-    """Per-token weights w with ``aggregate(x, mask, loss_type, counts) == (x * w).sum()``. mask: [B, T]. Returns [B, T] fp32."""
-    mask = mask.float()
-    if loss_type == "grpo":
-        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0) / counts.num_sequences
-    if loss_type == "dr_grpo":
-        return mask / (counts.num_sequences * counts.max_completion_length)
-    if loss_type == "bnpo":
-        return mask / max(counts.num_tokens, 1.0)
-    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
 
 
 @triton.jit
@@ -151,65 +134,3 @@ def _streaming_grpo_backward(ctx, grad_loss, *_non_differentiable):
 
 
 streaming_grpo_loss_op.register_autograd(_streaming_grpo_backward, setup_context=_streaming_grpo_setup)
-
-
-def fused_grpo_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    mask: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    *,
-    beta: float,
-    epsilon_low: float,
-    epsilon_high: float,
-    loss_type: str,
-    counts: LossCounts,
-    temperature: float = 1.0,
-    backend: str = "triton",
-    forward_tiles: Tiles = FORWARD_TILES,
-    backward_tiles: Tiles = BACKWARD_TILES,
-) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-    """This micro-batch's share of the GRPO loss, computed from hidden states and the LM head.
-
-    hidden: [B, T, H] (cast to weight's dtype); weight: [V, H]; targets: [B, T] long, the sampled tokens;
-    mask: [B, T] float; advantages: [B]; old_logp, ref_logp: [B, T] float32 or None (None old_logp: one
-    update per rollout, ratio exp(logp - logp.detach())). Same meaning of beta, epsilon_low/high, loss_type
-    and counts as ``lowmem_vt.grpo.grpo_loss``.
-
-    Returns (loss: scalar fp32 tensor differentiable in hidden and weight, stats: the dict of
-    ``lowmem_vt.grpo.grpo_loss``, logp: [B, T] float32 detached). backend "torch" is the reference:
-    ``chunked_logprobs_reference`` followed by ``lowmem_vt.grpo.grpo_loss``.
-    """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-    B, T, H = hidden.shape
-    for name, x in (("targets", targets), ("mask", mask), ("old_logp", old_logp), ("ref_logp", ref_logp)):
-        if x is not None and tuple(x.shape) != (B, T):
-            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [B, T] = {[B, T]} like hidden {tuple(hidden.shape)}")
-    if tuple(advantages.shape) != (B,):
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected [B] = [{B}]")
-    if backend == "torch":
-        logp = chunked_logprobs_reference(hidden.reshape(B * T, H), weight, targets.reshape(B * T), temperature).view(B, T)
-        loss, stats = grpo_loss(
-            logp, mask, advantages, old_logp, ref_logp,
-            beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type, counts=counts,
-        )
-        return loss, stats, logp.detach()
-    if backend != "triton":
-        raise ValueError(f"unknown backend {backend!r}; expected 'triton' or 'torch'")
-
-    flat_hidden, flat_targets = _prepare(hidden.reshape(B * T, H), weight, targets.reshape(B * T))
-    weights = aggregation_weights(mask, loss_type, counts).reshape(B * T).contiguous()
-
-    def flat(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x.detach().float().reshape(B * T).contiguous()
-
-    loss, logp, k3, clipped, _lse, _dlogp = streaming_grpo_loss_op(
-        flat_hidden, weight, flat_targets, advantages.detach().float().contiguous(), flat(old_logp), flat(ref_logp),
-        weights, T, float(beta), 1.0 - float(epsilon_low), 1.0 + float(epsilon_high), float(temperature),
-        forward_tiles.as_list(), backward_tiles.as_list(),
-    )
-    return loss, loss_stats(k3.view(B, T), clipped.view(B, T), mask), logp.view(B, T)
