@@ -56,11 +56,9 @@ class Tiles:
         return cls(block_n, block_v, block_h, num_warps, num_stages, v_splits or None)
 
 
+# The package defaults, used off CUDA (the interpreter, fake tensors); on a GPU ``head.launch_config``
+# picks the tiles of its architecture (compiled and resource-checked on CPU, not timed).
 FORWARD_TILES = Tiles(block_n=128, block_v=128, block_h=64)
-# Each backward program flushes [block_n, H] of dh per vocabulary tile: a wide vocabulary tile halves that
-# atomic traffic, a tall row block halves the re-reads of W. Compiled for sm_90 (not yet timed), 128 x 128
-# x 64 with 8 warps and 3 stages pipelines its loads onto wgmma without spills (175 / 135 registers);
-# 128 x 256 also fits (255 registers) and is the first thing to try on the GPU.
 BACKWARD_TILES = Tiles(block_n=128, block_v=128, block_h=64)
 
 
@@ -194,7 +192,7 @@ def _logprobs_finish_kernel(part_lse_ptr, target_logit_ptr, lse_ptr, logp_ptr, N
 @triton.jit
 def _logprobs_backward_kernel(
     h_ptr, w_ptr, targets_ptr, lse_ptr, grad_ptr, dh_ptr, dw_ptr,
-    N, V, H, stride_hn, stride_wv, inv_temperature,
+    N, V, H, stride_hn, stride_wv, inv_temperature, dlogits_scale,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
 ):
@@ -226,10 +224,13 @@ def _logprobs_backward_kernel(
     targets = tl.load(targets_ptr + row_start + offs_n, mask=row_mask, other=-1).to(tl.int32)
     probs = tl.exp(logits - lse[:, None])
     onehot = tl.where(offs_v[None, :] == (targets - v_start)[:, None], 1.0, 0.0)
-    dlogits = (grad * inv_temperature)[:, None] * (onehot - probs)
-    dlogits = tl.where(row_mask[:, None] & col_mask[None, :], dlogits, 0.0)
-    # the second matmul runs in W's dtype (bf16 on the GPU) like the first, accumulating in fp32
-    dlogits = dlogits.to(w_ptr.dtype.element_ty)
+    # the second matmul runs in W's dtype (bf16 / fp16 on the GPU) like the first, accumulating in fp32. Its
+    # operand is d logp / d logits (<= 1 / temperature) times dlogits_scale (the host's
+    # ``dlogits_scale(dtype)``: 256 for fp16); the row's gradient g (the aggregation weight ~1 / tokens, times the loss scale) and
+    # 1 / dlogits_scale multiply the fp32 product, so fp16 never holds g * p
+    dunit = tl.where(row_mask[:, None] & col_mask[None, :], (onehot - probs) * (inv_temperature * dlogits_scale), 0.0)
+    dunit = dunit.to(w_ptr.dtype.element_ty)
+    row_factor = grad / dlogits_scale
 
     # rows / columns past the end read the last valid one: finite, and multiplied by dlogits = 0
     offs_n_read = tl.minimum(offs_n, N - row_start - 1)
@@ -237,12 +238,13 @@ def _logprobs_backward_kernel(
     for k0 in range(0, H, BLOCK_H):
         if COMPUTE_DH:
             w_tile = tl.load(w_block + offs_v_read[:, None] * stride_wv + (k0 + offs_k)[None, :])
-            dh_part = tl.dot(dlogits, w_tile, input_precision=DOT_PRECISION)
+            dh_part = tl.dot(dunit, w_tile, input_precision=DOT_PRECISION) * row_factor[:, None]
             dh_ptrs = dh_ptr + row_start.to(tl.int64) * H + offs_n[:, None] * H + (k0 + offs_k)[None, :]
             tl.atomic_add(dh_ptrs, dh_part, mask=row_mask[:, None], sem="relaxed")
         if COMPUTE_DW:
             h_tile = tl.load(h_block + offs_n_read[:, None] * stride_hn + (k0 + offs_k)[None, :])
-            dw_part = tl.dot(tl.trans(dlogits), h_tile, input_precision=DOT_PRECISION)
+            h_tile = (h_tile.to(tl.float32) * grad[:, None]).to(h_tile.dtype)
+            dw_part = tl.dot(tl.trans(dunit), h_tile, input_precision=DOT_PRECISION) / dlogits_scale
             dw_ptrs = dw_ptr + v_start.to(tl.int64) * H + offs_v[:, None] * H + (k0 + offs_k)[None, :]
             tl.atomic_add(dw_ptrs, dw_part, mask=col_mask[:, None], sem="relaxed")
 
@@ -269,6 +271,17 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     if block_h < 16:
         raise ValueError(f"the Triton kernels need H to be a multiple of 16 (tl.dot's minimum), got H = {H}")
     return block_h
+
+
+def dlogits_scale(dtype: torch.dtype) -> float:
+    """Factor on d logp / d logits (magnitude <= 1 / temperature) before it is rounded to ``dtype``.
+
+    fp16 has 5 exponent bits: probabilities below 6e-5 would be subnormal (fewer bits) and below 6e-8
+    zero, and over a 151,936-token vocabulary most of the softmax mass can sit there. 256 lifts them by 8
+    binades and leaves 1 / temperature * 256 far below fp16's maximum (65,504) for any temperature >= 0.04.
+    The fp32 matmul result is divided by it again. bf16 and fp32 have fp32's exponent range: 1.
+    """
+    return 256.0 if dtype == torch.float16 else 1.0
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -349,7 +362,7 @@ def logprobs_backward(
         _logprobs_backward_kernel[grid](
             hidden, weight, targets, lse, grad_logp.float().contiguous(),
             dh if compute_dh else lse, dw if compute_dw else lse,  # unused pointers when not computed
-            N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+            N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature, dlogits_scale(hidden.dtype),
             BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_H=block_h, DOT_PRECISION=_dot_precision(hidden.dtype),
             COMPUTE_DH=compute_dh, COMPUTE_DW=compute_dw,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked_logprobs import check_targets
+from .chunked_logprobs import check_targets, dlogits_scale
 
 # Scratch for one chunk's fp32 logits (the bf16 / fp16 dlogits are written over them): 0.25 GiB gives
 # 441 rows per chunk at Qwen2-VL's V = 151,936, each chunk two matmuls of ~0.2 TFLOP.
@@ -69,13 +69,14 @@ def rows_per_chunk(vocab_size: int, scratch_bytes: int = SCRATCH_BYTES) -> int:
 def _grpo_rows_kernel(
     logits_ptr, dlogits_ptr, targets_ptr, adv_ptr, old_logp_ptr, ref_logp_ptr, weights_ptr,
     lse_ptr, logp_ptr, loss_ptr, dlogp_ptr, k3_ptr, clipped_ptr,
-    V, stride_logits, stride_dlogits, inv_temperature, beta, ratio_low, ratio_high,
+    V, stride_logits, stride_dlogits, inv_temperature, dlogits_scale, beta, ratio_low, ratio_high,
     GRPO: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One program per row of a chunk of fp32 logits [rows, V] (raw h @ W.T; the temperature is applied here).
 
     Always: lse and logp of the row's target. GRPO: also the weighted loss, weighted d loss / d logp, k3,
-    clip flag, and dlogits = (onehot(target) - softmax) / temperature in dlogits_ptr's dtype, written over
+    clip flag, and dlogits = (onehot(target) - softmax) / temperature * dlogits_scale in dlogits_ptr's dtype
+    (see ``dlogits_scale``), written over
     the same row (dlogits_ptr aliases logits_ptr: element v of dlogits ends at byte (v + 1) * size <= 4 v + 4,
     inside the fp32 elements already read, and later loads start past it). All other rows are [rows] fp32.
     """
@@ -126,7 +127,7 @@ def _grpo_rows_kernel(
             cols = v0 + offs
             col_mask = offs < V - v0
             x = tl.load(logits_row + cols, mask=col_mask, other=0.0) * inv_temperature
-            unit = (tl.where(cols == target, 1.0, 0.0) - tl.exp(x - lse)) * inv_temperature
+            unit = (tl.where(cols == target, 1.0, 0.0) - tl.exp(x - lse)) * (inv_temperature * dlogits_scale)
             tl.store(dlogits_row + cols, unit.to(dlogits_ptr.dtype.element_ty), mask=col_mask)
 
 
@@ -144,11 +145,16 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) ->
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
 
 
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b in fp32: cuBLAS with fp32 output (fp32 accumulation) for 16-bit inputs on CUDA."""
+    if a.dtype != torch.float32 and a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
 def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """out[:rows] = h @ weight.T in fp32: cuBLAS with fp32 output for 16-bit inputs on CUDA."""
-    if h.dtype != torch.float32 and h.is_cuda:
-        return torch.mm(h, weight.T, out_dtype=torch.float32, out=out)
-    return torch.mm(h.float(), weight.float().T, out=out)
+    """out[:rows] = h @ weight.T in fp32."""
+    return _mm_fp32(h, weight.T, out=out)
 
 
 def _dlogits_view(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -157,15 +163,11 @@ def _dlogits_view(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return logits.view(dtype)[:, :V]
 
 
-def _addmm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out += a @ b with out fp32 and a, b in a 16-bit or fp32 dtype, in row slices within SCRATCH_BYTES."""
+def _addmm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> None:
+    """out += (a @ b) * factor, out fp32 and a, b 16-bit or fp32, in row slices of out within SCRATCH_BYTES."""
     step = max(1, SCRATCH_BYTES // (4 * out.shape[1]))
     for r0 in range(0, out.shape[0], step):
-        part = a[r0 : r0 + step]
-        if part.dtype != torch.float32 and part.is_cuda:
-            out[r0 : r0 + step] += torch.mm(part, b, out_dtype=torch.float32)
-        else:
-            out[r0 : r0 + step].addmm_(part.float(), b.float())
+        out[r0 : r0 + step] += _mm_fp32(a[r0 : r0 + step], b) * factor
 
 
 def _launch_rows(logits, dlogits, targets, adv, old_logp, ref_logp, weights, outs, temperature, beta, ratio_low,
@@ -176,7 +178,7 @@ def _launch_rows(logits, dlogits, targets, adv, old_logp, ref_logp, weights, out
     _grpo_rows_kernel[(rows,)](
         logits, dlogits, targets, adv, old_logp if old_logp is not None else lse, ref_logp if has_kl else lse, weights,
         lse, logp, loss, dlogp, k3, clipped,
-        V, logits.stride(0), dlogits.stride(0), 1.0 / temperature, float(beta), ratio_low, ratio_high,
+        V, logits.stride(0), dlogits.stride(0), 1.0 / temperature, dlogits_scale(dlogits.dtype), float(beta), ratio_low, ratio_high,
         GRPO=grpo, HAS_OLD=old_logp is not None, HAS_KL=has_kl, BLOCK_V=tiles.block_v, num_warps=tiles.num_warps,
     )
 
@@ -263,11 +265,14 @@ def fused_linear_grpo_loss_op(
             (lse[sl], logp_rows[sl], loss_rows[sl], dlogp[sl], k3_rows[sl], clip_rows[sl]),
             temperature, beta, ratio_low, ratio_high, grpo=True, tiles=row_tiles,
         )
-        scale = dlogp[sl].unsqueeze(1)
+        # d loss / d logits = dlogp * dlogits / dlogits_scale, dlogp ~ 1 / tokens: the row factors multiply
+        # fp32 values only (for dW, h is scaled by dlogp relative to the chunk's largest, then by that peak)
+        unscale = 1.0 / dlogits_scale(dlogits.dtype)
         if compute_dh:
-            dh.index_copy_(0, idx, (dlogits @ weight).float() * scale)
+            dh.index_copy_(0, idx, _mm_fp32(dlogits, weight) * (dlogp[sl] * unscale).unsqueeze(1))
         if compute_dw:
-            _addmm_fp32(dw, dlogits.T, (h.float() * scale).to(h.dtype))
+            peak = dlogp[sl].abs().max().clamp(min=torch.finfo(torch.float32).tiny)
+            _addmm_fp32(dw, dlogits.T, (h.float() * (dlogp[sl] / peak).unsqueeze(1)).to(h.dtype), peak * unscale)
     logp[rows], k3[rows], clipped[rows] = logp_rows, k3_rows, clip_rows
     return loss_rows.sum(), logp, k3, clipped, dh, dw
 

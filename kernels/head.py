@@ -56,16 +56,16 @@ class LaunchConfig:
     rows: RowTiles
 
 
-# Chosen to fit each target's shared memory (tests/test_kernel_resources.py compiles every entry for its
-# architecture on CPU and checks the limit; bench/RESULTS.md lists registers and spills), not timed. The
-# streaming tiles keep num_stages x (block_n + block_v) x block_h x element size under the limit: fp32
-# inputs (tl.dot in exact fp32) halve block_h.
+# Chosen on CPU by compiling candidates for each target (tests/test_kernel_resources.py compiles every entry
+# for its architecture and checks the shared-memory limit; bench/RESULTS.md lists registers and spills):
+# the largest tiles that fit with no or little spilling. Not timed. fp32 inputs (tl.dot in exact fp32)
+# take twice the operand bytes. On sm_75 Triton lowers tl.dot to FMAs (no mma instructions in the PTX):
+# small tiles, and the fused-linear head (cuBLAS matmuls on tensor cores) is the one to use there.
 _WIDE = Tiles(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
-_WIDE_FP32 = Tiles(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3)
+_WIDE_FP32 = Tiles(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=3)
 _MID = Tiles(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=2)
-_MID_FP32 = Tiles(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=2)
-_SMALL = Tiles(block_n=64, block_v=128, block_h=64, num_warps=4, num_stages=2)
-_SMALL_FP32 = Tiles(block_n=64, block_v=128, block_h=32, num_warps=4, num_stages=2)
+_MID_FP32 = Tiles(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=2)
+_TURING = Tiles(block_n=32, block_v=64, block_h=32, num_warps=4, num_stages=2)
 _LAUNCH_TABLE: dict[tuple[int, bool], LaunchConfig] = {
     # (capability, fp32 inputs) -> config
     (90, False): LaunchConfig(_WIDE, _WIDE, ROW_TILES),
@@ -76,8 +76,8 @@ _LAUNCH_TABLE: dict[tuple[int, bool], LaunchConfig] = {
     (86, True): LaunchConfig(_MID_FP32, _MID_FP32, ROW_TILES),
     (89, False): LaunchConfig(_MID, _MID, ROW_TILES),
     (89, True): LaunchConfig(_MID_FP32, _MID_FP32, ROW_TILES),
-    (75, False): LaunchConfig(_SMALL, _SMALL, ROW_TILES),
-    (75, True): LaunchConfig(_SMALL_FP32, _SMALL_FP32, ROW_TILES),
+    (75, False): LaunchConfig(_TURING, _TURING, ROW_TILES),
+    (75, True): LaunchConfig(_TURING, _TURING, ROW_TILES),
 }
 
 
@@ -88,14 +88,6 @@ def launch_config(cap: int, dtype: torch.dtype) -> LaunchConfig:
     if cap not in ARCHS:
         cap = 75 if cap < 80 else 80 if cap < 86 else 86
     return _LAUNCH_TABLE[(cap, dtype == torch.float32)]
-
-
-def fits(tiles: Tiles, cap: int, dtype: torch.dtype) -> bool:
-    """Whether a streaming tile's pipelined operand buffers fit the target's shared memory (an estimate the
-    compile test confirms for the table's entries; the bench uses it to refuse impossible tiles early)."""
-    size = torch.finfo(dtype).bits // 8
-    need = tiles.num_stages * (tiles.block_n + tiles.block_v) * tiles.block_h * size
-    return need <= ARCHS[cap if cap in ARCHS else 86][1]
 
 
 def _device_launch_config(weight: torch.Tensor) -> LaunchConfig:

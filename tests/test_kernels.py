@@ -528,3 +528,36 @@ def test_padding_never_inf_or_nan(seed, backend):
     assert torch.isfinite(loss), f"seed={seed} loss {loss}"
     assert all(torch.isfinite(v) for v in stats.values()), f"seed={seed} {stats}"
     assert torch.isfinite(dh).all() and torch.isfinite(dw).all(), f"seed={seed}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# fp16 (the T4 has no bf16): the interpreter reads fp16 correctly
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_fp16_matches_reference(seed, head):
+    """fp16 hidden / head against the reference on the same fp16 values (computed in fp32). The aggregation
+    weights here are those of a real batch (1 / 45,000 tokens): with d logits rounded to fp16 *after*
+    scaling by them, most would flush to zero; the kernels scale the fp32 matmul result instead."""
+    B, T, H, V = 3, 10, 32, 3000  # most probabilities below fp16's smallest normal (6e-5)
+    inputs = grpo_inputs(B, T, H, V, with_old=True, with_ref=True)
+    inputs["hidden"] = inputs["hidden"].half()
+    inputs["weight"] = inputs["weight"].half()
+    counts = LossCounts(num_sequences=64, num_tokens=45_000.0, max_completion_length=700)
+    kwargs = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="bnpo", counts=counts)
+    results = {}
+    for backend in (head, "torch"):
+        h = inputs["hidden"].clone().requires_grad_(True)
+        loss, stats, logp = fused_grpo_loss(**{**inputs, "hidden": h}, backend=backend, **head_kwargs(backend), **kwargs)
+        (loss * 2.0**15).backward()  # the fp16 loss scale (lowmem_vt.grpo.loss_scale) keeps dh in fp16's range
+        results[backend] = (loss.detach(), logp, h.grad)
+    (loss, logp, dh), (loss_ref, logp_ref, dh_ref) = results[head], results["torch"]
+    active = inputs["mask"] != 0
+    assert dh.dtype == torch.float16 and torch.isfinite(dh).all()
+    assert rel_err(logp[active], logp_ref[active]) < 1e-5, f"seed={seed} logp rel err {rel_err(logp[active], logp_ref[active]):.2e}"
+    assert abs(float(loss) - float(loss_ref)) <= 1e-5 * max(1.0, abs(float(loss_ref))), f"seed={seed}"
+    # d logits are rounded to fp16 (11 bits) before the second matmul
+    assert rel_err(dh, dh_ref) < 5e-3, f"seed={seed} dh rel err {rel_err(dh, dh_ref):.2e}"
+    ref_pass = token_logprobs(inputs["hidden"], inputs["weight"], inputs["targets"], 1.0, head)
+    assert rel_err(ref_pass, logp_ref) < 1e-5, f"seed={seed}"
