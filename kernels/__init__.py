@@ -14,45 +14,50 @@ the loss head runs under ``FakeTensorMode`` (memory simulation: shapes only, not
 
 from __future__ import annotations
 
-from .chunked_logprobs import (
-    BACKWARD_TILES,
-    FORWARD_TILES,
-    Tiles,
-    check_targets,
-    chunked_logprobs,
-    chunked_logprobs_reference,
-)
-from .fused_linear import ROW_TILES, SCRATCH_BYTES, RowTiles, rows_per_chunk
-from .head import (
-    ARCHS,
-    BACKENDS,
-    TRITON_HEAD,
-    LaunchConfig,
-    aggregation_weights,
-    fused_grpo_loss,
-    launch_config,
-    resolve_backend,
-    token_logprobs,
-)
+# This folder is installed as lowmem_vt.kernels. Libraries probing for Hugging Face's ``kernels`` package
+# (transformers, bitsandbytes) import it as ``kernels`` when the repository root is on sys.path; that copy
+# must not register the torch custom ops a second time (its teardown would unregister them under the real
+# one), so under any other name the package stays empty.
+if __name__ == "lowmem_vt.kernels":
+    from .chunked_logprobs import (
+        BACKWARD_TILES,
+        FORWARD_TILES,
+        Tiles,
+        check_targets,
+        chunked_logprobs,
+        chunked_logprobs_reference,
+    )
+    from .fused_linear import ROW_TILES, SCRATCH_BYTES, RowTiles, rows_per_chunk
+    from .head import (
+        ARCHS,
+        BACKENDS,
+        TRITON_HEAD,
+        LaunchConfig,
+        aggregation_weights,
+        fused_grpo_loss,
+        launch_config,
+        resolve_backend,
+        token_logprobs,
+    )
 
-__all__ = [
-    "ARCHS",
-    "BACKENDS",
-    "BACKWARD_TILES",
-    "FORWARD_TILES",
-    "ROW_TILES",
-    "SCRATCH_BYTES",
-    "TRITON_HEAD",
-    "LaunchConfig",
-    "RowTiles",
-    "Tiles",
-    "aggregation_weights",
-    "check_targets",
-    "chunked_logprobs",
-    "chunked_logprobs_reference",
-    "fused_grpo_loss",
-    "launch_config",
-    "resolve_backend",
-    "rows_per_chunk",
-    "token_logprobs",
-]
+    __all__ = [
+        "ARCHS",
+        "BACKENDS",
+        "BACKWARD_TILES",
+        "FORWARD_TILES",
+        "ROW_TILES",
+        "SCRATCH_BYTES",
+        "TRITON_HEAD",
+        "LaunchConfig",
+        "RowTiles",
+        "Tiles",
+        "aggregation_weights",
+        "check_targets",
+        "chunked_logprobs",
+        "chunked_logprobs_reference",
+        "fused_grpo_loss",
+        "launch_config",
+        "resolve_backend",
+        "rows_per_chunk",
+        "token_logprobs",
+    ]

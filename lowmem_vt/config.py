@@ -132,7 +132,7 @@ class RecipeConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    kernels: Literal["auto", "triton", "torch"] = "auto"
+    kernels: Literal["auto", "triton", "triton_fused_linear", "triton_streaming", "torch"] = "auto"
     source_file: str = field(default="<defaults>", metadata={"internal": True})
 
     @property
