@@ -4,7 +4,7 @@ shared memory. Registers and spills are printed (``pytest -s``) and tabulated in
 
 Results are read from ``kernels/compiled_resources.json`` (keyed by Triton's version and each kernel's
 source hash; ``python -m lowmem_vt.kernels.resources`` refreshes it): only launches whose kernel or Triton
-changed are compiled here, in parallel processes (~150 launches from scratch: several minutes on 2 cores).
+changed are compiled here, in parallel processes (151 launches from scratch: ~5 minutes on 2 busy cores).
 """
 
 import os
