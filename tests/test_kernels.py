@@ -589,3 +589,22 @@ def test_trainer_step_with_triton_heads(recipe_factory):
         for key in ("loss", "kl", "grad_norm"):
             got, want = metrics[kernels][key], ref[key]
             assert abs(got - want) <= 1e-4 * max(abs(want), 1e-3), f"{kernels} {key}: {got} vs torch {want}"
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_default_tiles_match_reference(seed, head):
+    """The package's default launch shapes (128 x 128 x 64 streaming tiles; 2048-column row kernel and the
+    0.25 GiB chunk budget), with ragged rows (200 = 128 + 72) and vocabulary (1000 columns)."""
+    B, T, H, V = 4, 50, 64, 1000
+    inputs = grpo_inputs(B, T, H, V, with_old=True, with_ref=True, temperature=0.8)
+    counts = LossCounts(num_sequences=B, num_tokens=float(inputs["mask"].sum()), max_completion_length=T)
+    kwargs = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="grpo", counts=counts, temperature=0.8)
+    results = []
+    for backend in (head, "torch"):
+        h = inputs["hidden"].clone().requires_grad_(True)
+        loss, stats, logp = fused_grpo_loss(**{**inputs, "hidden": h}, backend=backend, **kwargs)
+        loss.backward()
+        results.append((loss.detach(), stats, logp, h.grad, None))
+    check_against_reference(f"seed={seed} {head} default tiles", inputs, results[0], results[1], False, True)
+    logp = token_logprobs(inputs["hidden"], inputs["weight"], inputs["targets"], 0.8, head)
+    assert rel_err(logp, results[1][2]) < LOGP_TOL, f"seed={seed}"
