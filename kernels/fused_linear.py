@@ -31,7 +31,7 @@ import triton.language as tl
 from .chunked_logprobs import check_targets, dlogits_scale
 
 # Scratch for one chunk's fp32 logits (the bf16 / fp16 dlogits are written over them): 0.25 GiB gives
-# 441 rows per chunk at Qwen2-VL's V = 151,936, each chunk two matmuls of ~0.2 TFLOP.
+# 432 rows per chunk at Qwen2-VL's V = 151,936, each chunk two matmuls of ~0.2 TFLOP.
 SCRATCH_BYTES = 2**28
 ROW_ALIGN = 16  # rows per chunk rounded down to a multiple of this (tensor-core friendly matmul shapes)
 

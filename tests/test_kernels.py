@@ -608,3 +608,16 @@ def test_default_tiles_match_reference(seed, head):
     check_against_reference(f"seed={seed} {head} default tiles", inputs, results[0], results[1], False, True)
     logp = token_logprobs(inputs["hidden"], inputs["weight"], inputs["targets"], 0.8, head)
     assert rel_err(logp, results[1][2]) < LOGP_TOL, f"seed={seed}"
+
+
+def test_fused_linear_scratch_budget():
+    """Rows per chunk keep the fp32 logits scratch within the budget at any N (N only changes the count of
+    chunks), a multiple of 16 rows; the Qwen2-VL head gets 432 rows in 0.25 GiB."""
+    from lowmem_vt.kernels import SCRATCH_BYTES, rows_per_chunk
+
+    assert SCRATCH_BYTES == 2**28
+    for V in (151_936, 32_000, 1000):
+        rows = rows_per_chunk(V)
+        assert rows % 16 == 0 and rows * V * 4 <= SCRATCH_BYTES < (rows + 16) * V * 4, V
+    assert rows_per_chunk(151_936) == 432
+    assert rows_per_chunk(151_936, 2**26) == 96
