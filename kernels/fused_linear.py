@@ -18,6 +18,11 @@ per chunk comes from that budget. dh (and dW when the head is trained) are held 
 to the backward, which only scales them by the incoming gradient (the loss scale under fp16).
 
 The reference-model pass (``fused_linear_logprobs``) runs step 1 and the first half of step 2 only.
+
+Memory beyond the outputs: the scratch (``rows_per_chunk(V) x V`` fp32, <= SCRATCH_BYTES) and [rows, H]
+temporaries, freed on return. Allocations inside a custom op are invisible to a memory tracker running on
+fake tensors (``torch.distributed._tools.mem_tracker.MemTracker`` sees only the outputs), so a simulated
+peak must add SCRATCH_BYTES for this head.
 """
 
 from __future__ import annotations
