@@ -1,87 +1,83 @@
-"""Benchmark of the LM head + GRPO loss, forward + backward, on one GPU.
+"""Benchmark of the LM head + GRPO loss on one GPU: forward and backward timed apart, peak extra memory.
 
-    python bench/loss_head.py                      # B=8, T=1024, H=1536, V=151,936, bf16
-    python bench/loss_head.py --bwd-block-v 256    # try other tiles
-    python bench/loss_head.py --out DIR [--smoke]  # also write DIR/loss_head.json + .md; --smoke: tiny, CPU
+    python bench/loss_head.py --out DIR            # B=8, T=1024, H=1536, V=151,936, the GPU's dtype (auto)
+    python bench/loss_head.py --out DIR --smoke    # tiny sizes on CPU (Triton interpreter), seconds
 
-Compares (a) naive PyTorch with the full fp32 logits, (b) the chunked PyTorch reference (backend "torch"),
-(c) Liger-Kernel's LigerFusedLinearGRPOLoss when liger_kernel imports, (d) ours (backend "triton").
-Time: median over --repeats of forward + backward after --warmup runs, with cuda synchronize. Memory: peak
-of torch.cuda.max_memory_allocated during one forward + backward, minus what was allocated before it (the
-inputs), so it counts logits, saved activations, workspaces and the gradient of the hidden states.
-The LM head is frozen, as under LoRA: only the hidden states get a gradient.
+Methods, in one run on the same inputs: naive PyTorch (full fp32 logits), the chunked PyTorch reference
+(backend "torch"), Liger-Kernel's LigerFusedLinearGRPOLoss when it imports, and both Triton heads
+(``triton_fused_linear`` and ``triton_streaming``) at the launch table's tiles; then sweeps: streaming
+tiles (``--tiles``), fused-linear scratch budgets (``--scratch-mib``, which set the rows per chunk) and
+row-kernel widths (``--row-block-v``). Streaming tiles are compiled for this GPU's architecture first and
+refused, with the reason, when they do not fit its shared memory.
+
+Time: CUDA events around the forward (loss) and around ``loss.backward()``, median over --repeats after
+--warmup runs. Memory: peak of torch.cuda.max_memory_allocated over one forward + backward minus what was
+allocated before it (inputs), so it counts logits, saved tensors, scratch and the gradient of the hidden
+states. The LM head is frozen, as under LoRA: only the hidden states get a gradient.
+
+Writes DIR/loss_head.json and DIR/loss_head.md after every row.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable
-
-import torch
-
-from lowmem_vt.grpo import LossCounts, grpo_loss
-from lowmem_vt.kernels import Tiles, chunked_logprobs_reference, fused_grpo_loss
-
-import report
 
 EPSILON_LOW, EPSILON_HIGH, BETA = 0.2, 0.28, 0.04
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for loss_head.json and loss_head.md")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under the Triton interpreter (checks the script runs)")
     p.add_argument("--batch", type=int, default=8, help="completions per micro-batch (B)")
     p.add_argument("--seq", type=int, default=1024, help="completion length (T)")
     p.add_argument("--hidden", type=int, default=1536, help="hidden size (H)")
     p.add_argument("--vocab", type=int, default=151_936, help="vocabulary size (V)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="auto: bfloat16 on GPUs that have it, float16 on older ones (model.dtype: auto)")
     p.add_argument("--loss-type", choices=["grpo", "dr_grpo", "bnpo"], default="grpo")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--chunk", type=int, default=4096, help="rows per chunk of the PyTorch reference")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--block-n", type=int, default=128, help="forward rows per program")
-    p.add_argument("--block-v", type=int, default=128, help="forward vocabulary tile")
-    p.add_argument("--block-h", type=int, default=64, help="hidden chunk per tl.dot (both passes)")
-    p.add_argument("--v-splits", type=int, default=None, help="forward vocabulary splits (default: fill the GPU)")
-    p.add_argument("--bwd-block-n", type=int, default=128, help="backward rows per program")
-    p.add_argument("--bwd-block-v", type=int, default=128, help="backward vocabulary tile")
-    p.add_argument("--num-warps", type=int, default=8)
-    p.add_argument("--num-stages", type=int, default=3)
-    p.add_argument("--skip", nargs="*", default=[], choices=["naive", "torch", "liger", "ours"], help="methods to leave out")
-    p.add_argument("--out", default=None, help="write loss_head.json / loss_head.md here")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, fp32 (ours under TRITON_INTERPRET=1)")
-    args = p.parse_args()
-    if args.smoke:  # Liger compiles with torch.compile: minutes on CPU, so it is left to the GPU run
-        args.batch, args.seq, args.hidden, args.vocab, args.dtype, args.chunk = 2, 16, 32, 100, "float32", 8
-        args.repeats, args.warmup, args.skip = 2, 1, [*args.skip, "liger"]
-        args.block_n = args.block_v = args.bwd_block_n = args.bwd_block_v = 32
-        args.block_h = 16
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            args.skip.append("ours")
+    p.add_argument("--tiles", nargs="*", default=["128x256x64x8x3", "64x128x64x4x3", "128x128x64x8x4", "128x128x32x8x3"],
+                   help="streaming tiles to sweep, BLOCK_N x BLOCK_V x BLOCK_H x warps x stages (forward and backward)")
+    p.add_argument("--scratch-mib", nargs="*", type=int, default=[64, 128, 512],
+                   help="fused-linear scratch budgets to sweep (the default 256 MiB runs in the main rows)")
+    p.add_argument("--row-block-v", nargs="*", type=int, default=[1024, 4096], help="fused-linear row-kernel widths to sweep")
+    p.add_argument("--skip", nargs="*", default=[], help="methods to leave out: naive torch liger triton_fused_linear triton_streaming sweeps")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.batch, args.seq, args.hidden, args.vocab = 2, 8, 32, 300
+        args.repeats, args.warmup = 1, 0
+        args.tiles, args.scratch_mib, args.row_block_v = ["16x32x16x4x1"], [1], [64]
     return args
 
 
-def make_inputs(args: argparse.Namespace, device: torch.device) -> dict:
+def make_inputs(args: argparse.Namespace, device, dtype) -> dict:
+    import torch
+
+    from lowmem_vt.grpo import LossCounts
+    from lowmem_vt.kernels import chunked_logprobs_reference
+
     B, T, H, V = args.batch, args.seq, args.hidden, args.vocab
-    dtype = getattr(torch, args.dtype)
     g = torch.Generator(device=device).manual_seed(0)
-    hidden = torch.randn(B, T, H, device=device, dtype=dtype, generator=g)
+    hidden = torch.randn(B, T, H, device=device, generator=g).to(dtype)
     weight = (torch.randn(V, H, device=device, generator=g) * 3.0 / H**0.5).to(dtype)
     targets = torch.randint(0, V, (B, T), device=device, generator=g)
     lengths = torch.randint(T // 2, T + 1, (B,), device=device, generator=g)
     mask = (torch.arange(T, device=device)[None, :] < lengths[:, None]).float()
     with torch.no_grad():  # old / ref log-probs near the policy's, so that the clip and the KL act as in training
-        logp = chunked_logprobs_reference(hidden.view(B * T, H), weight, targets.view(-1), args.temperature, args.chunk).view(B, T)
+        logp = chunked_logprobs_reference(hidden.view(B * T, H), weight, targets.view(-1), args.temperature).view(B, T)
     return dict(
-        hidden=hidden,
-        weight=weight,
-        targets=targets,
-        mask=mask,
+        hidden=hidden, weight=weight, targets=targets, mask=mask,
         advantages=torch.randn(B, device=device, generator=g),
         old_logp=logp + 0.1 * torch.randn(B, T, device=device, generator=g),
         ref_logp=logp + 0.1 * torch.randn(B, T, device=device, generator=g),
@@ -89,36 +85,30 @@ def make_inputs(args: argparse.Namespace, device: torch.device) -> dict:
     )
 
 
-def naive_loss(x: dict, args: argparse.Namespace, hidden: torch.Tensor) -> torch.Tensor:
+def loss_kwargs(args: argparse.Namespace, x: dict) -> dict:
+    return dict(beta=BETA, epsilon_low=EPSILON_LOW, epsilon_high=EPSILON_HIGH, loss_type=args.loss_type, counts=x["counts"])
+
+
+def naive_loss(x: dict, args: argparse.Namespace, hidden):
+    import torch
+
+    from lowmem_vt.grpo import grpo_loss
+
     logits = (hidden @ x["weight"].T).float() / args.temperature
     logp = torch.log_softmax(logits, dim=-1).gather(-1, x["targets"].unsqueeze(-1)).squeeze(-1)
-    loss, _ = grpo_loss(
-        logp, x["mask"], x["advantages"], x["old_logp"], x["ref_logp"],
-        beta=BETA, epsilon_low=EPSILON_LOW, epsilon_high=EPSILON_HIGH, loss_type=args.loss_type, counts=x["counts"],
-    )
+    loss, _ = grpo_loss(logp, x["mask"], x["advantages"], x["old_logp"], x["ref_logp"], **loss_kwargs(args, x))
     return loss
 
 
-def chunked_loss(x: dict, args: argparse.Namespace, hidden: torch.Tensor) -> torch.Tensor:
-    B, T, H = hidden.shape
-    flat_targets = x["targets"].reshape(B * T)
-    logp = chunked_logprobs_reference(hidden.reshape(B * T, H), x["weight"], flat_targets, args.temperature, args.chunk)
-    loss, _ = grpo_loss(
-        logp.view(B, T), x["mask"], x["advantages"], x["old_logp"], x["ref_logp"],
-        beta=BETA, epsilon_low=EPSILON_LOW, epsilon_high=EPSILON_HIGH, loss_type=args.loss_type, counts=x["counts"],
-    )
-    return loss
+def head_loss(backend: str, **launch) -> Callable:
+    def run(x: dict, args: argparse.Namespace, hidden):
+        from lowmem_vt.kernels import fused_grpo_loss
 
+        loss, _, _ = fused_grpo_loss(hidden, x["weight"], x["targets"], x["mask"], x["advantages"], x["old_logp"], x["ref_logp"],
+                                     temperature=args.temperature, backend=backend, **loss_kwargs(args, x), **launch)
+        return loss
 
-def ours_loss(x: dict, args: argparse.Namespace, hidden: torch.Tensor) -> torch.Tensor:
-    forward_tiles = Tiles(args.block_n, args.block_v, args.block_h, args.num_warps, args.num_stages, args.v_splits)
-    backward_tiles = Tiles(args.bwd_block_n, args.bwd_block_v, args.block_h, args.num_warps, args.num_stages)
-    loss, _, _ = fused_grpo_loss(
-        hidden, x["weight"], x["targets"], x["mask"], x["advantages"], x["old_logp"], x["ref_logp"],
-        beta=BETA, epsilon_low=EPSILON_LOW, epsilon_high=EPSILON_HIGH, loss_type=args.loss_type, counts=x["counts"],
-        temperature=args.temperature, backend="triton", forward_tiles=forward_tiles, backward_tiles=backward_tiles,
-    )
-    return loss
+    return run
 
 
 def liger_loss_fn(args: argparse.Namespace) -> tuple[Callable | None, str]:
@@ -126,16 +116,14 @@ def liger_loss_fn(args: argparse.Namespace) -> tuple[Callable | None, str]:
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
     except Exception as exc:  # not installed, or broken against this torch
-        return None, f"liger_kernel does not import ({type(exc).__name__}: {exc})"
-    wanted = dict(
-        beta=BETA, epsilon_low=EPSILON_LOW, epsilon_high=EPSILON_HIGH, temperature=args.temperature,
-        use_ref_model=True, loss_type=args.loss_type, max_completion_length=args.seq,
-    )
+        return None, f"liger_kernel does not import ({type(exc).__name__}: {str(exc)[:80]})"
+    wanted = dict(beta=BETA, epsilon_low=EPSILON_LOW, epsilon_high=EPSILON_HIGH, temperature=args.temperature,
+                  use_ref_model=True, loss_type=args.loss_type, max_completion_length=args.seq)
     accepted = inspect.signature(LigerFusedLinearGRPOLoss.__init__).parameters
     module = LigerFusedLinearGRPOLoss(**{k: v for k, v in wanted.items() if k in accepted})
     note = "" if "loss_type" in accepted else " (this version has no loss_type: its own default)"
 
-    def run(x: dict, _args: argparse.Namespace, hidden: torch.Tensor) -> torch.Tensor:
+    def run(x: dict, _args: argparse.Namespace, hidden):
         # positional: _input, lin_weight, selected_token_ids, attention_mask, advantages, bias, ref_logps, old_logps
         out = module(hidden, x["weight"], x["targets"], x["mask"], x["advantages"], None, x["ref_logp"], x["old_logp"])
         return out[0] if isinstance(out, tuple) else out
@@ -143,107 +131,166 @@ def liger_loss_fn(args: argparse.Namespace) -> tuple[Callable | None, str]:
     return run, note
 
 
-def measure(loss_fn: Callable, x: dict, args: argparse.Namespace) -> tuple[float, float, torch.Tensor, torch.Tensor]:
-    """(median fwd+bwd ms, extra peak MiB, loss, grad of hidden) for one method."""
-
-    def step() -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = x["hidden"].detach().requires_grad_(True)
-        loss = loss_fn(x, args, hidden)
-        loss.backward()
-        return loss.detach(), hidden.grad
+def measure(loss_fn: Callable, x: dict, args: argparse.Namespace) -> dict:
+    """Median forward and backward ms, extra peak MiB (CUDA), the loss and the gradient of the hidden states."""
+    import torch
 
     cuda = x["hidden"].is_cuda
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def step(timed: bool):
+        hidden = x["hidden"].detach().requires_grad_(True)
+        if cuda:
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            marks[0].record()
+        t0 = time.perf_counter()
+        loss = loss_fn(x, args, hidden)
+        if cuda:
+            marks[1].record()
+        t1 = time.perf_counter()
+        loss.backward()
+        if cuda:
+            marks[2].record()
+            torch.cuda.synchronize()
+            times = (marks[0].elapsed_time(marks[1]), marks[1].elapsed_time(marks[2]))
+        else:
+            times = ((t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
+        return loss.detach(), hidden.grad, times
+
     for _ in range(args.warmup):
-        step()
-    sync()
-    times = []
+        step(False)
+    fwd, bwd = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    if not cuda:
-        loss, grad = step()
-        return statistics.median(times), float("nan"), loss, grad
-
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    baseline = torch.cuda.memory_allocated()
-    loss, grad = step()
-    torch.cuda.synchronize()
-    extra_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
-    return statistics.median(times), extra_mib, loss, grad
+        _, _, (f, b) = step(True)
+        fwd.append(f)
+        bwd.append(b)
+    extra = None
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    loss, grad, _ = step(False)
+    if cuda:
+        extra = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+    return dict(fwd_ms=statistics.median(fwd), bwd_ms=statistics.median(bwd), extra_mib=extra, loss=loss, grad=grad)
 
 
-def main() -> int:
-    args = parse_args()
-    if not args.smoke and not torch.cuda.is_available():
-        return report.skip(args.out, "loss_head", "bench/loss_head.py needs a CUDA GPU (--smoke runs it on CPU)")
-    device = torch.device("cpu" if args.smoke else "cuda")
-    x = make_inputs(args, device)
-    N = args.batch * args.seq
-    tflop = 3 * 2 * N * args.vocab * args.hidden / 1e12  # logits forward, recomputed logits, dh
-    head = (f"N={N} (B={args.batch}, T={args.seq}), H={args.hidden}, V={args.vocab}, {args.dtype}, loss_type={args.loss_type}, "
-            f"{'cpu (smoke)' if args.smoke else torch.cuda.get_device_name(device)}; {tflop:.1f} TFLOP of matmul in fwd+bwd "
-            "with recomputation")
-    print(head)
-    results: list[dict] = []
-    header = "| method | fwd+bwd ms (median) | extra peak MiB | rel. error vs first row |\n|---|---:|---:|---|"
+class Report:
+    """Rows of the result table, rewritten to DIR/loss_head.{json,md} after each one."""
 
-    def save() -> None:
-        report.write(args.out, "loss_head", {"shapes": vars(args), "methods": results}, "\n".join([head, "", header, *rows]))
+    def __init__(self, out: Path, header: dict):
+        self.out, self.header, self.rows = out, header, []
+        out.mkdir(parents=True, exist_ok=True)
 
+    def add(self, **row) -> None:
+        self.rows.append(row)
+        print(self._line(row), flush=True)
+        (self.out / "loss_head.json").write_text(json.dumps({**self.header, "rows": self.rows}, indent=1) + "\n")
+        lines = [f"Loss head, {self.header['setting']}", "",
+                 "| method | launch | fwd ms | bwd ms | fwd+bwd ms | extra peak MiB | vs reference (torch) | note |",
+                 "|---|---|---:|---:|---:|---:|---|---|"]
+        (self.out / "loss_head.md").write_text("\n".join(lines + [self._line(r) for r in self.rows]) + "\n")
+
+    @staticmethod
+    def _line(r: dict) -> str:
+        def num(v, fmt):
+            return "" if v is None else format(v, fmt)
+
+        total = None if r.get("fwd_ms") is None else r["fwd_ms"] + r["bwd_ms"]
+        return (f"| {r['method']} | {r.get('launch', '')} | {num(r.get('fwd_ms'), '.2f')} | {num(r.get('bwd_ms'), '.2f')} | "
+                f"{num(total, '.2f')} | {num(r.get('extra_mib'), ',.0f')} | {r.get('agreement', '')} | {r.get('note', '')} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernels run on CPU
+    import torch
+
+    from lowmem_vt.kernels import ARCHS, RowTiles, Tiles, launch_config, rows_per_chunk
+
+    if not torch.cuda.is_available() and not args.smoke:
+        print("bench/loss_head.py needs a CUDA GPU (or --smoke for a CPU check); nothing measured.")
+        return 0
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        cap, gpu = 10 * major + minor, torch.cuda.get_device_name(device)
+    else:
+        cap, gpu = None, "CPU (Triton interpreter; --smoke: sizes tiny, times meaningless)"
+    if args.dtype == "auto":
+        dtype = torch.float32 if cap is None else (torch.bfloat16 if cap >= 80 else torch.float16)
+    else:
+        dtype = getattr(torch, args.dtype)
+    x = make_inputs(args, device, dtype)
+    N, V, H = args.batch * args.seq, args.vocab, args.hidden
+    floor_tflop = 2 * 2 * N * V * H / 1e12  # logits forward + dh: the two matmuls nothing can avoid
+    report = Report(Path(args.out), dict(
+        setting=f"B={args.batch} T={args.seq} (N={N}) H={H} V={V}, {str(dtype).removeprefix('torch.')}, loss_type "
+                f"{args.loss_type}, {gpu}; matmul floor {floor_tflop:.2f} TFLOP (logits + dh)",
+        device=gpu, capability=cap, dtype=str(dtype), N=N, H=H, V=V, floor_tflop=floor_tflop, smoke=args.smoke,
+    ))
+
+    config = launch_config(cap, dtype) if cap is not None else None
+    small = dict(forward_tiles=Tiles(16, 32, 16, 4, 1), backward_tiles=Tiles(16, 32, 16, 4, 1)) if args.smoke else {}
+    small_rows = dict(row_tiles=RowTiles(64, 4), chunk_rows=16) if args.smoke else {}
     liger_fn, liger_note = liger_loss_fn(args)
     methods: list[tuple[str, str, Callable | None, str]] = [
-        ("naive", "naive PyTorch (full fp32 logits)", naive_loss, ""),
-        ("torch", f"PyTorch reference, chunks of {args.chunk} rows", chunked_loss, ""),
-        ("liger", "Liger LigerFusedLinearGRPOLoss" + (liger_note if liger_fn else ""), liger_fn, liger_note),
-        ("ours", "ours (Triton, backend='triton')", ours_loss, ""),
+        ("torch", "chunked reference", head_loss("torch"), ""),
+        ("naive", "full fp32 logits", naive_loss, ""),
+        ("liger", "LigerFusedLinearGRPOLoss", liger_fn, liger_note if liger_fn else liger_note),
+        ("triton_fused_linear", f"{rows_per_chunk(V)} rows/chunk" if not args.smoke else "16 rows/chunk",
+         head_loss("triton_fused_linear", **small_rows), ""),
+        ("triton_streaming", "launch table" if config else "interpreter tiles", head_loss("triton_streaming", **small), ""),
     ]
+    if not args.smoke and "sweeps" not in args.skip:
+        for spec in args.tiles:
+            bn, bv, bh, w, st = (int(v) for v in spec.split("x"))
+            tiles = Tiles(bn, bv, bh, w, st)
+            methods.append(("triton_streaming", f"tiles {spec}", head_loss("triton_streaming", forward_tiles=tiles, backward_tiles=tiles), ""))
+        for mib in args.scratch_mib:
+            rows = rows_per_chunk(V, mib * 2**20)
+            methods.append(("triton_fused_linear", f"scratch {mib} MiB = {rows} rows/chunk", head_loss("triton_fused_linear", chunk_rows=rows), ""))
+        for block_v in args.row_block_v:
+            methods.append(("triton_fused_linear", f"row block_v {block_v}", head_loss("triton_fused_linear", row_tiles=RowTiles(block_v, 8)), ""))
+    elif args.smoke:
+        methods.append(("triton_streaming", f"tiles {args.tiles[0]}", head_loss("triton_streaming", **small), ""))
+        methods.append(("triton_fused_linear", "1 MiB scratch", head_loss("triton_fused_linear", chunk_rows=rows_per_chunk(V, 2**20),
+                                                                         row_tiles=RowTiles(args.row_block_v[0], 4)), ""))
 
-    rows = []
-    reference: tuple[torch.Tensor, torch.Tensor] | None = None
-    for key, name, fn, why_not in methods:
+    reference = None
+    for key, launch, fn, why_not in methods:
         if key in args.skip:
-            rows.append(f"| {name} | skipped (--skip{' or --smoke' if args.smoke else ''}) | | |")
-            results.append({"method": key, "status": "skipped"})
+            report.add(method=key, launch=launch, note="skipped (--skip)")
             continue
         if fn is None:
-            rows.append(f"| {name} | skipped: {why_not} | | |")
-            results.append({"method": key, "status": "skipped", "reason": why_not})
-            save()
+            report.add(method=key, launch=launch, note=f"skipped: {why_not}")
             continue
+        if key == "triton_streaming" and launch.startswith("tiles ") and cap is not None:
+            from lowmem_vt.kernels.resources import tile_problems
+
+            bn, bv, bh, w, st = (int(v) for v in launch.removeprefix("tiles ").split("x"))
+            problems = tile_problems(Tiles(bn, bv, bh, w, st), Tiles(bn, bv, bh, w, st), cap, dtype)
+            if problems:
+                limit = ARCHS.get(cap, ("", 0))[1] // 1024
+                report.add(method=key, launch=launch, note=f"refused (does not fit sm_{cap}, {limit} KB/block): " + "; ".join(problems)[:300])
+                continue
         try:
-            ms, mib, loss, grad = measure(fn, x, args)
+            r = measure(fn, x, args)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            rows.append(f"| {name} | out of memory | | |")
-            results.append({"method": key, "status": "out of memory"})
-            save()
+            report.add(method=key, launch=launch, note="out of memory")
             continue
         except Exception as exc:  # a third-party API mismatch should not hide the other rows
-            rows.append(f"| {name} | failed: {type(exc).__name__}: {str(exc)[:120]} | | |")
-            results.append({"method": key, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300]})
-            save()
+            report.add(method=key, launch=launch, note=f"failed: {type(exc).__name__}: {str(exc)[:160]}")
             continue
         if reference is None:
-            reference = (loss, grad)
+            reference = (r["loss"], r["grad"])
             agreement = "reference"
         else:
-            loss_err = float((loss - reference[0]).abs() / reference[0].abs().clamp(min=1e-12))
-            grad_err = float((grad.float() - reference[1].float()).abs().max() / reference[1].float().abs().max())
+            loss_err = float((r["loss"] - reference[0]).abs() / reference[0].abs().clamp(min=1e-12))
+            grad_err = float((r["grad"].float() - reference[1].float()).abs().max() / reference[1].float().abs().max().clamp(min=1e-30))
             agreement = f"loss {loss_err:.1e}, dh {grad_err:.1e}"
-        rows.append(f"| {name} | {ms:.2f} | {mib:,.0f} | {agreement} |")
-        results.append({"method": key, "status": "ok", "ms": ms, "extra_mib": None if mib != mib else mib, "agreement": agreement})
-        save()
-        print(rows[-1], flush=True)
-
-    save()
-    print()
-    print(header)
-    for row in rows:
-        print(row)
+        report.add(method=key, launch=launch, fwd_ms=r["fwd_ms"], bwd_ms=r["bwd_ms"], extra_mib=r["extra_mib"], agreement=agreement)
     return 0
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 import triton.language as tl
 
 
@@ -45,12 +46,19 @@ class Tiles:
     num_stages: int = 3
     v_splits: int | None = None
 
+    def as_list(self) -> list[int]:
+        """The form torch custom ops take (v_splits None as 0)."""
+        return [self.block_n, self.block_v, self.block_h, self.num_warps, self.num_stages, self.v_splits or 0]
 
+    @classmethod
+    def from_list(cls, values: list[int]) -> "Tiles":
+        block_n, block_v, block_h, num_warps, num_stages, v_splits = values
+        return cls(block_n, block_v, block_h, num_warps, num_stages, v_splits or None)
+
+
+# The package defaults, used off CUDA (the interpreter, fake tensors); on a GPU ``head.launch_config``
+# picks the tiles of its architecture (compiled and resource-checked on CPU, not timed).
 FORWARD_TILES = Tiles(block_n=128, block_v=128, block_h=64)
-# Each backward program flushes [block_n, H] of dh per vocabulary tile: a wide vocabulary tile halves that
-# atomic traffic, a tall row block halves the re-reads of W. Compiled for sm_90 (not yet timed), 128 x 128
-# x 64 with 8 warps and 3 stages pipelines its loads onto wgmma without spills (175 / 135 registers);
-# 128 x 256 also fits (255 registers) and is the first thing to try on the GPU.
 BACKWARD_TILES = Tiles(block_n=128, block_v=128, block_h=64)
 
 
@@ -71,6 +79,8 @@ def chunked_logprobs_reference(
     hidden: [N, H]; weight: [V, H]; targets: [N] long. Returns [N] float32 (float64 for float64 inputs, so
     that ``torch.autograd.gradcheck`` can run on it). Differentiable by autograd in hidden and weight.
     """
+    if not (torch.compiler.is_compiling() or is_fake(targets)):  # values cannot be read while tracing
+        check_targets(targets, weight.shape[0])
     compute_dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
     w = weight.to(compute_dtype)
     pieces = []
@@ -182,7 +192,7 @@ def _logprobs_finish_kernel(part_lse_ptr, target_logit_ptr, lse_ptr, logp_ptr, N
 @triton.jit
 def _logprobs_backward_kernel(
     h_ptr, w_ptr, targets_ptr, lse_ptr, grad_ptr, dh_ptr, dw_ptr,
-    N, V, H, stride_hn, stride_wv, inv_temperature,
+    N, V, H, stride_hn, stride_wv, inv_temperature, dlogits_scale,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
 ):
@@ -209,14 +219,18 @@ def _logprobs_backward_kernel(
     w_block = w_ptr + v_start.to(tl.int64) * stride_wv
     logits = _logits_tile(h_block, w_block, N - row_start, V - v_start, H, stride_hn, stride_wv,
                           inv_temperature, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-    lse = tl.load(lse_ptr + row_start + offs_n, mask=row_mask, other=0.0)
+    # rows past N repeat the last real row's logits: an lse of +inf gives them probability 0, not exp(logit)
+    lse = tl.load(lse_ptr + row_start + offs_n, mask=row_mask, other=float("inf"))
     targets = tl.load(targets_ptr + row_start + offs_n, mask=row_mask, other=-1).to(tl.int32)
     probs = tl.exp(logits - lse[:, None])
     onehot = tl.where(offs_v[None, :] == (targets - v_start)[:, None], 1.0, 0.0)
-    dlogits = (grad * inv_temperature)[:, None] * (onehot - probs)
-    dlogits = tl.where(row_mask[:, None] & col_mask[None, :], dlogits, 0.0)
-    # the second matmul runs in W's dtype (bf16 on the GPU) like the first, accumulating in fp32
-    dlogits = dlogits.to(w_ptr.dtype.element_ty)
+    # the second matmul runs in W's dtype (bf16 / fp16 on the GPU) like the first, accumulating in fp32. Its
+    # operand is d logp / d logits (<= 1 / temperature) times dlogits_scale (the host's
+    # ``dlogits_scale(dtype)``: 256 for fp16); the row's gradient g (the aggregation weight ~1 / tokens, times the loss scale) and
+    # 1 / dlogits_scale multiply the fp32 product, so fp16 never holds g * p
+    dunit = tl.where(row_mask[:, None] & col_mask[None, :], (onehot - probs) * (inv_temperature * dlogits_scale), 0.0)
+    dunit = dunit.to(w_ptr.dtype.element_ty)
+    row_factor = grad / dlogits_scale
 
     # rows / columns past the end read the last valid one: finite, and multiplied by dlogits = 0
     offs_n_read = tl.minimum(offs_n, N - row_start - 1)
@@ -224,12 +238,13 @@ def _logprobs_backward_kernel(
     for k0 in range(0, H, BLOCK_H):
         if COMPUTE_DH:
             w_tile = tl.load(w_block + offs_v_read[:, None] * stride_wv + (k0 + offs_k)[None, :])
-            dh_part = tl.dot(dlogits, w_tile, input_precision=DOT_PRECISION)
+            dh_part = tl.dot(dunit, w_tile, input_precision=DOT_PRECISION) * row_factor[:, None]
             dh_ptrs = dh_ptr + row_start.to(tl.int64) * H + offs_n[:, None] * H + (k0 + offs_k)[None, :]
             tl.atomic_add(dh_ptrs, dh_part, mask=row_mask[:, None], sem="relaxed")
         if COMPUTE_DW:
             h_tile = tl.load(h_block + offs_n_read[:, None] * stride_hn + (k0 + offs_k)[None, :])
-            dw_part = tl.dot(tl.trans(dlogits), h_tile, input_precision=DOT_PRECISION)
+            h_tile = (h_tile.to(tl.float32) * grad[:, None]).to(h_tile.dtype)
+            dw_part = tl.dot(tl.trans(dunit), h_tile, input_precision=DOT_PRECISION) / dlogits_scale
             dw_ptrs = dw_ptr + v_start.to(tl.int64) * H + offs_v[:, None] * H + (k0 + offs_k)[None, :]
             tl.atomic_add(dw_ptrs, dw_part, mask=col_mask[:, None], sem="relaxed")
 
@@ -256,6 +271,17 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     if block_h < 16:
         raise ValueError(f"the Triton kernels need H to be a multiple of 16 (tl.dot's minimum), got H = {H}")
     return block_h
+
+
+def dlogits_scale(dtype: torch.dtype) -> float:
+    """Factor on d logp / d logits (magnitude <= 1 / temperature) before it is rounded to ``dtype``.
+
+    fp16 has 5 exponent bits: probabilities below 6e-5 would be subnormal (fewer bits) and below 6e-8
+    zero, and over a 151,936-token vocabulary most of the softmax mass can sit there. 256 lifts them by 8
+    binades and leaves 1 / temperature * 256 far below fp16's maximum (65,504) for any temperature >= 0.04.
+    The fp32 matmul result is divided by it again. bf16 and fp32 have fp32's exponent range: 1.
+    """
+    return 256.0 if dtype == torch.float16 else 1.0
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -336,7 +362,7 @@ def logprobs_backward(
         _logprobs_backward_kernel[grid](
             hidden, weight, targets, lse, grad_logp.float().contiguous(),
             dh if compute_dh else lse, dw if compute_dw else lse,  # unused pointers when not computed
-            N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+            N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature, dlogits_scale(hidden.dtype),
             BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_H=block_h, DOT_PRECISION=_dot_precision(hidden.dtype),
             COMPUTE_DH=compute_dh, COMPUTE_DW=compute_dw,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -345,32 +371,96 @@ def logprobs_backward(
 
 
 # ----------------------------------------------------------------------------------------------------
-# autograd wrapper and public entry points
+# torch custom ops (fake implementations for FakeTensorMode / torch.compile) and their autograd
 # ----------------------------------------------------------------------------------------------------
 
 
-class ChunkedLogprobs(torch.autograd.Function):
-    """logp = log_softmax(hidden @ weight.T / temperature)[targets] with the streaming Triton kernels.
+def check_targets(targets: torch.Tensor, vocab_size: int) -> None:
+    """Raise ValueError unless every target lies in [0, vocab_size). Reads the values: one host sync.
 
-    Saves hidden, weight, targets and the per-row lse ([N] fp32); the backward recomputes the logits.
+    A kernel would silently return -lse for an out-of-range target (and torch.gather a device assert on
+    CUDA), so the Triton ops and the reference check first.
     """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, forward_tiles, backward_tiles):
-        logp, lse = logprobs_forward(hidden, weight, targets, temperature, forward_tiles)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.temperature = temperature
-        ctx.backward_tiles = backward_tiles
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        dh, dw = logprobs_backward(
-            hidden, weight, targets, lse, grad_logp, ctx.temperature, ctx.backward_tiles,
-            compute_dh=ctx.needs_input_grad[0], compute_dw=ctx.needs_input_grad[1],
+    if targets.numel() == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(targets))
+    if lo < 0 or hi >= vocab_size:
+        bad = targets[(targets < 0) | (targets >= vocab_size)]
+        raise ValueError(
+            f"targets must be token ids in [0, {vocab_size}) (the LM head's vocabulary), got values in [{lo}, {hi}] "
+            f"({bad.numel()} out of range, e.g. {bad[:5].tolist()}); check the tokenizer / completion ids against "
+            "the model's vocabulary and the padding id"
         )
-        return dh, dw, None, None, None, None
+
+
+def _empty_like_rows(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("lowmem_vt::streaming_logprobs", mutates_args=())
+def streaming_logprobs_op(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+    forward_tiles: list[int], backward_tiles: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp [N] fp32, lse [N] fp32) by the streaming forward kernels. Differentiable in hidden and weight
+    (backward_tiles is for that pass). Tiles are passed as ``Tiles.as_list()``: custom ops take no dataclasses."""
+    check_targets(targets, weight.shape[0])
+    return logprobs_forward(hidden, weight, targets, temperature, Tiles.from_list(forward_tiles))
+
+
+@streaming_logprobs_op.register_fake
+def _(hidden, weight, targets, temperature, forward_tiles, backward_tiles):
+    _check_inputs(hidden, weight, targets, Tiles.from_list(forward_tiles))
+    return _empty_like_rows(hidden), _empty_like_rows(hidden)
+
+
+@torch.library.custom_op("lowmem_vt::streaming_logprobs_backward", mutates_args=())
+def streaming_logprobs_backward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor,
+    temperature: float, tiles: list[int], compute_dh: bool, compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh [N, H], dW [V, H]) by the streaming backward kernel; an empty [0] tensor for one not computed."""
+    dh, dw = logprobs_backward(hidden, weight, targets, lse, grad_logp, temperature, Tiles.from_list(tiles), compute_dh, compute_dw)
+    return (hidden.new_empty(0) if dh is None else dh), (weight.new_empty(0) if dw is None else dw)
+
+
+@streaming_logprobs_backward_op.register_fake
+def _(hidden, weight, targets, lse, grad_logp, temperature, tiles, compute_dh, compute_dw):
+    return (torch.empty_like(hidden) if compute_dh else hidden.new_empty(0)), (torch.empty_like(weight) if compute_dw else weight.new_empty(0))
+
+
+def streaming_input_grads(ctx, grad_logp: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dh, dW) from a ctx holding hidden, weight, targets, lse, temperature, backward_tiles; None where not needed."""
+    hidden, weight, targets, lse = ctx.saved_tensors[:4]
+    compute_dh, compute_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (compute_dh or compute_dw):
+        return None, None
+    dh, dw = streaming_logprobs_backward_op(
+        hidden, weight, targets, lse, grad_logp.float().contiguous(), ctx.temperature, ctx.backward_tiles, compute_dh, compute_dw,
+    )
+    return (dh if compute_dh else None), (dw if compute_dw else None)
+
+
+def _streaming_logprobs_setup(ctx, inputs, output):
+    hidden, weight, targets, temperature, _forward_tiles, backward_tiles = inputs
+    _logp, lse = output
+    ctx.save_for_backward(hidden, weight, targets, lse)
+    ctx.temperature = temperature
+    ctx.backward_tiles = backward_tiles
+    ctx.mark_non_differentiable(lse)
+
+
+def _streaming_logprobs_backward(ctx, grad_logp, _grad_lse):
+    dh, dw = streaming_input_grads(ctx, grad_logp)
+    return dh, dw, None, None, None, None
+
+
+streaming_logprobs_op.register_autograd(_streaming_logprobs_backward, setup_context=_streaming_logprobs_setup)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public entry points
+# ----------------------------------------------------------------------------------------------------
 
 
 def _prepare(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,39 +484,15 @@ def chunked_logprobs(
     """Log-probs of ``targets`` under ``softmax(hidden @ weight.T / temperature)``, never forming [N, V].
 
     hidden: [N, H] (cast to weight's dtype); weight: [V, H]; targets: [N] long in [0, V).
-    Returns [N] float32, differentiable in hidden and weight. backend: "triton" (streaming kernels; needs
-    CUDA or TRITON_INTERPRET=1, and H a multiple of 16) or "torch" (``chunked_logprobs_reference``).
+    Returns [N] float32, differentiable in hidden and weight. backend: "triton" / "triton_streaming"
+    (streaming kernels; needs CUDA or TRITON_INTERPRET=1, and H a multiple of 16) or "torch"
+    (``chunked_logprobs_reference``). The fused-linear head has no such entry: it forms the gradient of a
+    loss it knows (``fused_grpo_loss``).
     """
     if backend == "torch":
         return chunked_logprobs_reference(hidden, weight, targets, temperature)
-    if backend != "triton":
-        raise ValueError(f"unknown backend {backend!r}; expected 'triton' or 'torch'")
+    if backend not in ("triton", "triton_streaming"):
+        raise ValueError(f"unknown backend {backend!r} for chunked_logprobs; expected 'triton', 'triton_streaming' or 'torch'")
     hidden, targets = _prepare(hidden, weight, targets)
-    return ChunkedLogprobs.apply(hidden, weight, targets, float(temperature), forward_tiles, backward_tiles)
-
-
-@torch.no_grad()
-def token_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float = 1.0,
-    backend: str = "triton",
-    *,
-    forward_tiles: Tiles = FORWARD_TILES,
-) -> torch.Tensor:
-    """Per-token log-probs without gradient, for the reference-model pass and the old-policy log-probs.
-
-    hidden: [B, T, H]; weight: [V, H]; targets: [B, T] long. Returns [B, T] float32.
-    """
-    B, T, H = hidden.shape
-    flat_hidden = hidden.reshape(B * T, H)
-    flat_targets = targets.reshape(B * T)
-    if backend == "torch":
-        logp = chunked_logprobs_reference(flat_hidden, weight, flat_targets, temperature)
-    elif backend == "triton":
-        flat_hidden, flat_targets = _prepare(flat_hidden, weight, flat_targets)
-        logp, _ = logprobs_forward(flat_hidden, weight, flat_targets, float(temperature), forward_tiles)
-    else:
-        raise ValueError(f"unknown backend {backend!r}; expected 'triton' or 'torch'")
-    return logp.float().view(B, T)
+    logp, _ = streaming_logprobs_op(hidden, weight, targets, float(temperature), forward_tiles.as_list(), backward_tiles.as_list())
+    return logp

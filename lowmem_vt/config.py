@@ -43,7 +43,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name_or_path: str = "Qwen/Qwen2-VL-2B"  # hub id or local directory
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # auto: bfloat16 where the GPU has it (compute capability >= 8.0), float16 on older GPUs (the T4 of
+    # Colab), bfloat16 on CPU (as the GPU recipes were written); resolved when the recipe is loaded
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = True
     quantization: Literal["none", "nf4"] = "none"  # nf4 = QLoRA (bitsandbytes, double quant, bf16 compute)
@@ -150,7 +152,7 @@ class RecipeConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    kernels: Literal["auto", "triton", "torch"] = "auto"
+    kernels: Literal["auto", "triton", "triton_fused_linear", "triton_streaming", "torch"] = "auto"
     source_file: str = field(default="<defaults>", metadata={"internal": True})
 
     @property
@@ -276,8 +278,21 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         _set_dotted(tree, key, value)
     cfg = _build(RecipeConfig, tree, "", file)
     cfg.source_file = file
+    cfg.model.dtype = resolve_dtype(cfg.model.dtype, cfg.train.device)
     validate(cfg)
     return cfg
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """``model.dtype`` without "auto": bfloat16 on a GPU of compute capability >= 8.0 and on CPU, float16
+    on older GPUs (no bfloat16 arithmetic: the T4). device: ``train.device`` ("auto", "cpu", "cuda")."""
+    if name != "auto":
+        return name
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return "bfloat16"
+    return "bfloat16" if torch.cuda.get_device_capability()[0] >= 8 else "float16"
 
 
 def _looks_local(path: str) -> bool:

@@ -164,7 +164,7 @@ def load_eval_model(*, checkpoint: str | None, model: str | None, device: torch.
     if checkpoint is None:
         if model is None:
             raise ValueError("name a --checkpoint (base + adapter) or a --model (base or merged model)")
-        dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        dtype = dtype or ("auto" if device.type == "cuda" else "float32")
         min_px, max_px = min_pixels or 3136, max_pixels or 401408
         from .model import load_plain_model
         from .preflight import check_model_source

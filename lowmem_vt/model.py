@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import LoraConfig, ModelConfig
+from .config import LoraConfig, ModelConfig, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def load_plain_model(name_or_path: str, device: torch.device, *, dtype: str, min
 
     name_or_path = resolve_model_path(name_or_path)
     model = Qwen2VLForConditionalGeneration.from_pretrained(
-        name_or_path, dtype=DTYPES[dtype], attn_implementation=resolve_attention(attn_implementation, device))
+        name_or_path, dtype=DTYPES[resolve_dtype(dtype, device.type)], attn_implementation=resolve_attention(attn_implementation, device))
     model.to(device).eval()
     model.requires_grad_(False)
     tokenizer, image_processor = load_tokenizer_and_processor(name_or_path, min_pixels, max_pixels)
@@ -156,7 +156,7 @@ def load_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.devic
     from transformers import Qwen2VLForConditionalGeneration
 
     model_cfg.name_or_path = resolve_model_path(model_cfg.name_or_path)
-    dtype = DTYPES[model_cfg.dtype]
+    dtype = DTYPES[resolve_dtype(model_cfg.dtype, device.type)]
     kwargs = dict(dtype=dtype, attn_implementation=resolve_attention(model_cfg.attn_implementation, device))
     if model_cfg.quantization == "nf4":
         from transformers import BitsAndBytesConfig

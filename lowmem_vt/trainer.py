@@ -23,7 +23,7 @@ from . import preflight
 from .config import RecipeConfig, to_dict
 from .data import DataError, Example, load_examples
 from .distributed import init_from_env, wrap_policy
-from .grpo import LossCounts, group_advantages
+from .grpo import LossCounts, group_advantages, loss_scale
 from .inputs import InputBuilder, PromptInputs, build_sequences
 from .kernels import fused_grpo_loss, resolve_backend, token_logprobs
 from .metrics import MetricsWriter, format_summary, run_summary
@@ -239,6 +239,7 @@ class Trainer:
         W = self.dist.world_size
         counts = LossCounts(seqs_all / W, tokens_all / W, g.max_completion_length)
         eps_high = g.epsilon if g.epsilon_high is None else g.epsilon_high
+        scale = loss_scale(self.lm.lm_head_weight.dtype, counts)  # 1 unless the model is float16
         loss_total, kl_sum, clipped, grad_norm, skipped = 0.0, 0.0, 0.0, float("nan"), False
         for _ in range(g.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
@@ -256,11 +257,15 @@ class Trainer:
                         beta=g.beta, epsilon_low=g.epsilon, epsilon_high=eps_high, loss_type=g.loss_type, counts=counts,
                         temperature=g.temperature, backend=self.kernel_backend,
                     )
-                    loss.backward()
+                    (loss * scale).backward()
                 loss_total += float(loss.detach())
-                kl_sum += stats["kl_sum"]
-                clipped += stats["clipped_tokens"]
+                kl_sum += float(stats["kl_sum"])
+                clipped += float(stats["clipped_tokens"])
                 self._check_interrupt()
+            if scale != 1.0:
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.div_(scale)
             loss_total, kl_sum, clipped = self.dist.sum([loss_total, kl_sum, clipped])
             loss_total /= W
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.train.max_grad_norm or float("inf")))

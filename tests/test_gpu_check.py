@@ -31,7 +31,8 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
     # CPU: the GPU tests are collected and every one skips, none fails
     counts = stages["cuda_tests"]["result"]["counts"]
     assert counts["skipped"] >= 2 and counts["failed"] == counts["error"] == 0, counts
-    assert {m["method"]: m["status"] for m in stages["loss_head"]["result"]["methods"]}["torch"] == "ok"
+    timed = {r["method"]: r for r in stages["loss_head"]["result"]["rows"] if r.get("fwd_ms") is not None}
+    assert "torch" in timed and "triton_fused_linear" in timed, list(timed)  # both heads ran (interpreter)
     assert stages["rollout"]["result"]["tables"]["rollout"]  # the engine rows of the trainer's call
     for name in ("step_lora", "step_qlora"):
         phases = stages[name]["result"]["phases"]
