@@ -34,11 +34,14 @@ def test_demo_recipe_learns_format_and_accuracy(tiny_base_dir, tmp_path, capsys)
     rows = read_metrics(tr.out / "metrics.jsonl")
     assert len(rows) == cfg.train.max_steps
     s = run_summary(tr.out)
-    first, last = s["first"], s["last"]
+    start, first, last = s["start"], s["first"], s["last"]
     curve = {k: [round(r[k], 2) for r in rows] for k in ("format_rate", "accuracy")}
-    assert first["format_rate"] < 0.5 and first["accuracy"] < 0.5, (first, curve)  # a base model, rarely right
+    # the first step is the base model's behaviour: the format is rare, right answers rarer
+    assert start["format_rate"] < 0.3 and start["accuracy"] < 0.3, (start, curve)
     assert last["format_rate"] >= 0.8 and last["accuracy"] >= 0.8, (last, curve)
-    assert last["reward"] > first["reward"] + 0.8  # reward = format + accuracy, up to 2
+    for key in ("format_rate", "accuracy", "reward"):  # rising: the last 5 steps above the first 5
+        assert last[key] > first[key] + 0.25, (key, first, last, curve)
+    assert last["reward"] > start["reward"] + 1.5  # reward = format + accuracy, up to 2
     # the end-of-run summary: both means, a sample from before and after, the plots
     printed = capsys.readouterr().out
     assert "format rate" in printed and "accuracy" in printed and "sample before (step 1" in printed

@@ -583,6 +583,7 @@ def test_trainer_step_with_triton_heads(recipe_factory):
         tr = Trainer(recipe_factory(**settings, kernels=kernels))
         assert tr.kernel_backend == kernels
         metrics[kernels] = tr.step()
+        tr.close()  # releases the run folder for the next backend's trainer
     ref = metrics["torch"]
     assert ref["grad_norm"] > 0, "the task should give a gradient"
     for kernels in ("triton", *HEADS):
