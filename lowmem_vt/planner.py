@@ -41,6 +41,8 @@ class ModelShape:
     lora_params: int
     merge: int
     patch: int
+    vision_embed: int
+    vision_mlp: int
 
 
 def model_shape(config, lora_r: int, target_modules: list[str]) -> ModelShape:
@@ -50,7 +52,7 @@ def model_shape(config, lora_r: int, target_modules: list[str]) -> ModelShape:
 
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(config)
-    t = config.text_config
+    t, v = config.text_config, config.vision_config
     text_linear = other = vision = lora = 0
     seen = set()
     for name, mod in model.named_modules():
@@ -75,6 +77,7 @@ def model_shape(config, lora_r: int, target_modules: list[str]) -> ModelShape:
         heads=t.num_attention_heads, kv_heads=t.num_key_value_heads, head_dim=head_dim,
         tied=bool(config.tie_word_embeddings), params_text_linear=text_linear, params_other=other, params_vision=vision,
         lora_params=lora, merge=config.vision_config.spatial_merge_size, patch=config.vision_config.patch_size,
+        vision_embed=v.embed_dim, vision_mlp=int(v.embed_dim * v.mlp_ratio),
     )
 
 
@@ -105,6 +108,23 @@ def prompt_tokens(cfg: RecipeConfig, shape: ModelShape, text_tokens: int = 82) -
 
 def kv_cache_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * dtype_bytes
+
+
+def vision_activation_bytes(shape: ModelShape, patches: int, cfg: RecipeConfig) -> int:
+    """Transient bytes of one no-grad vision-tower block over ``patches`` patches (qkv, attention out, MLP)."""
+    b = DTYPE_BYTES[cfg.model.dtype]
+    return patches * (6 * shape.vision_embed + 2 * shape.vision_mlp) * b
+
+
+def rollout_bytes(cfg: RecipeConfig, shape: ModelShape, prompt_len: int, completion_len: int) -> int:
+    """Bytes the rollout allocates on top of the resident state: the KV cache and one decode step's buffers."""
+    b = DTYPE_BYTES[cfg.model.dtype]
+    G = cfg.grpo.num_generations
+    # hf generates one prompt's G samples per call (per-prompt seeds); the engine and vLLM decode all rows at once
+    rows = G if cfg.rollout.backend == "hf" else G * cfg.train.prompts_per_step
+    kv = kv_cache_bytes_per_token(shape, b) * rows * (prompt_len + completion_len)
+    decode_logits = rows * shape.vocab * 4 * 2  # fp32 logits + sampling workspace of one decode step
+    return kv + decode_logits
 
 
 def plan(cfg: RecipeConfig, config) -> Plan:
