@@ -174,6 +174,8 @@ def load_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.devic
     lm = LoadedModel(peft_model, tokenizer, image_processor, device, _count_vision_calls(peft_model.get_base_model()))
     if device.type == "cuda" and trainable:
         offload_vision(lm)
+        if model_cfg.gradient_checkpointing:
+            offload_checkpointed_inputs(lm.hf_model)
     return lm
 
 
@@ -238,6 +240,59 @@ def offload_vision(lm: LoadedModel, host_copy=None) -> None:
     lm.vision_host = [(p, host_copy(p.data)) for p in lm.hf_model.model.visual.parameters()]
     for p, host in lm.vision_host:
         p.data = host
+
+
+class _OffloadedInput:
+    """A checkpointed layer's input: handed to the forward once, then read back from its host copy by the
+    backward's recompute. Nothing on the device keeps it alive in between."""
+
+    def __init__(self, hidden: torch.Tensor, host_copy):
+        self.device = hidden.device
+        self.hidden = hidden
+        self.host, self.ready = host_copy(hidden)
+
+    def get(self) -> torch.Tensor:
+        if self.hidden is not None:
+            hidden, self.hidden = self.hidden, None
+            return hidden
+        if self.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
+        return self.host.to(self.device, non_blocking=True, copy=True)
+
+
+_offload_streams: dict = {}
+
+
+def _pinned_host_copy(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """An asynchronous copy of ``t`` into pinned host memory on a side stream (overlaps the next layer)."""
+    stream = _offload_streams.setdefault(t.device, torch.cuda.Stream(t.device))
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    stream.wait_stream(torch.cuda.current_stream(t.device))
+    with torch.cuda.stream(stream):
+        host.copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    t.record_stream(stream)  # the allocator may reuse t's memory only after the copy
+    return host, done
+
+
+def offload_checkpointed_inputs(hf_model, host_copy=None) -> None:
+    """Gradient checkpointing of the language model's layers with each layer's input kept in pinned host
+    memory instead of on the GPU: 28 x tokens x hidden x 2 bytes (0.83 GiB at micro-batch 8 x 1294 tokens
+    for the 2B model). The forward's copies run on a side stream; the backward reads one layer's input
+    back right before recomputing it. ``host_copy(t) -> (host tensor, event or None)``."""
+    from torch.utils.checkpoint import checkpoint
+
+    host_copy = host_copy or _pinned_host_copy
+
+    def run(fn, handle, *args):
+        return fn(handle.get(), *args)
+
+    def offloading_checkpoint(fn, hidden, *args):
+        return checkpoint(run, fn, _OffloadedInput(hidden, host_copy), *args, use_reentrant=False)
+
+    for layer in hf_model.model.language_model.layers:
+        layer._gradient_checkpointing_func = offloading_checkpoint
 
 
 @contextlib.contextmanager

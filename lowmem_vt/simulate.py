@@ -35,6 +35,7 @@ from .config import RecipeConfig
 from .planner import (GIB, NF4_BYTES_PER_PARAM, Plan, config_for, model_shape, plan, prompt_tokens, rollout_bytes,
                       vision_activation_bytes)
 
+_last_tracker = []
 BLOCK = 512  # the CUDA caching allocator rounds every allocation up to 512 bytes
 
 UNMODELLED = (
@@ -101,7 +102,7 @@ class Simulation:
         return max(self.peaks.values())
 
 
-LEVERS = ("adapter in base dtype", "vision tower off the GPU")
+LEVERS = ("adapter in base dtype", "vision tower off the GPU", "checkpointed inputs offloaded")
 
 
 def simulate(cfg: RecipeConfig, config=None, *, prompt_len: int | None = None, without: tuple[str, ...] = ()) -> Simulation:
@@ -122,6 +123,7 @@ def simulate(cfg: RecipeConfig, config=None, *, prompt_len: int | None = None, w
     T = cfg.grpo.max_completion_length
     sim = Simulation()
     tracker = LiveBytes()
+    _last_tracker.append(tracker)
     with FakeTensorMode(allow_non_fake_inputs=True), tracker, _fake_friendly():
         lm = _fake_model(cfg, config, tracker, without)
         optimizer = _optimizer(cfg, lm, tracker)
@@ -160,7 +162,7 @@ def _fake_model(cfg: RecipeConfig, config, tracker: LiveBytes, without: tuple[st
     weights: built on the meta device, then every tensor made a fake one on ``cpu`` (call inside the mode)."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    from .model import DTYPES, LoadedModel, attach_adapter, offload_vision
+    from .model import DTYPES, LoadedModel, attach_adapter, offload_checkpointed_inputs, offload_vision
 
     dtype = DTYPES[cfg.model.dtype]
     config = copy.deepcopy(config)
@@ -176,8 +178,11 @@ def _fake_model(cfg: RecipeConfig, config, tracker: LiveBytes, without: tuple[st
             _adapter_in_fp32(peft_model)
     _materialize_fake(peft_model)
     lm = LoadedModel(peft_model, None, None, torch.device("cpu"), [0])
-    if "vision tower off the GPU" not in without:  # load_model does this on CUDA
+    # load_model does these on CUDA
+    if "vision tower off the GPU" not in without:
         offload_vision(lm, host_copy=lambda t: _host_copy(t, tracker))
+    if "checkpointed inputs offloaded" not in without and cfg.model.gradient_checkpointing:
+        offload_checkpointed_inputs(lm.hf_model, host_copy=lambda t: (_host_copy(t, tracker), None))
     return lm
 
 
@@ -295,6 +300,7 @@ class _Adam8bitStandIn:
         self.tracker = tracker
         self.state: list[tuple[torch.Tensor, ...]] = []
 
+    @torch.no_grad()
     def step(self) -> None:
         if not self.state:
             for p in self.params:
