@@ -40,8 +40,8 @@ BLOCK = 512  # the CUDA caching allocator rounds every allocation up to 512 byte
 
 UNMODELLED = (
     "not simulated, add on a GPU: CUDA context ~0.5 GiB (the planner counts it), allocator fragmentation and "
-    "cuBLAS workspaces (typically 0.1-0.5 GiB), flash-attention's fp32 dq_accum in the backward "
-    "(~tokens x heads x head_dim x 4 B per layer), and bitsandbytes' paged optimizer state (managed memory)"
+    "cuBLAS workspaces (typically 0.1-0.5 GiB), flash-attention's fp32 dq_accum in the backward when "
+    "flash-attn is installed (~tokens x heads x head_dim x 4 B), and bitsandbytes' paged optimizer state (managed memory)"
 )
 
 
@@ -128,7 +128,7 @@ def simulate(cfg: RecipeConfig, config=None, *, prompt_len: int | None = None, w
         lm = _fake_model(cfg, config, tracker, without)
         optimizer = _optimizer(cfg, lm, tracker)
         with _outside_modes():  # real-valued inputs, built as the trainer builds them on the host
-            prompt = _prompt(config, shape, L)
+            prompt = _prompt(cfg, config, shape, L)
             n_image = int(prompt.mm_token_type_ids.sum())
         sim.resident = tracker.current / GIB
         _run_step(cfg, lm, optimizer, prompt, n_image, T, tracker, sim)
@@ -319,17 +319,17 @@ class _Adam8bitStandIn:
             p.grad = None
 
 
-def _prompt(config, shape, L: int):
-    """A real-valued prompt of L tokens: vision_start, an image of the largest size that fits, vision_end, text."""
+def _prompt(cfg: RecipeConfig, config, shape, L: int):
+    """A real-valued prompt of L tokens: vision_start, the image tokens of the largest image max_pixels
+    allows (as the planner counts them), vision_end, text."""
     from .inputs import PromptInputs, mrope_positions
 
     merge, patch = shape.merge, shape.patch
-    image_tokens = min(L - 2, 4096)
-    side = max(1, int(math.isqrt(image_tokens)))
-    h, w = side * merge, (image_tokens // side) * merge  # grid in patches; h*w/merge² image tokens
-    n_img = (h // merge) * (w // merge)
+    n_img = max(1, min(cfg.data.max_pixels // (patch * merge) ** 2, L - 2))
+    rows = next(d for d in range(math.isqrt(n_img), 0, -1) if n_img % d == 0)
+    h, w = rows * merge, (n_img // rows) * merge  # the grid in patches
     ids = [config.vision_start_token_id] + [config.image_token_id] * n_img + [config.vision_end_token_id]
-    ids += [1000] * (L - len(ids))
+    ids += [1000 % config.text_config.vocab_size] * (L - len(ids))
     ids = torch.tensor(ids)
     types = (ids == config.image_token_id).int()
     grid = torch.tensor([[1, h, w]])
@@ -347,7 +347,7 @@ def _phase(sim: Simulation, tracker: LiveBytes, name: str, fn):
 
 
 def _run_step(cfg: RecipeConfig, lm, optimizer, prompt, n_image: int, T: int, tracker: LiveBytes, sim: Simulation) -> None:
-    """Trainer.step's phases in its order, for one prompt's G completions (every micro-batch the same)."""
+    """Trainer.step's phases in its order; every prompt of the step is ``prompt`` (every micro-batch the same)."""
     from .grpo import LossCounts
     from .inputs import build_sequences
     from .kernels import fused_grpo_loss, token_logprobs
@@ -355,37 +355,37 @@ def _run_step(cfg: RecipeConfig, lm, optimizer, prompt, n_image: int, T: int, tr
 
     g, t = cfg.grpo, cfg.train
     backend = _kernel_backend(cfg)
-    G, mb = g.num_generations, t.micro_batch_size
+    G, mb, n_prompts = g.num_generations, t.micro_batch_size, t.prompts_per_step
     shape = model_shape(lm.config, cfg.lora.r, cfg.lora.target_modules)
 
     def vision():
         # the tower's weights come in through the real offload code; its activations are analytic (its
-        # index arithmetic reads grid values, which fake tensors do not have)
+        # index arithmetic reads grid values, which fake tensors do not have). One call for every prompt.
         with vision_on_device(lm):
-            workspace = torch.empty(vision_activation_bytes(shape, prompt.pixel_values.shape[0], cfg), dtype=torch.uint8)
-            embeds = [torch.empty(n_image, shape.hidden, dtype=lm.lm_head_weight.dtype)]
+            patches = prompt.pixel_values.shape[0] * n_prompts
+            workspace = torch.empty(vision_activation_bytes(shape, patches, cfg), dtype=torch.uint8)
+            embeds = [torch.empty(n_image, shape.hidden, dtype=lm.lm_head_weight.dtype) for _ in range(n_prompts)]
             del workspace
         return embeds
 
     embeds = _phase(sim, tracker, "vision", vision)
-    kv = rollout_bytes(cfg, shape, prompt.length, T)
-    sim.peaks["rollout"] = (tracker.current + kv) / GIB  # analytic: the engine's allocations on top of the step's state
+    sim.peaks["rollout"] = (tracker.current + rollout_bytes(cfg, shape, prompt.length, T)) / GIB  # analytic
 
-    B = min(G, mb)  # one micro-batch; every micro-batch of the step has the same shape
+    B = min(mb, G * n_prompts)  # one micro-batch; every micro-batch of the step has the same shape
     with _outside_modes():
-        completion = torch.full((B, T), 1000, dtype=torch.long)
+        completion = torch.full((B, T), 1000 % shape.vocab, dtype=torch.long)
         mask = torch.ones(B, T)
-        seqs = build_sequences([prompt], [0] * B, completion, mask, 0)
+        seqs = build_sequences([prompt] * n_prompts, [i // G for i in range(B)], completion, mask, 0)
         advantages = torch.zeros(B)
     head = lm.lm_head_weight
-    micro_steps = math.ceil(G * t.prompts_per_step / mb)
+    micro_steps = math.ceil(G * n_prompts / B)
 
     def reference():
         with torch.no_grad(), lm.peft_model.disable_adapter():
             return token_logprobs(sequence_hidden(lm, seqs, embeds), head, completion, g.temperature, backend)
 
     ref = _phase(sim, tracker, "reference pass", reference)
-    counts = LossCounts(float(G), float(G * T), T)
+    counts = LossCounts(float(G * n_prompts), float(G * n_prompts * T), T)
 
     def update():
         # two micro-steps: the second runs with the first's gradients resident, as every later one does
@@ -408,16 +408,47 @@ def compare(cfg: RecipeConfig, config=None, sim: Simulation | None = None) -> tu
     config = config if config is not None else config_for(cfg)
     sim = sim or simulate(cfg, config)
     p = plan(cfg, config)
-    lines = ["| phase | simulated peak GiB | planner GiB (without the CUDA context) | planner / simulated |",
-             "|---|---:|---:|---:|"]
-    ctx = p.phases.get("CUDA context", 0.0)
+    lines = ["| phase | simulated peak GiB | planner GiB | planner / simulated |", "|---|---:|---:|---:|"]
     for name, s in sim.peaks.items():
-        pred = p.peaks.get(name)
-        if pred is None:
-            lines.append(f"| {name} | {s:.2f} | - | - |")
-        else:
-            lines.append(f"| {name} | {s:.2f} | {pred - ctx:.2f} | {(pred - ctx) / s:.3f} |")
-    lines.append(f"| **whole step** | **{sim.peak:.2f}** | {p.peak - ctx:.2f} | {(p.peak - ctx) / sim.peak:.3f} |")
+        pred = p.peaks[name]
+        lines.append(f"| {name} | {s:.2f} | {pred:.2f} | {pred / s:.3f} |")
+    lines.append(f"| **whole step** | **{sim.peak:.2f}** | {p.allocated:.2f} | {p.allocated / sim.peak:.3f} |")
     lines += [""] + [f"- {n}" for n in sim.notes]
     lines.append(f"- {UNMODELLED}")
     return p, sim, "\n".join(lines)
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("plan", help="predicted GPU memory of a recipe, per phase, and what fits (--simulate: measured "
+                                    "on fake tensors)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--gpu-gib", type=float, default=None, help="GPU memory to plan for (default: this GPU's, if any)")
+    p.add_argument("--simulate", action="store_true",
+                   help="also run the step's phases on fake tensors (CPU, no weights; ~20 s for the 2B model) and "
+                        "print each phase's simulated peak beside the prediction")
+    p.set_defaults(func=_cmd_plan)
+
+
+def _cmd_plan(args) -> int:
+    from .config import load_config
+    from .planner import PlanError, check_fits, detected_gpu_gib, largest_fitting
+
+    cfg = load_config(args.recipe, args.overrides)
+    config = config_for(cfg)
+    p = plan(cfg, config)
+    print(p.table())
+    if args.simulate:
+        _, sim, table = compare(cfg, config)
+        print("\n" + table)
+        print(f"\nsimulated whole-step peak: {sim.peak:.2f} GiB allocated (+ the unmodelled margin above)")
+    print(f"\npredicted peak: {p.peak:.2f} GiB (allocated {p.allocated:.2f} + CUDA context {p.overhead:.2f})")
+    gib = args.gpu_gib if args.gpu_gib is not None else detected_gpu_gib()
+    if gib is not None:
+        try:
+            check_fits(cfg, config, gib)
+            print(f"fits in {gib:.1f} GiB; largest that fit: {largest_fitting(cfg, config, gib)}")
+        except PlanError as exc:
+            print(f"does NOT fit: {str(exc).splitlines()[0]}")
+            return 1
+    return 0
