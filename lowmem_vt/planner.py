@@ -119,13 +119,14 @@ def kv_cache_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * dtype_bytes
 
 
-# Per-token activation bytes (x the dtype's bytes), calibrated against ``lowmem_vt.simulate`` on the 2B
-# architecture (bench/memory.py --simulate; within 3 % of the simulated activations over its grid):
-# the no-grad forward holds one layer's MLP (silu(gate), up, their product: 3I) and ~5.5H of attention
-# and norm temporaries; the backward of a recomputed layer holds ~6I (gate and up outputs with their LoRA
-# sums, silu, the products and their gradients) and ~14H (fp32 norm copies, q/k/v and their gradients).
-REFERENCE_PER_TOKEN = (3.0, 5.5)  # (x intermediate, x hidden)
-BACKWARD_PER_TOKEN = (6.0, 14.0)
+# Activation bytes per token of one layer (x the dtype's bytes), calibrated against ``lowmem_vt.simulate``
+# (bench/memory.py --simulate prints the comparison): a no-grad forward holds one MLP's silu(gate), up and
+# their product (3I) and ~2H of attention temporaries; the backward of a recomputed layer holds ~6I (gate
+# and up outputs with their LoRA sums, silu, the products and their gradients), ~10H (q/k/v, attention
+# out, residuals and their gradients) and 6 LoRA [tokens, r] products. A bf16 model adds the RMSNorms' two
+# fp32 copies (8H bytes) to both.
+FORWARD_PER_TOKEN = (3, 2, 0)  # (x intermediate, x hidden, x lora r)
+BACKWARD_PER_TOKEN = (6, 10, 6)
 # bitsandbytes 8-bit AdamW: two uint8 moments + an fp32 absmax per 256-value block each; paged: the state
 # lives in CUDA managed memory, which the allocator does not count (listed as unmodelled)
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw_8bit": 2 + 2 * 4 / 256, "paged_adamw_8bit": 0.0}
@@ -161,10 +162,17 @@ def rollout_bytes(cfg: RecipeConfig, shape: ModelShape, prompt_len: int, complet
         slots = math.ceil((prompt_len + completion_len) / CACHE_BUCKET) * CACHE_BUCKET
         growth = 0
         prefill_rows = 1  # one prefill per prompt, broadcast to its G rows
-    ci, ch = REFERENCE_PER_TOKEN
-    prefill = prefill_rows * prompt_len * (ci * shape.intermediate + ch * shape.hidden) * b
+    prefill = prefill_rows * prompt_len * layer_bytes_per_token(shape, cfg, backward=False)
     sampling = SAMPLING_BUFFERS * rows * shape.vocab * 4
     return int(rows * slots * per_token + growth + max(prefill, sampling))
+
+
+def layer_bytes_per_token(s: ModelShape, cfg: RecipeConfig, backward: bool) -> float:
+    """Peak activation bytes per token of one decoder layer: a no-grad forward, or a recomputed backward."""
+    b = DTYPE_BYTES[cfg.model.dtype]
+    ci, ch, cr = BACKWARD_PER_TOKEN if backward else FORWARD_PER_TOKEN
+    fp32_norms = 8 * s.hidden if b < 4 else 0
+    return (ci * s.intermediate + ch * s.hidden + cr * cfg.lora.r) * b + fp32_norms
 
 
 def _loss_head_bytes(cfg: RecipeConfig, s: ModelShape, rows: int, T: int, backward: bool) -> int:
@@ -225,17 +233,14 @@ def plan(cfg: RecipeConfig, config, prompt_len: int | None = None) -> Plan:
     rows = min(mb, G * n_prompts)
     S = L + T
     tokens = rows * S
-    mask = rows * S * S * b  # sdpa's additive mask of the right-padded batch
-    H, I = s.hidden, s.intermediate
-    ci, ch = REFERENCE_PER_TOKEN
-    reference = tokens * (ci * I + ch * H) * b + mask
-    p.peaks["reference pass"] = (resident + max(reference, _loss_head_bytes(cfg, s, rows, T, backward=False))) / GIB
-    ci, ch = BACKWARD_PER_TOKEN
+    mask = rows * S * S * (b + 1)  # sdpa's additive mask of the right-padded batch, and its boolean source
+    reference = tokens * layer_bytes_per_token(s, cfg, backward=False) + mask
+    p.peaks["reference pass"] = (resident + reference + _loss_head_bytes(cfg, s, rows, T, backward=False)) / GIB
     if cfg.model.gradient_checkpointing:  # layer inputs live in host memory; one layer recomputed at a time
-        acts = tokens * (ci * I + ch * H) * b + mask
+        acts = tokens * layer_bytes_per_token(s, cfg, backward=True) + mask
     else:
-        acts = s.layers * tokens * (ci * I + ch * H) * b + mask
-    policy = max(acts, _loss_head_bytes(cfg, s, rows, T, backward=True))
+        acts = s.layers * tokens * layer_bytes_per_token(s, cfg, backward=True) + mask
+    policy = acts + _loss_head_bytes(cfg, s, rows, T, backward=False)
     p.phases[f"activations of one micro-batch ({rows} x {S} tokens)"] = policy / GIB
     p.peaks["policy update"] = (resident + grads + policy) / GIB
     foreach = s.lora_params * 4 if t.optimizer == "adamw" else 0  # torch's foreach AdamW: one fp32 temporary per parameter
