@@ -248,6 +248,7 @@ class _OffloadedInput:
 
     def __init__(self, hidden: torch.Tensor, host_copy):
         self.device = hidden.device
+        self.requires_grad = hidden.requires_grad
         self.hidden = hidden
         self.host, self.ready = host_copy(hidden)
 
@@ -257,7 +258,8 @@ class _OffloadedInput:
             return hidden
         if self.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(self.ready)
-        return self.host.to(self.device, non_blocking=True, copy=True)
+        # the recompute must build the forward's graph (checkpoint matches the tensors it saves)
+        return self.host.to(self.device, non_blocking=True, copy=True).requires_grad_(self.requires_grad)
 
 
 _offload_streams: dict = {}
