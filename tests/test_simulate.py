@@ -1,0 +1,108 @@
+"""The memory simulator (the step's code on fake tensors) and the planner pinned to it: on the tiny model and
+on the real Qwen2-VL-2B architecture (built from its config, no weights). The whole grid is
+``bench/memory.py --simulate``; here a few points. Also: both recipes inside the memory goals."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowmem_vt.config import load_config
+from lowmem_vt.planner import config_for, plan
+from lowmem_vt.simulate import LEVERS, LiveBytes, simulate
+from lowmem_vt.tiny import qwen2_vl_2b_config
+
+TOLERANCE = 0.05  # the planner's every phase within 5 % of the simulation
+
+
+def test_live_bytes_counts_each_storage_once_rounded_and_frees_it():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    tracker = LiveBytes()
+    with FakeTensorMode(), tracker:
+        a = torch.empty(1000)  # 4000 B -> 4096 (512 B blocks)
+        view = a[10:]
+        b = torch.empty(10, dtype=torch.bfloat16)  # 20 B -> 512
+        assert tracker.current == 4096 + 512
+        host = torch.empty(100)
+        tracker.exclude(host)
+        assert tracker.current == 4096 + 512
+        del a, view
+        assert tracker.current == 512
+        tracker.reset_peak()
+        c = b * 2
+        assert tracker.peak == 1024
+        del b, c
+    assert tracker.current == 0
+
+
+def _check(cfg, config):
+    sim = simulate(cfg, config)
+    p = plan(cfg, config)
+    assert set(sim.peaks) == set(p.peaks)
+    for phase, simulated in sim.peaks.items():
+        assert p.peaks[phase] == pytest.approx(simulated, rel=TOLERANCE), (phase, p.peaks[phase], simulated)
+    return sim
+
+
+@pytest.mark.parametrize("micro, completion", [(2, 64), (8, 256)])
+def test_planner_matches_the_simulation_on_the_tiny_model(tiny_dir, micro, completion):
+    cfg = load_config("recipes/demo_tiny.yaml", [f"model.name_or_path={tiny_dir}", f"train.micro_batch_size={micro}",
+                                                 f"grpo.max_completion_length={completion}"])
+    sim = _check(cfg, config_for(cfg))
+    assert sim.peaks["policy update"] > 2 * sim.resident  # activations dominate at these sizes: really counted
+
+
+_recipes = {}
+
+
+def _recipe_sim(name):
+    if name not in _recipes:
+        cfg = load_config(f"recipes/{name}.yaml")
+        _recipes[name] = _check(cfg, qwen2_vl_2b_config())
+    return _recipes[name]
+
+
+@pytest.mark.parametrize("recipe, micro, completion", [("sat_lora", 1, 256), ("sat_qlora", 4, 1024)])
+def test_planner_matches_the_simulation_on_the_2b_architecture(recipe, micro, completion):
+    cfg = load_config(f"recipes/{recipe}.yaml", [f"train.micro_batch_size={micro}", f"grpo.max_completion_length={completion}"])
+    _check(cfg, qwen2_vl_2b_config())
+
+
+@pytest.mark.parametrize("recipe, goal", [("sat_lora", 6.5), ("sat_qlora", 3.5)])
+def test_both_recipes_inside_the_memory_goals_at_their_own_settings(recipe, goal):
+    cfg = load_config(f"recipes/{recipe}.yaml")
+    assert cfg.train.micro_batch_size == 8 and cfg.grpo.num_generations == 8 and cfg.grpo.max_completion_length == 700
+    sim = _recipe_sim(recipe)  # whole step: vision, rollout KV for 8 x (594 + 700), reference, policy, optimizer
+    assert sim.peak <= goal, sim.peaks
+
+
+def test_each_lever_lowers_the_phase_it_targets(tiny_dir):
+    cfg = load_config("recipes/demo_tiny.yaml", [f"model.name_or_path={tiny_dir}", "model.dtype=bfloat16",
+                                                 "train.micro_batch_size=8", "grpo.max_completion_length=128"])
+    config = config_for(cfg)
+    on = simulate(cfg, config)
+    targets = {"adapter in base dtype": "policy update", "vision tower off the GPU": "rollout",
+               "checkpointed inputs offloaded": "policy update"}
+    assert set(targets) == set(LEVERS)
+    for lever, phase in targets.items():
+        off = simulate(cfg, config, without=(lever,))
+        assert on.peaks[phase] < off.peaks[phase], (lever, on.peaks, off.peaks)
+    with pytest.raises(ValueError, match="unknown levers"):
+        simulate(cfg, config, without=("faster",))
+
+
+def test_plan_cli_simulate(tiny_dir, capsys):
+    from lowmem_vt.cli import main
+
+    assert main(["plan", "recipes/demo_tiny.yaml", f"model.name_or_path={tiny_dir}", "--simulate", "--gpu-gib", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "simulated peak GiB" in out and "policy update" in out and "CUDA context" in out and "fits in 4.0 GiB" in out
+
+
+def test_memory_bench_smoke(tmp_path):
+    res = subprocess.run([sys.executable, "bench/memory.py", "--out", str(tmp_path), "--simulate", "--smoke"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "memory.json").is_file() and "levers on" in (tmp_path / "memory.md").read_text()
