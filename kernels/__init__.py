@@ -1,52 +1,60 @@
-"""Triton kernels for the LM head + GRPO loss, each beside its PyTorch reference and autograd wrapper.
+"""Triton kernels for the LM head + GRPO loss, each beside its PyTorch reference.
 
-``chunked_logprobs`` / ``token_logprobs``: log-probs of chosen tokens from hidden states without the
-[N, V] logits. ``fused_grpo_loss``: the GRPO + KL loss of ``lowmem_vt.grpo`` computed in the same passes.
-Every entry point takes ``backend="triton" | "torch"``; ``resolve_backend`` turns a config's "auto" into one.
+``fused_grpo_loss``: the GRPO + KL loss of ``lowmem_vt.grpo`` straight from hidden states and the LM head;
+``token_logprobs``: log-probs of chosen tokens without gradient (reference / old-policy passes);
+``chunked_logprobs``: differentiable log-probs without the [N, V] logits (streaming kernels).
+Two Triton heads (``head.py`` names them and picks one for ``triton`` / ``auto``): ``fused_linear.py``
+(two matmuls per row chunk, gradient formed in the forward) and the streaming ``chunked_logprobs.py`` +
+``grpo_loss.py``. ``resolve_backend`` turns a config's ``kernels:`` into a backend.
+
+The Triton launches sit behind torch custom ops (``torch.ops.lowmem_vt.*``) with fake implementations, so
+the loss head runs under ``FakeTensorMode`` (memory simulation: shapes only, nothing launched) and inside
+``torch.compile`` graphs.
 """
 
 from __future__ import annotations
-
-import os
-
-import torch
 
 from .chunked_logprobs import (
     BACKWARD_TILES,
     FORWARD_TILES,
     Tiles,
+    check_targets,
     chunked_logprobs,
     chunked_logprobs_reference,
+)
+from .fused_linear import ROW_TILES, SCRATCH_BYTES, RowTiles, rows_per_chunk
+from .head import (
+    ARCHS,
+    BACKENDS,
+    TRITON_HEAD,
+    LaunchConfig,
+    aggregation_weights,
+    fits,
+    fused_grpo_loss,
+    launch_config,
+    resolve_backend,
     token_logprobs,
 )
-from .grpo_loss import fused_grpo_loss
-
-BACKENDS = ("auto", "triton", "torch")
-
-
-def resolve_backend(name: str, device: torch.device) -> str:
-    """"auto" -> "triton" on CUDA, "torch" elsewhere. "triton" off CUDA only under TRITON_INTERPRET=1 (tests)."""
-    device = torch.device(device)
-    if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
-    if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"backend 'triton' needs a CUDA device, got {device}; use 'torch' or 'auto' there, or set "
-            "TRITON_INTERPRET=1 (before triton is imported) to run the kernels in the slow Triton interpreter"
-        )
-    return name
-
 
 __all__ = [
+    "ARCHS",
     "BACKENDS",
     "BACKWARD_TILES",
     "FORWARD_TILES",
+    "ROW_TILES",
+    "SCRATCH_BYTES",
+    "TRITON_HEAD",
+    "LaunchConfig",
+    "RowTiles",
     "Tiles",
+    "aggregation_weights",
+    "check_targets",
     "chunked_logprobs",
     "chunked_logprobs_reference",
+    "fits",
     "fused_grpo_loss",
+    "launch_config",
     "resolve_backend",
+    "rows_per_chunk",
     "token_logprobs",
 ]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 import triton.language as tl
 
 
@@ -44,6 +45,15 @@ class Tiles:
     num_warps: int = 8
     num_stages: int = 3
     v_splits: int | None = None
+
+    def as_list(self) -> list[int]:
+        """The form torch custom ops take (v_splits None as 0)."""
+        return [self.block_n, self.block_v, self.block_h, self.num_warps, self.num_stages, self.v_splits or 0]
+
+    @classmethod
+    def from_list(cls, values: list[int]) -> "Tiles":
+        block_n, block_v, block_h, num_warps, num_stages, v_splits = values
+        return cls(block_n, block_v, block_h, num_warps, num_stages, v_splits or None)
 
 
 FORWARD_TILES = Tiles(block_n=128, block_v=128, block_h=64)
@@ -71,6 +81,8 @@ def chunked_logprobs_reference(
     hidden: [N, H]; weight: [V, H]; targets: [N] long. Returns [N] float32 (float64 for float64 inputs, so
     that ``torch.autograd.gradcheck`` can run on it). Differentiable by autograd in hidden and weight.
     """
+    if not (torch.compiler.is_compiling() or is_fake(targets)):  # values cannot be read while tracing
+        check_targets(targets, weight.shape[0])
     compute_dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
     w = weight.to(compute_dtype)
     pieces = []
@@ -209,7 +221,8 @@ def _logprobs_backward_kernel(
     w_block = w_ptr + v_start.to(tl.int64) * stride_wv
     logits = _logits_tile(h_block, w_block, N - row_start, V - v_start, H, stride_hn, stride_wv,
                           inv_temperature, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-    lse = tl.load(lse_ptr + row_start + offs_n, mask=row_mask, other=0.0)
+    # rows past N repeat the last real row's logits: an lse of +inf gives them probability 0, not exp(logit)
+    lse = tl.load(lse_ptr + row_start + offs_n, mask=row_mask, other=float("inf"))
     targets = tl.load(targets_ptr + row_start + offs_n, mask=row_mask, other=-1).to(tl.int32)
     probs = tl.exp(logits - lse[:, None])
     onehot = tl.where(offs_v[None, :] == (targets - v_start)[:, None], 1.0, 0.0)
@@ -345,32 +358,96 @@ def logprobs_backward(
 
 
 # ----------------------------------------------------------------------------------------------------
-# autograd wrapper and public entry points
+# torch custom ops (fake implementations for FakeTensorMode / torch.compile) and their autograd
 # ----------------------------------------------------------------------------------------------------
 
 
-class ChunkedLogprobs(torch.autograd.Function):
-    """logp = log_softmax(hidden @ weight.T / temperature)[targets] with the streaming Triton kernels.
+def check_targets(targets: torch.Tensor, vocab_size: int) -> None:
+    """Raise ValueError unless every target lies in [0, vocab_size). Reads the values: one host sync.
 
-    Saves hidden, weight, targets and the per-row lse ([N] fp32); the backward recomputes the logits.
+    A kernel would silently return -lse for an out-of-range target (and torch.gather a device assert on
+    CUDA), so the Triton ops and the reference check first.
     """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, forward_tiles, backward_tiles):
-        logp, lse = logprobs_forward(hidden, weight, targets, temperature, forward_tiles)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.temperature = temperature
-        ctx.backward_tiles = backward_tiles
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        dh, dw = logprobs_backward(
-            hidden, weight, targets, lse, grad_logp, ctx.temperature, ctx.backward_tiles,
-            compute_dh=ctx.needs_input_grad[0], compute_dw=ctx.needs_input_grad[1],
+    if targets.numel() == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(targets))
+    if lo < 0 or hi >= vocab_size:
+        bad = targets[(targets < 0) | (targets >= vocab_size)]
+        raise ValueError(
+            f"targets must be token ids in [0, {vocab_size}) (the LM head's vocabulary), got values in [{lo}, {hi}] "
+            f"({bad.numel()} out of range, e.g. {bad[:5].tolist()}); check the tokenizer / completion ids against "
+            "the model's vocabulary and the padding id"
         )
-        return dh, dw, None, None, None, None
+
+
+def _empty_like_rows(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("lowmem_vt::streaming_logprobs", mutates_args=())
+def streaming_logprobs_op(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+    forward_tiles: list[int], backward_tiles: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp [N] fp32, lse [N] fp32) by the streaming forward kernels. Differentiable in hidden and weight
+    (backward_tiles is for that pass). Tiles are passed as ``Tiles.as_list()``: custom ops take no dataclasses."""
+    check_targets(targets, weight.shape[0])
+    return logprobs_forward(hidden, weight, targets, temperature, Tiles.from_list(forward_tiles))
+
+
+@streaming_logprobs_op.register_fake
+def _(hidden, weight, targets, temperature, forward_tiles, backward_tiles):
+    _check_inputs(hidden, weight, targets, Tiles.from_list(forward_tiles))
+    return _empty_like_rows(hidden), _empty_like_rows(hidden)
+
+
+@torch.library.custom_op("lowmem_vt::streaming_logprobs_backward", mutates_args=())
+def streaming_logprobs_backward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor,
+    temperature: float, tiles: list[int], compute_dh: bool, compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh [N, H], dW [V, H]) by the streaming backward kernel; an empty [0] tensor for one not computed."""
+    dh, dw = logprobs_backward(hidden, weight, targets, lse, grad_logp, temperature, Tiles.from_list(tiles), compute_dh, compute_dw)
+    return (hidden.new_empty(0) if dh is None else dh), (weight.new_empty(0) if dw is None else dw)
+
+
+@streaming_logprobs_backward_op.register_fake
+def _(hidden, weight, targets, lse, grad_logp, temperature, tiles, compute_dh, compute_dw):
+    return (torch.empty_like(hidden) if compute_dh else hidden.new_empty(0)), (torch.empty_like(weight) if compute_dw else weight.new_empty(0))
+
+
+def streaming_input_grads(ctx, grad_logp: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dh, dW) from a ctx holding hidden, weight, targets, lse, temperature, backward_tiles; None where not needed."""
+    hidden, weight, targets, lse = ctx.saved_tensors[:4]
+    compute_dh, compute_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (compute_dh or compute_dw):
+        return None, None
+    dh, dw = streaming_logprobs_backward_op(
+        hidden, weight, targets, lse, grad_logp.float().contiguous(), ctx.temperature, ctx.backward_tiles, compute_dh, compute_dw,
+    )
+    return (dh if compute_dh else None), (dw if compute_dw else None)
+
+
+def _streaming_logprobs_setup(ctx, inputs, output):
+    hidden, weight, targets, temperature, _forward_tiles, backward_tiles = inputs
+    _logp, lse = output
+    ctx.save_for_backward(hidden, weight, targets, lse)
+    ctx.temperature = temperature
+    ctx.backward_tiles = backward_tiles
+    ctx.mark_non_differentiable(lse)
+
+
+def _streaming_logprobs_backward(ctx, grad_logp, _grad_lse):
+    dh, dw = streaming_input_grads(ctx, grad_logp)
+    return dh, dw, None, None, None, None
+
+
+streaming_logprobs_op.register_autograd(_streaming_logprobs_backward, setup_context=_streaming_logprobs_setup)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public entry points
+# ----------------------------------------------------------------------------------------------------
 
 
 def _prepare(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,39 +471,15 @@ def chunked_logprobs(
     """Log-probs of ``targets`` under ``softmax(hidden @ weight.T / temperature)``, never forming [N, V].
 
     hidden: [N, H] (cast to weight's dtype); weight: [V, H]; targets: [N] long in [0, V).
-    Returns [N] float32, differentiable in hidden and weight. backend: "triton" (streaming kernels; needs
-    CUDA or TRITON_INTERPRET=1, and H a multiple of 16) or "torch" (``chunked_logprobs_reference``).
+    Returns [N] float32, differentiable in hidden and weight. backend: "triton" / "triton_streaming"
+    (streaming kernels; needs CUDA or TRITON_INTERPRET=1, and H a multiple of 16) or "torch"
+    (``chunked_logprobs_reference``). The fused-linear head has no such entry: it forms the gradient of a
+    loss it knows (``fused_grpo_loss``).
     """
     if backend == "torch":
         return chunked_logprobs_reference(hidden, weight, targets, temperature)
-    if backend != "triton":
-        raise ValueError(f"unknown backend {backend!r}; expected 'triton' or 'torch'")
+    if backend not in ("triton", "triton_streaming"):
+        raise ValueError(f"unknown backend {backend!r} for chunked_logprobs; expected 'triton', 'triton_streaming' or 'torch'")
     hidden, targets = _prepare(hidden, weight, targets)
-    return ChunkedLogprobs.apply(hidden, weight, targets, float(temperature), forward_tiles, backward_tiles)
-
-
-@torch.no_grad()
-def token_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float = 1.0,
-    backend: str = "triton",
-    *,
-    forward_tiles: Tiles = FORWARD_TILES,
-) -> torch.Tensor:
-    """Per-token log-probs without gradient, for the reference-model pass and the old-policy log-probs.
-
-    hidden: [B, T, H]; weight: [V, H]; targets: [B, T] long. Returns [B, T] float32.
-    """
-    B, T, H = hidden.shape
-    flat_hidden = hidden.reshape(B * T, H)
-    flat_targets = targets.reshape(B * T)
-    if backend == "torch":
-        logp = chunked_logprobs_reference(flat_hidden, weight, flat_targets, temperature)
-    elif backend == "triton":
-        flat_hidden, flat_targets = _prepare(flat_hidden, weight, flat_targets)
-        logp, _ = logprobs_forward(flat_hidden, weight, flat_targets, float(temperature), forward_tiles)
-    else:
-        raise ValueError(f"unknown backend {backend!r}; expected 'triton' or 'torch'")
-    return logp.float().view(B, T)
+    logp, _ = streaming_logprobs_op(hidden, weight, targets, float(temperature), forward_tiles.as_list(), backward_tiles.as_list())
+    return logp

@@ -8,11 +8,9 @@ loss of the full batch whatever the micro-batch size.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 LOSS_TYPES = ("grpo", "dr_grpo", "bnpo")
 
@@ -66,15 +64,24 @@ def per_token_loss(
     beta: float,
     epsilon_low: float,
     epsilon_high: float,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token GRPO loss ``-(min(r·A, clip(r)·A) - beta·k3)``.
 
     logp, old_logp, ref_logp: [B, T] float32 log-probs of the sampled tokens; advantages: [B].
     ``old_logp=None`` means one update per rollout: the ratio is ``exp(logp - logp.detach())`` (value 1,
-    gradient of logp), exactly the paper's form. Returns (loss [B, T], k3 [B, T], clipped [B, T] bool).
+    gradient of logp), exactly the paper's form. mask: [B, T]; where it is 0 (padding, whose old / ref
+    log-probs may be anything) the log-ratios are taken as 0, so that no exp overflows into an inf that
+    the aggregation's ``* 0`` would turn into NaN, in the value or in the gradient.
+    Returns (loss [B, T], k3 [B, T], clipped [B, T] bool).
     """
+    active = None if mask is None else mask != 0
+
+    def log_ratio(x: torch.Tensor) -> torch.Tensor:
+        return x if active is None else torch.where(active, x, 0.0)
+
     old = logp.detach() if old_logp is None else old_logp
-    ratio = torch.exp(logp - old)
+    ratio = torch.exp(log_ratio(logp - old))
     adv = advantages.unsqueeze(1)
     unclipped = ratio * adv
     clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
@@ -82,7 +89,7 @@ def per_token_loss(
     is_clipped = (clipped_ratio * adv < unclipped)
     loss = -surrogate
     if ref_logp is not None and beta != 0.0:
-        delta = ref_logp - logp
+        delta = log_ratio(ref_logp - logp)
         k3 = torch.exp(delta) - delta - 1.0
         loss = loss + beta * k3
     else:
@@ -123,21 +130,26 @@ def grpo_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one micro-batch from per-token log-probs. Returns (loss, stats summed over this micro-batch).
 
+    Padded tokens (mask 0) never make the loss or its gradient inf / NaN, whatever their log-probs.
+
     stats: ``kl_sum`` (sum of per-sequence mean k3), ``clipped_tokens`` and ``tokens`` for the logs.
     """
-    per_tok, k3, clipped = per_token_loss(logp, advantages, old_logp, ref_logp, beta, epsilon_low, epsilon_high)
+    per_tok, k3, clipped = per_token_loss(logp, advantages, old_logp, ref_logp, beta, epsilon_low, epsilon_high, mask)
     return aggregate(per_tok, mask, loss_type, counts), loss_stats(k3, clipped, mask)
 
 
 @torch.no_grad()
-def loss_stats(k3: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+def loss_stats(k3: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Sums over one micro-batch for the logs; k3, clipped, mask: [B, T].
 
-    ``kl_sum``: sum over completions of each one's mean k3; ``clipped_tokens``; ``tokens``.
+    ``kl_sum``: sum over completions of each one's mean k3; ``clipped_tokens``; ``tokens``. Each a 0-dim
+    fp32 tensor on the inputs' device: reading them (``float()``) is the caller's host sync, and tensors
+    let the loss run on fake tensors (memory simulation, torch.compile).
     """
     mask = mask.float()
-    per_seq_kl = (k3 * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    sums = {"kl_sum": per_seq_kl.sum(), "clipped_tokens": (clipped.float() * mask).sum(), "tokens": mask.sum()}
-    if is_fake(k3):  # the memory simulator's tensors have shapes, no values
-        return {k: math.nan for k in sums}
-    return {k: float(v) for k, v in sums.items()}
+    per_seq_kl = (torch.where(mask != 0, k3, 0.0)).sum(1) / mask.sum(1).clamp(min=1.0)
+    return {
+        "kl_sum": per_seq_kl.sum(),
+        "clipped_tokens": (clipped.float() * mask).sum(),
+        "tokens": mask.sum(),
+    }

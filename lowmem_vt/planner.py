@@ -175,15 +175,23 @@ def layer_bytes_per_token(s: ModelShape, cfg: RecipeConfig, backward: bool) -> f
     return (ci * s.intermediate + ch * s.hidden + cr * cfg.lora.r) * b + fp32_norms
 
 
-def _loss_head_bytes(cfg: RecipeConfig, s: ModelShape, rows: int, T: int, backward: bool) -> int:
-    """The head's own memory for rows x T tokens: the gathered hidden states and what the backend keeps."""
+def loss_head_bytes(cfg: RecipeConfig, s: ModelShape, rows: int, S: int, T: int, backward: bool) -> int:
+    """Bytes alive while the head runs on one micro-batch of rows x S tokens (T completion tokens each): the
+    last hidden states, the completion positions gathered from them, and what the kernel backend holds."""
+    from .kernels import TRITON_HEAD, rows_per_chunk
+
     b = DTYPE_BYTES[cfg.model.dtype]
     n = rows * T
-    gathered = n * s.hidden * b
-    if cfg.kernels == "torch":  # fp32 head copy + fp32 log_softmax of every chunk kept for backward
-        return gathered + s.vocab * s.hidden * 4 + n * s.vocab * 4 * (2 if backward else 1)
-    # triton: the streaming kernels keep [N] fp32 vectors; the backward's dh is [N, H] fp32, then cast
-    return gathered + (n * s.hidden * (4 + b) if backward else n * 4 * 4)
+    held = rows * S * s.hidden * b + n * s.hidden * b
+    head = TRITON_HEAD if cfg.kernels in ("auto", "triton") else cfg.kernels
+    if head == "torch":  # fp32 head copy + the fp32 log_softmax of every chunk kept for backward
+        return held + s.vocab * s.hidden * 4 + n * s.vocab * 4 * (2 if backward else 1)
+    if head == "triton_fused_linear":  # one chunk's fp32 logits scratch; the GRPO op forms dh [N, H] fp32
+        chunk = min(rows_per_chunk(s.vocab), n)
+        extra = n * s.hidden * 4 + chunk * s.hidden * (b + 4) if backward else 0
+        return held + chunk * s.vocab * 4 + extra
+    # streaming: [N] fp32 vectors; the backward's dh [N, H] fp32 and its cast
+    return held + (n * s.hidden * (4 + b) if backward else n * 16)
 
 
 _shapes: dict = {}
@@ -234,13 +242,15 @@ def plan(cfg: RecipeConfig, config, prompt_len: int | None = None) -> Plan:
     S = L + T
     tokens = rows * S
     mask = rows * S * S * (b + 1)  # sdpa's additive mask of the right-padded batch, and its boolean source
-    reference = tokens * layer_bytes_per_token(s, cfg, backward=False) + mask
-    p.peaks["reference pass"] = (resident + reference + _loss_head_bytes(cfg, s, rows, T, backward=False)) / GIB
+    # the larger of two moments: inside a decoder layer, or inside the loss head
+    reference = max(tokens * layer_bytes_per_token(s, cfg, backward=False) + mask,
+                    loss_head_bytes(cfg, s, rows, S, T, backward=False))
+    p.peaks["reference pass"] = (resident + reference) / GIB
     if cfg.model.gradient_checkpointing:  # layer inputs live in host memory; one layer recomputed at a time
         acts = tokens * layer_bytes_per_token(s, cfg, backward=True) + mask
     else:
         acts = s.layers * tokens * layer_bytes_per_token(s, cfg, backward=True) + mask
-    policy = acts + _loss_head_bytes(cfg, s, rows, T, backward=False)
+    policy = max(acts, loss_head_bytes(cfg, s, rows, S, T, backward=True))
     p.phases[f"activations of one micro-batch ({rows} x {S} tokens)"] = policy / GIB
     p.peaks["policy update"] = (resident + grads + policy) / GIB
     foreach = s.lora_params * 4 if t.optimizer == "adamw" else 0  # torch's foreach AdamW: one fp32 temporary per parameter

@@ -248,8 +248,8 @@ class Trainer:
                     )
                     loss.backward()
                 loss_total += float(loss.detach())
-                kl_sum += stats["kl_sum"]
-                clipped += stats["clipped_tokens"]
+                kl_sum += float(stats["kl_sum"])
+                clipped += float(stats["clipped_tokens"])
                 self._check_interrupt()
             loss_total, kl_sum, clipped = self.dist.sum([loss_total, kl_sum, clipped])
             loss_total /= W

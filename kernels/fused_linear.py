@@ -1,0 +1,302 @@
+"""GRPO loss head at the FLOP floor: per chunk of rows, two matmuls and one Triton row kernel.
+
+The GRPO loss is the end of the graph, so its gradient with respect to the logits is closed-form and is
+formed in the forward pass, chunk of rows by chunk of rows, as fused linear cross-entropy does:
+
+1. ``logits = h_chunk @ W.T`` in fp32 (one cuBLAS matmul with fp32 output, into a scratch buffer);
+2. one program per row streams its logits twice: log-sum-exp and the target logit, then the row's GRPO
+   loss and d loss / d logp (``lowmem_vt.grpo``'s math, as in ``grpo_loss.py``), then
+   ``(onehot - softmax) / temperature`` written in W's dtype *over the row's own fp32 logits* (element v
+   of the narrower dtype lies in bytes already read, so the scratch is one [rows, V] fp32 buffer);
+3. ``dh_chunk = dlogp * (dlogits @ W)``: a second matmul, scaled per row in fp32 afterwards, so that fp16
+   never holds the tiny products of the aggregation weight and the probabilities.
+
+Two matmuls (2 x 2·N·V·H FLOP, the floor: the forward needs the logits, the backward dh), no
+recomputation, no atomics, and deterministic. Rows whose aggregation weight is zero (completion padding)
+are dropped before the first matmul. The scratch is at most ``SCRATCH_BYTES`` at any N: the number of rows
+per chunk comes from that budget. dh (and dW when the head is trained) are held in fp32 from the forward
+to the backward, which only scales them by the incoming gradient (the loss scale under fp16).
+
+The reference-model pass (``fused_linear_logprobs``) runs step 1 and the first half of step 2 only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .chunked_logprobs import check_targets
+
+# Scratch for one chunk's fp32 logits (the bf16 / fp16 dlogits are written over them): 0.25 GiB gives
+# 441 rows per chunk at Qwen2-VL's V = 151,936, each chunk two matmuls of ~0.2 TFLOP.
+SCRATCH_BYTES = 2**28
+ROW_ALIGN = 16  # rows per chunk rounded down to a multiple of this (tensor-core friendly matmul shapes)
+
+
+@dataclass(frozen=True)
+class RowTiles:
+    """Launch shape of the row kernel: vocabulary columns per step and warps per row."""
+
+    block_v: int = 2048
+    num_warps: int = 8
+
+    def as_list(self) -> list[int]:
+        return [self.block_v, self.num_warps]
+
+    @classmethod
+    def from_list(cls, values: list[int]) -> "RowTiles":
+        return cls(*values)
+
+
+ROW_TILES = RowTiles()
+
+
+def rows_per_chunk(vocab_size: int, scratch_bytes: int = SCRATCH_BYTES) -> int:
+    """Rows of fp32 logits that fit ``scratch_bytes``, a multiple of ROW_ALIGN (at least ROW_ALIGN)."""
+    rows = scratch_bytes // (4 * vocab_size)
+    return max(ROW_ALIGN, rows // ROW_ALIGN * ROW_ALIGN)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton row kernel
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grpo_rows_kernel(
+    logits_ptr, dlogits_ptr, targets_ptr, adv_ptr, old_logp_ptr, ref_logp_ptr, weights_ptr,
+    lse_ptr, logp_ptr, loss_ptr, dlogp_ptr, k3_ptr, clipped_ptr,
+    V, stride_logits, stride_dlogits, inv_temperature, beta, ratio_low, ratio_high,
+    GRPO: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One program per row of a chunk of fp32 logits [rows, V] (raw h @ W.T; the temperature is applied here).
+
+    Always: lse and logp of the row's target. GRPO: also the weighted loss, weighted d loss / d logp, k3,
+    clip flag, and dlogits = (onehot(target) - softmax) / temperature in dlogits_ptr's dtype, written over
+    the same row (dlogits_ptr aliases logits_ptr: element v of dlogits ends at byte (v + 1) * size <= 4 v + 4,
+    inside the fp32 elements already read, and later loads start past it). All other rows are [rows] fp32.
+    """
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_V)
+    logits_row = logits_ptr + row.to(tl.int64) * stride_logits
+    target = tl.load(targets_ptr + row)
+
+    running_max = float("-inf")
+    running_sum = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        x = tl.load(logits_row + v0 + offs, mask=offs < V - v0, other=float("-inf")) * inv_temperature
+        # every block holds at least one real column, so new_max is finite and exp(-inf - finite) = 0
+        new_max = tl.maximum(running_max, tl.max(x, axis=0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        running_max = new_max
+    lse = running_max + tl.log(running_sum)
+    logp = tl.load(logits_row + target) * inv_temperature - lse
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, logp)
+
+    if GRPO:
+        # rows reach this kernel only with a nonzero aggregation weight (padding is dropped on the host)
+        w = tl.load(weights_ptr + row)
+        if HAS_OLD:
+            ratio = tl.exp(logp - tl.load(old_logp_ptr + row))
+        else:
+            ratio = 1.0  # one update per rollout: ratio exp(logp - logp.detach()), gradient of logp
+        adv = tl.load(adv_ptr + row)
+        unclipped = ratio * adv
+        clipped = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high) * adv
+        is_clipped = clipped < unclipped
+        loss = -tl.minimum(unclipped, clipped)
+        dloss = tl.where(is_clipped, 0.0, -unclipped)
+        if HAS_KL:
+            delta = tl.load(ref_logp_ptr + row) - logp
+            exp_delta = tl.exp(delta)
+            k3 = exp_delta - delta - 1.0
+            loss += beta * k3
+            dloss += beta * (1.0 - exp_delta)
+            tl.store(k3_ptr + row, k3)
+        tl.store(loss_ptr + row, loss * w)
+        tl.store(dlogp_ptr + row, dloss * w)
+        tl.store(clipped_ptr + row, is_clipped.to(tl.float32))
+
+        dlogits_row = dlogits_ptr + row.to(tl.int64) * stride_dlogits
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs
+            col_mask = offs < V - v0
+            x = tl.load(logits_row + cols, mask=col_mask, other=0.0) * inv_temperature
+            unit = (tl.where(cols == target, 1.0, 0.0) - tl.exp(x - lse)) * inv_temperature
+            tl.store(dlogits_row + cols, unit.to(dlogits_ptr.dtype.element_ty), mask=col_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# chunk loop
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be [N] with N = {hidden.shape[0]}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+
+
+def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out[:rows] = h @ weight.T in fp32: cuBLAS with fp32 output for 16-bit inputs on CUDA."""
+    if h.dtype != torch.float32 and h.is_cuda:
+        return torch.mm(h, weight.T, out_dtype=torch.float32, out=out)
+    return torch.mm(h.float(), weight.float().T, out=out)
+
+
+def _dlogits_view(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, V] view in ``dtype`` of the first bytes of each fp32 logits row (see the row kernel)."""
+    V = logits.shape[1]
+    return logits.view(dtype)[:, :V]
+
+
+def _addmm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b with out fp32 and a, b in a 16-bit or fp32 dtype, in row slices within SCRATCH_BYTES."""
+    step = max(1, SCRATCH_BYTES // (4 * out.shape[1]))
+    for r0 in range(0, out.shape[0], step):
+        part = a[r0 : r0 + step]
+        if part.dtype != torch.float32 and part.is_cuda:
+            out[r0 : r0 + step] += torch.mm(part, b, out_dtype=torch.float32)
+        else:
+            out[r0 : r0 + step].addmm_(part.float(), b.float())
+
+
+def _launch_rows(logits, dlogits, targets, adv, old_logp, ref_logp, weights, outs, temperature, beta, ratio_low,
+                 ratio_high, grpo: bool, tiles: RowTiles):
+    lse, logp, loss, dlogp, k3, clipped = outs
+    rows, V = logits.shape
+    has_kl = grpo and ref_logp is not None and beta != 0.0
+    _grpo_rows_kernel[(rows,)](
+        logits, dlogits, targets, adv, old_logp if old_logp is not None else lse, ref_logp if has_kl else lse, weights,
+        lse, logp, loss, dlogp, k3, clipped,
+        V, logits.stride(0), dlogits.stride(0), 1.0 / temperature, float(beta), ratio_low, ratio_high,
+        GRPO=grpo, HAS_OLD=old_logp is not None, HAS_KL=has_kl, BLOCK_V=tiles.block_v, num_warps=tiles.num_warps,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# custom ops
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lowmem_vt::fused_linear_logprobs", mutates_args=())
+def fused_linear_logprobs_op(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_rows: int, tiles: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp [N] fp32, lse [N] fp32) of targets under softmax(hidden @ weight.T / temperature); no gradient."""
+    _check(hidden, weight, targets)
+    check_targets(targets, weight.shape[0])
+    N, V = hidden.shape[0], weight.shape[0]
+    logp = hidden.new_empty(N, dtype=torch.float32)
+    lse = torch.empty_like(logp)
+    if N == 0:
+        return logp, lse
+    scratch = hidden.new_empty(min(chunk_rows, N), V, dtype=torch.float32)
+    row_tiles = RowTiles.from_list(tiles)
+    for r0 in range(0, N, chunk_rows):
+        r1 = min(r0 + chunk_rows, N)
+        logits = _logits_into(scratch[: r1 - r0], hidden[r0:r1], weight)
+        outs = (lse[r0:r1], logp[r0:r1]) + (lse[r0:r1],) * 4  # GRPO outputs unused
+        _launch_rows(logits, logits, targets[r0:r1], lse, None, None, lse, outs, temperature, 0.0, 1.0, 1.0,
+                     grpo=False, tiles=row_tiles)
+    return logp, lse
+
+
+@fused_linear_logprobs_op.register_fake
+def _(hidden, weight, targets, temperature, chunk_rows, tiles):
+    _check(hidden, weight, targets)
+    return hidden.new_empty(hidden.shape[0], dtype=torch.float32), hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("lowmem_vt::fused_linear_grpo_loss", mutates_args=())
+def fused_linear_grpo_loss_op(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor,
+    old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, weights: torch.Tensor, seq_len: int,
+    beta: float, ratio_low: float, ratio_high: float, temperature: float,
+    chunk_rows: int, tiles: list[int], compute_dh: bool, compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Micro-batch GRPO loss and its input gradients in one pass; see the module docstring.
+
+    hidden [N, H], weight [V, H] (same dtype), targets [N]; advantages [N // seq_len] fp32; old_logp,
+    ref_logp, weights [N] fp32 (weights from ``aggregation_weights``; rows with weight 0 are skipped).
+    Returns (loss [] fp32, logp [N], k3 [N], clipped [N] 0/1, dh [N, H] fp32 or [0], dW [V, H] fp32 or [0]):
+    logp, k3 and clipped are 0 on skipped rows; dh, dW are d loss / d hidden, d loss / d weight for an
+    incoming gradient of 1. Only the loss is differentiable; its backward scales dh and dW.
+    """
+    _check(hidden, weight, targets)
+    check_targets(targets, weight.shape[0])
+    N, H = hidden.shape
+    V = weight.shape[0]
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    logp, k3, clipped = (torch.zeros(N, **f32) for _ in range(3))
+    dh = torch.zeros(N, H, **f32) if compute_dh else hidden.new_empty(0, dtype=torch.float32)
+    dw = torch.zeros(V, H, **f32) if compute_dw else hidden.new_empty(0, dtype=torch.float32)
+    rows = (weights != 0).nonzero().squeeze(1)  # host sync: the padding is skipped, not computed and masked
+    n = rows.numel()
+    if n == 0:
+        return torch.zeros((), **f32), logp, k3, clipped, dh, dw
+
+    adv_rows = advantages.float()[rows // seq_len]
+    old_rows = None if old_logp is None else old_logp[rows]
+    ref_rows = None if ref_logp is None else ref_logp[rows]
+    w_rows, t_rows = weights[rows], targets[rows]
+    lse, logp_rows, loss_rows, dlogp, k3_rows, clip_rows = (torch.zeros(n, **f32) for _ in range(6))
+    scratch = hidden.new_empty(min(chunk_rows, n), V, dtype=torch.float32)
+    row_tiles = RowTiles.from_list(tiles)
+    for r0 in range(0, n, chunk_rows):
+        r1 = min(r0 + chunk_rows, n)
+        idx = rows[r0:r1]
+        h = hidden.index_select(0, idx)
+        logits = _logits_into(scratch[: r1 - r0], h, weight)
+        dlogits = _dlogits_view(logits, weight.dtype)
+        sl = slice(r0, r1)
+        _launch_rows(
+            logits, dlogits, t_rows[sl], adv_rows[sl], None if old_rows is None else old_rows[sl],
+            None if ref_rows is None else ref_rows[sl], w_rows[sl],
+            (lse[sl], logp_rows[sl], loss_rows[sl], dlogp[sl], k3_rows[sl], clip_rows[sl]),
+            temperature, beta, ratio_low, ratio_high, grpo=True, tiles=row_tiles,
+        )
+        scale = dlogp[sl].unsqueeze(1)
+        if compute_dh:
+            dh.index_copy_(0, idx, (dlogits @ weight).float() * scale)
+        if compute_dw:
+            _addmm_fp32(dw, dlogits.T, (h.float() * scale).to(h.dtype))
+    logp[rows], k3[rows], clipped[rows] = logp_rows, k3_rows, clip_rows
+    return loss_rows.sum(), logp, k3, clipped, dh, dw
+
+
+@fused_linear_grpo_loss_op.register_fake
+def _(hidden, weight, targets, advantages, old_logp, ref_logp, weights, seq_len, beta, ratio_low, ratio_high,
+      temperature, chunk_rows, tiles, compute_dh, compute_dw):
+    _check(hidden, weight, targets)
+    N, H = hidden.shape
+    rows = [hidden.new_empty(N, dtype=torch.float32) for _ in range(3)]
+    dh = hidden.new_empty((N, H) if compute_dh else (0,), dtype=torch.float32)
+    dw = hidden.new_empty((weight.shape[0], H) if compute_dw else (0,), dtype=torch.float32)
+    return (hidden.new_empty((), dtype=torch.float32), *rows, dh, dw)
+
+
+def _setup(ctx, inputs, output):
+    hidden, weight = inputs[:2]
+    _loss, logp, k3, clipped, dh, dw = output
+    ctx.save_for_backward(dh, dw)
+    ctx.dtypes = hidden.dtype, weight.dtype
+    ctx.mark_non_differentiable(logp, k3, clipped, dh, dw)
+
+
+def _backward(ctx, grad_loss, *_non_differentiable):
+    dh, dw = ctx.saved_tensors
+    h_dtype, w_dtype = ctx.dtypes
+    grad_h = (dh * grad_loss).to(h_dtype) if ctx.needs_input_grad[0] else None
+    grad_w = (dw * grad_loss).to(w_dtype) if ctx.needs_input_grad[1] else None
+    return (grad_h, grad_w) + (None,) * 14
+
+
+fused_linear_grpo_loss_op.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,255 @@
+"""The LM head + GRPO loss entry points: backend names, per-GPU launch tables, dispatch.
+
+Backends (``kernels:`` in a recipe):
+
+* ``torch``: the plain-PyTorch reference (``chunked_logprobs_reference`` then ``lowmem_vt.grpo``);
+* ``triton_fused_linear``: per chunk of rows two cuBLAS matmuls and one Triton row kernel
+  (``fused_linear.py``), the gradient formed in the forward pass;
+* ``triton_streaming``: never forms logits; a streaming pass over W forward and, recomputing the logits,
+  backward with atomics (``chunked_logprobs.py``, ``grpo_loss.py``);
+* ``triton``: whichever Triton head ``TRITON_HEAD`` names; ``auto``: ``triton`` on CUDA, ``torch`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from lowmem_vt.grpo import LOSS_TYPES, LossCounts, grpo_loss, loss_stats
+
+from .chunked_logprobs import BACKWARD_TILES, FORWARD_TILES, Tiles, _prepare, chunked_logprobs_reference, streaming_logprobs_op
+from .fused_linear import ROW_TILES, RowTiles, fused_linear_grpo_loss_op, fused_linear_logprobs_op, rows_per_chunk
+from .grpo_loss import streaming_grpo_loss_op
+
+BACKENDS = ("auto", "triton", "triton_fused_linear", "triton_streaming", "torch")
+TRITON_BACKENDS = ("triton", "triton_fused_linear", "triton_streaming")
+
+# The Triton head behind "triton" / "auto". Chosen on design, not on timing: no GPU has timed either head
+# yet. The fused-linear head does 2 matmuls (~6.2 TFLOP at N = 8192, V = 151,936, H = 1536) where the
+# streaming head does 3 plus ~1.2e10 fp32 atomic adds; bench/loss_head.py times both (fwd and bwd apart)
+# and this line should then name the faster, with the figures beside it.
+TRITON_HEAD = "triton_fused_linear"
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch tables per architecture
+# ----------------------------------------------------------------------------------------------------
+
+# compute capability -> (GPUs, shared memory per block in bytes, the opt-in maximum)
+ARCHS: dict[int, tuple[str, int]] = {
+    75: ("T4", 64 * 1024),
+    80: ("A100", 163 * 1024),
+    86: ("RTX 3090", 99 * 1024),
+    89: ("RTX 4090, L4", 99 * 1024),
+    90: ("H100", 227 * 1024),
+}
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tiles of every kernel for one (architecture, dtype): streaming forward / backward, fused-linear rows."""
+
+    forward: Tiles
+    backward: Tiles
+    rows: RowTiles
+
+
+# Chosen to fit each target's shared memory (tests/test_kernel_resources.py compiles every entry for its
+# architecture on CPU and checks the limit; bench/RESULTS.md lists registers and spills), not timed. The
+# streaming tiles keep num_stages x (block_n + block_v) x block_h x element size under the limit: fp32
+# inputs (tl.dot in exact fp32) halve block_h.
+_WIDE = Tiles(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
+_WIDE_FP32 = Tiles(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3)
+_MID = Tiles(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=2)
+_MID_FP32 = Tiles(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=2)
+_SMALL = Tiles(block_n=64, block_v=128, block_h=64, num_warps=4, num_stages=2)
+_SMALL_FP32 = Tiles(block_n=64, block_v=128, block_h=32, num_warps=4, num_stages=2)
+_LAUNCH_TABLE: dict[tuple[int, bool], LaunchConfig] = {
+    # (capability, fp32 inputs) -> config
+    (90, False): LaunchConfig(_WIDE, _WIDE, ROW_TILES),
+    (90, True): LaunchConfig(_WIDE_FP32, _WIDE_FP32, ROW_TILES),
+    (80, False): LaunchConfig(_WIDE, _WIDE, ROW_TILES),
+    (80, True): LaunchConfig(_WIDE_FP32, _WIDE_FP32, ROW_TILES),
+    (86, False): LaunchConfig(_MID, _MID, ROW_TILES),
+    (86, True): LaunchConfig(_MID_FP32, _MID_FP32, ROW_TILES),
+    (89, False): LaunchConfig(_MID, _MID, ROW_TILES),
+    (89, True): LaunchConfig(_MID_FP32, _MID_FP32, ROW_TILES),
+    (75, False): LaunchConfig(_SMALL, _SMALL, ROW_TILES),
+    (75, True): LaunchConfig(_SMALL_FP32, _SMALL_FP32, ROW_TILES),
+}
+
+
+def launch_config(cap: int, dtype: torch.dtype) -> LaunchConfig:
+    """The tiles for compute capability ``cap`` (e.g. 90) and inputs of ``dtype``. Architectures not in
+    ARCHS take the table of the largest listed one below them whose shared memory they surely have (an
+    unknown newer GPU: the 99 KB tables)."""
+    if cap not in ARCHS:
+        cap = 75 if cap < 80 else 80 if cap < 86 else 86
+    return _LAUNCH_TABLE[(cap, dtype == torch.float32)]
+
+
+def fits(tiles: Tiles, cap: int, dtype: torch.dtype) -> bool:
+    """Whether a streaming tile's pipelined operand buffers fit the target's shared memory (an estimate the
+    compile test confirms for the table's entries; the bench uses it to refuse impossible tiles early)."""
+    size = torch.finfo(dtype).bits // 8
+    need = tiles.num_stages * (tiles.block_n + tiles.block_v) * tiles.block_h * size
+    return need <= ARCHS[cap if cap in ARCHS else 86][1]
+
+
+def _device_launch_config(weight: torch.Tensor) -> LaunchConfig:
+    if weight.device.type != "cuda":  # the interpreter (tests) or fake tensors: the package defaults
+        return LaunchConfig(FORWARD_TILES, BACKWARD_TILES, ROW_TILES)
+    major, minor = torch.cuda.get_device_capability(weight.device)
+    return launch_config(10 * major + minor, weight.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# entry points
+# ----------------------------------------------------------------------------------------------------
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """"auto" -> "triton" on CUDA, "torch" elsewhere. Triton backends off CUDA only under TRITON_INTERPRET=1 (tests)."""
+    device = torch.device(device)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if name in TRITON_BACKENDS and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend {name!r} needs a CUDA device, got {device}; use 'torch' or 'auto' there, or set "
+            "TRITON_INTERPRET=1 (before triton is imported) to run the kernels in the slow Triton interpreter"
+        )
+    return name
+
+
+def _triton_head(backend: str) -> str:
+    head = TRITON_HEAD if backend == "triton" else backend
+    if head not in ("triton_fused_linear", "triton_streaming", "torch"):
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS[1:]}")
+    return head
+
+
+@torch.no_grad()
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    backend: str = "triton",
+    *,
+    forward_tiles: Tiles | None = None,
+    row_tiles: RowTiles | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Per-token log-probs without gradient, for the reference-model pass and the old-policy log-probs.
+
+    hidden: [B, T, H]; weight: [V, H]; targets: [B, T] long in [0, V). Returns [B, T] float32. Tiles and
+    chunk_rows default to the launch table's choice for the device and dtype (``launch_config``; on CPU the package defaults).
+    """
+    B, T, H = hidden.shape
+    flat_hidden = hidden.reshape(B * T, H)
+    flat_targets = targets.reshape(B * T)
+    head = _triton_head(backend)
+    if head == "torch":
+        logp = chunked_logprobs_reference(flat_hidden, weight, flat_targets, temperature)
+        return logp.float().view(B, T)
+    flat_hidden, flat_targets = _prepare(flat_hidden, weight, flat_targets)
+    config = _device_launch_config(weight)
+    if head == "triton_streaming":
+        tiles = (forward_tiles or config.forward).as_list()
+        logp, _ = streaming_logprobs_op(flat_hidden, weight, flat_targets, float(temperature), tiles, tiles)
+    else:
+        logp, _ = fused_linear_logprobs_op(
+            flat_hidden, weight, flat_targets, float(temperature),
+            chunk_rows or rows_per_chunk(weight.shape[0]), (row_tiles or config.rows).as_list(),
+        )
+    return logp.view(B, T)
+
+
+def aggregation_weights(mask: torch.Tensor, loss_type: str, counts: LossCounts) -> torch.Tensor:
+    """Per-token weights w with ``aggregate(x, mask, loss_type, counts) == (x * w).sum()``. mask: [B, T]. Returns [B, T] fp32."""
+    mask = mask.float()
+    if loss_type == "grpo":
+        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0) / counts.num_sequences
+    if loss_type == "dr_grpo":
+        return mask / (counts.num_sequences * counts.max_completion_length)
+    if loss_type == "bnpo":
+        return mask / max(counts.num_tokens, 1.0)
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+
+
+def fused_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    *,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float,
+    loss_type: str,
+    counts: LossCounts,
+    temperature: float = 1.0,
+    backend: str = "triton",
+    forward_tiles: Tiles | None = None,
+    backward_tiles: Tiles | None = None,
+    row_tiles: RowTiles | None = None,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """This micro-batch's share of the GRPO loss, computed from hidden states and the LM head.
+
+    hidden: [B, T, H] (cast to weight's dtype); weight: [V, H]; targets: [B, T] long in [0, V), the sampled
+    tokens; mask: [B, T] float; advantages: [B]; old_logp, ref_logp: [B, T] float32 or None (None old_logp:
+    one update per rollout, ratio exp(logp - logp.detach())). Same meaning of beta, epsilon_low/high,
+    loss_type and counts as ``lowmem_vt.grpo.grpo_loss``.
+
+    Returns (loss: scalar fp32 tensor differentiable in hidden and weight, stats: the dict of 0-dim tensors of
+    ``lowmem_vt.grpo.grpo_loss``, logp: [B, T] float32 detached; the fused-linear head leaves it 0 on padded
+    tokens, which it skips). forward/backward_tiles (streaming head), row_tiles and chunk_rows (fused-linear
+    head) default to the launch table's choice (``launch_config``; on CPU the package defaults).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    B, T, H = hidden.shape
+    for name, x in (("targets", targets), ("mask", mask), ("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if x is not None and tuple(x.shape) != (B, T):
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [B, T] = {[B, T]} like hidden {tuple(hidden.shape)}")
+    if tuple(advantages.shape) != (B,):
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected [B] = [{B}]")
+    head = _triton_head(backend)
+    if head == "torch":
+        logp = chunked_logprobs_reference(hidden.reshape(B * T, H), weight, targets.reshape(B * T), temperature).view(B, T)
+        loss, stats = grpo_loss(
+            logp, mask, advantages, old_logp, ref_logp,
+            beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type, counts=counts,
+        )
+        return loss, stats, logp.detach()
+
+    flat_hidden, flat_targets = _prepare(hidden.reshape(B * T, H), weight, targets.reshape(B * T))
+    weights = aggregation_weights(mask, loss_type, counts).reshape(B * T).contiguous()
+
+    def flat(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.detach().float().reshape(B * T).contiguous()
+
+    common = (
+        flat_hidden, weight, flat_targets, advantages.detach().float().contiguous(), flat(old_logp), flat(ref_logp),
+        weights, T, float(beta), 1.0 - float(epsilon_low), 1.0 + float(epsilon_high), float(temperature),
+    )
+    config = _device_launch_config(weight)
+    if head == "triton_streaming":
+        loss, logp, k3, clipped, _lse, _dlogp = streaming_grpo_loss_op(
+            *common, (forward_tiles or config.forward).as_list(), (backward_tiles or config.backward).as_list(),
+        )
+    else:
+        grad_on = torch.is_grad_enabled()
+        loss, logp, k3, clipped, _dh, _dw = fused_linear_grpo_loss_op(
+            *common, chunk_rows or rows_per_chunk(weight.shape[0]), (row_tiles or config.rows).as_list(),
+            grad_on and flat_hidden.requires_grad, grad_on and weight.requires_grad,
+        )
+    return loss, loss_stats(k3.view(B, T), clipped.view(B, T), mask), logp.view(B, T)
