@@ -285,6 +285,27 @@ def largest_fitting(cfg: RecipeConfig, config, gpu_gib: float) -> dict[str, int]
     return out
 
 
+def largest_completion(cfg: RecipeConfig, config, gpu_gib: float, num_generations: int, step: int = 64,
+                       limit: int = 8192) -> int:
+    """The largest max_completion_length (a multiple of ``step``, at most ``limit``) whose predicted peak fits
+    ``gpu_gib`` with ``num_generations`` completions per prompt, everything else as the recipe says; 0 if none."""
+    import copy
+
+    def fits(T: int) -> bool:
+        trial = copy.deepcopy(cfg)
+        trial.grpo.num_generations, trial.grpo.max_completion_length = num_generations, T
+        return plan(trial, config).peak <= gpu_gib
+
+    lo, hi = 0, limit // step  # fits(lo * step) holds (or lo = 0); the peak grows with T
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid * step):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * step
+
+
 def check_fits(cfg: RecipeConfig, config, gpu_gib: float) -> Plan:
     """The plan, or PlanError naming the knob when the predicted peak exceeds ``gpu_gib``."""
     p = plan(cfg, config)
