@@ -1,10 +1,13 @@
 """Memory planner: the predicted GPU peak of each phase of a recipe step, before anything is loaded.
 
 Parameter counts come from the model's own config, instantiated on the ``meta`` device (no memory, no
-weights), so they are exact for any Qwen2-VL size. Activation terms are estimates from the shapes (bytes
-per token per layer); ``bench/RESULTS.md`` is where predictions are compared with measured peaks.
+weights), so they are exact for any Qwen2-VL size. Activation terms are bytes per token per layer,
+calibrated against ``lowmem_vt.simulate`` (the step's own code on fake tensors): every phase within 5 % of
+the simulation over LoRA / QLoRA x micro-batch 1-8 x completion 256-1024 (``bench/memory.py --simulate``).
+Rollout and vision are analytic in both. What neither sees (the CUDA context is added as ``Plan.overhead``)
+is listed in ``simulate.UNMODELLED``; ``bench/RESULTS.md`` keeps simulated and GPU-measured figures apart.
 
-    lowmem-vt plan recipes/sat_lora.yaml --gpu-gib 8
+    lowmem-vt plan recipes/sat_lora.yaml --gpu-gib 8 [--simulate]
 """
 
 from __future__ import annotations
