@@ -160,6 +160,23 @@ def main() -> int:
         rows.append((name, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30))
         return out
 
+    from lowmem_vt.config import load_config
+    from lowmem_vt.model import trainable_parameters
+    from lowmem_vt.planner import plan
+    from lowmem_vt.trainer import make_optimizer
+
+    recipe = load_config("recipes/sat_lora.yaml", [
+        f"model.quantization={args.quantization}", f"train.optimizer={args.optimizer}", f"train.micro_batch_size={args.micro_batch}",
+        f"grpo.max_completion_length={args.completion}", f"model.gradient_checkpointing={str(not args.no_ckpt).lower()}",
+        f"kernels={args.kernels}", f"rollout.backend={args.backend}", "train.prompts_per_step=1",
+        "data.max_pixels=200704"])  # 448x448 -> 256 tokens
+    params = trainable_parameters(lm.peft_model)
+    opt = make_optimizer(params, recipe)
+    for p in params:  # the steady state the planner describes: the optimizer state exists from a previous step
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
     embeds = phase("vision (once per prompt)", lambda: image_embeddings(lm, [prompt.pixel_values], [prompt.image_grid_thw]))
     lm.hf_model.generation_config.suppress_tokens = [lm.eos_token_id]  # full-length completions
     ro = make_rollout(args.backend, lm)
@@ -192,24 +209,17 @@ def main() -> int:
 
     phase(f"policy update (micro-batch {mb})", update)
 
-    from lowmem_vt.config import load_config
-    from lowmem_vt.model import trainable_parameters
-    from lowmem_vt.planner import plan
-    from lowmem_vt.trainer import make_optimizer
-
-    recipe = load_config("recipes/sat_lora.yaml", [
-        f"model.quantization={args.quantization}", f"train.optimizer={args.optimizer}", f"train.micro_batch_size={mb}",
-        f"grpo.max_completion_length={T}", f"model.gradient_checkpointing={str(not args.no_ckpt).lower()}",
-        f"kernels={args.kernels}", f"rollout.backend={args.backend}", "data.max_pixels=200704"])  # 448x448 -> 256 tokens
-    opt = make_optimizer(trainable_parameters(lm.peft_model), recipe)
     phase(f"optimizer step ({args.optimizer})", opt.step)
     predicted = plan(recipe, cfg)
-    print(f"device: {torch.cuda.get_device_name()}; {args}; weights + LoRA resident: {weights_gib:.2f} GiB")
-    print("| phase | time s | measured peak GiB |\n|---|---:|---:|")
-    for name, t, m in rows:
-        print(f"| {name} | {t:.2f} | {m:.2f} |")
-    print(f"\nplanner prediction (max over phases, includes {0.5} GiB CUDA context that max_memory_allocated does not "
-          f"count): {predicted.peak:.2f} GiB\n{predicted.table()}")
+    planned = list(predicted.peaks.values())  # the same five phases, in the same order
+    md = [f"## GPU-measured: {torch.cuda.get_device_name()}", "", f"`{' '.join(sys.argv)}`; weights + LoRA resident "
+          f"{weights_gib:.2f} GiB", "", "| phase | time s | measured peak GiB allocated | planner GiB |", "|---|---:|---:|---:|"]
+    md += [f"| {name} | {t:.2f} | {m:.2f} | {pl:.2f} |" for (name, t, m), pl in zip(rows, planned)]
+    md += ["", f"Planner whole step + CUDA context: {predicted.peak:.2f} GiB", "", predicted.table()]
+    write(Path(args.out), {"device": torch.cuda.get_device_name(), "args": vars(args),
+                           "phases": [{"phase": n, "seconds": t, "peak_gib": m} for n, t, m in rows],
+                           "planned": predicted.peaks}, "\n".join(md) + "\n")
+    print("\n".join(md))
     return 0
 
 

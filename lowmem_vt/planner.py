@@ -122,14 +122,14 @@ def kv_cache_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * dtype_bytes
 
 
-# Activation bytes per token of one layer (x the dtype's bytes), calibrated against ``lowmem_vt.simulate``
-# (bench/memory.py --simulate prints the comparison): a no-grad forward holds one MLP's silu(gate), up and
-# their product (3I) and ~2H of attention temporaries; the backward of a recomputed layer holds ~6I (gate
-# and up outputs with their LoRA sums, silu, the products and their gradients), ~10H (q/k/v, attention
-# out, residuals and their gradients) and 6 LoRA [tokens, r] products. A bf16 model adds the RMSNorms' two
-# fp32 copies (8H bytes) to both.
-FORWARD_PER_TOKEN = (3, 2, 0)  # (x intermediate, x hidden, x lora r)
-BACKWARD_PER_TOKEN = (6, 10, 6)
+# Activation bytes per token of one layer, calibrated against ``lowmem_vt.simulate`` (bench/memory.py
+# --simulate prints the comparison): a no-grad forward holds one MLP's silu(gate), up and their product
+# (3I) and ~2H of attention temporaries; the backward of a recomputed layer holds ~6I (gate and up outputs
+# with their LoRA sums, silu, the products and their gradients), ~10H (q/k/v, attention out, residuals and
+# their gradients) and 6 LoRA [tokens, r] products. A 16-bit model adds its RMSNorms' fp32 copies: one
+# (4H bytes) alive in the forward, two (8H bytes) in the backward.
+FORWARD_PER_TOKEN = (3, 2, 0, 4)  # (x intermediate, x hidden, x lora r: in the dtype's bytes; fp32 bytes x hidden)
+BACKWARD_PER_TOKEN = (6, 10, 6, 8)
 # bitsandbytes 8-bit AdamW: two uint8 moments + an fp32 absmax per 256-value block each; paged: the state
 # lives in CUDA managed memory, which the allocator does not count (listed as unmodelled)
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw_8bit": 2 + 2 * 4 / 256, "paged_adamw_8bit": 0.0}
@@ -173,8 +173,8 @@ def rollout_bytes(cfg: RecipeConfig, shape: ModelShape, prompt_len: int, complet
 def layer_bytes_per_token(s: ModelShape, cfg: RecipeConfig, backward: bool) -> float:
     """Peak activation bytes per token of one decoder layer: a no-grad forward, or a recomputed backward."""
     b = DTYPE_BYTES[cfg.model.dtype]
-    ci, ch, cr = BACKWARD_PER_TOKEN if backward else FORWARD_PER_TOKEN
-    fp32_norms = 8 * s.hidden if b < 4 else 0
+    ci, ch, cr, norms = BACKWARD_PER_TOKEN if backward else FORWARD_PER_TOKEN
+    fp32_norms = norms * s.hidden if b < 4 else 0
     return (ci * s.intermediate + ch * s.hidden + cr * cfg.lora.r) * b + fp32_norms
 
 
