@@ -53,7 +53,11 @@ def test_rollout_bytes_follow_the_backend(cfg2b):
     hf = load_config("recipes/sat_lora.yaml")
     kv = 28_672 * 8 * (594 + 700)  # G rows x (prompt + completion) slots
     sampling = SAMPLING_BUFFERS * 8 * 151936 * 4
-    assert rollout_bytes(hf, s, 594, 700) == kv + kv // 56 + max(sampling, 8 * 594 * (3 * 8960 + 2 * 1536) * 2 + 8 * 594 * 8 * 1536)
+    # the prefill of the prompt's G rows (one no-grad layer's temporaries: 3I + 2H in bf16, one fp32 norm copy)
+    # outweighs one decode step's sampling buffers; one layer's K or V copied as the dynamic cache grows
+    prefill = 8 * 594 * ((3 * 8960 + 2 * 1536) * 2 + 4 * 1536)
+    assert prefill > sampling
+    assert rollout_bytes(hf, s, 594, 700) == kv + kv // 56 + prefill
     engine = load_config("recipes/sat_lora.yaml", ["rollout.backend=engine"])
     # every prompt's G rows at once, slots rounded up to the engine's 256-slot bucket: 1294 -> 1536
     assert rollout_bytes(engine, s, 594, 700) == 28_672 * 64 * 1536 + SAMPLING_BUFFERS * 64 * 151936 * 4
