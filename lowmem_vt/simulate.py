@@ -35,7 +35,6 @@ from .config import RecipeConfig
 from .planner import (GIB, NF4_BYTES_PER_PARAM, Plan, config_for, model_shape, plan, prompt_tokens, rollout_bytes,
                       vision_activation_bytes)
 
-_last_tracker = []
 BLOCK = 512  # the CUDA caching allocator rounds every allocation up to 512 bytes
 
 UNMODELLED = (
@@ -142,7 +141,6 @@ def simulate(cfg: RecipeConfig, config=None, *, prompt_len: int | None = None, w
     T = cfg.grpo.max_completion_length
     sim = Simulation()
     tracker = LiveBytes()
-    _last_tracker.append(tracker)
     with FakeTensorMode(allow_non_fake_inputs=True), tracker, _fake_friendly():
         lm = _fake_model(cfg, config, tracker, without)
         optimizer = _optimizer(cfg, lm, tracker)
