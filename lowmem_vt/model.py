@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 from .config import LoraConfig, ModelConfig
 
@@ -330,6 +329,12 @@ def image_embeddings(lm: LoadedModel, pixel_values: list[torch.Tensor], grids: l
     return [e.detach() for e in out.pooler_output]
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
 def sequence_hidden(lm: LoadedModel, batch, image_embeds: list[torch.Tensor]) -> torch.Tensor:
     """Final hidden states that predict each completion token: [B, T, H].
 
@@ -340,7 +345,7 @@ def sequence_hidden(lm: LoadedModel, batch, image_embeds: list[torch.Tensor]) ->
     embeds = inner.get_input_embeddings()(batch.input_ids)
     image_mask = batch.image_mask.unsqueeze(-1)
     feats = torch.cat([image_embeds[r] for r in batch.prompt_rows]).to(embeds.dtype)
-    if not is_fake(image_mask) and int(image_mask.sum()) != feats.shape[0]:  # no values in the memory simulator
+    if not _is_fake(image_mask) and int(image_mask.sum()) != feats.shape[0]:  # no values in the memory simulator
         raise RuntimeError(f"{int(image_mask.sum())} image tokens in the batch but {feats.shape[0]} image features")
     embeds = embeds.masked_scatter(image_mask, feats)
     out = inner.language_model(

@@ -2,9 +2,9 @@
 on the real Qwen2-VL-2B architecture (built from its config, no weights). The whole grid is
 ``bench/memory.py --simulate``; here a few points. Also: both recipes inside the memory goals.
 
-Each simulation runs in a fresh interpreter: in a long pytest process, after other tests (seen after
-tests/test_learning.py), the loss head's custom-op call under FakeTensorMode has failed with a C++
-``vector::reserve`` error or a segfault, which no simulation in a fresh process has shown.
+Each simulation runs in a fresh interpreter, so no earlier test's process state can change what it counts
+(while lowmem_vt.model imported torch._subclasses.fake_tensor at import time, the loss head's custom ops
+failed with a C++ ``vector::reserve`` error or a segfault once other tests had run; it now imports it lazily).
 """
 
 import json
