@@ -11,7 +11,7 @@ Stages, in order of value (budget in seconds on an H100; each runs as its own pr
 | cuda_tests | `pytest -m gpu tests`: the tests that need CUDA (kernels in bf16, NF4, planner refusal, engine) | 90 |
 | loss_head | `bench/loss_head.py`: our loss head vs plain torch vs Liger | 45 |
 | rollout | `bench/rollout.py`: the trainer's call, engine at batch 8 and 64, adapter on/off; HF generate 1 x 8 x 128, scaled | 120 |
-| step_lora | `bench/memory.py --recipe recipes/sat_lora.yaml --steps 3 --backend engine`: whole step, time and peak per phase beside the planner | 80 |
+| step_lora | `bench/step.py --recipe recipes/sat_lora.yaml --steps 3 --backend engine`: whole step, time and peak per phase beside the planner | 80 |
 | step_qlora | the same for `recipes/sat_qlora.yaml` (NF4 + paged 8-bit AdamW) | 80 |
 | vs_trl | `bench/vs_trl.py --completion 128`: our Trainer.step() and TRL's GRPOTrainer at the same shapes | 150 |
 
@@ -89,9 +89,9 @@ STAGES = [
     # HF generate runs 1 x 8 x 128 tokens there (8 x 1024 would take ~85 s), its time scaled to the full length
     Stage("rollout", "Rollout: the trainer's call, engine at batch 8 and 64, HF generate shorter", 120, "bench/rollout.py", []),
     # the anchors' shapes (1 prompt x 8 x 1024, micro-batch 8); the engine: HF would take ~85 s a rollout
-    Stage("step_lora", "Whole step, sat_lora (bf16 LoRA), 3 steps", 80, "bench/memory.py",
+    Stage("step_lora", "Whole step, sat_lora (bf16 LoRA), 3 steps", 80, "bench/step.py",
           ["--recipe", "recipes/sat_lora.yaml", "--steps", "3", "--backend", "engine"]),
-    Stage("step_qlora", "Whole step, sat_qlora (NF4 QLoRA), 3 steps", 80, "bench/memory.py",
+    Stage("step_qlora", "Whole step, sat_qlora (NF4 QLoRA), 3 steps", 80, "bench/step.py",
           ["--recipe", "recipes/sat_qlora.yaml", "--steps", "3", "--backend", "engine"]),
     # TRL's first step at 1024 tokens took 134 s on the H100 (the second 70.5 s): 128 tokens, both sides
     Stage("vs_trl", "TRL GRPOTrainer at the same shapes (128 tokens)", 150, "bench/vs_trl.py",

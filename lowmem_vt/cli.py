@@ -119,7 +119,7 @@ def _extra_commands():
     import importlib
 
     out = []
-    for name in ("eval", "merge", "planner"):
+    for name in ("eval", "merge", "simulate"):  # simulate registers `plan` (it sits above the trainer)
         try:
             mod = importlib.import_module(f"lowmem_vt.{name}")
         except ModuleNotFoundError as exc:

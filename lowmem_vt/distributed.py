@@ -76,6 +76,9 @@ class PolicyForward(torch.nn.Module):
         super().__init__()
         self.peft_model = lm.peft_model  # registered: DDP hooks the trainable LoRA parameters
         self._lm = [lm]  # not a submodule
+        # frozen weights are the same on every rank and may live in host memory (model.offload_vision): DDP
+        # neither broadcasts nor checks them
+        self._ddp_params_and_buffers_to_ignore = [n for n, p in self.named_parameters() if not p.requires_grad]
 
     def forward(self, seqs, image_embeds):
         from .model import sequence_hidden

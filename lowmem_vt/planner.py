@@ -1,10 +1,13 @@
 """Memory planner: the predicted GPU peak of each phase of a recipe step, before anything is loaded.
 
 Parameter counts come from the model's own config, instantiated on the ``meta`` device (no memory, no
-weights), so they are exact for any Qwen2-VL size. Activation terms are estimates from the shapes (bytes
-per token per layer); ``bench/RESULTS.md`` is where predictions are compared with measured peaks.
+weights), so they are exact for any Qwen2-VL size. Activation terms are bytes per token per layer,
+calibrated against ``lowmem_vt.simulate`` (the step's own code on fake tensors): every phase within 5 % of
+the simulation over LoRA / QLoRA x micro-batch 1-8 x completion 256-1024 (``bench/memory.py --simulate``).
+Rollout and vision are analytic in both. What neither sees (the CUDA context is added as ``Plan.overhead``)
+is listed in ``simulate.UNMODELLED``; ``bench/RESULTS.md`` keeps simulated and GPU-measured figures apart.
 
-    lowmem-vt plan recipes/sat_lora.yaml --gpu-gib 8
+    lowmem-vt plan recipes/sat_lora.yaml --gpu-gib 8 [--simulate]
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class ModelShape:
     lora_params: int
     merge: int
     patch: int
+    vision_embed: int
+    vision_mlp: int
 
 
 def model_shape(config, lora_r: int, target_modules: list[str]) -> ModelShape:
@@ -50,7 +55,7 @@ def model_shape(config, lora_r: int, target_modules: list[str]) -> ModelShape:
 
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(config)
-    t = config.text_config
+    t, v = config.text_config, config.vision_config
     text_linear = other = vision = lora = 0
     seen = set()
     for name, mod in model.named_modules():
@@ -75,24 +80,34 @@ def model_shape(config, lora_r: int, target_modules: list[str]) -> ModelShape:
         heads=t.num_attention_heads, kv_heads=t.num_key_value_heads, head_dim=head_dim,
         tied=bool(config.tie_word_embeddings), params_text_linear=text_linear, params_other=other, params_vision=vision,
         lora_params=lora, merge=config.vision_config.spatial_merge_size, patch=config.vision_config.patch_size,
+        vision_embed=v.embed_dim, vision_mlp=int(v.embed_dim * v.mlp_ratio),
     )
 
 
 @dataclass
 class Plan:
     phases: dict[str, float] = field(default_factory=dict)  # GiB
-    peaks: dict[str, float] = field(default_factory=dict)  # GiB per step phase
+    peaks: dict[str, float] = field(default_factory=dict)  # GiB allocated per step phase
     notes: list[str] = field(default_factory=list)
+    overhead: float = 0.0  # GiB the allocator does not see (CUDA context)
+
+    @property
+    def allocated(self) -> float:
+        """The largest phase peak as ``torch.cuda.max_memory_allocated`` would report it."""
+        return max(self.peaks.values())
 
     @property
     def peak(self) -> float:
-        return max(self.peaks.values())
+        """What the GPU must hold: the allocated peak plus the CUDA context."""
+        return self.allocated + self.overhead
 
     def table(self) -> str:
         lines = ["| component | GiB |", "|---|---:|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in self.phases.items()]
-        lines += ["", "| phase | predicted peak GiB |", "|---|---:|"]
+        lines += [f"| CUDA context (not allocated by torch) | {self.overhead:.2f} |"]
+        lines += ["", "| phase | predicted peak GiB allocated |", "|---|---:|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in self.peaks.items()]
+        lines += [f"| **whole step + CUDA context** | **{self.peak:.2f}** |"]
         return "\n".join(lines + [""] + [f"- {n}" for n in self.notes])
 
 
@@ -107,53 +122,149 @@ def kv_cache_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * dtype_bytes
 
 
-def plan(cfg: RecipeConfig, config) -> Plan:
-    """Predicted memory of one recipe step (see module docstring)."""
-    s = model_shape(config, cfg.lora.r, cfg.lora.target_modules)
+# Activation bytes per token of one layer, calibrated against ``lowmem_vt.simulate`` (bench/memory.py
+# --simulate prints the comparison): a no-grad forward holds one MLP's silu(gate), up and their product
+# (3I) and ~2H of attention temporaries; the backward of a recomputed layer holds ~6I (gate and up outputs
+# with their LoRA sums, silu, the products and their gradients), ~10H (q/k/v, attention out, residuals and
+# their gradients) and 6 LoRA [tokens, r] products. A 16-bit model adds its RMSNorms' fp32 copies: one
+# (4H bytes) alive in the forward, two (8H bytes) in the backward.
+FORWARD_PER_TOKEN = (3, 2, 0, 4)  # (x intermediate, x hidden, x lora r: in the dtype's bytes; fp32 bytes x hidden)
+BACKWARD_PER_TOKEN = (6, 10, 6, 8)
+# bitsandbytes 8-bit AdamW: two uint8 moments + an fp32 absmax per 256-value block each; paged: the state
+# lives in CUDA managed memory, which the allocator does not count (listed as unmodelled)
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw_8bit": 2 + 2 * 4 / 256, "paged_adamw_8bit": 0.0}
+SAMPLING_BUFFERS = 6  # fp32 [rows, vocab] tensors alive while sampling one token (logits, probs, top-p/k work)
+
+
+def vision_activation_bytes(shape: ModelShape, patches: int, cfg: RecipeConfig) -> int:
+    """Transient bytes of one no-grad vision-tower block over ``patches`` patches (analytic: norms, qkv,
+    attention out, MLP)."""
+    b = DTYPE_BYTES[cfg.model.dtype]
+    return patches * (6 * shape.vision_embed + 2 * shape.vision_mlp) * b
+
+
+def rollout_bytes(cfg: RecipeConfig, shape: ModelShape, prompt_len: int, completion_len: int) -> int:
+    """Bytes the rollout allocates on top of the resident state (analytic): the KV cache at its full length
+    plus the larger of the prefill's transient activations and one decode step's sampling buffers.
+
+    One function so the rollout engine's own accounting can replace it: ``hf`` generates one prompt's G
+    samples per call (per-prompt seeds), growing a dynamic cache (one layer's K or V is copied as it
+    grows); ``engine`` allocates G x prompts rows of cache slots rounded up to its bucket at once.
+    """
+    b = DTYPE_BYTES[cfg.model.dtype]
+    G = cfg.grpo.num_generations
+    per_token = kv_cache_bytes_per_token(shape, b)
+    if cfg.rollout.backend == "hf":
+        rows, slots = G, prompt_len + completion_len
+        growth = rows * slots * per_token // (2 * shape.layers)
+        prefill_rows = G  # generate expands the prompt to its G rows before the prefill
+    else:
+        from .rollout.engine import CACHE_BUCKET
+
+        rows = G * cfg.train.prompts_per_step
+        slots = math.ceil((prompt_len + completion_len) / CACHE_BUCKET) * CACHE_BUCKET
+        growth = 0
+        prefill_rows = 1  # one prefill per prompt, broadcast to its G rows
+    prefill = prefill_rows * prompt_len * layer_bytes_per_token(shape, cfg, backward=False)
+    sampling = SAMPLING_BUFFERS * rows * shape.vocab * 4
+    return int(rows * slots * per_token + growth + max(prefill, sampling))
+
+
+def layer_bytes_per_token(s: ModelShape, cfg: RecipeConfig, backward: bool) -> float:
+    """Peak activation bytes per token of one decoder layer: a no-grad forward, or a recomputed backward."""
+    b = DTYPE_BYTES[cfg.model.dtype]
+    ci, ch, cr, norms = BACKWARD_PER_TOKEN if backward else FORWARD_PER_TOKEN
+    fp32_norms = norms * s.hidden if b < 4 else 0
+    return (ci * s.intermediate + ch * s.hidden + cr * cfg.lora.r) * b + fp32_norms
+
+
+def loss_head_bytes(cfg: RecipeConfig, s: ModelShape, rows: int, S: int, T: int, backward: bool) -> int:
+    """Bytes alive while the head runs on one micro-batch of rows x S tokens (T completion tokens each): the
+    last hidden states, the completion positions gathered from them, and what the kernel backend holds."""
+    from .kernels import TRITON_HEAD, rows_per_chunk
+
+    b = DTYPE_BYTES[cfg.model.dtype]
+    n = rows * T
+    held = rows * S * s.hidden * b + n * s.hidden * b
+    head = TRITON_HEAD if cfg.kernels in ("auto", "triton") else cfg.kernels
+    if head == "torch":  # fp32 head copy + the fp32 log_softmax of every chunk kept for backward
+        return held + s.vocab * s.hidden * 4 + n * s.vocab * 4 * (2 if backward else 1)
+    if head == "triton_fused_linear":  # one chunk's fp32 logits scratch; the GRPO op forms dh [N, H] fp32
+        chunk = min(rows_per_chunk(s.vocab), n)
+        extra = n * s.hidden * 4 + chunk * s.hidden * (b + 4) if backward else 0
+        return held + chunk * s.vocab * 4 + extra
+    # streaming: [N] fp32 vectors; the backward's dh [N, H] fp32 and its cast
+    return held + (n * s.hidden * (4 + b) if backward else n * 16)
+
+
+_shapes: dict = {}
+
+
+def _shape(config, cfg: RecipeConfig) -> ModelShape:
+    key = (config.to_json_string(), cfg.lora.r, tuple(cfg.lora.target_modules))
+    if key not in _shapes:
+        _shapes[key] = model_shape(config, cfg.lora.r, cfg.lora.target_modules)
+    return _shapes[key]
+
+
+def plan(cfg: RecipeConfig, config, prompt_len: int | None = None) -> Plan:
+    """Predicted memory of one training step of ``cfg`` on a GPU, per phase (see module docstring).
+
+    Peaks are what ``torch.cuda.max_memory_allocated`` reports; ``Plan.peak`` adds the CUDA context. The
+    step as the trainer runs it on CUDA: the vision tower in host memory between its one call per step
+    (``model.offload_vision``), checkpointed layer inputs in host memory (``model.offload_checkpointed_inputs``),
+    LoRA computing in the base dtype, every completion at ``max_completion_length``.
+    """
+    s = _shape(config, cfg)
     b = DTYPE_BYTES[cfg.model.dtype]
     g, t = cfg.grpo, cfg.train
-    p = Plan()
-    if cfg.model.quantization == "nf4":
-        weights = s.params_text_linear * NF4_BYTES_PER_PARAM + s.params_other * b
-    else:
-        weights = (s.params_text_linear + s.params_other) * b
-    opt_bytes = 2 if t.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
-    lora_state = s.lora_params * (4 + 4 + opt_bytes)  # fp32 weights + grads + AdamW moments
-    p.phases["weights"] = weights / GIB
-    p.phases["LoRA params + grads + optimizer"] = lora_state / GIB
-    p.phases["CUDA context"] = CUDA_CONTEXT_GIB
-    base = p.phases["weights"] + p.phases["LoRA params + grads + optimizer"] + CUDA_CONTEXT_GIB
+    p = Plan(overhead=CUDA_CONTEXT_GIB)
+    text = s.params_text_linear * (NF4_BYTES_PER_PARAM if cfg.model.quantization == "nf4" else b)
+    other = (s.params_other - s.params_vision) * b
+    vision = s.params_vision * b
+    lora = s.lora_params * 4
+    grads = s.lora_params * 4
+    optimizer_state = s.lora_params * OPTIMIZER_STATE_BYTES[t.optimizer]
+    L = prompt_len if prompt_len is not None else prompt_tokens(cfg, s)
+    T, G, mb, n_prompts = g.max_completion_length, g.num_generations, t.micro_batch_size, t.prompts_per_step
+    image_tokens = min(cfg.data.max_pixels // (s.patch * s.merge) ** 2, L)
+    embeds = n_prompts * image_tokens * s.hidden * b  # every prompt's image features, kept for the whole step
+    resident = text + other + lora + optimizer_state + embeds
+    p.phases["weights"] = (text + other + vision) / GIB
+    p.phases["vision tower (host memory between its calls)"] = vision / GIB
+    p.phases["LoRA weights (fp32)"] = lora / GIB
+    p.phases["LoRA gradients (fp32)"] = grads / GIB
+    p.phases["optimizer state"] = optimizer_state / GIB
 
-    L = prompt_tokens(cfg, s)
-    T = g.max_completion_length
-    G = g.num_generations
-    # hf generates one prompt's G samples per call (per-prompt seeds); the engine and vLLM decode all rows at once
-    rollout_rows = G if cfg.rollout.backend == "hf" else G * t.prompts_per_step
-    kv = kv_cache_bytes_per_token(s, b) * rollout_rows * (L + T)
-    decode_logits = rollout_rows * s.vocab * 4 * 2  # fp32 logits + sampling workspace of one decode step
-    p.phases["rollout KV cache"] = kv / GIB
-    p.peaks["rollout"] = base + (kv + decode_logits) / GIB
+    p.peaks["vision"] = (resident + vision + vision_activation_bytes(s, image_tokens * s.merge**2 * n_prompts, cfg)) / GIB
+    roll = rollout_bytes(cfg, s, L, T)
+    p.phases["rollout KV cache + decode buffers"] = roll / GIB
+    p.peaks["rollout"] = (resident + roll) / GIB
 
-    mb = t.micro_batch_size
-    tokens = mb * (L + T)
-    H, I = s.hidden, s.intermediate
-    if cfg.model.gradient_checkpointing:
-        kept = s.layers * tokens * H * b  # each layer's input, saved at the checkpoint boundary
-        # one layer recomputed in backward: q,k,v,o, attention out, norms (~8H) and the MLP (3I) per token
-        recompute = tokens * (8 * H + 3 * I) * b
-        acts = kept + recompute
+    rows = min(mb, G * n_prompts)
+    S = L + T
+    tokens = rows * S
+    mask = rows * S * S * (b + 1)  # sdpa's additive mask of the right-padded batch, and its boolean source
+    # the larger of two moments: inside a decoder layer, or inside the loss head
+    reference = max(tokens * layer_bytes_per_token(s, cfg, backward=False) + mask,
+                    loss_head_bytes(cfg, s, rows, S, T, backward=False))
+    p.peaks["reference pass"] = (resident + reference) / GIB
+    if cfg.model.gradient_checkpointing:  # layer inputs live in host memory; one layer recomputed at a time
+        acts = tokens * layer_bytes_per_token(s, cfg, backward=True) + mask
     else:
-        acts = s.layers * tokens * (8 * H + 3 * I) * b
-    triton = cfg.kernels == "triton" or cfg.kernels == "auto"
-    n_loss = mb * T
-    loss_head = n_loss * H * 4 * 2 if triton else n_loss * s.vocab * 4 * 3  # fp32 logits, softmax, grad
-    p.phases[f"checkpointed activations per micro-batch ({mb})"] = acts / GIB
-    p.phases["loss head"] = loss_head / GIB
-    p.peaks["reference pass"] = base + (tokens * (4 * H + 2 * I) * b + n_loss * (H * 4 if triton else s.vocab * 4)) / GIB
-    p.peaks["policy update"] = base + (acts + loss_head) / GIB
-    p.notes.append(f"prompt {L} tokens (image at max_pixels {cfg.data.max_pixels}), completion {T}, G {G}, micro-batch {mb}")
+        acts = s.layers * tokens * layer_bytes_per_token(s, cfg, backward=True) + mask
+    policy = max(acts, loss_head_bytes(cfg, s, rows, S, T, backward=True))
+    p.phases[f"activations of one micro-batch ({rows} x {S} tokens)"] = policy / GIB
+    p.peaks["policy update"] = (resident + grads + policy) / GIB
+    foreach = s.lora_params * 4 if t.optimizer == "adamw" else 0  # torch's foreach AdamW: one fp32 temporary per parameter
+    p.peaks["optimizer step"] = (resident + grads + foreach) / GIB
+    p.notes.append(f"prompt {L} tokens (image at max_pixels {cfg.data.max_pixels}), completion {T}, G {G}, "
+                   f"micro-batch {mb}, {n_prompts} prompts per step")
     p.notes.append(f"LoRA trainable parameters: {s.lora_params / 1e6:.1f} M; model parameters: "
                    f"{(s.params_text_linear + s.params_other) / 1e9:.3f} B")
+    if t.optimizer == "paged_adamw_8bit":
+        p.notes.append(f"paged 8-bit AdamW state ({s.lora_params * (2 + 8 / 256) / GIB:.2f} GiB) in CUDA managed memory, "
+                       "outside the allocator: the driver pages it in for the optimizer step")
     return p
 
 
@@ -177,6 +288,27 @@ def largest_fitting(cfg: RecipeConfig, config, gpu_gib: float) -> dict[str, int]
     return out
 
 
+def largest_completion(cfg: RecipeConfig, config, gpu_gib: float, num_generations: int, step: int = 64,
+                       limit: int = 8192) -> int:
+    """The largest max_completion_length (a multiple of ``step``, at most ``limit``) whose predicted peak fits
+    ``gpu_gib`` with ``num_generations`` completions per prompt, everything else as the recipe says; 0 if none."""
+    import copy
+
+    def fits(T: int) -> bool:
+        trial = copy.deepcopy(cfg)
+        trial.grpo.num_generations, trial.grpo.max_completion_length = num_generations, T
+        return plan(trial, config).peak <= gpu_gib
+
+    lo, hi = 0, limit // step  # fits(lo * step) holds (or lo = 0); the peak grows with T
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid * step):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * step
+
+
 def check_fits(cfg: RecipeConfig, config, gpu_gib: float) -> Plan:
     """The plan, or PlanError naming the knob when the predicted peak exceeds ``gpu_gib``."""
     p = plan(cfg, config)
@@ -184,9 +316,11 @@ def check_fits(cfg: RecipeConfig, config, gpu_gib: float) -> Plan:
         worst = max(p.peaks, key=p.peaks.get)
         fit = largest_fitting(cfg, config, gpu_gib)
         knob = {
+            "vision": "train.prompts_per_step or data.max_pixels (one vision-tower call encodes every image of a step)",
             "rollout": "grpo.num_generations or grpo.max_completion_length (the KV cache)",
             "policy update": "train.micro_batch_size (activations), or model.gradient_checkpointing: true",
             "reference pass": "train.micro_batch_size",
+            "optimizer step": "lora.r (the optimizer state), or train.optimizer: paged_adamw_8bit",
         }[worst]
         raise PlanError(
             f"{cfg.source_file}: predicted peak {p.peak:.2f} GiB in the {worst} phase exceeds the GPU's {gpu_gib:.1f} GiB. "
@@ -215,33 +349,6 @@ def config_for(cfg: RecipeConfig):
 
         return qwen2_vl_2b_config()
     return AutoConfig.from_pretrained(name)
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("plan", help="predicted GPU memory of a recipe, per phase, and what fits")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--gpu-gib", type=float, default=None, help="GPU memory to plan for (default: this GPU's, if any)")
-    p.set_defaults(func=_cmd_plan)
-
-
-def _cmd_plan(args) -> int:
-    from .config import load_config
-
-    cfg = load_config(args.recipe, args.overrides)
-    config = config_for(cfg)
-    p = plan(cfg, config)
-    print(p.table())
-    gib = args.gpu_gib if args.gpu_gib is not None else detected_gpu_gib()
-    print(f"\npredicted peak: {p.peak:.2f} GiB")
-    if gib is not None:
-        try:
-            check_fits(cfg, config, gib)
-            print(f"fits in {gib:.1f} GiB; largest that fit: {largest_fitting(cfg, config, gib)}")
-        except PlanError as exc:
-            print(f"does NOT fit: {str(exc).splitlines()[0]}")
-            return 1
-    return 0
 
 
 def detected_gpu_gib() -> float | None:

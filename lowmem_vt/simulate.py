@@ -1,0 +1,468 @@
+"""GPU memory of a recipe step measured without a GPU: the step's own code on fake tensors.
+
+The model is built from its config alone (``planner.config_for``: a local ``config.json`` or the carried
+Qwen2-VL-2B config) with ``FakeTensorMode`` parameters: tensors with shapes, dtypes and storage sizes but
+no data. The trainer's phases then run through the project's real functions (``model.image_embeddings``,
+``model.sequence_hidden``, ``kernels.token_logprobs`` / ``fused_grpo_loss``, the optimizer of
+``trainer.make_optimizer``) while a dispatch mode counts the bytes of every live storage, rounded up to the
+CUDA caching allocator's 512 B blocks. The peak of each phase is what ``torch.cuda.max_memory_allocated``
+would report on the GPU for the same shapes (it does not see the CUDA context either).
+
+The rollout phase stays analytic (``planner.rollout_bytes``): generation is value-dependent control flow.
+
+What the simulation does not see, and the GPU adds (see ``UNMODELLED``): the CUDA context, allocator
+fragmentation and cuBLAS workspaces, flash-attention's fp32 ``dq_accum`` in the backward (sdpa on CPU has
+none), and bitsandbytes' paged optimizer state, which lives in managed memory outside the allocator.
+
+    lowmem-vt plan recipes/sat_lora.yaml --simulate
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import weakref
+from dataclasses import dataclass, field
+from unittest import mock
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .config import RecipeConfig
+from .planner import (GIB, NF4_BYTES_PER_PARAM, Plan, config_for, model_shape, plan, prompt_tokens, rollout_bytes,
+                      vision_activation_bytes)
+
+BLOCK = 512  # the CUDA caching allocator rounds every allocation up to 512 bytes
+
+UNMODELLED = (
+    "not simulated, add on a GPU: CUDA context ~0.5 GiB (the planner counts it), allocator fragmentation and "
+    "cuBLAS workspaces (typically 0.1-0.5 GiB), flash-attention's fp32 dq_accum in the backward when "
+    "flash-attn is installed (~tokens x heads x head_dim x 4 B), and bitsandbytes' paged optimizer state (managed memory)"
+)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of every live tensor storage created by an op inside it; tracks the peak.
+
+    A storage is counted once however many views share it and uncounted when it is freed (weakref
+    callback). Storages marked with ``exclude`` (host copies) are never counted.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._seen = WeakIdKeyDictionary()
+        self._host = WeakIdKeyDictionary()
+
+    def _free(self, nbytes: int, _ref) -> None:
+        self.current -= nbytes
+
+    def track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        if st in self._seen or st in self._host:
+            return
+        nbytes = math.ceil(st.nbytes() / BLOCK) * BLOCK
+        self._seen[st] = weakref.ref(st, lambda ref, n=nbytes: self._free(n, ref))
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def exclude(self, t: torch.Tensor) -> None:
+        """Never count ``t``'s storage (it stands for host memory)."""
+        st = t.untyped_storage()
+        if st in self._seen:
+            self.current -= math.ceil(st.nbytes() / BLOCK) * BLOCK
+            ref = self._seen.pop(st)
+            del ref
+        self._host[st] = True
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        workspace = op_workspace_bytes(func, args)
+        if workspace:  # allocated and freed inside the op, beside its outputs
+            self.peak = max(self.peak, self.current + math.ceil(workspace / BLOCK) * BLOCK)
+        return out
+
+
+def op_workspace_bytes(func, args) -> int:
+    """Bytes a custom op allocates and frees inside itself, which its fake implementation does not: the
+    fused-linear loss head's fp32 logits scratch (``min(chunk_rows, N)`` rows of V) and, in the GRPO op,
+    one chunk's ``dlogits @ W`` product and its fp32 copy."""
+    name = getattr(func, "name", lambda: "")()
+    if name not in ("lowmem_vt::fused_linear_logprobs", "lowmem_vt::fused_linear_grpo_loss"):
+        return 0
+    hidden, weight = args[0], args[1]
+    chunk_rows = args[4] if name == "lowmem_vt::fused_linear_logprobs" else args[12]
+    rows = min(chunk_rows, hidden.shape[0])
+    scratch = rows * weight.shape[0] * 4
+    if name == "lowmem_vt::fused_linear_logprobs":
+        return scratch
+    return scratch + rows * hidden.shape[1] * (hidden.element_size() + 4)
+
+
+@dataclass
+class Simulation:
+    peaks: dict[str, float] = field(default_factory=dict)  # GiB per phase, whole-process live bytes
+    resident: float = 0.0  # GiB live before the step: weights, adapter, optimizer state
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> float:
+        return max(self.peaks.values())
+
+
+LEVERS = ("adapter in base dtype", "vision tower off the GPU", "checkpointed inputs offloaded")
+
+
+def simulate(cfg: RecipeConfig, config=None, *, prompt_len: int | None = None, without: tuple[str, ...] = ()) -> Simulation:
+    """Run one step of ``cfg`` on fake tensors (device ``cpu``; no data, no weights); peaks per phase.
+
+    Every completion has the full ``max_completion_length`` (the worst case the planner also sizes for);
+    the prompt is the planner's worst case unless ``prompt_len`` is given. ``without``: levers of
+    ``LEVERS`` to turn off, to measure what each saves.
+    """
+    unknown = set(without) - set(LEVERS)
+    if unknown:
+        raise ValueError(f"unknown levers {sorted(unknown)}; expected some of {LEVERS}")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    config = config if config is not None else config_for(cfg)
+    shape = model_shape(config, cfg.lora.r, cfg.lora.target_modules)
+    L = prompt_len if prompt_len is not None else prompt_tokens(cfg, shape)
+    T = cfg.grpo.max_completion_length
+    sim = Simulation()
+    tracker = LiveBytes()
+    with FakeTensorMode(allow_non_fake_inputs=True), tracker, _fake_friendly():
+        lm = _fake_model(cfg, config, tracker, without)
+        optimizer = _optimizer(cfg, lm, tracker)
+        with _outside_modes():  # real-valued inputs, built as the trainer builds them on the host
+            prompt = _prompt(cfg, config, shape, L)
+            n_image = int(prompt.mm_token_type_ids.sum())
+        sim.resident = tracker.current / GIB
+        _run_step(cfg, lm, optimizer, prompt, n_image, T, tracker, sim)
+    sim.notes.append(f"prompt {L} tokens, completion {T} (every completion full length), micro-batch "
+                     f"{cfg.train.micro_batch_size}, G {cfg.grpo.num_generations}, kernels {_kernel_backend(cfg)}")
+    return sim
+
+
+def _kernel_backend(cfg: RecipeConfig) -> str:
+    return "triton" if cfg.kernels == "auto" else cfg.kernels  # "auto" is triton on the GPU being simulated
+
+
+@contextlib.contextmanager
+def _fake_friendly():
+    """AdamW's bias correction reads the step count (a host scalar, no GPU memory): step 1 on fake tensors."""
+    import importlib
+
+    from torch._subclasses.fake_tensor import is_fake
+
+    adam = importlib.import_module("torch.optim.adam")
+    get_value = adam._get_value
+    with mock.patch.object(adam, "_get_value", lambda x: 1.0 if is_fake(x) else get_value(x)):
+        yield
+
+
+def _fake_model(cfg: RecipeConfig, config, tracker: LiveBytes, without: tuple[str, ...]):
+    """The recipe's model (NF4 stand-ins for QLoRA, LoRA attached as ``model.load_model`` does) with fake
+    weights: built on the meta device, then every tensor made a fake one on ``cpu`` (call inside the mode)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from .model import DTYPES, LoadedModel, attach_adapter, offload_checkpointed_inputs, offload_vision
+
+    dtype = DTYPES[cfg.model.dtype]
+    config = copy.deepcopy(config)
+    for sub in (config, config.text_config, config.vision_config):
+        sub._attn_implementation = "sdpa"
+    with _outside_modes(), torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+        if cfg.model.quantization == "nf4":
+            _nf4_stand_ins(model, dtype)
+        model.requires_grad_(False)
+        peft_model = attach_adapter(model, cfg.model, cfg.lora, trainable=True)
+        if "adapter in base dtype" in without:
+            _adapter_in_fp32(peft_model)
+    _materialize_fake(peft_model)
+    lm = LoadedModel(peft_model, None, None, torch.device("cpu"), [0])
+    # load_model does these on CUDA
+    if "vision tower off the GPU" not in without:
+        offload_vision(lm, host_copy=lambda t: _host_copy(t, tracker))
+    if "checkpointed inputs offloaded" not in without and cfg.model.gradient_checkpointing:
+        offload_checkpointed_inputs(lm.hf_model, host_copy=lambda t: (_host_copy(t, tracker), None))
+    return lm
+
+
+@contextlib.contextmanager
+def _outside_modes():
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        yield
+
+
+def _adapter_in_fp32(peft_model) -> None:
+    """peft's own behaviour: LoRA inputs cast to the adapter's fp32 (what compute_adapter_in_input_dtype undoes)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = True
+            for linear in (*module.lora_A.values(), *module.lora_B.values()):
+                linear.__class__ = torch.nn.Linear
+
+
+def _materialize_fake(model: torch.nn.Module) -> None:
+    """Meta parameters and buffers -> fake ones on ``cpu`` (inside FakeTensorMode), tied ones kept tied."""
+    done: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, t in getattr(module, kind).items():
+                if t is None:
+                    continue
+                if id(t) not in done:
+                    new = torch.empty_like(t, device="cpu")
+                    done[id(t)] = torch.nn.Parameter(new, requires_grad=t.requires_grad) if kind == "_parameters" else new
+                getattr(module, kind)[name] = done[id(t)]
+
+
+def _host_copy(t: torch.Tensor, tracker: LiveBytes) -> torch.Tensor:
+    host = t.clone()
+    tracker.exclude(host)
+    return host
+
+
+class NF4StandIn(torch.nn.Linear):
+    """bitsandbytes' Linear4bit as far as memory goes: packed 4-bit weight + absmax storage, and a forward
+    and backward that dequantize the whole weight to the compute dtype for one matmul (as ``MatMul4Bit``)."""
+
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        n = linear.weight.numel()
+        nbytes = math.ceil(n * NF4_BYTES_PER_PARAM)
+        self.weight = torch.nn.Parameter(torch.empty(nbytes, 1, dtype=torch.uint8), requires_grad=False)
+        self.bias = linear.bias
+        self.compute_dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _DequantMatmul.apply(x, self.weight, self.out_features, self.in_features, self.compute_dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        # peft's Linear4bit LoRA layer clones the base output ("defensively", for 4-bit backends)
+        return out.clone()
+
+
+class _DequantMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, packed, out_features, in_features, dtype):
+        ctx.save_for_backward(packed)
+        ctx.shape = (out_features, in_features, dtype)
+        w = torch.empty(out_features, in_features, dtype=dtype)  # dequantize_4bit's output
+        return torch.nn.functional.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_features, in_features, dtype = ctx.shape
+        w = torch.empty(out_features, in_features, dtype=dtype)
+        return grad @ w, None, None, None, None
+
+
+def _nf4_stand_ins(model, dtype: torch.dtype) -> None:
+    """Replace the language model's linears (not the vision tower, not the head) as load_model's NF4 does."""
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            full = f"{name}.{cname}" if name else cname
+            if isinstance(child, torch.nn.Linear) and "language_model.layers" in full:
+                setattr(mod, cname, NF4StandIn(child, dtype))
+
+
+def _optimizer(cfg: RecipeConfig, lm, tracker: LiveBytes):
+    """The recipe's optimizer; bitsandbytes' 8-bit AdamW by a stand-in with its state sizes (paged: host)."""
+    from .model import trainable_parameters
+    from .trainer import make_optimizer
+
+    params = trainable_parameters(lm.peft_model)
+    if cfg.train.optimizer == "adamw":
+        opt = make_optimizer(params, cfg)
+        for group in opt.param_groups:
+            group["foreach"] = True  # torch's default for CUDA parameters (and its temporaries)
+    else:
+        opt = _Adam8bitStandIn(params, paged=cfg.train.optimizer == "paged_adamw_8bit", tracker=tracker)
+    # a step in the steady state: the optimizer's state exists from the previous step
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
+
+
+class _Adam8bitStandIn:
+    """bitsandbytes' blockwise 8-bit AdamW as far as memory goes: two uint8 states and an fp32 absmax per
+    256-value block for each parameter, updated in place. Paged states live in managed memory (host here)."""
+
+    def __init__(self, params, *, paged: bool, tracker: LiveBytes):
+        self.params = list(params)
+        self.paged = paged
+        self.tracker = tracker
+        self.state: list[tuple[torch.Tensor, ...]] = []
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if not self.state:
+            for p in self.params:
+                n = p.numel()
+                st = (torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8),
+                      torch.empty(2 * math.ceil(n / 256), dtype=torch.float32))
+                if self.paged:
+                    for s in st:
+                        self.tracker.exclude(s)
+                self.state.append(st)
+        for p in self.params:
+            p.add_(p.grad)  # the fused kernel updates in place; no temporaries
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def _prompt(cfg: RecipeConfig, config, shape, L: int):
+    """A real-valued prompt of L tokens: vision_start, the image tokens of the largest image max_pixels
+    allows (as the planner counts them), vision_end, text."""
+    from .inputs import PromptInputs, mrope_positions
+
+    merge, patch = shape.merge, shape.patch
+    n_img = max(1, min(cfg.data.max_pixels // (patch * merge) ** 2, L - 2))
+    rows = next(d for d in range(math.isqrt(n_img), 0, -1) if n_img % d == 0)
+    h, w = rows * merge, (n_img // rows) * merge  # the grid in patches
+    ids = [config.vision_start_token_id] + [config.image_token_id] * n_img + [config.vision_end_token_id]
+    ids += [1000 % config.text_config.vocab_size] * (L - len(ids))
+    ids = torch.tensor(ids)
+    types = (ids == config.image_token_id).int()
+    grid = torch.tensor([[1, h, w]])
+    pos, nxt = mrope_positions(types, grid, merge)
+    channels = config.vision_config.in_channels * config.vision_config.temporal_patch_size * patch * patch
+    pixels = torch.zeros(h * w, channels)
+    return PromptInputs(ids, types, pos, pixels, grid, nxt)
+
+
+def _phase(sim: Simulation, tracker: LiveBytes, name: str, fn):
+    tracker.reset_peak()
+    out = fn()
+    sim.peaks[name] = tracker.peak / GIB
+    return out
+
+
+def _run_step(cfg: RecipeConfig, lm, optimizer, prompt, n_image: int, T: int, tracker: LiveBytes, sim: Simulation) -> None:
+    """Trainer.step's phases in its order; every prompt of the step is ``prompt`` (every micro-batch the same)."""
+    from .grpo import LossCounts
+    from .inputs import build_sequences
+    from .kernels import fused_grpo_loss, token_logprobs
+    from .model import sequence_hidden, vision_on_device
+
+    g, t = cfg.grpo, cfg.train
+    backend = _kernel_backend(cfg)
+    G, mb, n_prompts = g.num_generations, t.micro_batch_size, t.prompts_per_step
+    shape = model_shape(lm.config, cfg.lora.r, cfg.lora.target_modules)
+
+    def vision():
+        # the tower's weights come in through the real offload code; its activations are analytic (its
+        # index arithmetic reads grid values, which fake tensors do not have). One call for every prompt.
+        with vision_on_device(lm):
+            patches = prompt.pixel_values.shape[0] * n_prompts
+            workspace = torch.empty(vision_activation_bytes(shape, patches, cfg), dtype=torch.uint8)
+            embeds = [torch.empty(n_image, shape.hidden, dtype=lm.lm_head_weight.dtype) for _ in range(n_prompts)]
+            del workspace
+        return embeds
+
+    embeds = _phase(sim, tracker, "vision", vision)
+    sim.peaks["rollout"] = (tracker.current + rollout_bytes(cfg, shape, prompt.length, T)) / GIB  # analytic
+
+    B = min(mb, G * n_prompts)  # one micro-batch; every micro-batch of the step has the same shape
+    with _outside_modes():
+        completion = torch.full((B, T), 1000 % shape.vocab, dtype=torch.long)
+        mask = torch.ones(B, T)
+        seqs = build_sequences([prompt] * n_prompts, [i // G for i in range(B)], completion, mask, 0)
+        advantages = torch.zeros(B)
+    head = lm.lm_head_weight
+    micro_steps = math.ceil(G * n_prompts / B)
+
+    def reference():
+        with torch.no_grad(), lm.peft_model.disable_adapter():
+            return token_logprobs(sequence_hidden(lm, seqs, embeds), head, completion, g.temperature, backend)
+
+    ref = _phase(sim, tracker, "reference pass", reference)
+    counts = LossCounts(float(G * n_prompts), float(G * n_prompts * T), T)
+
+    def update():
+        # two micro-steps: the second runs with the first's gradients resident, as every later one does
+        for _ in range(min(2, micro_steps)):
+            hidden = sequence_hidden(lm, seqs, embeds)
+            loss, _, _ = fused_grpo_loss(hidden, head, completion, mask, advantages, None,
+                                         ref if g.beta > 0 else None, beta=g.beta, epsilon_low=g.epsilon,
+                                         epsilon_high=g.epsilon if g.epsilon_high is None else g.epsilon_high,
+                                         loss_type=g.loss_type, counts=counts, temperature=g.temperature, backend=backend)
+            loss.backward()
+            del hidden, loss
+
+    _phase(sim, tracker, "policy update", update)
+    _phase(sim, tracker, "optimizer step", optimizer.step)
+    optimizer.zero_grad(set_to_none=True)
+
+
+def compare(cfg: RecipeConfig, config=None, sim: Simulation | None = None) -> tuple[Plan, Simulation, str]:
+    """The planner's prediction beside the simulation, per phase, as a markdown table."""
+    config = config if config is not None else config_for(cfg)
+    sim = sim or simulate(cfg, config)
+    p = plan(cfg, config)
+    lines = ["| phase | simulated peak GiB | planner GiB | planner / simulated |", "|---|---:|---:|---:|"]
+    for name, s in sim.peaks.items():
+        pred = p.peaks[name]
+        lines.append(f"| {name} | {s:.2f} | {pred:.2f} | {pred / s:.3f} |")
+    lines.append(f"| **whole step** | **{sim.peak:.2f}** | {p.allocated:.2f} | {p.allocated / sim.peak:.3f} |")
+    lines += [""] + [f"- {n}" for n in sim.notes]
+    lines.append(f"- {UNMODELLED}")
+    return p, sim, "\n".join(lines)
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("plan", help="predicted GPU memory of a recipe, per phase, and what fits (--simulate: measured "
+                                    "on fake tensors)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--gpu-gib", type=float, default=None, help="GPU memory to plan for (default: this GPU's, if any)")
+    p.add_argument("--simulate", action="store_true",
+                   help="also run the step's phases on fake tensors (CPU, no weights; ~20 s for the 2B model) and "
+                        "print each phase's simulated peak beside the prediction")
+    p.set_defaults(func=_cmd_plan)
+
+
+def _cmd_plan(args) -> int:
+    from .config import load_config
+    from .planner import PlanError, check_fits, detected_gpu_gib, largest_fitting
+
+    cfg = load_config(args.recipe, args.overrides)
+    config = config_for(cfg)
+    p = plan(cfg, config)
+    print(p.table())
+    if args.simulate:
+        _, sim, table = compare(cfg, config)
+        print("\n" + table)
+        print(f"\nsimulated whole-step peak: {sim.peak:.2f} GiB allocated (+ the unmodelled margin above)")
+    print(f"\npredicted peak: {p.peak:.2f} GiB (allocated {p.allocated:.2f} + CUDA context {p.overhead:.2f})")
+    gib = args.gpu_gib if args.gpu_gib is not None else detected_gpu_gib()
+    if gib is not None:
+        try:
+            check_fits(cfg, config, gib)
+            print(f"fits in {gib:.1f} GiB; largest that fit: {largest_fitting(cfg, config, gib)}")
+        except PlanError as exc:
+            print(f"does NOT fit: {str(exc).splitlines()[0]}")
+            return 1
+    return 0
