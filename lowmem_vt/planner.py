@@ -147,25 +147,29 @@ def rollout_bytes(cfg: RecipeConfig, shape: ModelShape, prompt_len: int, complet
     """Bytes the rollout allocates on top of the resident state (analytic): the KV cache at its full length
     plus the larger of the prefill's transient activations and one decode step's sampling buffers.
 
-    One function so the rollout engine's own accounting can replace it: ``hf`` generates one prompt's G
-    samples per call (per-prompt seeds), growing a dynamic cache (one layer's K or V is copied as it
-    grows); ``engine`` allocates G x prompts rows of cache slots rounded up to its bucket at once.
+    ``hf`` generates one prompt's G samples per call (per-prompt seeds), growing a dynamic cache (one layer's
+    K or V is copied as it grows); ``engine`` / ``vllm``: the engine's own accounting
+    (``rollout.engine_allocation_bytes``: each prompt's KV once, shared by its G samples, its state, the
+    adapter's decode copies, one decode step's workspace), plus one prompt's prefill.
     """
     b = DTYPE_BYTES[cfg.model.dtype]
     G = cfg.grpo.num_generations
-    per_token = kv_cache_bytes_per_token(shape, b)
-    if cfg.rollout.backend == "hf":
-        rows, slots = G, prompt_len + completion_len
-        growth = rows * slots * per_token // (2 * shape.layers)
-        prefill_rows = G  # generate expands the prompt to its G rows before the prefill
-    else:
-        from .rollout.engine import CACHE_BUCKET
+    prefill_one = prompt_len * layer_bytes_per_token(shape, cfg, backward=False)
+    if cfg.rollout.backend != "hf":
+        from types import SimpleNamespace
 
-        rows = G * cfg.train.prompts_per_step
-        slots = math.ceil((prompt_len + completion_len) / CACHE_BUCKET) * CACHE_BUCKET
-        growth = 0
-        prefill_rows = 1  # one prefill per prompt, broadcast to its G rows
-    prefill = prefill_rows * prompt_len * layer_bytes_per_token(shape, cfg, backward=False)
+        from .rollout.engine import engine_allocation_bytes
+
+        text = SimpleNamespace(hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
+                               num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
+                               vocab_size=shape.vocab)
+        e = engine_allocation_bytes(text, cfg.model.dtype, cfg.train.prompts_per_step, prompt_len, G, completion_len,
+                                    lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules)
+        return int(e.allocated + max(prefill_one, e.step_workspace))
+    per_token = kv_cache_bytes_per_token(shape, b)
+    rows, slots = G, prompt_len + completion_len
+    growth = rows * slots * per_token // (2 * shape.layers)
+    prefill = G * prefill_one  # generate expands the prompt to its G rows before the prefill
     sampling = SAMPLING_BUFFERS * rows * shape.vocab * 4
     return int(rows * slots * per_token + growth + max(prefill, sampling))
 

@@ -59,8 +59,15 @@ def test_rollout_bytes_follow_the_backend(cfg2b):
     assert prefill > sampling
     assert rollout_bytes(hf, s, 594, 700) == kv + kv // 56 + prefill
     engine = load_config("recipes/sat_lora.yaml", ["rollout.backend=engine"])
-    # every prompt's G rows at once, slots rounded up to the engine's 256-slot bucket: 1294 -> 1536
-    assert rollout_bytes(engine, s, 594, 700) == 28_672 * 64 * 1536 + SAMPLING_BUFFERS * 64 * 151936 * 4
+    # the engine's own accounting: each of the 8 prompts' KV held once (594 -> 640 slots, the engine's
+    # 128-slot bucket) beside its G = 8 samples' 700 -> 768 slots; its state, adapter copies and one decode
+    # step's workspace (the larger, here, than one prompt's prefill)
+    from lowmem_vt.rollout import engine_allocation_bytes
+
+    e = engine_allocation_bytes(cfg2b.text_config, "bfloat16", 8, 594, 8, 700, lora_r=64, lora_targets=engine.lora.target_modules)
+    assert e.kv_cache == 28_672 * 8 * (640 + 8 * 768)
+    assert e.step_workspace > prefill // 8
+    assert rollout_bytes(engine, s, 594, 700) == e.allocated + e.step_workspace
 
 
 def test_plan_that_cannot_fit_names_the_knob(cfg2b):
