@@ -179,7 +179,7 @@ def main() -> int:
         after_step.append(allocated())
         save()
     print(f"device: {device_name}; {args}; weights + LoRA resident: {weights_gib} GiB")
-    print(Path(args.out, "memory.md").read_text() if args.out else predicted.table())
+    print(Path(args.out, "step.md").read_text() if args.out else predicted.table())
     return 0
 
 
