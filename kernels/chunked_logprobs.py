@@ -256,14 +256,19 @@ def _logprobs_backward_kernel(
 _FINISH_BLOCK = 1024
 
 
-def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tiles: Tiles) -> int:
-    """Validate shapes; return the hidden chunk per tl.dot (a divisor of H)."""
+def check_shapes(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
+    """hidden [N, H] and weight [V, H] of one dtype, targets [N]; raises ValueError otherwise (both heads)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets {tuple(targets.shape)} must be [N] with N = {hidden.shape[0]}")
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+
+
+def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tiles: Tiles) -> int:
+    """Validate shapes; return the hidden chunk per tl.dot (a divisor of H)."""
+    check_shapes(hidden, weight, targets)
     if hidden.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("hidden and weight must be contiguous along H")
     H = hidden.shape[1]

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked_logprobs import check_targets, dlogits_scale
+from .chunked_logprobs import check_shapes, check_targets, dlogits_scale
 
 # Scratch for one chunk's fp32 logits (the bf16 / fp16 dlogits are written over them): 0.25 GiB gives
 # 432 rows per chunk at Qwen2-VL's V = 151,936, each chunk two matmuls of ~0.2 TFLOP.
@@ -141,15 +141,6 @@ def _grpo_rows_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets {tuple(targets.shape)} must be [N] with N = {hidden.shape[0]}")
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
-
-
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b in fp32: cuBLAS with fp32 output (fp32 accumulation) for 16-bit inputs on CUDA."""
     if a.dtype != torch.float32 and a.is_cuda:
@@ -198,7 +189,7 @@ def fused_linear_logprobs_op(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_rows: int, tiles: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp [N] fp32, lse [N] fp32) of targets under softmax(hidden @ weight.T / temperature); no gradient."""
-    _check(hidden, weight, targets)
+    check_shapes(hidden, weight, targets)
     check_targets(targets, weight.shape[0])
     N, V = hidden.shape[0], weight.shape[0]
     logp = hidden.new_empty(N, dtype=torch.float32)
@@ -218,7 +209,7 @@ def fused_linear_logprobs_op(
 
 @fused_linear_logprobs_op.register_fake
 def _(hidden, weight, targets, temperature, chunk_rows, tiles):
-    _check(hidden, weight, targets)
+    check_shapes(hidden, weight, targets)
     return hidden.new_empty(hidden.shape[0], dtype=torch.float32), hidden.new_empty(hidden.shape[0], dtype=torch.float32)
 
 
@@ -237,7 +228,7 @@ def fused_linear_grpo_loss_op(
     logp, k3 and clipped are 0 on skipped rows; dh, dW are d loss / d hidden, d loss / d weight for an
     incoming gradient of 1. Only the loss is differentiable; its backward scales dh and dW.
     """
-    _check(hidden, weight, targets)
+    check_shapes(hidden, weight, targets)
     check_targets(targets, weight.shape[0])
     N, H = hidden.shape
     V = weight.shape[0]
@@ -285,7 +276,7 @@ def fused_linear_grpo_loss_op(
 @fused_linear_grpo_loss_op.register_fake
 def _(hidden, weight, targets, advantages, old_logp, ref_logp, weights, seq_len, beta, ratio_low, ratio_high,
       temperature, chunk_rows, tiles, compute_dh, compute_dw):
-    _check(hidden, weight, targets)
+    check_shapes(hidden, weight, targets)
     N, H = hidden.shape
     rows = [hidden.new_empty(N, dtype=torch.float32) for _ in range(3)]
     dh = hidden.new_empty((N, H) if compute_dh else (0,), dtype=torch.float32)
