@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
-from .data import R1_ZERO_TEMPLATE, generate_sat_records, sat_question
+from .data import R1_ZERO_TEMPLATE, decode_image, generate_sat_records, sat_question
 
 # Qwen2-VL's special tokens (names as in the real tokenizer). The base model ends text with <|endoftext|>.
 SPECIAL_TOKENS = [
@@ -148,8 +149,12 @@ def build_tiny_base_model(out_dir: str | Path, seed: int = 0, steps: int = 200, 
     gen = random.Random(seed + 1)
     # 56 px: 4 image tokens; other images than the demo's data (seed), the same kinds of questions (tasks)
     records = generate_sat_records(256, size=56, tasks=list(tasks), seed=seed + 99)
-    prompts = [ib.encode(*_record_image_question(r)) for r in records]
-    model.model.visual.requires_grad_(False)  # the vision tower stays the random one GRPO will see
+    prompts = [ib.encode(decode_image(r["image_bytes"][0]), sat_question(r["question"], r["answers"])) for r in records]
+    inner = model.model
+    inner.visual.requires_grad_(False)  # the vision tower stays the random one GRPO will see
+    with torch.no_grad():  # frozen: each image's features once, not at every step that draws it
+        feats = inner.get_image_features(torch.cat([p.pixel_values for p in prompts]),
+                                         torch.cat([p.image_grid_thw for p in prompts]), return_dict=True).pooler_output
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
     model.train()
@@ -163,12 +168,8 @@ def build_tiny_base_model(out_dir: str | Path, seed: int = 0, steps: int = 200, 
         T = max(len(i) for i in ids)
         comp = torch.tensor([i + [tok.pad_token_id] * (T - len(i)) for i in ids])
         mask = torch.tensor([[1.0] * len(i) + [0.0] * (T - len(i)) for i in ids])
-        uniq = sorted(set(rows))
-        seqs = build_sequences([prompts[r] for r in uniq], [uniq.index(r) for r in rows], comp, mask, tok.pad_token_id)
-        inner = model.model
-        with torch.no_grad():
-            feats = inner.get_image_features(torch.cat([prompts[r].pixel_values for r in uniq]),
-                                             torch.cat([prompts[r].image_grid_thw for r in uniq]), return_dict=True).pooler_output
+        seqs = build_sequences(prompts, rows, comp, mask, tok.pad_token_id)
+        # the scatter and gather of model.sequence_hidden, which this module (below model.py) cannot import
         embeds = inner.get_input_embeddings()(seqs.input_ids)
         embeds = embeds.masked_scatter(seqs.image_mask.unsqueeze(-1), torch.cat([feats[i] for i in seqs.prompt_rows]))
         hidden = inner.language_model(inputs_embeds=embeds, attention_mask=seqs.attention_mask,
@@ -190,8 +191,6 @@ def build_tiny_base_model(out_dir: str | Path, seed: int = 0, steps: int = 200, 
         "formatted_share_seen": formatted / (32 * steps),
         "loss_first_10": sum(losses[:10]) / 10, "loss_last_10": sum(losses[-10:]) / 10,
     }, indent=2))
-    import shutil
-
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -218,12 +217,6 @@ def base_completion(options: list[str], rng: random.Random, format_share: float)
         f"{thought} , {answer} .",
         f"{thought} . {answer} or {rng.choice(options)} ?",
     ])
-
-
-def _record_image_question(record: dict):
-    from .data import decode_image
-
-    return decode_image(record["image_bytes"][0]), sat_question(record["question"], record["answers"])
 
 
 def image_processor_config(min_pixels: int = 3136, max_pixels: int = 401408) -> dict:
