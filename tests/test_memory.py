@@ -2,6 +2,8 @@
 keeps for backward; and QLoRA loads and trains a step on the tiny model (bitsandbytes' CPU backend)."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,20 +13,11 @@ from lowmem_vt.data import examples_from_records, generate_sat_records
 from lowmem_vt.inputs import InputBuilder, build_sequences
 from lowmem_vt.model import image_embeddings, load_model, sequence_hidden
 
-
-def _nf4_on_cpu() -> bool:
-    try:
-        import bitsandbytes as bnb
-
-        w = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.bfloat16, quant_type="nf4")
-        w.load_state_dict(torch.nn.Linear(64, 64).state_dict())
-        w = w.to("cpu")
-        return bool(torch.isfinite(w(torch.randn(2, 64, dtype=torch.bfloat16))).all())
-    except Exception:  # noqa: BLE001 -- any failure means: no usable CPU NF4 here
-        return False
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from nf4 import nf4_on_cpu  # noqa: E402
 
 
-needs_nf4 = pytest.mark.skipif(not (torch.cuda.is_available() or _nf4_on_cpu()),
+needs_nf4 = pytest.mark.skipif(not (torch.cuda.is_available() or nf4_on_cpu()),
                                reason="bitsandbytes NF4 needs CUDA or its CPU backend, neither works here")
 
 

@@ -27,6 +27,7 @@ from lowmem_vt.tiny import qwen2_vl_2b_config
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from graph_emulation import EmulatedGraphs  # noqa: E402
+from nf4 import nf4_on_cpu  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -163,6 +164,37 @@ def test_sampling_logprobs_equal_the_trainers(lm, prompts, embeds, temperature):
     assert bool((roll.sampling_logprobs[~mask] == 0).all())
 
 
+def test_nf4_base_sampling_logprobs_match_the_trainers(tiny_dir, prompts):
+    """QLoRA: the engine applies the 4-bit base layers through bitsandbytes and the adapter in bf16. q/k/v get
+    non-zero biases (a random tiny model has none) so a bias applied twice would show: before the fix the
+    engine added each 4-bit layer's bias again, and its log-probs were off by far more than bf16 rounding."""
+    from lowmem_vt.config import LoraConfig, ModelConfig
+    from lowmem_vt.model import load_model
+
+    if not nf4_on_cpu():
+        pytest.skip("bitsandbytes NF4 has no CPU backend here")
+    torch.manual_seed(0)
+    qlm = load_model(ModelConfig(name_or_path=str(tiny_dir), dtype="bfloat16", quantization="nf4"), LoraConfig(r=4, alpha=8),
+                     torch.device("cpu"), min_pixels=3136, max_pixels=112 * 112)
+    with torch.no_grad():
+        for name, p in qlm.peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+            elif name.endswith("base_layer.bias"):
+                p.normal_(0.0, 2.0)
+    qlm.peft_model.eval()
+    embeds = image_embeddings(qlm, [p.pixel_values for p in prompts], [p.image_grid_thw for p in prompts])
+    roll = make_rollout("engine", qlm).generate(prompts, embeds, SamplingParams(2, 12, seeds=[1, 2, 3]))
+    seqs = build_sequences(prompts, roll.prompt_rows, roll.completion_ids, roll.completion_mask, qlm.pad_token_id)
+    with torch.no_grad():
+        logits = qlm.hf_model.lm_head(sequence_hidden(qlm, seqs, embeds)).float()
+    trainer = torch.log_softmax(logits, -1).gather(-1, roll.completion_ids[..., None])[..., 0]
+    mask = roll.completion_mask.bool()
+    diff = (roll.sampling_logprobs[mask] - trainer[mask]).abs()
+    print(f"engine vs trainer log-probs, NF4 + bf16: max {diff.max():.4f}, mean {diff.mean():.4f}")
+    assert float(diff.max()) < 0.1
+
+
 def test_top_k_top_p_sample_hf_truncated_distribution():
     """The exponential race draws from exactly HF's top-k then top-p truncated, renormalised distribution."""
     torch.manual_seed(0)
@@ -239,6 +271,49 @@ def test_finished_prompts_leave_the_batch_without_changing_any_sample(lm, prompt
     # other batch and span sizes sum in another order: log-probs agree to float32 rounding
     torch.testing.assert_close(dropped.sampling_logprobs, kept.sampling_logprobs, atol=1e-5, rtol=0)
     assert active == sorted(active, reverse=True) and active[-1] < 3, active  # prompts did leave
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "emulated-graphs"])
+def test_finished_rows_leave_the_batch_without_changing_any_sample(lm, prompts, embeds, graphs):
+    """Rows leave one by one, not only whole prompts: with a forced EOS that ends some samples of every prompt,
+    bucket 3 shrinks the batch to prompts x width (width: the most samples a prompt still decodes; finished
+    samples pad the others) while bucket 128 decodes all G rows to the end. Per-prompt seeds: identical tokens.
+    With (emulated) graphs, each bucket's graph is captured at its own batch size and replayed."""
+    G = 4
+    params = SamplingParams(num_generations=G, max_new_tokens=16, seeds=[5, 6, 7])
+    free = EngineRollout(with_eos(lm, -1)).generate(prompts, embeds, params)
+    first = free.completion_ids[:, :8].view(3, G, 8)
+
+    def ends(t, p):  # how many of prompt p's samples sample token t within 8 tokens
+        return sum(bool((first[p, g] == t).any()) for g in range(G))
+
+    # a token ending at least one sample of every prompt but not all of any prompt, the most samples in all
+    eos = max((t for t in first.unique().tolist() if all(0 < ends(t, p) < G for p in range(3))),
+              key=lambda t: sum(ends(t, p) for p in range(3)))
+    kept = EngineRollout(with_eos(lm, eos)).generate(prompts, embeds, params)
+    emulated = EmulatedGraphs() if graphs else None
+    engine = EngineRollout(with_eos(lm, eos), decode_bucket=3, graphs=emulated)
+    shapes = []
+    compact = engine._compact
+
+    def recording(s):
+        compact(s)
+        shapes.append((s.active, s.width, int((~s.done[: s.active * s.width]).sum())))
+        # every decoding row is some prompt's live sample; rows of a prompt decode distinct samples
+        rows = s.rows[: s.active * s.width].view(s.active, s.width)
+        assert all(len(set(r.tolist())) == s.width for r in rows)
+        assert torch.equal(rows % G, s.sample[: s.active * s.width].view(s.active, s.width))
+
+    engine._compact = recording
+    dropped = engine.generate(prompts, embeds, params)
+    assert torch.equal(dropped.completion_ids, kept.completion_ids)
+    torch.testing.assert_close(dropped.sampling_logprobs, kept.sampling_logprobs, atol=1e-5, rtol=0)
+    assert any(width < G for _, width, _ in shapes), shapes  # rows left the batch, not only whole prompts
+    batch = [active * width for active, width, _ in shapes]
+    assert batch == sorted(batch, reverse=True)
+    assert all(live <= active * width for active, width, live in shapes)
+    if graphs:  # 15 decode steps: 5 buckets of 3, each a graph captured at its batch size and replayed 3 times
+        assert [g.replays for g in emulated.captured] == [3] * len(shapes)
 
 
 def test_cache_holds_each_prompt_once_and_attention_reads_the_filled_part(lm, prompts, embeds):
@@ -331,6 +406,7 @@ def test_decode_step_of_the_2b_model_is_at_most_800_operators():
     CUDA (the two fused ops are one Triton kernel each; SDPA one attention kernel)."""
     lm, mode = fake_2b_lm()
     engine = EngineRollout(lm)
+    assert engine.fused_groups == 28 * 2  # q/k/v and gate/up of every layer are one matmul each
     params = SamplingParams(8, 1024, seeds=list(range(8)))
     with mode:
         s = engine.new_state([300 + 41 * i for i in range(8)], [90 + 41 * i for i in range(8)], params)
@@ -341,7 +417,8 @@ def test_decode_step_of_the_2b_model_is_at_most_800_operators():
     total = sum(counter.counts.values())
     per_layer = {k: v // 28 for k, v in counter.counts.items() if v >= 28}
     print(f"{total} operators per decode step; per layer: {per_layer}")
-    assert counter.counts["aten.addmm.default"] == 28 * 10  # q, k, v, o, gate, up, down + the 3 B matmuls
+    # base matmuls: q/k/v as one, o, gate/up as one, down; + the B matmuls of q/k/v, o and down (bias or residual)
+    assert counter.counts["aten.addmm.default"] == 28 * 7
     assert counter.counts["aten.mm.default"] == 28 * 5 + 1  # 4 A matmuls + gate/up's B; the head
     assert counter.counts["lowmem_vt.rms_norm.default"] == 28 * 2 + 1
     assert total <= 800, counter.counts
@@ -359,17 +436,21 @@ from lowmem_vt.rollout import fused
 torch.manual_seed(0)
 x, w = torch.randn(6, 40), torch.randn(40)
 assert (fused.rms_norm_triton(x, w, 1e-6) - fused.rms_norm_reference(x, w, 1e-6)).abs().max() < 1e-5
-P, G, kvh, heads, d, C = 3, 2, 2, 6, 16, 40
-q, k, v = torch.randn(P * G, heads * d), torch.randn(P * G, kvh * d), torch.randn(P * G, kvh * d)
-cos, sin = torch.randn(P * G, d), torch.randn(P * G, d)
-kv = torch.randn(2, P, kvh, C, d)
-kv_ref = kv.clone()
-slot = torch.tensor([7])
-out = fused.rope_into_cache_triton(q, k, v, cos, sin, kv[0], kv[1], slot, G)
-ref = fused.rope_into_cache_reference(q, k, v, cos, sin, kv_ref[0], kv_ref[1], slot, G)
-assert out.shape == ref.shape == (P, kvh, G * heads // kvh, d)
-assert (out - ref).abs().max() < 1e-5 and (kv - kv_ref).abs().max() < 1e-5
-assert not torch.equal(kv_ref[:, :, :, 7:9], kv[:, :, :, 7:9].clone().zero_())
+P, G, kvh, heads, d, C = 3, 4, 2, 6, 16, 60
+# all samples in order, then two rows per prompt decoding samples out of order (after rows left the batch)
+for W, sample in ((G, torch.arange(G).repeat(P)), (2, torch.tensor([3, 1, 0, 2, 2, 3]))):
+    q, k, v = torch.randn(P * W, heads * d), torch.randn(P * W, kvh * d), torch.randn(P * W, kvh * d)
+    cos, sin = torch.randn(P * W, d), torch.randn(P * W, d)
+    kv = torch.randn(2, P + 1, kvh, C, d)  # a cache prompt more than the rows use
+    kv_ref = kv.clone()
+    slot = torch.tensor([7])
+    out = fused.rope_into_cache_triton(q, k, v, cos, sin, kv[0], kv[1], slot, sample, W)
+    ref = fused.rope_into_cache_reference(q, k, v, cos, sin, kv_ref[0], kv_ref[1], slot, sample, W)
+    assert out.shape == ref.shape == (P, kvh, W * heads // kvh, d)
+    assert (out - ref).abs().max() < 1e-5 and (kv - kv_ref).abs().max() < 1e-5
+    written = 7 + sample.view(P, W)
+    for p in range(P):
+        assert not torch.equal(kv_ref[:, p, :, written[p]], kv[:, p, :, written[p]].clone().zero_())
 print("ok")
 """
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -387,22 +468,23 @@ def test_fused_references_equal_the_models_modules(lm):
     norm = text.layers[0].input_layernorm
     x = torch.randn(5, text.config.hidden_size)
     assert torch.equal(rms_norm_reference(x, norm.weight, norm.variance_epsilon), norm(x))
-    P, G, kvh, heads = 2, 3, text.config.num_key_value_heads, text.config.num_attention_heads
+    P, W, kvh, heads = 2, 3, text.config.num_key_value_heads, text.config.num_attention_heads
     d = text.config.hidden_size // heads
-    q, k, v = torch.randn(P * G, heads * d), torch.randn(P * G, kvh * d), torch.randn(P * G, kvh * d)
-    positions = torch.arange(P * G).view(1, -1, 1).expand(3, -1, 1) * 7
+    q, k, v = torch.randn(P * W, heads * d), torch.randn(P * W, kvh * d), torch.randn(P * W, kvh * d)
+    positions = torch.arange(P * W).view(1, -1, 1).expand(3, -1, 1) * 7
     cos, sin = text.rotary_emb(q[:, None], positions)
     kv = torch.zeros(2, P, kvh, 20, d)
-    out = rope_into_cache_reference(q, k, v, cos[:, 0], sin[:, 0], kv[0], kv[1], torch.tensor([4]), G)
-    q_hf, k_hf = apply_rotary_pos_emb(q.view(P * G, 1, heads, d).transpose(1, 2), k.view(P * G, 1, kvh, d).transpose(1, 2), cos, sin)
+    sample = torch.tensor([0, 4, 2, 3, 1, 0])  # rows decoding samples 0, 4, 2 of prompt 0 and 3, 1, 0 of prompt 1
+    out = rope_into_cache_reference(q, k, v, cos[:, 0], sin[:, 0], kv[0], kv[1], torch.tensor([4]), sample, W)
+    q_hf, k_hf = apply_rotary_pos_emb(q.view(P * W, 1, heads, d).transpose(1, 2), k.view(P * W, 1, kvh, d).transpose(1, 2), cos, sin)
     group = heads // kvh
     for p in range(P):
-        for g in range(G):
-            r = p * G + g
+        for i in range(W):
+            r = p * W + i
             for h in range(heads):
-                assert torch.equal(out[p, h // group, g * group + h % group], q_hf[r, h, 0])
-            assert torch.equal(kv[0, p, :, 4 + g], k_hf[r, :, 0])
-            assert torch.equal(kv[1, p, :, 4 + g], v.view(P * G, kvh, d)[r])
+                assert torch.equal(out[p, h // group, i * group + h % group], q_hf[r, h, 0])
+            assert torch.equal(kv[0, p, :, 4 + sample[r]], k_hf[r, :, 0])
+            assert torch.equal(kv[1, p, :, 4 + sample[r]], v.view(P * W, kvh, d)[r])
 
 
 def test_adapter_in_bf16_is_as_close_as_the_fp32_adapter():
@@ -452,27 +534,55 @@ def test_bench_rollout_smoke(tmp_path):
     assert (tmp_path / "rollout.md").read_text().startswith("# bench/rollout.py")
 
 
+@pytest.mark.parametrize("layout", ["separate", "adjacent", "nf4"])
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["k_proj"], []], ids=["q+v", "k", "none"])
-def test_fused_linears_equal_peft_layers_for_any_target_set(targets):
-    """q/k/v with biases, LoRA on some of them (two adapters' A in one matmul, B block-diagonal with the
-    adapted biases folded in), and o_proj with the residual added: equal to the peft layers' outputs."""
+def test_fused_linears_equal_peft_layers_for_any_target_set(targets, layout):
+    """q/k/v with biases, LoRA on some of them (two adapters' A in one matmul, B block-diagonal with the biases
+    folded in), and o_proj with the residual added: equal to the peft layers' outputs. ``adjacent``: the engine
+    laid q/k/v out in one storage, one base matmul over a view (parameters keep their identity and values);
+    ``nf4``: bitsandbytes 4-bit base layers, which add their own bias (it must not be added twice)."""
     from peft import LoraConfig, get_peft_model
 
-    from lowmem_vt.rollout.engine import FusedLinears
+    from lowmem_vt.rollout.engine import FusedLinears, lay_out_adjacent
 
     torch.manual_seed(0)
     model = torch.nn.Module()
-    for name, (i, o, bias) in {"q_proj": (32, 32, True), "k_proj": (32, 16, True), "v_proj": (32, 16, True),
-                               "o_proj": (32, 32, False)}.items():
-        model.add_module(name, torch.nn.Linear(i, o, bias=bias))
+    dtype = torch.bfloat16 if layout == "nf4" else torch.float32
+    for name, (i, o, bias) in {"q_proj": (64, 64, True), "k_proj": (64, 32, True), "v_proj": (64, 32, True),
+                               "o_proj": (64, 64, False)}.items():
+        linear = torch.nn.Linear(i, o, bias=bias)
+        torch.nn.init.normal_(linear.bias, std=0.5) if bias else None
+        if layout == "nf4":
+            if not nf4_on_cpu():
+                pytest.skip("bitsandbytes NF4 has no CPU backend here")
+            import bitsandbytes as bnb
+
+            q = bnb.nn.Linear4bit(i, o, bias=bias, compute_dtype=dtype, quant_type="nf4")
+            q.load_state_dict(linear.state_dict())
+            linear = q.to("cpu")
+        model.add_module(name, linear)
     if targets:
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets + ["o_proj"])).base_model.model
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1)
-    x, h = torch.randn(5, 32), torch.randn(5, 32)
+    qkv = [model.q_proj, model.k_proj, model.v_proj]
+    params = [id(p) for p in model.parameters()]
+    before = [m(torch.eye(64, dtype=dtype)).detach() for m in qkv]
+    if layout != "separate":
+        assert lay_out_adjacent(qkv) == (layout == "adjacent")  # NF4 weights stay as they are
+    if layout == "adjacent":
+        assert [id(p) for p in model.parameters()] == params  # the same Parameters, now in one storage
+        assert all(torch.equal(m(torch.eye(64)), b) for m, b in zip(qkv, before))
+    x, h = torch.randn(5, 64, dtype=dtype), torch.randn(5, 64, dtype=dtype)
     with torch.no_grad():
-        q, k, v = FusedLinears([model.q_proj, model.k_proj, model.v_proj], torch.float32)(x)
-        (o,) = FusedLinears([model.o_proj], torch.float32)(x, residual=h)
+        fused = FusedLinears(qkv, dtype)
+        if layout == "separate":  # made before any lay-out: separate storages
+            assert fused.weight is None
+        else:
+            assert (fused.weight is not None) == (layout == "adjacent")
+        q, k, v = fused(x)
+        (o,) = FusedLinears([model.o_proj], dtype)(x, residual=h)
+        tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
         for ours, ref in ((q, model.q_proj(x)), (k, model.k_proj(x)), (v, model.v_proj(x)), (o, h + model.o_proj(x))):
-            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ours, ref, **tol)

@@ -211,6 +211,52 @@ def test_e_forced_eos_pads_masks_and_stops(tmp_path):
     assert filled[0] - max(ends) <= 16, (filled, max(ends))
 
 
+def test_e_finished_rows_leave_the_batch_under_cuda_graphs(tmp_path):
+    """The tiny model in bf16, a forced EOS, bucket 16: at each boundary finished rows leave and the next graph is
+    captured at the smaller batch. The tokens can differ from a run that keeps every row (other batch sizes,
+    other bf16 rounding), so what is checked is what matters: the batch shrank, padding and masks follow each
+    EOS, and the sampler is still the policy (log-probs equal the trainer's to bf16 rounding)."""
+    import dataclasses
+    import types
+
+    from lowmem_vt.config import LoraConfig, ModelConfig
+    from lowmem_vt.model import image_embeddings, load_model
+    from lowmem_vt.rollout import SamplingParams
+    from lowmem_vt.rollout.engine import EngineRollout
+    from lowmem_vt.tiny import build_tiny_model
+
+    bench = _bench()
+    lm = load_model(ModelConfig(name_or_path=str(build_tiny_model(tmp_path / "tiny")), dtype="bfloat16"), LoraConfig(r=4, alpha=8),
+                    torch.device("cuda"), min_pixels=3136, max_pixels=112 * 112)
+    prompts = [bench.bench_prompt(lm.config, 40 + 5 * i + 16, 112, i) for i in range(3)]
+    with torch.no_grad():
+        embeds = image_embeddings(lm, [p.pixel_values for p in prompts], [p.image_grid_thw for p in prompts])
+    params = SamplingParams(G, 200, seeds=[1, 2, 3])
+    free_lm = dataclasses.replace(lm, tokenizer=types.SimpleNamespace(eos_token_id=-1, pad_token_id=lm.pad_token_id))
+    free = EngineRollout(free_lm, decode_bucket=512).generate(prompts, embeds, params)
+    counts = torch.bincount(free.completion_ids.flatten())
+    eos = int(counts.argsort(descending=True)[3])  # a frequent token, not the most frequent: rows end at different times
+    engine = EngineRollout(dataclasses.replace(lm, tokenizer=types.SimpleNamespace(eos_token_id=eos, pad_token_id=lm.pad_token_id)),
+                           decode_bucket=16)
+    shapes = []
+    compact = engine._compact
+    engine._compact = lambda s: (compact(s), shapes.append((s.active, s.width)))
+    out = engine.generate(prompts, embeds, params)
+    print(f"\nbatch per bucket (prompts, width): {shapes}")
+    assert any(w < G for _, w in shapes), shapes
+    for r in range(out.completion_ids.shape[0]):
+        n = int(out.completion_mask[r].sum())
+        hits = (out.completion_ids[r, :n] == eos).nonzero()
+        assert (len(hits) == 0 and n == out.completion_ids.shape[1]) or (len(hits) == 1 and int(hits[0]) == n - 1)
+        assert bool((out.completion_ids[r, n:] == lm.pad_token_id).all()) and bool((out.sampling_logprobs[r, n:] == 0).all())
+    with torch.no_grad():
+        trainer = bench.trainer_logprobs(lm, prompts, embeds, out, 1.0, rows_per_pass=G)
+    mask = out.completion_mask.cpu().bool()
+    diff = (out.sampling_logprobs.cpu() - trainer)[mask].abs()
+    print(f"log-prob |diff| after compaction: max {float(diff.max()):.3g} mean {float(diff.mean()):.3g}")
+    assert float(diff.max()) < 0.1 and float(diff.mean()) < 0.01
+
+
 def test_f_decode_attention_does_not_fall_back_to_the_math_kernel(setup):
     """One decode step with SDPA restricted to the fused backends: it would raise if only math could run."""
     from torch.nn.attention import SDPBackend, sdpa_kernel

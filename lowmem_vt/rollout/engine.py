@@ -8,9 +8,10 @@ scores; the base weights are neither copied nor modified. Image features come in
 once per step); the vision tower is never called here.
 
 Per decode step and layer (``DecodeWeights``): one RMSNorm kernel; the LoRA A matrices of q/k/v in one matmul
-and their B matrices in another (block-diagonal, bias and scaling folded in), then the three base matmuls
-adding onto them; one kernel for rotary + cache write + the queries' layout; one attention call; o_proj with
-its adapter and the residual in three matmuls; the same for gate/up and down. The adapter runs in the base
+and their B matrices in another (block-diagonal, bias and scaling folded in), then one base matmul over q/k/v
+adding onto them (the engine lays the three weights out in one storage once, ``lay_out_adjacent``: no copy is
+held); one kernel for rotary + cache write + the queries' layout; one attention call; o_proj with its adapter
+and the residual in three matmuls; the same for gate/up (one base matmul) and down. The adapter runs in the base
 dtype (copies made once per rollout; ``tests/test_rollout_engine.py`` bounds the difference to the fp32
 adapter peft computes).
 
@@ -20,8 +21,12 @@ once, end-aligned at ``prompt_slots``, and shared by its G samples; completion t
 the slots up to the end of j's bucket (``decode_bucket`` steps), not the whole cache. Attention runs per prompt:
 the queries of its G samples (x the query heads of a kv head) are the query "positions" of one SDPA call over
 the shared prefix and the completions, with a mask letting each sample see only its own completion slots.
-One CUDA graph is captured per bucket; at each bucket boundary prompts whose G samples have all ended leave
-the batch (``_compact``). M-RoPE positions are per row: completion token j of prompt p sits at
+One CUDA graph is captured per bucket. At each bucket boundary finished rows leave the batch (``_compact``):
+prompts whose samples have all ended leave the cache, and each remaining prompt keeps ``width`` rows, the
+largest number of samples any prompt still decodes (a prompt with fewer fills its rows with finished samples,
+which decode padding into slots nobody else reads). The batch is then ``prompts x width`` rows, so the next
+bucket's graph is captured at that batch size, and a long tail costs only the rows still decoding and the
+rows padding their prompts. M-RoPE positions are per row: completion token j of prompt p sits at
 ``next_position_p + j`` on all three axes.
 """
 
@@ -76,8 +81,10 @@ class CacheLayout:
 class DecodeState:
     """Every tensor a decode step reads or writes, at fixed addresses so CUDA graphs replay them.
 
-    P prompts, G samples each, B = P * G rows (the first ``active`` prompts are decoding; ``_compact`` moves
-    the others out), C = layout.slots, T = max_new_tokens.
+    P prompts, G samples each, B = P * G rows, C = layout.slots, T = max_new_tokens. The first ``active``
+    prompts of the cache are decoding, with ``width`` rows each (row p * width + i decodes sample ``sample[row]``
+    of cache prompt p); ``_compact`` moves the others out. The per-row tensors below are read up to
+    ``active * width``.
     """
 
     kv: torch.Tensor  # [layers, 2, P, kv_heads, C, head_dim] model dtype: keys, values
@@ -87,6 +94,8 @@ class DecodeState:
     start: torch.Tensor  # [P] long: first cache slot of the prompt
     next_position: torch.Tensor  # [B] long: M-RoPE position of completion token 0
     rows: torch.Tensor  # [B] long: the output row (p * G + g in the caller's order) of each cache row
+    sample: torch.Tensor  # [B] long: the sample g a row decodes (its completion slots are prompt_slots + j * G + g)
+    draw: torch.Tensor  # [B] long: p * G + g, the row of its prompt's random draws it samples with
     done: torch.Tensor  # [B] bool: the row has sampled EOS
     slot_step: torch.Tensor  # [C] long: completion index of each slot (-1 for prompt slots)
     slot_sample: torch.Tensor  # [G, C] bool: the slot is a prompt slot or one of sample g's completion slots
@@ -95,6 +104,7 @@ class DecodeState:
     layout: CacheLayout
     generators: list[torch.Generator] | None  # one per active prompt (SamplingParams.seeds), else the global RNG
     active: int  # prompts still decoding
+    width: int  # rows per active prompt: G until samples have ended in every prompt
 
     def tensors(self) -> list[torch.Tensor]:
         return [v for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)]
@@ -141,7 +151,7 @@ def engine_allocation_bytes(text_config, dtype: torch.dtype | str, num_prompts: 
     lay = CacheLayout.of(num_prompts, prompt_length, num_generations, max_new_tokens, decode_bucket)
     P, G, C, B, T = num_prompts, num_generations, lay.slots, num_prompts * num_generations, max_new_tokens
     kv = c.num_hidden_layers * 2 * P * c.num_key_value_heads * C * d * b
-    state = 8 * (B + 1 + 1 + P + B + B + C) + B + G * C + B * T * (8 + 4)
+    state = 8 * (B + 1 + 1 + P + B + B + B + B + C) + B + G * C + B * T * (8 + 4)
     H, I = c.hidden_size, c.intermediate_size
     shapes = {"q_proj": (H, c.num_attention_heads * d), "k_proj": (H, c.num_key_value_heads * d),
               "v_proj": (H, c.num_key_value_heads * d), "o_proj": (c.num_attention_heads * d, H),
@@ -150,7 +160,8 @@ def engine_allocation_bytes(text_config, dtype: torch.dtype | str, num_prompts: 
     for group in GROUPS:
         adapted = [n for n in group if n in lora_targets]
         if lora_r and adapted:
-            R, outs = lora_r * len(adapted), sum(shapes[n][1] for n in adapted)
+            # B covers every output of the group (zero rows for linears without an adapter)
+            R, outs = lora_r * len(adapted), sum(shapes[n][1] for n in group)
             bias = outs if group == ATTENTION else 0  # Qwen2: q/k/v have a bias, folded into the B matmul
             adapter += (R * shapes[adapted[0]][0] + outs * R + bias) * b
     adapter *= c.num_hidden_layers
@@ -159,12 +170,15 @@ def engine_allocation_bytes(text_config, dtype: torch.dtype | str, num_prompts: 
     return EngineBytes(kv, state, adapter, workspace)
 
 
-def sample_tokens(logits: torch.Tensor, params: SamplingParams,
-                  generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None = None,
+                  picks: torch.Tensor | None = None, draws: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [B] long and their log-probs [B] float32, from logits [B, V].
 
     ``generators``: one per prompt, drawing for its B / len(generators) consecutive rows, so a prompt's
-    samples depend on its seed alone; None draws from the global RNG (``torch.manual_seed``).
+    samples depend on its seed alone; None draws from the global RNG (``torch.manual_seed``). With ``picks``
+    [B] long, each generator draws ``draws`` rows (its prompt's G samples) and row r uses draw ``picks[r]``
+    of the concatenated draws: a prompt's random stream then advances by the same amount whichever of its
+    samples are still decoding, so samples do not depend on which rows have left the batch.
 
     The log-prob is under softmax(logits / temperature) before top-k/top-p truncation: the distribution the
     trainer's log-probs use (equal to the sampling distribution when top_k = 0 and top_p = 1). Sampling uses
@@ -188,12 +202,14 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
             kept = kept.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
         probs = kept.softmax(dim=-1)
         # clamp: an Exp(1) draw of exactly 0 would turn a dropped token's 0/0 into NaN, which argmax picks
-        race = torch.empty_like(probs)
+        race = torch.empty_like(probs) if picks is None else probs.new_empty(len(generators or ()) * draws, probs.shape[-1])
         if generators is None:
             race.exponential_()
         else:
             for rows, gen in zip(race.chunk(len(generators)), generators):
                 rows.exponential_(generator=gen)
+        if picks is not None:
+            race = race.index_select(0, picks)
         race.clamp_min_(torch.finfo(probs.dtype).tiny)
         token = (probs / race).argmax(dim=-1)
     return token, logp.gather(-1, token[:, None])[:, 0]
@@ -213,59 +229,111 @@ def _active_adapters(linear) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     return out
 
 
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata  # works on fake tensors too (no data_ptr)
+
+
+def _adjacent(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """``torch.cat(tensors)`` as a view, when they are contiguous slices of one storage in this order; else None."""
+    t0 = tensors[0]
+    at = t0.storage_offset()
+    for t in tensors:
+        if not (t.is_contiguous() and t.dtype == t0.dtype and _same_storage(t, t0) and t.storage_offset() == at
+                and t.shape[1:] == t0.shape[1:]):
+            return None
+        at += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return t0.as_strided((rows, *t0.shape[1:]), t0.stride())
+
+
+def lay_out_adjacent(linears) -> bool:
+    """Give the base weights of ``linears`` (q/k/v, or gate/up) one storage, in this order, and their biases another,
+    so one matmul computes them all (``FusedLinears``). Each Parameter keeps its identity and values, only its
+    storage moves (the old one is freed): nothing is held twice, and training, merging and the optimizer see the
+    same parameters. Quantized weights (NF4) are left as they are. Returns whether the weights are adjacent now.
+    """
+    bases = [getattr(m, "base_layer", m) for m in linears]
+    weights = [b.weight for b in bases]
+    w0 = weights[0]
+    if not all(w.dtype.is_floating_point and w.dtype == w0.dtype and w.device == w0.device and w.dim() == 2
+               and w.shape[1] == w0.shape[1] for w in weights):
+        return False
+    biases = [b.bias for b in bases]
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        return False  # a fused matmul would need a copied bias; these stay separate
+    for group in (weights, biases if biases[0] is not None else []):
+        if group and _adjacent(group) is None:
+            one = torch.cat([t.detach() for t in group])
+            at = 0
+            for t in group:
+                t.data = one[at : at + t.shape[0]]
+                at += t.shape[0]
+    return True
+
+
 class FusedLinears:
     """Linears that read one input (q/k/v, gate/up, or one alone), with their LoRA adapters, for decoding.
 
     The adapters' A matrices are stacked into one [R, in] matrix and their B matrices (scaled) into one
-    block-diagonal [sum out, R] matrix with the adapted linears' biases, copied once per rollout in the base
-    dtype: two matmuls for all adapters, then each base matmul adds onto its slice (``addmm``). A base
-    weight stored in another dtype (NF4) is applied by its own module instead.
+    block-diagonal [sum out, R] matrix covering every linear's outputs (zero rows where a linear has no adapter),
+    with the linears' biases: copied once per rollout in the base dtype, two matmuls for all adapters. When the
+    base weights are adjacent slices of one storage (``lay_out_adjacent``), one matmul over their
+    concatenation (a view, no copy) adds all base outputs onto that; otherwise each base matmul adds onto its
+    slice. A base weight stored in another dtype (NF4) is applied by its own module, which adds its bias.
     """
 
     def __init__(self, modules, dtype: torch.dtype):
         self.bases = [getattr(m, "base_layer", m) for m in modules]
+        self.outs = [base.out_features for base in self.bases]
+        self.quantized = [base.weight.dtype != dtype for base in self.bases]
+        fusable = len(self.bases) > 1 and not any(self.quantized)
+        biases = [base.bias for base in self.bases]
+        self.weight = _adjacent([base.weight for base in self.bases]) if fusable else None
+        self.weight_bias = None  # the biases as one view, for the fused matmul without adapters
+        if self.weight is not None and biases[0] is not None:
+            self.weight_bias = _adjacent(biases)
+            if self.weight_bias is None:
+                self.weight = None
         parts = [_active_adapters(m) for m in modules]
-        self.adapted = [bool(p) for p in parts]
         self.A = self.B = self.bias = None
-        if any(self.adapted):
-            As = [a for p in parts for a, _, _ in p]
-            self.A = torch.cat([a.detach().to(dtype) for a in As])
-            outs = [base.out_features for base, on in zip(self.bases, self.adapted) if on]
-            self.B = torch.zeros(sum(outs), self.A.shape[0], dtype=dtype, device=self.A.device)
+        if any(parts):
+            self.A = torch.cat([a.detach().to(dtype) for p in parts for a, _, _ in p])
+            self.B = torch.zeros(sum(self.outs), self.A.shape[0], dtype=dtype, device=self.A.device)
             row = col = 0
-            for p, base, on in zip(parts, self.bases, self.adapted):
-                if not on:
-                    continue
+            for p, out in zip(parts, self.outs):
                 for a, b_, scale in p:
-                    self.B[row : row + base.out_features, col : col + a.shape[0]] = b_.detach() * scale
+                    self.B[row : row + out, col : col + a.shape[0]] = b_.detach() * scale
                     col += a.shape[0]
-                row += base.out_features
-            if any(base.bias is not None for base, on in zip(self.bases, self.adapted) if on):
-                self.bias = torch.cat([base.bias.detach().to(dtype) if base.bias is not None else
-                                       torch.zeros(base.out_features, dtype=dtype, device=self.A.device)
-                                       for base, on in zip(self.bases, self.adapted) if on])
+                row += out
+            if any(b is not None for b in biases):  # a quantized module adds its own bias: zeros here
+                self.bias = torch.cat([b.detach().to(dtype) if b is not None and not q else
+                                       torch.zeros(out, dtype=dtype, device=self.A.device)
+                                       for b, q, out in zip(biases, self.quantized, self.outs)])
         self.dtype = dtype
 
     def tensors(self) -> list[torch.Tensor]:
+        """What this object allocated (the fused weight and its bias are views of the model's storage)."""
         return [t for t in (self.A, self.B, self.bias) if t is not None]
 
-    def _base(self, i: int, x: torch.Tensor, onto: torch.Tensor | None) -> torch.Tensor:
-        """onto + base_i(x) (with its bias when its adapter did not take it)."""
+    def _base(self, i: int, x: torch.Tensor, onto: torch.Tensor | None, bias: bool) -> torch.Tensor:
+        """onto + base_i(x); ``bias``: add the float base's bias (not yet in ``onto``)."""
         base = self.bases[i]
-        w = base.weight
-        if w.dtype != self.dtype:  # quantized: the module dequantizes
+        if self.quantized[i]:  # the module dequantizes and adds its bias
             y = base(x)
             return y if onto is None else onto + y
+        b = base.bias if bias else None
         if onto is None:
-            return F.linear(x, w, base.bias)
-        if base.bias is not None and not self.adapted[i]:
-            onto = onto + base.bias
-        return torch.addmm(onto, x, w.t())
+            return F.linear(x, base.weight, b)
+        if b is not None:
+            onto = onto + b
+        return torch.addmm(onto, x, base.weight.t())
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Each linear's output for x [N, in]; with ``residual`` (one linear), residual + its output."""
         if self.A is None:
-            return [self._base(i, x, residual) for i in range(len(self.bases))]
+            if self.weight is not None:
+                return list(F.linear(x, self.weight, self.weight_bias).split(self.outs, dim=1))
+            return [self._base(i, x, residual, bias=True) for i in range(len(self.bases))]
         lora = x @ self.A.t()
         if residual is not None:
             lora = torch.addmm(residual if self.bias is None else residual + self.bias, lora, self.B.t())
@@ -273,14 +341,18 @@ class FusedLinears:
             lora = torch.addmm(self.bias, lora, self.B.t())
         else:
             lora = lora @ self.B.t()
-        out, at = [], 0
-        for i, base in enumerate(self.bases):
-            if self.adapted[i]:
-                out.append(self._base(i, x, lora[:, at : at + base.out_features]))
-                at += base.out_features
-            else:
-                out.append(self._base(i, x, residual))
-        return out
+        if self.weight is not None:
+            return list(torch.addmm(lora, x, self.weight.t()).split(self.outs, dim=1))
+        return [self._base(i, x, part, bias=False) for i, part in enumerate(lora.split(self.outs, dim=1))]
+
+
+def lay_out_projections(text_model) -> int:
+    """``lay_out_adjacent`` for every decoder layer's q/k/v and gate/up; returns how many groups are adjacent."""
+    done = 0
+    for layer in text_model.layers:
+        a, m = layer.self_attn, layer.mlp
+        done += lay_out_adjacent([a.q_proj, a.k_proj, a.v_proj]) + lay_out_adjacent([m.gate_proj, m.up_proj])
+    return done
 
 
 class DecodeWeights:
@@ -358,6 +430,8 @@ class EngineRollout(RolloutBackend):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.decode_bucket = decode_bucket
+        # once, for the engine's life: q/k/v and gate/up each become one matmul per decode step
+        self.fused_groups = lay_out_projections(self.text)
         if graphs == "auto":
             graphs = CudaGraphs() if lm.device.type == "cuda" else None
         self.graphs = graphs
@@ -403,6 +477,8 @@ class EngineRollout(RolloutBackend):
             start=lay.prompt_slots - torch.tensor(prompt_lengths, **long),
             next_position=torch.tensor(next_positions, **long).repeat_interleave(G),
             rows=torch.arange(B, **long),
+            sample=torch.arange(G, **long).repeat(P),
+            draw=torch.arange(B, **long),
             done=torch.zeros(B, dtype=torch.bool, device=dev),
             slot_step=torch.where(is_prompt, -1, completion // G),
             slot_sample=is_prompt | (completion % G == torch.arange(G, **long)[:, None]),
@@ -411,6 +487,7 @@ class EngineRollout(RolloutBackend):
             layout=lay,
             generators=None if params.seeds is None else [torch.Generator(dev).manual_seed(x) for x in params.seeds],
             active=P,
+            width=G,
         )
 
     def _prefill(self, prompts, image_embeds, params: SamplingParams) -> DecodeState:
@@ -459,38 +536,41 @@ class EngineRollout(RolloutBackend):
     # -------------------------------------------------------------------------------------- decode
 
     def _decode_step(self, s: DecodeState, w: DecodeWeights, params: SamplingParams, prompts: int, span: int) -> None:
-        """Feed ``s.token`` of the first ``prompts`` prompts' rows, sample the next tokens, advance.
+        """Feed ``s.token`` of the first ``prompts`` prompts' rows (``s.width`` each), sample the next tokens, advance.
 
         Attention reads the first ``span`` cache slots. Only in-place writes to ``s``; shapes fixed by
-        (prompts, span), so one CUDA graph per bucket replays it.
+        (prompts, width, span), so one CUDA graph per bucket replays it.
         """
-        G = s.layout.samples
-        B, group = prompts * G, self.num_heads // self.num_kv_heads
-        token, done, rows = s.token[:B], s.done[:B], s.rows[:B]
+        G, W = s.layout.samples, s.width
+        B, group = prompts * W, self.num_heads // self.num_kv_heads
+        token, done, rows, sample = s.token[:B], s.done[:B], s.rows[:B], s.sample[:B]
         x = self.text.embed_tokens(token)  # [B, H]
         positions = (s.next_position[:B] + s.offset).view(1, B, 1).expand(3, B, 1)
         cos, sin = self.text.rotary_emb(x[:, None], positions)
         cos, sin = cos[:, 0], sin[:, 0]
-        # [prompts, 1, G * group, span]: sample g's queries see the prompt and its own completion slots so far
-        visible = s.slot_sample[:, :span] & (s.slot_step[:span] <= s.offset)  # [G, span]
-        visible = visible[None] & (torch.arange(span, device=x.device) >= s.start[:prompts, None])[:, None]
-        visible = visible[:, None, :, None].expand(prompts, 1, G, group, span).reshape(prompts, 1, G * group, span)
+        # [prompts, 1, W * group, span]: each row's queries see the prompt and its own sample's completion slots so far
+        visible = s.slot_sample[:, :span][sample] & (s.slot_step[:span] <= s.offset)  # [B, span]
+        visible = visible.view(prompts, W, span) & (torch.arange(span, device=x.device) >= s.start[:prompts, None])[:, None]
+        visible = visible[:, None, :, None].expand(prompts, 1, W, group, span).reshape(prompts, 1, W * group, span)
         mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
         h = x
         for lw, kv in zip(w.layers, s.kv):
             q, k, v = lw.qkv(rms_norm(h, lw.norm1.weight, lw.norm1.variance_epsilon))
-            q = rope_into_cache(q, k, v, cos, sin, kv[0, :prompts], kv[1, :prompts], s.slot, G)
+            q = rope_into_cache(q, k, v, cos, sin, kv[0, :prompts], kv[1, :prompts], s.slot, sample, W)
             o = F.scaled_dot_product_attention(q, kv[0, :prompts, :, :span], kv[1, :prompts, :, :span], attn_mask=mask,
                                                scale=lw.scaling)
-            o = o.unflatten(2, (G, group)).transpose(1, 2).reshape(B, -1)
+            o = o.unflatten(2, (W, group)).transpose(1, 2).reshape(B, -1)
             (h,) = lw.o(o, residual=h)
             gate, up = lw.gate_up(rms_norm(h, lw.norm2.weight, lw.norm2.variance_epsilon))
             (h,) = lw.down(lw.act(gate) * up, residual=h)
         norm = self.text.norm
         logits = self.lm_head(rms_norm(h, norm.weight, norm.variance_epsilon))
-        token_next, logp = sample_tokens(logits, params, s.generators)
+        # with rows gone from some prompt, each prompt's generator still draws for all G samples (see sample_tokens)
+        picks = s.draw[:B] if s.generators is not None and W < G else None
+        token_next, logp = sample_tokens(logits, params, s.generators, picks, G)
         token_next = token_next.masked_fill(done, self.pad_token_id)
         column = (s.offset + 1).expand(B)
+        # a padding row (a finished sample) writes padding and 0 where its completion already has them
         s.ids.index_put_((rows, column), token_next)
         s.logprobs.index_put_((rows, column), logp.masked_fill(done, 0.0))
         done.logical_or_(token_next == self.eos_token_id)
@@ -499,18 +579,48 @@ class EngineRollout(RolloutBackend):
         s.slot.add_(G)
 
     def _compact(self, s: DecodeState) -> None:
-        """Move the prompts whose G samples have all ended out of the first ``s.active`` (a host sync)."""
-        G, n = s.layout.samples, s.active
-        keep = [p for p, ended in enumerate(s.done[: n * G].view(n, G).all(dim=1).tolist()) if not ended]
+        """Let finished rows leave the batch (a host sync): prompts whose samples have all ended move out of the
+        first ``s.active``, and the others keep ``s.width`` = the most samples any of them still decodes.
+
+        A prompt decoding fewer samples than the width fills its other rows with its finished samples (done, so
+        they write padding, into slots only they read). Rows keep their prompt's order and their samples'
+        order, so the step's results do not depend on when rows left (``tests/test_rollout_engine.py``).
+        """
+        G, W, n = s.layout.samples, s.width, s.active
+        B = n * W
+        done, sample = s.done[:B].view(n, W).tolist(), s.sample[:B].view(n, W).tolist()
+        decoding = [sorted(g for g, ended in zip(samples, row) if not ended) for samples, row in zip(sample, done)]
+        keep = [p for p in range(n) if decoding[p]]
+        width = max((len(decoding[p]) for p in keep), default=0)
+        if len(keep) == n and width == W:
+            return
         for new, old in enumerate(keep):
             if new != old:  # keep is increasing, so nothing is overwritten before it moves
                 s.kv[:, :, new].copy_(s.kv[:, :, old])
                 s.start[new] = s.start[old]
-                for t in (s.token, s.next_position, s.rows, s.done):
-                    t[new * G : (new + 1) * G] = t[old * G : (old + 1) * G]
+        # the new rows: each kept prompt's decoding samples, then finished ones; src = an old row of the prompt
+        src, samples, padding = [], [], []
+        for old in keep:
+            by_sample = {g: old * W + i for i, g in enumerate(sample[old])}
+            finished = [g for g in range(G) if g not in decoding[old]]
+            # at full width rows keep their samples' order: a prompt's generator then draws for its rows in order
+            chosen = list(range(G)) if width == G else decoding[old] + finished[: width - len(decoding[old])]
+            samples += chosen
+            src += [by_sample.get(g, old * W) for g in chosen]
+            padding += [g not in decoding[old] for g in chosen]
+        dev, B_new = s.token.device, len(src)
+        src_t = torch.tensor(src, dtype=torch.long, device=dev)
+        prompt_of = s.rows[:B].index_select(0, src_t) // G  # the caller's prompt index of each new row
+        sample_t = torch.tensor(samples, dtype=torch.long, device=dev)
+        for t in (s.token, s.next_position):
+            t[:B_new] = t[:B].index_select(0, src_t)
+        s.done[:B_new] = torch.tensor(padding, dtype=torch.bool, device=dev)
+        s.rows[:B_new] = prompt_of * G + sample_t
+        s.sample[:B_new] = sample_t
+        s.draw[:B_new] = torch.arange(len(keep), device=dev).repeat_interleave(width) * G + sample_t
         if s.generators is not None:
             s.generators = [s.generators[p] for p in keep]
-        s.active = len(keep)
+        s.active, s.width = len(keep), width
 
     def _decode(self, s: DecodeState, w: DecodeWeights, params: SamplingParams) -> int:
         """Run decode steps until every row has ended or T tokens exist; returns how many columns are filled."""
@@ -529,7 +639,7 @@ class EngineRollout(RolloutBackend):
                 if self.graphs is not None and steps > 2:
                     step = self._capture(s, step, pool).replay
                 for i in range(steps):
-                    if i and i % check_every == 0 and bool(s.done[: s.active * lay.samples].all()):
+                    if i and i % check_every == 0 and bool(s.done[: s.active * s.width].all()):
                         return filled
                     step()
                     filled += 1

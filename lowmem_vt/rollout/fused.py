@@ -27,19 +27,22 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def rope_into_cache_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                              k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor, samples: int) -> torch.Tensor:
+                              k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor, sample: torch.Tensor,
+                              width: int) -> torch.Tensor:
     """See ``rope_into_cache``; Hugging Face's ``apply_rotary_pos_emb`` arithmetic, in q's dtype."""
-    P, kv_heads, _, d = k_cache.shape
-    B, G = q.shape[0], samples
-    heads = q.shape[1] // d
+    kv_heads, d = k_cache.shape[1], k_cache.shape[3]
+    B = q.shape[0]
+    P, heads = B // width, q.shape[1] // d
     cos, sin = cos[:, None], sin[:, None]
     qr = _rotate(q.view(B, heads, d), cos, sin)
     kr = _rotate(k.view(B, kv_heads, d), cos, sin)
-    where = slot + torch.arange(G, device=slot.device)
-    k_cache.index_copy_(2, where, kr.view(P, G, kv_heads, d).transpose(1, 2))
-    v_cache.index_copy_(2, where, v.view(P, G, kv_heads, d).transpose(1, 2))
+    prompt = torch.arange(P, device=q.device).repeat_interleave(width)[:, None]
+    where = (slot + sample)[:, None]
+    head = torch.arange(kv_heads, device=q.device)[None]
+    k_cache.index_put_((prompt, head, where), kr)
+    v_cache.index_put_((prompt, head, where), v.view(B, kv_heads, d))
     group = heads // kv_heads
-    return qr.view(P, G, kv_heads, group, d).permute(0, 2, 1, 3, 4).reshape(P, kv_heads, G * group, d)
+    return qr.view(P, width, kv_heads, group, d).permute(0, 2, 1, 3, 4).reshape(P, kv_heads, width * group, d)
 
 
 @triton.jit
@@ -65,13 +68,13 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 
 @triton.jit
-def _rope_into_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, qo_ptr,
+def _rope_into_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, sample_ptr, qo_ptr,
                             q_stride, k_stride, v_stride, cs_stride, kc_s0, kc_s1, kc_s2, vc_s0, vc_s1, vc_s2,
-                            HEADS: tl.constexpr, KV_HEADS: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
-    row = tl.program_id(0)  # p * G + g
+                            HEADS: tl.constexpr, KV_HEADS: tl.constexpr, W: tl.constexpr, D: tl.constexpr):
+    row = tl.program_id(0)  # p * W + i: the prompt's i-th row
     head = tl.program_id(1)  # 0 .. HEADS-1: a query head; HEADS .. HEADS+KV_HEADS-1: a key/value head
-    p = row // G
-    g = row % G
+    p = row // W
+    i = row % W
     half = tl.arange(0, D // 2)
     c1 = tl.load(cos_ptr + row * cs_stride + half).to(tl.float32)
     c2 = tl.load(cos_ptr + row * cs_stride + D // 2 + half).to(tl.float32)
@@ -82,13 +85,13 @@ def _rope_into_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_pt
         x1 = tl.load(src + half).to(tl.float32)
         x2 = tl.load(src + D // 2 + half).to(tl.float32)
         group = HEADS // KV_HEADS
-        # query layout [P, kv_heads, G * group, D]: a kv head's queries of all G samples side by side
-        dst = qo_ptr + ((p * KV_HEADS + head // group) * (G * group) + g * group + head % group) * D
+        # query layout [P, kv_heads, W * group, D]: a kv head's queries of the prompt's W rows side by side
+        dst = qo_ptr + ((p * KV_HEADS + head // group) * (W * group) + i * group + head % group) * D
         tl.store(dst + half, (x1 * c1 - x2 * s1).to(qo_ptr.dtype.element_ty))
         tl.store(dst + D // 2 + half, (x2 * c2 + x1 * s2).to(qo_ptr.dtype.element_ty))
     else:
         kh = head - HEADS
-        slot = tl.load(slot_ptr) + g
+        slot = tl.load(slot_ptr) + tl.load(sample_ptr + row)
         src = k_ptr + row * k_stride + kh * D
         x1 = tl.load(src + half).to(tl.float32)
         x2 = tl.load(src + D // 2 + half).to(tl.float32)
@@ -101,18 +104,18 @@ def _rope_into_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_pt
         tl.store(vdst + D // 2 + half, tl.load(vsrc + D // 2 + half))
 
 
-def rope_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slot, samples: int) -> torch.Tensor:
-    P, kv_heads, _, d = k_cache.shape
+def rope_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slot, sample, width: int) -> torch.Tensor:
+    kv_heads, d = k_cache.shape[1], k_cache.shape[3]
     B = q.shape[0]
-    heads = q.shape[1] // d
+    P, heads = B // width, q.shape[1] // d
     q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("rope_into_cache: the cache's last dimension must be contiguous")
-    out = q.new_empty(P, kv_heads, samples * (heads // kv_heads), d)
+    out = q.new_empty(P, kv_heads, width * (heads // kv_heads), d)
     _rope_into_cache_kernel[(B, heads + kv_heads)](
-        q, k, v, cos, sin, k_cache, v_cache, slot, out, q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
+        q, k, v, cos, sin, k_cache, v_cache, slot, sample, out, q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HEADS=heads, KV_HEADS=kv_heads, G=samples, D=d)
+        HEADS=heads, KV_HEADS=kv_heads, W=width, D=d)
     return out
 
 
@@ -134,23 +137,26 @@ def _(x, weight, eps):
 
 @torch.library.custom_op("lowmem_vt::rope_into_cache", mutates_args=("k_cache", "v_cache"))
 def rope_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor, samples: int) -> torch.Tensor:
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor, sample: torch.Tensor,
+                    width: int) -> torch.Tensor:
     """Rotary on one decode token per row, its K/V written to the cache, the queries laid out for attention.
 
-    q [B, heads*d], k and v [B, kv_heads*d], cos and sin [B, d] (q's dtype); rows are ``p * samples + g``.
-    Writes rotated k and v of row (p, g) to ``k_cache`` / ``v_cache`` [P, kv_heads, C, d] at slot ``slot + g``
-    (``slot`` a [1] long tensor, so a CUDA graph replays it at any step). Returns the rotated queries
-    [P, kv_heads, samples * group, d]: for each kv head, the group query heads of each sample in turn.
+    q [B, heads*d], k and v [B, kv_heads*d], cos and sin [B, d] (q's dtype); rows are ``p * width + i``: the
+    cache's prompt p has ``width`` rows, and row i decodes sample ``sample[p * width + i]`` of that prompt.
+    Writes rotated k and v of each row to ``k_cache`` / ``v_cache`` [P', kv_heads, C, d] (P' >= B / width) of
+    its prompt at slot ``slot + sample`` (``slot`` a [1] long tensor, so a CUDA graph replays it at any step).
+    Returns the rotated queries [B / width, kv_heads, width * group, d]: for each kv head, the group query
+    heads of each of the prompt's rows in turn.
     """
-    return rope_into_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slot, samples)
+    return rope_into_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slot, sample, width)
 
 
 @rope_into_cache.register_kernel("cuda")
-def _(q, k, v, cos, sin, k_cache, v_cache, slot, samples):
-    return rope_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slot, samples)
+def _(q, k, v, cos, sin, k_cache, v_cache, slot, sample, width):
+    return rope_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slot, sample, width)
 
 
 @rope_into_cache.register_fake
-def _(q, k, v, cos, sin, k_cache, v_cache, slot, samples):
-    P, kv_heads, _, d = k_cache.shape
-    return q.new_empty(P, kv_heads, samples * (q.shape[1] // d // kv_heads), d)
+def _(q, k, v, cos, sin, k_cache, v_cache, slot, sample, width):
+    kv_heads, d = k_cache.shape[1], k_cache.shape[3]
+    return q.new_empty(q.shape[0] // width, kv_heads, width * (q.shape[1] // d // kv_heads), d)
