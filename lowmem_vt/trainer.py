@@ -33,6 +33,8 @@ from .rewards import compute_rewards, reflection_rate
 from .rollout import SamplingParams, make_rollout
 
 log = logging.getLogger(__name__)
+# mean |sampling log-prob - policy log-prob| above which a step warns (bf16 rounding alone stays below 0.01)
+SAMPLER_DIFF_WARN = 0.05
 
 
 class TrainingStopped(RuntimeError):
@@ -241,7 +243,10 @@ class Trainer:
         eps_high = g.epsilon if g.epsilon_high is None else g.epsilon_high
         scale = loss_scale(self.lm.lm_head_weight.dtype, counts)  # 1 unless the model is float16
         loss_total, kl_sum, clipped, grad_norm, skipped = 0.0, 0.0, 0.0, float("nan"), False
-        for _ in range(g.num_iterations):
+        # the sampler should be the policy: |sampling log-prob - policy log-prob| before the first update
+        sampled = roll.sampling_logprobs
+        drift_sum, drift_max = 0.0, 0.0
+        for it in range(g.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             loss_total, kl_sum, clipped = 0.0, 0.0, 0.0
             for j, s in enumerate(slices):
@@ -249,7 +254,7 @@ class Trainer:
                 sync = j == len(slices) - 1 or not self.dist.enabled  # all-reduce once, after the last micro-batch
                 with (contextlib.nullcontext() if sync else self.policy.no_sync()):
                     hidden = self.policy(seqs, embeds)
-                    loss, stats, _ = fused_grpo_loss(
+                    loss, stats, logp = fused_grpo_loss(
                         hidden, self.lm.lm_head_weight, roll.completion_ids[s, :T].to(self.device),
                         roll.completion_mask[s, :T].to(self.device), advantages[s].to(self.device),
                         None if old_logp is None else old_logp[s, :T].to(self.device),
@@ -258,6 +263,10 @@ class Trainer:
                         temperature=g.temperature, backend=self.kernel_backend,
                     )
                     (loss * scale).backward()
+                if it == 0 and sampled is not None:
+                    drift = (logp - sampled[s, :T].to(logp.device)).abs() * roll.completion_mask[s, :T].to(logp.device)
+                    drift_sum += float(drift.sum())
+                    drift_max = max(drift_max, float(drift.max()))
                 loss_total += float(loss.detach())
                 kl_sum += float(stats["kl_sum"])
                 clipped += float(stats["clipped_tokens"])
@@ -310,6 +319,9 @@ class Trainer:
             "reflection_rate": reflect_sum / seqs_all,
             "kl": kl_sum / seqs_all,
             "clip_fraction": clipped / max(tokens_all, 1.0),
+            # None when the rollout backend reports no log-probs (hf); see docs/rollout.md
+            "sampler_logprob_diff": self.dist.sum([drift_sum])[0] / max(tokens_all, 1.0) if sampled is not None else None,
+            "sampler_logprob_diff_max": float(self.dist.gather(torch.tensor([drift_max])).max()) if sampled is not None else None,
             "loss": loss_total,
             "grad_norm": grad_norm,
             "lr": lr,
@@ -325,6 +337,10 @@ class Trainer:
             "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None,
         }
         self._bad_total = m["bad_steps_total"]
+        if (m["sampler_logprob_diff"] or 0.0) > SAMPLER_DIFF_WARN and self.dist.is_main:
+            log.warning("step %d: the rollout's log-probs differ from the policy's by %.3f per token on average (bf16 "
+                        "rounding gives < 0.01): the sampler is not the policy the trainer scores; rollout.backend: hf "
+                        "is the reference to compare with", self.step_count, m["sampler_logprob_diff"])
         self._last_texts = (texts, answers, rewards.tolist())
         return m
 

@@ -134,3 +134,22 @@ def test_non_finite_steps_are_skipped_then_stop(recipe_factory, monkeypatch):
         assert torch.equal(v, _adapter(tr)[k])  # no update was applied
     # the checkpoint written after the first (skipped) step is complete and loadable
     assert ckpt.list_checkpoints(tr.out)[-1].name == "checkpoint-1"
+
+
+def test_trains_with_the_engine_rollout_and_reports_sampler_drift(recipe_factory, tmp_path):
+    """``rollout.backend: engine`` end to end (what a user switches to on a GPU): steps apply, the engine laid
+    q/k/v and gate/up out side by side without touching training, and the sampler is the policy the trainer
+    scores (the log-probs before the update agree to float32 rounding). ``hf`` reports no sampling log-probs."""
+    from lowmem_vt.rollout.engine import _adjacent
+
+    tr = Trainer(recipe_factory(**SMALL, **{"train.max_steps": 2, "rollout.backend": "engine"}))
+    metrics = [tr.step(), tr.step()]
+    attn = tr.lm.hf_model.model.language_model.layers[0].self_attn
+    assert _adjacent([attn.q_proj.base_layer.weight, attn.k_proj.base_layer.weight, attn.v_proj.base_layer.weight]) is not None
+    for m in metrics:
+        assert not m["skipped_step"] and m["grad_norm"] == m["grad_norm"]
+        assert 0.0 <= m["sampler_logprob_diff"] <= m["sampler_logprob_diff_max"] < 1e-4, m
+    tr.close()
+    hf = Trainer(recipe_factory(**SMALL, **{"train.max_steps": 1, "log.output_dir": str(tmp_path / "hf")}))
+    assert hf.step()["sampler_logprob_diff"] is None
+    hf.close()
