@@ -12,7 +12,6 @@ is listed in ``simulate.UNMODELLED``; ``bench/RESULTS.md`` keeps simulated and G
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from .config import RecipeConfig

@@ -75,8 +75,7 @@ class LiveBytes(TorchDispatchMode):
         st = t.untyped_storage()
         if st in self._seen:
             self.current -= math.ceil(st.nbytes() / BLOCK) * BLOCK
-            ref = self._seen.pop(st)
-            del ref
+            self._seen.pop(st)
         self._host[st] = True
 
     def reset_peak(self) -> None:

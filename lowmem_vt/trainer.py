@@ -493,7 +493,7 @@ class Trainer:
         bar.write(f"[step {self.step_count}] reward {rewards[0]:.1f} answer={answers[0]!r}: <think>{texts[0][:300]!r}")
 
     def _oom_message(self) -> str:
-        from .planner import config_for, plan
+        from .planner import plan
 
         c = self.cfg
         try:

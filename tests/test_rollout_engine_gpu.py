@@ -72,6 +72,23 @@ def full_rollout(setup):
     return roll, before, torch.cuda.max_memory_allocated()
 
 
+@pytest.fixture(scope="module")
+def tiny_gpu(tmp_path_factory):
+    """(lm, prompts, image features): the tiny model in bf16 on the GPU, LoRA r 4, 3 short prompts. Its small
+    vocabulary lets a chosen token really end rows."""
+    from lowmem_vt.config import LoraConfig, ModelConfig
+    from lowmem_vt.model import image_embeddings, load_model
+    from lowmem_vt.tiny import build_tiny_model
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
+    lm = load_model(ModelConfig(name_or_path=str(folder), dtype="bfloat16"), LoraConfig(r=4, alpha=8), torch.device("cuda"),
+                    min_pixels=3136, max_pixels=112 * 112)
+    prompts = [_bench().bench_prompt(lm.config, 40 + 5 * i + 16, 112, i) for i in range(3)]
+    with torch.no_grad():
+        embeds = image_embeddings(lm, [p.pixel_values for p in prompts], [p.image_grid_thw for p in prompts])
+    return lm, prompts, embeds
+
+
 def test_a_capture_succeeds_for_8_seeded_prompts_of_different_lengths(setup, full_rollout):
     roll, _, _ = full_rollout
     assert roll.completion_ids.shape == (8 * G, T)
@@ -167,24 +184,16 @@ def test_d_captured_sampler_replayed_on_fixed_logits_matches_the_softmax():
     torch.testing.assert_close(freq, torch.softmax(logits[0].float(), -1), atol=0.01, rtol=0)
 
 
-def test_e_forced_eos_pads_masks_and_stops(tmp_path):
+def test_e_forced_eos_pads_masks_and_stops(tiny_gpu):
     """The tiny model in bf16 on the GPU (a small vocabulary, so a chosen token really ends every row): after
     EOS pad, mask 0 and log-prob 0; decoding stops within 16 steps of the last EOS."""
     import dataclasses
     import types
 
-    from lowmem_vt.config import LoraConfig, ModelConfig
-    from lowmem_vt.model import image_embeddings, load_model
     from lowmem_vt.rollout import SamplingParams
     from lowmem_vt.rollout.engine import EngineRollout
-    from lowmem_vt.tiny import build_tiny_model
 
-    bench = _bench()
-    lm = load_model(ModelConfig(name_or_path=str(build_tiny_model(tmp_path / "tiny")), dtype="bfloat16"), LoraConfig(r=4, alpha=8),
-                    torch.device("cuda"), min_pixels=3136, max_pixels=112 * 112)
-    prompts = [bench.bench_prompt(lm.config, 40 + 5 * i + 16, 112, i) for i in range(3)]
-    with torch.no_grad():
-        embeds = image_embeddings(lm, [p.pixel_values for p in prompts], [p.image_grid_thw for p in prompts])
+    lm, prompts, embeds = tiny_gpu
     params = SamplingParams(G, 300, seeds=[1, 2, 3])
     free_lm = dataclasses.replace(lm, tokenizer=types.SimpleNamespace(eos_token_id=-1, pad_token_id=lm.pad_token_id))
     # one bucket for all 300 steps, so both runs keep every row and run the same kernels on the same shapes:
@@ -211,7 +220,7 @@ def test_e_forced_eos_pads_masks_and_stops(tmp_path):
     assert filled[0] - max(ends) <= 16, (filled, max(ends))
 
 
-def test_e_finished_rows_leave_the_batch_under_cuda_graphs(tmp_path):
+def test_e_finished_rows_leave_the_batch_under_cuda_graphs(tiny_gpu):
     """The tiny model in bf16, a forced EOS, bucket 16: at each boundary finished rows leave and the next graph is
     captured at the smaller batch. The tokens can differ from a run that keeps every row (other batch sizes,
     other bf16 rounding), so what is checked is what matters: the batch shrank, padding and masks follow each
@@ -219,18 +228,10 @@ def test_e_finished_rows_leave_the_batch_under_cuda_graphs(tmp_path):
     import dataclasses
     import types
 
-    from lowmem_vt.config import LoraConfig, ModelConfig
-    from lowmem_vt.model import image_embeddings, load_model
     from lowmem_vt.rollout import SamplingParams
     from lowmem_vt.rollout.engine import EngineRollout
-    from lowmem_vt.tiny import build_tiny_model
 
-    bench = _bench()
-    lm = load_model(ModelConfig(name_or_path=str(build_tiny_model(tmp_path / "tiny")), dtype="bfloat16"), LoraConfig(r=4, alpha=8),
-                    torch.device("cuda"), min_pixels=3136, max_pixels=112 * 112)
-    prompts = [bench.bench_prompt(lm.config, 40 + 5 * i + 16, 112, i) for i in range(3)]
-    with torch.no_grad():
-        embeds = image_embeddings(lm, [p.pixel_values for p in prompts], [p.image_grid_thw for p in prompts])
+    lm, prompts, embeds = tiny_gpu
     params = SamplingParams(G, 200, seeds=[1, 2, 3])
     free_lm = dataclasses.replace(lm, tokenizer=types.SimpleNamespace(eos_token_id=-1, pad_token_id=lm.pad_token_id))
     free = EngineRollout(free_lm, decode_bucket=512).generate(prompts, embeds, params)
@@ -250,7 +251,7 @@ def test_e_finished_rows_leave_the_batch_under_cuda_graphs(tmp_path):
         assert (len(hits) == 0 and n == out.completion_ids.shape[1]) or (len(hits) == 1 and int(hits[0]) == n - 1)
         assert bool((out.completion_ids[r, n:] == lm.pad_token_id).all()) and bool((out.sampling_logprobs[r, n:] == 0).all())
     with torch.no_grad():
-        trainer = bench.trainer_logprobs(lm, prompts, embeds, out, 1.0, rows_per_pass=G)
+        trainer = _bench().trainer_logprobs(lm, prompts, embeds, out, 1.0, rows_per_pass=G)
     mask = out.completion_mask.cpu().bool()
     diff = (out.sampling_logprobs.cpu() - trainer)[mask].abs()
     print(f"log-prob |diff| after compaction: max {float(diff.max()):.3g} mean {float(diff.mean()):.3g}")

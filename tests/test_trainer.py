@@ -1,7 +1,6 @@
 """The trainer on the tiny model: one step end to end, step-0 equality of policy and reference,
 checkpoints, exact resume, interruption and non-finite steps."""
 
-import json
 import os
 import signal
 
