@@ -20,7 +20,8 @@ temperature, top_p, top_k, seeds=...))`` with the image features computed once.
 2. correctness: 0 vision-tower calls, base weights unchanged, the same seeds give the same samples and a new
    seed other ones, sampling log-probs vs the trainer's log-probs of the same tokens (``token_logprobs``):
    max |diff| < 0.1 and mean < 0.01, per quarter of the completion and for the shortest and longest prompt.
-3. the decode step in ms at batch 64: eager vs the captured CUDA graph.
+3. the decode step in ms, eager vs the captured CUDA graph, 8 prompts at width 8 (64 rows), 4 and 1: what a
+   step costs once finished rows have left the batch (the engine's compaction), the long tail's price.
 """
 
 from __future__ import annotations
@@ -181,12 +182,16 @@ def trainer_logprobs(lm, prompts, embeds, roll, temperature: float, rows_per_pas
     return out
 
 
-def decode_step_ms(lm, prompts, embeds, params, repeats: int) -> list[tuple[str, float]]:
-    """ms per decode step on the first bucket's shapes, eager and as the engine's CUDA graph."""
+def decode_step_ms(lm, prompts, embeds, params, repeats: int, width: int | None = None) -> list[tuple[str, float]]:
+    """ms per decode step on the first bucket's shapes, eager and as the engine's CUDA graph. ``width``: the
+    rows left per prompt after the others finished (the engine's compaction), G when None."""
     engine = EngineRollout(lm)
     lm.hf_model.eval()
     with torch.no_grad():
         s = engine._prefill(prompts, embeds, params)
+        if width is not None and width < params.num_generations:
+            s.done.view(len(prompts), -1)[:, width:] = True  # as if those samples had ended: they leave the batch
+            engine._compact(s)
         w = DecodeWeights(engine.text)
         repeats = min(repeats, s.layout.bucket - 8)
         eager = lambda: engine._decode_step(s, w, params, s.active, s.layout.span(0))  # noqa: E731
@@ -301,10 +306,13 @@ def main() -> int:
     rep.check("log-probs match the trainer's", float(diff.max()) < 0.1 and float(diff.sum()) / n_tok < 0.01,
               "max < 0.1, mean < 0.01")
 
-    # ---- decode step
+    # ---- decode step, at full width and after finished rows left (what a long tail costs per step)
     try:
-        for name, ms in decode_step_ms(lm, prompts, embeds, params(n_prompts, T), repeats):
-            rep.row(f"decode step, batch {n_prompts * G}, first bucket", way=name, ms=ms, tokens_per_s=n_prompts * G / ms * 1e3)
+        for width in sorted({G, G // 2, 1}, reverse=True):
+            for name, ms in decode_step_ms(lm, prompts, embeds, params(n_prompts, T), repeats, width):
+                rows = n_prompts * width
+                rep.row("decode step, first bucket", prompts=n_prompts, width=width, rows=rows, way=name, ms=ms,
+                        tokens_per_s=rows / ms * 1e3)
     except Exception as e:  # noqa: BLE001
         rep.check("decode step timing ran", False, f"{type(e).__name__}: {e}"[:300])
     tmp.cleanup()

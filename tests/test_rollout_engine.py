@@ -531,6 +531,8 @@ def test_bench_rollout_smoke(tmp_path):
     tables = json.loads((tmp_path / "rollout.json").read_text())["tables"]
     assert {r["rows"] for r in tables["rollout"] if r["backend"] == "engine"} == {2, 6}
     assert all(r["ok"] for r in tables["checks"]) and len(tables["checks"]) == 5
+    step = tables["decode step, first bucket"]  # 3 prompts at width 2 (all rows) and 1 (after the others left)
+    assert {(r["width"], r["rows"]) for r in step} == {(2, 6), (1, 3)} and all(r["ms"] > 0 for r in step)
     assert (tmp_path / "rollout.md").read_text().startswith("# bench/rollout.py")
 
 
