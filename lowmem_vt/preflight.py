@@ -1,6 +1,6 @@
 """Pre-flight: everything about a run that can be checked before loading the model, checked before it.
 
-The trainer calls ``check_recipe`` first thing; ``eval`` calls ``check_model_source``. Each failure is one
+The trainer calls ``check_recipe`` first thing; ``eval`` and ``merge`` call ``check_model_source``. Each failure is one
 ``PreflightError`` line naming the recipe file and key (or the file / record) and what to do, so the CLI
 can print it instead of a traceback after minutes of loading.
 """
@@ -127,6 +127,9 @@ def _check_model_folder(folder: Path, where: str) -> None:
     if not folder.is_dir():
         raise PreflightError(f"{where}: {folder} is a file; give the model's folder (with config.json and weights)")
     cfg_file = folder / "config.json"
+    if not cfg_file.is_file() and (folder / "adapter_config.json").is_file():
+        raise PreflightError(f"{where}: {folder} holds a LoRA adapter (adapter_config.json), not a model; "
+                             "give the base model's folder (with config.json and weights)")
     if not cfg_file.is_file():
         raise PreflightError(
             f"{where}: {folder} has no config.json (without it transformers would build a default-sized model); "
