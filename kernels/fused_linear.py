@@ -5,7 +5,7 @@ formed in the forward pass, chunk of rows by chunk of rows, as fused linear cros
 
 1. ``logits = h_chunk @ W.T`` in fp32 (one cuBLAS matmul with fp32 output, into a scratch buffer);
 2. one program per row streams its logits twice: log-sum-exp and the target logit, then the row's GRPO
-   loss and d loss / d logp (``lowmem_vt.grpo``'s math, as in ``grpo_loss.py``), then
+   loss and d loss / d logp (``lowmem_vt.grpo``'s math: ``grpo_loss.grpo_token_terms``), then
    ``(onehot - softmax) / temperature`` written in W's dtype *over the row's own fp32 logits* (element v
    of the narrower dtype lies in bytes already read, so the scratch is one [rows, V] fp32 buffer);
 3. ``dh_chunk = dlogp * (dlogits @ W)``: a second matmul, scaled per row in fp32 afterwards, so that fp16
@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .chunked_logprobs import check_shapes, check_targets, dlogits_scale
+from .grpo_loss import grpo_token_terms
 
 # Scratch for one chunk's fp32 logits (the bf16 / fp16 dlogits are written over them): 0.25 GiB gives
 # 432 rows per chunk at Qwen2-VL's V = 151,936, each chunk two matmuls of ~0.2 TFLOP.
@@ -106,25 +107,19 @@ def _grpo_rows_kernel(
     if GRPO:
         # rows reach this kernel only with a nonzero aggregation weight (padding is dropped on the host)
         w = tl.load(weights_ptr + row)
-        if HAS_OLD:
-            ratio = tl.exp(logp - tl.load(old_logp_ptr + row))
-        else:
-            ratio = 1.0  # one update per rollout: ratio exp(logp - logp.detach()), gradient of logp
         adv = tl.load(adv_ptr + row)
-        unclipped = ratio * adv
-        clipped = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high) * adv
-        is_clipped = clipped < unclipped
-        loss = -tl.minimum(unclipped, clipped)
-        dloss = tl.where(is_clipped, 0.0, -unclipped)
+        old_logp = logp
+        if HAS_OLD:
+            old_logp = tl.load(old_logp_ptr + row)
+        ref_logp = logp
         if HAS_KL:
-            delta = tl.load(ref_logp_ptr + row) - logp
-            exp_delta = tl.exp(delta)
-            k3 = exp_delta - delta - 1.0
-            loss += beta * k3
-            dloss += beta * (1.0 - exp_delta)
+            ref_logp = tl.load(ref_logp_ptr + row)
+        loss, dloss, k3, is_clipped = grpo_token_terms(logp, old_logp, ref_logp, adv, w, beta, ratio_low, ratio_high,
+                                                       HAS_OLD, HAS_KL)
+        tl.store(loss_ptr + row, loss)
+        tl.store(dlogp_ptr + row, dloss)
+        if HAS_KL:
             tl.store(k3_ptr + row, k3)
-        tl.store(loss_ptr + row, loss * w)
-        tl.store(dlogp_ptr + row, dloss * w)
         tl.store(clipped_ptr + row, is_clipped.to(tl.float32))
 
         dlogits_row = dlogits_ptr + row.to(tl.int64) * stride_dlogits

@@ -12,9 +12,10 @@ clipped one is strictly smaller, whose clamped ratio then has zero gradient: hen
 
 So the forward's streaming pass over W (online log-sum-exp, ``chunked_logprobs``) is followed by one small
 kernel that merges the vocabulary splits into log-probs and, in the same place, computes the per-token
-loss, this derivative, k3 and the clip flags. Autograd never sees the [B, T] GRPO graph, and the backward
-is a single more streaming pass over W: recompute each logits tile, scale (onehot - softmax) by the saved
-per-token derivative times the incoming gradient, and accumulate dh (and dW when the head is trained).
+loss, this derivative, k3 and the clip flags (``grpo_token_terms``, which the fused-linear head's row kernel
+calls too). Autograd never sees the [B, T] GRPO graph, and the backward is a single more streaming pass
+over W: recompute each logits tile, scale (onehot - softmax) by the saved per-token derivative times the
+incoming gradient, and accumulate dh (and dW when the head is trained).
 """
 
 from __future__ import annotations
@@ -37,6 +38,38 @@ _FINISH_BLOCK = 1024
 
 
 @triton.jit
+def grpo_token_terms(
+    logp, old_logp, ref_logp, adv, w, beta, ratio_low, ratio_high, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr,
+):
+    """The per-token GRPO math of both Triton heads, on a row (scalars) or a block of tokens.
+
+    logp, old_logp, ref_logp, adv, w: fp32 values of one token each (old_logp read only with HAS_OLD, ref_logp
+    only with HAS_KL; pass anything otherwise). ratio_low / ratio_high: 1 - epsilon_low, 1 + epsilon_high.
+    Returns (w * loss, w * d loss / d logp, k3 (0 without HAS_KL), clipped flag).
+    """
+    # padding (w = 0) may hold any old / ref log-probs: exp of their difference can overflow, and inf * 0 is
+    # NaN, so padded tokens compute with ratio 1 and no KL instead
+    active = w != 0.0
+    if HAS_OLD:
+        ratio = tl.exp(tl.where(active, logp - old_logp, 0.0))
+    else:
+        ratio = 1.0  # one update per rollout: ratio exp(logp - logp.detach()), gradient of logp
+    unclipped = ratio * adv
+    clipped = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high) * adv
+    is_clipped = clipped < unclipped
+    loss = -tl.minimum(unclipped, clipped)
+    dloss = tl.where(is_clipped, 0.0, -unclipped)
+    k3 = tl.zeros_like(loss)
+    if HAS_KL:
+        delta = tl.where(active, ref_logp - logp, 0.0)
+        exp_delta = tl.exp(delta)
+        k3 = exp_delta - delta - 1.0
+        loss += beta * k3
+        dloss += beta * (1.0 - exp_delta)
+    return loss * w, dloss * w, k3, is_clipped
+
+
+@triton.jit
 def _grpo_finish_kernel(
     part_lse_ptr, target_logit_ptr, advantages_ptr, old_logp_ptr, ref_logp_ptr, weights_ptr,
     lse_ptr, logp_ptr, loss_ptr, dlogp_ptr, k3_ptr, clipped_ptr,
@@ -48,34 +81,23 @@ def _grpo_finish_kernel(
     mask = offs < N
     lse = _merge_splits(part_lse_ptr, offs, mask, N, num_splits)
     logp = tl.load(target_logit_ptr + offs, mask=mask, other=0.0) - lse
-
     w = tl.load(weights_ptr + offs, mask=mask, other=0.0)
-    # padding (w = 0) may hold any old / ref log-probs: exp of their difference can overflow, and inf * 0 is
-    # NaN, so padded tokens compute with ratio 1 and no KL instead
-    active = w != 0.0
+    adv = tl.load(advantages_ptr + offs // T, mask=mask, other=0.0)
+    old_logp = logp
     if HAS_OLD:
         old_logp = tl.load(old_logp_ptr + offs, mask=mask, other=0.0)
-    else:
-        old_logp = logp  # one update per rollout: ratio 1, gradient of logp
-    ratio = tl.exp(tl.where(active, logp - old_logp, 0.0))
-    adv = tl.load(advantages_ptr + offs // T, mask=mask, other=0.0)
-    unclipped = ratio * adv
-    clipped = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high) * adv
-    is_clipped = clipped < unclipped
-    loss = -tl.minimum(unclipped, clipped)
-    dloss = tl.where(is_clipped, 0.0, -unclipped)
+    ref_logp = logp
     if HAS_KL:
-        delta = tl.where(active, tl.load(ref_logp_ptr + offs, mask=mask, other=0.0) - logp, 0.0)
-        exp_delta = tl.exp(delta)
-        k3 = exp_delta - delta - 1.0
-        loss += beta * k3
-        dloss += beta * (1.0 - exp_delta)
-        tl.store(k3_ptr + offs, k3, mask=mask)
+        ref_logp = tl.load(ref_logp_ptr + offs, mask=mask, other=0.0)
+    loss, dloss, k3, is_clipped = grpo_token_terms(logp, old_logp, ref_logp, adv, w, beta, ratio_low, ratio_high,
+                                                   HAS_OLD, HAS_KL)
 
     tl.store(lse_ptr + offs, lse, mask=mask)
     tl.store(logp_ptr + offs, logp, mask=mask)
-    tl.store(loss_ptr + offs, loss * w, mask=mask)
-    tl.store(dlogp_ptr + offs, dloss * w, mask=mask)
+    tl.store(loss_ptr + offs, loss, mask=mask)
+    tl.store(dlogp_ptr + offs, dloss, mask=mask)
+    if HAS_KL:
+        tl.store(k3_ptr + offs, k3, mask=mask)
     tl.store(clipped_ptr + offs, is_clipped.to(tl.float32), mask=mask)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem_vt.grpo import LOSS_TYPES, LossCounts, grpo_loss, loss_stats
+from lowmem_vt.grpo import LOSS_TYPES, LossCounts, aggregation_weights, grpo_loss, loss_stats
 
 from .chunked_logprobs import BACKWARD_TILES, FORWARD_TILES, Tiles, _prepare, chunked_logprobs_reference, streaming_logprobs_op
 from .fused_linear import ROW_TILES, RowTiles, fused_linear_grpo_loss_op, fused_linear_logprobs_op, rows_per_chunk
@@ -161,18 +161,6 @@ def token_logprobs(
     return logp.view(B, T)
 
 
-def aggregation_weights(mask: torch.Tensor, loss_type: str, counts: LossCounts) -> torch.Tensor:
-    """Per-token weights w with ``aggregate(x, mask, loss_type, counts) == (x * w).sum()``. mask: [B, T]. Returns [B, T] fp32."""
-    mask = mask.float()
-    if loss_type == "grpo":
-        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0) / counts.num_sequences
-    if loss_type == "dr_grpo":
-        return mask / (counts.num_sequences * counts.max_completion_length)
-    if loss_type == "bnpo":
-        return mask / max(counts.num_tokens, 1.0)
-    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-
-
 def fused_grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -224,7 +212,7 @@ def fused_grpo_loss(
         return loss, stats, logp.detach()
 
     flat_hidden, flat_targets = _prepare(hidden.reshape(B * T, H), weight, targets.reshape(B * T))
-    weights = aggregation_weights(mask, loss_type, counts).reshape(B * T).contiguous()
+    weights = aggregation_weights(mask, loss_type, counts).float().reshape(B * T).contiguous()
 
     def flat(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else x.detach().float().reshape(B * T).contiguous()

@@ -143,14 +143,18 @@ def compile_launch(launch: Launch, cap: int) -> Resources:
     return Resources(fields["REG"], fields["STACK"] + fields["LOCAL"], fields["SHARED"] + compiled.metadata.shared)
 
 
-_KERNEL_FILES = {"lse_partial": "chunked_logprobs.py", "logprobs_backward": "chunked_logprobs.py",
-                 "logprobs_finish": "chunked_logprobs.py", "grpo_finish": "grpo_loss.py", "grpo_rows": "fused_linear.py"}
+# the source files each kernel's code comes from: its own and those of the @triton.jit helpers it calls
+_KERNEL_FILES = {"lse_partial": ("chunked_logprobs.py",), "logprobs_backward": ("chunked_logprobs.py",),
+                 "logprobs_finish": ("chunked_logprobs.py",), "grpo_finish": ("grpo_loss.py", "chunked_logprobs.py"),
+                 "grpo_rows": ("fused_linear.py", "grpo_loss.py")}
 
 
 def _cache_key(launch: Launch, cap: int) -> str:
-    """What a compile result depends on: Triton's version, the source file holding the kernel (any edit
-    there invalidates: conservative, and readable without compiling), the target and the launch."""
-    source = (Path(__file__).resolve().parent / _KERNEL_FILES[launch.kernel]).read_bytes()
+    """What a compile result depends on: Triton's version, the source files holding the kernel and the
+    helpers it calls (any edit there invalidates: conservative, and readable without compiling), the target
+    and the launch."""
+    here = Path(__file__).resolve().parent
+    source = b"".join((here / name).read_bytes() for name in _KERNEL_FILES[launch.kernel])
     digest = hashlib.sha256(source).hexdigest()[:16]
     return f"triton {triton.__version__} | {digest} | sm_{cap} | {launch.label()} | {_TRITON_DTYPE[launch.dtype]}"
 

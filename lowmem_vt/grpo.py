@@ -114,22 +114,33 @@ def per_token_loss(
     return loss, k3, is_clipped
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, counts: LossCounts) -> torch.Tensor:
-    """This micro-batch's share of the batch loss. per_token, mask: [B, T].
+def aggregation_weights(mask: torch.Tensor, loss_type: str, counts: LossCounts) -> torch.Tensor:
+    """Per-token weights of this micro-batch's share of the batch loss. mask: [B, T] (0/1, any dtype).
+
+    Returns [B, T] fp32 (fp64 for a float64 mask, so that float64 references and gradchecks stay exact).
 
     grpo: mean over each completion's tokens, then mean over completions (the paper).
     dr_grpo: sum over tokens / (completions · max_completion_length) (Dr. GRPO, no length bias).
     bnpo: sum over tokens / tokens in the batch.
+    The Triton heads take these weights as they are; ``aggregate`` is the plain-PyTorch use of them.
     """
-    masked = per_token * mask
+    mask = mask.to(torch.promote_types(mask.dtype, torch.float32))
     if loss_type == "grpo":
-        per_seq = masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return per_seq.sum() / counts.num_sequences
+        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0) / counts.num_sequences
     if loss_type == "dr_grpo":
-        return masked.sum() / (counts.num_sequences * counts.max_completion_length)
+        return mask / (counts.num_sequences * counts.max_completion_length)
     if loss_type == "bnpo":
-        return masked.sum() / max(counts.num_tokens, 1.0)
+        return mask / max(counts.num_tokens, 1.0)
     raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, counts: LossCounts) -> torch.Tensor:
+    """This micro-batch's share of the batch loss: ``(per_token * aggregation_weights(mask, ...)).sum()``.
+
+    per_token, mask: [B, T]. Returns a 0-dim tensor, differentiable in per_token: fp32 for per_token in fp32 or
+    lower (bf16 / fp16 promote against the fp32 weights), fp64 for fp64 inputs.
+    """
+    return (per_token * aggregation_weights(mask, loss_type, counts)).sum()
 
 
 def grpo_loss(

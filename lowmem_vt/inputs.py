@@ -194,6 +194,33 @@ class SequenceBatch:
         )
 
 
+def completion_hidden(inner, batch: SequenceBatch, image_embeds) -> torch.Tensor:
+    """Final hidden states that predict each completion token: [B, T, H].
+
+    inner: Qwen2-VL's inner model (``Qwen2VLForConditionalGeneration.model``: input embeddings, language
+    model); batch on its device; image_embeds: the image features of each prompt, indexed by
+    ``batch.prompt_rows`` ([tokens_i, H] each), scattered into the image tokens' embeddings. No LM head.
+    """
+    embeds = inner.get_input_embeddings()(batch.input_ids)
+    image_mask = batch.image_mask.unsqueeze(-1)
+    feats = torch.cat([image_embeds[r] for r in batch.prompt_rows]).to(embeds.dtype)
+    if not _is_fake(image_mask) and int(image_mask.sum()) != feats.shape[0]:  # no values in the memory simulator
+        raise RuntimeError(f"{int(image_mask.sum())} image tokens in the batch but {feats.shape[0]} image features")
+    embeds = embeds.masked_scatter(image_mask, feats)
+    out = inner.language_model(
+        inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+    )
+    hidden = out.last_hidden_state
+    idx = batch.completion_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return hidden.gather(1, idx)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
 def build_sequences(
     prompts: list[PromptInputs], prompt_rows: list[int], completion_ids: torch.Tensor, completion_mask: torch.Tensor, pad_token_id: int
 ) -> SequenceBatch:

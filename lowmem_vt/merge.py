@@ -9,6 +9,7 @@ recipe's 16-bit dtype: the weights the nf4 codes approximate. The merged model i
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -23,9 +24,19 @@ def checkpoint_configs(checkpoint: str | Path) -> tuple[ModelConfig, LoraConfig,
     import yaml
 
     ckpt = Path(checkpoint)
+    if (ckpt / "adapter_config.json").is_file() and (ckpt.parent / "recipe.yaml").is_file():
+        raise FileNotFoundError(f"{ckpt} is the adapter folder of a checkpoint; give the checkpoint folder ({ckpt.parent})")
     if not (ckpt / "adapter" / "adapter_config.json").is_file() or not (ckpt / "recipe.yaml").is_file():
         raise FileNotFoundError(f"{ckpt} is not a checkpoint folder: expected adapter/adapter_config.json and recipe.yaml "
                                 "(as lowmem-vt train writes them in <log.output_dir>/checkpoint-N)")
+    adapter = ckpt / "adapter"
+    try:
+        json.loads((adapter / "adapter_config.json").read_text())["peft_type"]
+    except (ValueError, KeyError, TypeError):
+        raise FileNotFoundError(f"{adapter / 'adapter_config.json'} is not a peft adapter config (damaged?); "
+                                "use another checkpoint") from None
+    if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise FileNotFoundError(f"{adapter} has no adapter weights (adapter_model.safetensors); use another checkpoint")
     recipe = yaml.safe_load((ckpt / "recipe.yaml").read_text()) or {}
     try:
         return ModelConfig(**recipe.get("model", {})), LoraConfig(**recipe.get("lora", {})), recipe.get("data", {})
@@ -35,10 +46,15 @@ def checkpoint_configs(checkpoint: str | Path) -> tuple[ModelConfig, LoraConfig,
 
 def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: str | None = None, dtype: str | None = None,
                      device: str = "cpu") -> Path:
-    """Merge ``checkpoint``'s adapter into its base (``base`` overrides the recipe's path) and save to ``out_dir``."""
+    """Merge ``checkpoint``'s adapter into its base (``base`` overrides the recipe's path) and save to ``out_dir``.
+
+    The checkpoint, the adapter and the base are checked before anything is loaded: FileNotFoundError for a
+    folder that is not a checkpoint (or whose adapter is damaged), preflight.PreflightError for the base.
+    """
     import torch
 
     from .model import load_model
+    from .preflight import check_model_source
 
     model_cfg, lora_cfg, data = checkpoint_configs(checkpoint)
     out = Path(out_dir)
@@ -46,6 +62,8 @@ def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: str |
         raise FileExistsError(f"{out} holds a peft adapter; write the merged model to another folder")
     if base is not None:
         model_cfg.name_or_path = base
+    # the base is a Qwen2-VL folder with config and weights (or a reachable hub id) before anything loads
+    check_model_source(model_cfg.name_or_path, "--model" if base is not None else f"{checkpoint}/recipe.yaml: key 'model.name_or_path'")
     if model_cfg.quantization == "nf4":
         log.info("QLoRA checkpoint: merging into the unquantized %s base", model_cfg.dtype)
         model_cfg.quantization = "none"

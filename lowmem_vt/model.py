@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import LoraConfig, ModelConfig, resolve_dtype
+from .inputs import SequenceBatch, completion_hidden
 
 log = logging.getLogger(__name__)
 
@@ -370,31 +371,13 @@ def image_embeddings(lm: LoadedModel, pixel_values: list[torch.Tensor], grids: l
     return [e.detach() for e in out.pooler_output]
 
 
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(t)
-
-
-def sequence_hidden(lm: LoadedModel, batch, image_embeds: list[torch.Tensor]) -> torch.Tensor:
+def sequence_hidden(lm: LoadedModel, batch: SequenceBatch, image_embeds: list[torch.Tensor]) -> torch.Tensor:
     """Final hidden states that predict each completion token: [B, T, H].
 
     ``batch`` is an inputs.SequenceBatch already on the device; ``image_embeds`` is indexed by its
     ``prompt_rows``. The LM head is applied separately (chunked, see kernels).
     """
-    inner = lm.hf_model.model
-    embeds = inner.get_input_embeddings()(batch.input_ids)
-    image_mask = batch.image_mask.unsqueeze(-1)
-    feats = torch.cat([image_embeds[r] for r in batch.prompt_rows]).to(embeds.dtype)
-    if not _is_fake(image_mask) and int(image_mask.sum()) != feats.shape[0]:  # no values in the memory simulator
-        raise RuntimeError(f"{int(image_mask.sum())} image tokens in the batch but {feats.shape[0]} image features")
-    embeds = embeds.masked_scatter(image_mask, feats)
-    out = inner.language_model(
-        inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
-    )
-    hidden = out.last_hidden_state
-    idx = batch.completion_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    return hidden.gather(1, idx)
+    return completion_hidden(lm.hf_model.model, batch, image_embeds)
 
 
 def save_adapter(lm: LoadedModel, path: str | Path) -> None:

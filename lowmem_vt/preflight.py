@@ -1,6 +1,6 @@
 """Pre-flight: everything about a run that can be checked before loading the model, checked before it.
 
-The trainer calls ``check_recipe`` first thing; ``eval`` calls ``check_model_source``. Each failure is one
+The trainer calls ``check_recipe`` first thing; ``eval`` and ``merge`` call ``check_model_source``. Each failure is one
 ``PreflightError`` line naming the recipe file and key (or the file / record) and what to do, so the CLI
 can print it instead of a traceback after minutes of loading.
 """
@@ -20,7 +20,7 @@ from .config import ModelConfig, RecipeConfig
 from .data import GENERATED_TASKS, peek_records
 from .kernels import resolve_backend
 from .model import TINY_BASE_PREFIX, TINY_PREFIX, lora_target_regex, resolve_device
-from .reporting import REPORTERS
+from .reporting import ReporterUnavailable, check_reporters
 
 QWEN2_VL = "qwen2_vl"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -64,14 +64,16 @@ def _check_packages(cfg: RecipeConfig, device: torch.device) -> None:
         needs.append(("model.quantization", "bitsandbytes", "bitsandbytes", "or set model.quantization=none"))
     if cfg.train.optimizer != "adamw":
         needs.append(("train.optimizer", "bitsandbytes", "bitsandbytes", "or use train.optimizer=adamw"))
-    for name in cfg.log.report_to:
-        needs.append(("log.report_to", REPORTERS[name], REPORTERS[name], f"or remove {name!r} from log.report_to"))
     if cfg.model.attn_implementation == "flash_attention_2":
         needs.append(("model.attn_implementation", "flash_attn", "flash-attn", "or use model.attn_implementation=sdpa"))
     for key, module, package, alternative in needs:
         if importlib.util.find_spec(module) is None:
             raise PreflightError(f"{f}: key '{key}': needs the {package} package, which is not installed; "
                                  f"pip install {package}, {alternative}")
+    try:
+        check_reporters(cfg.log.report_to, f"{f}: key 'log.report_to'")
+    except ReporterUnavailable as exc:
+        raise PreflightError(str(exc)) from None
 
 
 def check_data(cfg: RecipeConfig) -> None:
@@ -125,6 +127,9 @@ def _check_model_folder(folder: Path, where: str) -> None:
     if not folder.is_dir():
         raise PreflightError(f"{where}: {folder} is a file; give the model's folder (with config.json and weights)")
     cfg_file = folder / "config.json"
+    if not cfg_file.is_file() and (folder / "adapter_config.json").is_file():
+        raise PreflightError(f"{where}: {folder} holds a LoRA adapter (adapter_config.json), not a model; "
+                             "give the base model's folder (with config.json and weights)")
     if not cfg_file.is_file():
         raise PreflightError(
             f"{where}: {folder} has no config.json (without it transformers would build a default-sized model); "

@@ -24,13 +24,15 @@ class ReporterUnavailable(ConfigError):
     """A ``log.report_to`` entry whose package is not installed."""
 
 
-def check_reporters(report_to: list[str]) -> None:
-    """Raise ReporterUnavailable, with the install command, for a requested tool that is not installed."""
+def check_reporters(report_to: list[str], where: str = "log.report_to") -> None:
+    """Raise ReporterUnavailable, one line starting with ``where`` and giving the install command, for a
+    requested tool that is not installed (pre-flight passes the recipe file and key as ``where``)."""
     for name in report_to:
-        if importlib.util.find_spec(REPORTERS[name]) is None:
+        package = REPORTERS[name]
+        if importlib.util.find_spec(package) is None:
             raise ReporterUnavailable(
-                f"log.report_to asks for {name} but the package is not installed: pip install {REPORTERS[name]} "
-                f"(or remove {name!r} from log.report_to)"
+                f"{where}: needs the {package} package, which is not installed; pip install {package}, "
+                f"or remove {name!r} from log.report_to"
             )
 
 

@@ -140,7 +140,7 @@ def build_tiny_base_model(out_dir: str | Path, seed: int = 0, steps: int = 200, 
     raw = build_tiny_model(out.with_name(out.name + "-random"), seed=seed)
     from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-    from .inputs import InputBuilder, build_sequences
+    from .inputs import InputBuilder, build_sequences, completion_hidden
 
     tok = build_tiny_tokenizer()
     model = Qwen2VLForConditionalGeneration.from_pretrained(raw, dtype=torch.float32)
@@ -169,12 +169,7 @@ def build_tiny_base_model(out_dir: str | Path, seed: int = 0, steps: int = 200, 
         comp = torch.tensor([i + [tok.pad_token_id] * (T - len(i)) for i in ids])
         mask = torch.tensor([[1.0] * len(i) + [0.0] * (T - len(i)) for i in ids])
         seqs = build_sequences(prompts, rows, comp, mask, tok.pad_token_id)
-        # the scatter and gather of model.sequence_hidden, which this module (below model.py) cannot import
-        embeds = inner.get_input_embeddings()(seqs.input_ids)
-        embeds = embeds.masked_scatter(seqs.image_mask.unsqueeze(-1), torch.cat([feats[i] for i in seqs.prompt_rows]))
-        hidden = inner.language_model(inputs_embeds=embeds, attention_mask=seqs.attention_mask,
-                                      position_ids=seqs.position_ids, use_cache=False).last_hidden_state
-        hidden = hidden.gather(1, seqs.completion_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        hidden = completion_hidden(inner, seqs, feats)
         nll = torch.nn.functional.cross_entropy(model.lm_head(hidden).flatten(0, 1), comp.flatten(), reduction="none")
         loss = (nll * mask.flatten()).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)

@@ -120,3 +120,58 @@ def test_qlora_checkpoint_merges_into_the_unquantized_16bit_base(checkpoint, tmp
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def _damaged(kind: str, checkpoint, tiny_dir, tmp_path) -> tuple[list[str], str]:
+    """(merge arguments beyond --out, expected words of the error line) for one kind of bad input."""
+    import shutil
+
+    if kind == "base missing":  # the recipe's base folder moved away
+        ckpt = tmp_path / "checkpoint-3"
+        shutil.copytree(checkpoint, ckpt)
+        recipe = yaml.safe_load((ckpt / "recipe.yaml").read_text())
+        recipe["model"]["name_or_path"] = str(tmp_path / "gone" / "tiny-qwen2vl")
+        (ckpt / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        return ["--checkpoint", str(ckpt)], "recipe.yaml: key 'model.name_or_path'.*does not exist"
+    if kind in ("base without config", "base without weights"):
+        base = tmp_path / "base"
+        shutil.copytree(tiny_dir, base)
+        (base / ("config.json" if kind == "base without config" else "model.safetensors")).unlink()
+        words = "has no config.json" if kind == "base without config" else "has no weights"
+        return ["--checkpoint", str(checkpoint), "--model", str(base)], f"--model: .*{words}"
+    if kind == "base is an adapter":
+        return ["--checkpoint", str(checkpoint), "--model", str(checkpoint / "adapter")], "--model: .*holds a LoRA adapter"
+    if kind == "checkpoint is its adapter folder":
+        return ["--checkpoint", str(checkpoint / "adapter")], "is the adapter folder of a checkpoint"
+    if kind == "adapter without weights":
+        ckpt = tmp_path / "checkpoint-3"
+        shutil.copytree(checkpoint, ckpt)
+        (ckpt / "adapter" / "adapter_model.safetensors").unlink()
+        return ["--checkpoint", str(ckpt)], "has no adapter weights"
+    if kind == "adapter config damaged":
+        ckpt = tmp_path / "checkpoint-3"
+        shutil.copytree(checkpoint, ckpt)
+        (ckpt / "adapter" / "adapter_config.json").write_text('{"r": 4')
+        return ["--checkpoint", str(ckpt)], "adapter_config.json is not a peft adapter config"
+    raise KeyError(kind)
+
+
+@pytest.mark.parametrize("kind", ["base missing", "base without config", "base without weights", "base is an adapter",
+                                  "checkpoint is its adapter folder", "adapter without weights", "adapter config damaged"])
+def test_merge_checks_checkpoint_and_base_before_loading(kind, checkpoint, tiny_dir, tmp_path, capsys, monkeypatch):
+    """Each is one `error:` line and exit status 2, before any model is loaded or anything is written."""
+    import re
+
+    import lowmem_vt.model
+    from lowmem_vt.cli import main
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the problem was reported")
+
+    monkeypatch.setattr(lowmem_vt.model, "load_model", no_loading)
+    args, expected = _damaged(kind, checkpoint, tiny_dir, tmp_path)
+    out = tmp_path / "merged"
+    assert main(["merge", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and re.search(expected, err[0]), err
+    assert not out.exists()
