@@ -204,8 +204,7 @@ def completion_hidden(inner, batch: SequenceBatch, image_embeds) -> torch.Tensor
     embeds = inner.get_input_embeddings()(batch.input_ids)
     image_mask = batch.image_mask.unsqueeze(-1)
     feats = torch.cat([image_embeds[r] for r in batch.prompt_rows]).to(embeds.dtype)
-    if not _is_fake(image_mask) and int(image_mask.sum()) != feats.shape[0]:  # no values in the memory simulator
-        raise RuntimeError(f"{int(image_mask.sum())} image tokens in the batch but {feats.shape[0]} image features")
+    check_image_features(image_mask, feats, "the batch")
     embeds = embeds.masked_scatter(image_mask, feats)
     out = inner.language_model(
         inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
@@ -215,10 +214,17 @@ def completion_hidden(inner, batch: SequenceBatch, image_embeds) -> torch.Tensor
     return hidden.gather(1, idx)
 
 
-def _is_fake(t: torch.Tensor) -> bool:
+def check_image_features(image_mask: torch.Tensor, feats: torch.Tensor, where: str) -> None:
+    """RuntimeError unless the image tokens of ``image_mask`` (bool/0-1, any shape) are as many as the feature
+    rows of ``feats`` [N, H]: a mismatch means image tokens were cut or features computed for another image.
+    Skipped on fake tensors (the memory simulator), which have no values."""
     from torch._subclasses.fake_tensor import is_fake
 
-    return is_fake(t)
+    if is_fake(image_mask):
+        return
+    n = int(image_mask.sum())
+    if n != feats.shape[0]:
+        raise RuntimeError(f"{n} image tokens in {where} but {feats.shape[0]} image features")
 
 
 def build_sequences(

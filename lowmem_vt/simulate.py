@@ -8,7 +8,10 @@ no data. The trainer's phases then run through the project's real functions (``m
 CUDA caching allocator's 512 B blocks. The peak of each phase is what ``torch.cuda.max_memory_allocated``
 would report on the GPU for the same shapes (it does not see the CUDA context either).
 
-The rollout phase stays analytic (``planner.rollout_bytes``): generation is value-dependent control flow.
+The rollout phase: with ``rollout.backend: engine`` the engine's own code runs (its state, every prompt's
+prefill, and the decode step with the most to hold: every row still decoding, attention over the last
+bucket's span), so its peak is simulated too; HF generate's (``hf``) stays analytic
+(``planner.rollout_bytes``): its control flow depends on values.
 
 What the simulation does not see, and the GPU adds (see ``UNMODELLED``): the CUDA context, allocator
 fragmentation and cuBLAS workspaces, flash-attention's fp32 ``dq_accum`` in the backward (sdpa on CPU has
@@ -382,7 +385,12 @@ def _run_step(cfg: RecipeConfig, lm, optimizer, prompt, n_image: int, T: int, tr
         return embeds
 
     embeds = _phase(sim, tracker, "vision", vision)
-    sim.peaks["rollout"] = (tracker.current + rollout_bytes(cfg, shape, prompt.length, T)) / GIB  # analytic
+    if cfg.rollout.backend == "engine":
+        _phase(sim, tracker, "rollout", lambda: _engine_rollout(cfg, lm, prompt, embeds, T))
+        sim.notes.append("rollout simulated: the engine's state, prefill of every prompt and its largest decode step")
+    else:
+        sim.peaks["rollout"] = (tracker.current + rollout_bytes(cfg, shape, prompt.length, T)) / GIB  # analytic
+        sim.notes.append(f"rollout analytic (planner.rollout_bytes): {cfg.rollout.backend} is not simulated")
 
     B = min(mb, G * n_prompts)  # one micro-batch; every micro-batch of the step has the same shape
     with _outside_modes():
@@ -414,6 +422,26 @@ def _run_step(cfg: RecipeConfig, lm, optimizer, prompt, n_image: int, T: int, tr
     _phase(sim, tracker, "policy update", update)
     _phase(sim, tracker, "optimizer step", optimizer.step)
     optimizer.zero_grad(set_to_none=True)
+
+
+def _engine_rollout(cfg: RecipeConfig, lm, prompt, embeds, T: int) -> None:
+    """``rollout.backend: engine`` as far as memory goes: the rollout's state, every prompt's prefill, then the
+    decode step that holds the most (every row decoding, attention over the last bucket's span). The steps
+    before it hold the same state and read less; which rows end is value-dependent and only shrinks the batch."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from .rollout import SamplingParams
+    from .rollout.engine import DecodeWeights, EngineRollout
+
+    g = cfg.grpo
+    engine = EngineRollout(dataclasses.replace(lm, tokenizer=SimpleNamespace(eos_token_id=0, pad_token_id=0)), graphs=None)
+    params = SamplingParams(g.num_generations, T, g.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
+    with torch.no_grad():
+        state = engine._prefill([prompt] * cfg.train.prompts_per_step, embeds, params)
+        weights = DecodeWeights(engine.text)
+        engine._decode_step(state, weights, params, state.active, state.layout.span(T - 1))
+    del state, weights
 
 
 def compare(cfg: RecipeConfig, config=None, sim: Simulation | None = None) -> tuple[Plan, Simulation, str]:

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
+from ..inputs import check_image_features
 from .base import RolloutBackend, RolloutResult, SamplingParams, finish
 from .fused import rms_norm, rope_into_cache
 
@@ -165,8 +166,9 @@ def engine_allocation_bytes(text_config, dtype: torch.dtype | str, num_prompts: 
             bias = outs if group == ATTENTION else 0  # Qwen2: q/k/v have a bias, folded into the B matmul
             adapter += (R * shapes[adapted[0]][0] + outs * R + bias) * b
     adapter *= c.num_hidden_layers
-    # logits in the model dtype, then float32 scaled logits, log-softmax, probabilities and the race; the mask
-    workspace = B * c.vocab_size * (b + 4 * 4) + P * G * (c.num_attention_heads // c.num_key_value_heads) * C * b
+    # logits in the model dtype, then float32 scaled logits, probabilities and the race (top_k = 0, top_p = 1;
+    # truncation adds its own buffers); the mask. ``plan --simulate`` runs the step and measures it.
+    workspace = B * c.vocab_size * (b + 3 * 4) + P * G * (c.num_attention_heads // c.num_key_value_heads) * C * b
     return EngineBytes(kv, state, adapter, workspace)
 
 
@@ -185,8 +187,10 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, generators: list
     the exponential race, argmax_i p_i / E_i with E_i ~ Exp(1), which picks i with probability p_i: static
     shapes, no host sync, safe inside a CUDA graph.
     """
-    scaled = logits.float() / params.temperature
-    logp = torch.log_softmax(scaled, dim=-1)
+    # few [B, V] float32 buffers at once (the logits, scaled, probabilities, the race): the log-prob of the chosen
+    # token is scaled - logsumexp, not a gather from a whole log-softmax
+    scaled = logits.float() if params.temperature == 1.0 else logits.float() / params.temperature
+    lse = torch.logsumexp(scaled, dim=-1)
     if params.greedy:
         token = scaled.argmax(dim=-1)
     else:
@@ -211,8 +215,8 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, generators: list
         if picks is not None:
             race = race.index_select(0, picks)
         race.clamp_min_(torch.finfo(probs.dtype).tiny)
-        token = (probs / race).argmax(dim=-1)
-    return token, logp.gather(-1, token[:, None])[:, 0]
+        token = torch.div(probs, race, out=race).argmax(dim=-1)
+    return token, scaled.gather(-1, token[:, None])[:, 0] - lse
 
 
 def _active_adapters(linear) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
@@ -518,8 +522,7 @@ class EngineRollout(RolloutBackend):
         dev = self.lm.device
         h = self.text.embed_tokens(prompt.input_ids.to(dev)[None])
         image = prompt.mm_token_type_ids.to(dev).bool()[None, :, None]
-        if int(image.sum()) != feats.shape[0]:
-            raise RuntimeError(f"prompt {index} has {int(image.sum())} image tokens but {feats.shape[0]} image features")
+        check_image_features(image, feats, f"prompt {index}")
         return h.masked_scatter(image, feats.to(device=dev, dtype=h.dtype))
 
     def _qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
