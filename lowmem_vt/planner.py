@@ -163,7 +163,8 @@ def rollout_bytes(cfg: RecipeConfig, shape: ModelShape, prompt_len: int, complet
                                num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
                                vocab_size=shape.vocab)
         e = engine_allocation_bytes(text, cfg.model.dtype, cfg.train.prompts_per_step, prompt_len, G, completion_len,
-                                    lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules)
+                                    lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules, top_k=cfg.rollout.top_k,
+                                    top_p=cfg.rollout.top_p)
         return int(e.allocated + max(prefill_one, e.step_workspace))
     per_token = kv_cache_bytes_per_token(shape, b)
     rows, slots = G, prompt_len + completion_len

@@ -139,11 +139,13 @@ GROUPS = (ATTENTION, ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
 def engine_allocation_bytes(text_config, dtype: torch.dtype | str, num_prompts: int, prompt_length: int, num_generations: int,
-                            max_new_tokens: int, lora_r: int = 0, lora_targets=(), decode_bucket: int = DECODE_BUCKET) -> EngineBytes:
+                            max_new_tokens: int, lora_r: int = 0, lora_targets=(), decode_bucket: int = DECODE_BUCKET,
+                            top_k: int = 0, top_p: float = 1.0) -> EngineBytes:
     """The engine's allocation for a rollout of ``num_prompts`` prompts of at most ``prompt_length`` tokens.
 
     ``text_config``: the Qwen2-VL text config (``config.text_config``); ``lora_targets``: the adapted linears'
-    names (``q_proj`` ...). For the planner: call it with the worst-case prompt length.
+    names (``q_proj`` ...); ``top_k`` / ``top_p``: the sampling truncation, whose buffers the step holds. For the
+    planner: call it with the worst-case prompt length.
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     b = torch.empty((), dtype=dtype).element_size()
@@ -166,9 +168,12 @@ def engine_allocation_bytes(text_config, dtype: torch.dtype | str, num_prompts: 
             bias = outs if group == ATTENTION else 0  # Qwen2: q/k/v have a bias, folded into the B matmul
             adapter += (R * shapes[adapted[0]][0] + outs * R + bias) * b
     adapter *= c.num_hidden_layers
-    # logits in the model dtype, then float32 scaled logits, probabilities and the race (top_k = 0, top_p = 1;
-    # truncation adds its own buffers); the mask. ``plan --simulate`` runs the step and measures it.
-    workspace = B * c.vocab_size * (b + 3 * 4) + P * G * (c.num_attention_heads // c.num_key_value_heads) * C * b
+    # logits in the model dtype, then float32 scaled logits, probabilities and the race; top-k's masked copy;
+    # top-p's sorted values, their order (int64), probabilities and cumulative sum; the mask. Measured on fake
+    # tensors (``plan --simulate`` runs the step): 14 / 18 / 31 / 34 bytes per row and token for none / top-k /
+    # top-p / both, where this counts 14 / 18 / 31 / 35.
+    per_logit = b + 3 * 4 + (4 if 0 < top_k < c.vocab_size else 0) + (17 if top_p < 1.0 else 0)
+    workspace = B * c.vocab_size * per_logit + P * G * (c.num_attention_heads // c.num_key_value_heads) * C * b
     return EngineBytes(kv, state, adapter, workspace)
 
 
