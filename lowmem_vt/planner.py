@@ -132,7 +132,9 @@ BACKWARD_PER_TOKEN = (6, 10, 6, 8)
 # bitsandbytes 8-bit AdamW: two uint8 moments + an fp32 absmax per 256-value block each; paged: the state
 # lives in CUDA managed memory, which the allocator does not count (listed as unmodelled)
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw_8bit": 2 + 2 * 4 / 256, "paged_adamw_8bit": 0.0}
-SAMPLING_BUFFERS = 6  # fp32 [rows, vocab] tensors alive while sampling one token (logits, probs, top-p/k work)
+# fp32 [rows, vocab] tensors alive while sampling one token: logits, probs, top-p/k work, and the sampling log-prob
+# recorder's scaled logits and the log-softmax it keeps until the next step (rollout.hf.SamplingLogprobs)
+SAMPLING_BUFFERS = 8
 
 
 def vision_activation_bytes(shape: ModelShape, patches: int, cfg: RecipeConfig) -> int:

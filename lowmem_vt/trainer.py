@@ -319,7 +319,7 @@ class Trainer:
             "reflection_rate": reflect_sum / seqs_all,
             "kl": kl_sum / seqs_all,
             "clip_fraction": clipped / max(tokens_all, 1.0),
-            # None when the rollout backend reports no log-probs (hf); see docs/rollout.md
+            # None when the rollout backend reports no log-probs (vllm); see docs/rollout.md
             "sampler_logprob_diff": self.dist.sum([drift_sum])[0] / max(tokens_all, 1.0) if sampled is not None else None,
             "sampler_logprob_diff_max": float(self.dist.gather(torch.tensor([drift_max])).max()) if sampled is not None else None,
             "loss": loss_total,

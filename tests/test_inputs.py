@@ -93,6 +93,29 @@ def test_left_padded_generation_batch_matches_single(builder, examples, tiny_lm)
     assert (collated["mm_token_type_ids"].sum(1) == torch.tensor([p.num_image_tokens for p in prompts])).all()
 
 
+@pytest.mark.parametrize("seeds, temperature", [(None, 0.7), ([1, 2, 3, 4], 1.0)], ids=["left-padded-batch", "per-prompt"])
+def test_hf_sampling_logprobs_equal_the_trainers(builder, examples, tiny_lm, seeds, temperature):
+    """HF generate's own sampling log-probs (recorded before its warpers) against the trainer's unpadded forward
+    of the same tokens: equal to float32 rounding, also for 4 prompts of different lengths and image sizes
+    sampled in one left-padded batch (padding shifting M-RoPE positions or token types would show here)."""
+    from lowmem_vt.rollout import SamplingParams, make_rollout
+
+    lm = tiny_lm
+    prompts = [builder.encode(e.image, e.question) for e in examples[1:5]]
+    assert len({p.length for p in prompts}) > 1 and len({p.num_image_tokens for p in prompts}) > 1
+    embeds = image_embeddings(lm, [p.pixel_values for p in prompts], [p.image_grid_thw for p in prompts])
+    torch.manual_seed(0)
+    roll = make_rollout("hf", lm).generate(prompts, embeds, SamplingParams(2, 10, temperature=temperature, seeds=seeds))
+    seqs = build_sequences(prompts, roll.prompt_rows, roll.completion_ids, roll.completion_mask, lm.pad_token_id)
+    with torch.no_grad():
+        logits = lm.hf_model.lm_head(sequence_hidden(lm, seqs, embeds)).float() / temperature
+    trainer = torch.log_softmax(logits, -1).gather(-1, roll.completion_ids[..., None])[..., 0]
+    mask = roll.completion_mask.bool()
+    assert roll.sampling_logprobs.shape == roll.completion_ids.shape
+    torch.testing.assert_close(roll.sampling_logprobs[mask], trainer[mask], atol=1e-4, rtol=0)
+    assert bool((roll.sampling_logprobs[~mask] == 0).all())
+
+
 def test_truncation_cuts_question_text_never_image_tokens(builder, examples, tiny_lm):
     e = examples[0]
     full = builder.encode(e.image, e.question)

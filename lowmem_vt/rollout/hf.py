@@ -3,10 +3,47 @@
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..inputs import collate_prompts_left
 from .base import RolloutBackend, RolloutResult, SamplingParams, finish
+
+
+class SamplingLogprobs(LogitsProcessor):
+    """Records the log-prob of each sampled token under softmax(logits / temperature), before top-k / top-p:
+    the quantity the trainer computes for the same tokens (``RolloutResult.sampling_logprobs``).
+
+    ``generate`` runs the processors it is given before its warpers (temperature, top-k, top-p), so the scores
+    seen here are the model's logits after any default processor. A step's token is known only at the next
+    call (the last column of ``input_ids``), so one step's log-softmax [rows, vocab] is kept until then.
+    Comparing these with the trainer's log-probs checks the whole generate path (left padding, M-RoPE
+    positions of padded rows, the KV cache) against the unpadded forward the trainer runs.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None
+        self.columns: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.previous is not None:
+            self._take(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _take(self, token: torch.Tensor) -> None:
+        self.columns.append(self.previous.gather(-1, token[:, None])[:, 0])
+
+    def logprobs(self, completion: torch.Tensor) -> torch.Tensor:
+        """[rows, T] float32 for the generated ``completion`` [rows, T] (its last column: the last step's token)."""
+        if self.previous is not None and len(self.columns) < completion.shape[1]:
+            self._take(completion[:, len(self.columns)].to(self.previous.device))
+        self.previous = None
+        if not self.columns:
+            return torch.zeros(completion.shape, dtype=torch.float32, device=completion.device)
+        out = torch.stack(self.columns, dim=1)
+        return torch.nn.functional.pad(out, (0, completion.shape[1] - out.shape[1])).to(completion.device)
 
 
 class HFRollout(RolloutBackend):
@@ -26,8 +63,9 @@ class HFRollout(RolloutBackend):
         pad = self.lm.pad_token_id
         ids = torch.cat([torch.nn.functional.pad(r.completion_ids, (0, T - r.completion_ids.shape[1]), value=pad) for r in parts])
         mask = torch.cat([torch.nn.functional.pad(r.completion_mask, (0, T - r.completion_mask.shape[1])) for r in parts])
+        logp = torch.cat([torch.nn.functional.pad(r.sampling_logprobs, (0, T - r.sampling_logprobs.shape[1])) for r in parts])
         rows = [i for i in range(len(prompts)) for _ in range(params.num_generations)]
-        return RolloutResult(ids, mask, rows)
+        return RolloutResult(ids, mask, rows, logp)
 
     def _generate(self, prompts, image_embeds, params: SamplingParams) -> RolloutResult:
         lm = self.lm
@@ -37,8 +75,9 @@ class HFRollout(RolloutBackend):
         mm = {"image": BaseModelOutputWithPooling(pooler_output=tuple(image_embeds))}
         was_training = model.training
         model.eval()  # gradient checkpointing in train mode would turn the KV cache off
+        sample = not params.greedy
+        recorder = SamplingLogprobs(params.temperature) if sample else None
         try:
-            sample = not params.greedy
             out = model.generate(
                 input_ids=batch["input_ids"].to(lm.device),
                 attention_mask=batch["attention_mask"].to(lm.device),
@@ -54,10 +93,14 @@ class HFRollout(RolloutBackend):
                 eos_token_id=lm.eos_token_id,
                 pad_token_id=lm.pad_token_id,
                 use_cache=True,
+                logits_processor=LogitsProcessorList([recorder] if recorder else []),
             )
         finally:
             model.train(was_training)
         completion = out[:, batch["input_ids"].shape[1] :]
         if completion.shape[1] == 0:
             completion = torch.full((out.shape[0], 1), lm.pad_token_id, dtype=torch.long, device=out.device)
-        return finish(completion, lm.eos_token_id, lm.pad_token_id, len(prompts), params.num_generations)
+        result = finish(completion, lm.eos_token_id, lm.pad_token_id, len(prompts), params.num_generations)
+        if recorder is not None:
+            result.sampling_logprobs = recorder.logprobs(completion) * result.completion_mask
+        return result
