@@ -128,7 +128,9 @@ def ours(args: argparse.Namespace, model_dir: Path, tmp: Path) -> list[dict]:
     for i in range(args.steps):
         m = trainer.step()
         steps.append({"step": i + 1, "s": round(m["step_time_s"], 3), "peak_gib": m["peak_gpu_mem_gib"],
-                      "rollout_s": round(m["rollout_s"], 3), "completion_tokens_mean": m["completion_length_mean"]})
+                      "rollout_s": round(m["rollout_s"], 3), "completion_tokens_mean": m["completion_length_mean"],
+                      # the rollout's log-probs against the trainer's, before the update (bf16 on the GPU)
+                      "sampler_logprob_diff": m["sampler_logprob_diff"], "sampler_logprob_diff_max": m["sampler_logprob_diff_max"]})
         print(f"ours step {i + 1}: {json.dumps(steps[-1])}", flush=True)
     del trainer
     return steps
@@ -220,8 +222,10 @@ def markdown(res: dict) -> str:
             rows.append([side, "", r.get("skipped") or r.get("error"), "", ""])
             continue
         for s in r or []:
-            rows.append([side, s["step"], s["s"], s.get("peak_gib"), s.get("completion_tokens_mean")])
-    lines.append(report.table(["side", "step", "s", "peak GiB", "completion tokens (mean)"], rows))
+            rows.append([side, s["step"], s["s"], s.get("peak_gib"), s.get("completion_tokens_mean"),
+                         s.get("sampler_logprob_diff"), s.get("sampler_logprob_diff_max")])
+    lines.append(report.table(["side", "step", "s", "peak GiB", "completion tokens (mean)", "sampler log-prob diff (mean)",
+                               "(max)"], rows))
     if res.get("speedup") is not None:
         lines += ["", f"last step: TRL / ours = {res['speedup']:.1f}x time"]
     if res.get("allocated_before_trl_gib") is not None:
