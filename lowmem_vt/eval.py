@@ -174,7 +174,7 @@ def load_eval_model(*, checkpoint: str | None, model: str | None, device: torch.
         return load_plain_model(model, device, dtype=dtype, min_pixels=min_px, max_pixels=max_px), min_px, max_px
     from .merge import checkpoint_configs
     from .model import load_model
-    from .preflight import check_model_source
+    from .preflight import check_adapter_fits, check_model_source
 
     model_cfg, lora_cfg, data = checkpoint_configs(checkpoint)
     if model is not None:
@@ -185,7 +185,8 @@ def load_eval_model(*, checkpoint: str | None, model: str | None, device: torch.
         log.warning("the checkpoint was trained with QLoRA (nf4); 4-bit needs a GPU, so the base is loaded in %s", model_cfg.dtype)
         model_cfg.quantization = "none"
     min_px, max_px = min_pixels or data.get("min_pixels", 3136), max_pixels or data.get("max_pixels", 401408)
-    check_model_source(model_cfg.name_or_path, "--model" if model is not None else f"{checkpoint}/recipe.yaml: key 'model.name_or_path'")
+    where = "--model" if model is not None else f"{checkpoint}/recipe.yaml: key 'model.name_or_path'"
+    check_adapter_fits(Path(checkpoint) / "adapter", check_model_source(model_cfg.name_or_path, where), where)
     lm = load_model(model_cfg, lora_cfg, device, min_pixels=min_px, max_pixels=max_px,
                     adapter_path=str(Path(checkpoint) / "adapter"), trainable=False)
     lm.peft_model.eval()

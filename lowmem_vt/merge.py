@@ -54,7 +54,7 @@ def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: str |
     import torch
 
     from .model import load_model
-    from .preflight import check_model_source
+    from .preflight import check_adapter_fits, check_model_source
 
     model_cfg, lora_cfg, data = checkpoint_configs(checkpoint)
     out = Path(out_dir)
@@ -63,7 +63,8 @@ def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: str |
     if base is not None:
         model_cfg.name_or_path = base
     # the base is a Qwen2-VL folder with config and weights (or a reachable hub id) before anything loads
-    check_model_source(model_cfg.name_or_path, "--model" if base is not None else f"{checkpoint}/recipe.yaml: key 'model.name_or_path'")
+    where = "--model" if base is not None else f"{checkpoint}/recipe.yaml: key 'model.name_or_path'"
+    check_adapter_fits(Path(checkpoint) / "adapter", check_model_source(model_cfg.name_or_path, where), where)
     if model_cfg.quantization == "nf4":
         log.info("QLoRA checkpoint: merging into the unquantized %s base", model_cfg.dtype)
         model_cfg.quantization = "none"

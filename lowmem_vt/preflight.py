@@ -1,6 +1,7 @@
 """Pre-flight: everything about a run that can be checked before loading the model, checked before it.
 
-The trainer calls ``check_recipe`` first thing; ``eval`` and ``merge`` call ``check_model_source``. Each failure is one
+The trainer calls ``check_recipe`` first thing; ``eval`` and ``merge`` call ``check_model_source`` and, for a
+checkpoint, ``check_adapter_fits``. Each failure is one
 ``PreflightError`` line naming the recipe file and key (or the file / record) and what to do, so the CLI
 can print it instead of a traceback after minutes of loading.
 """
@@ -115,6 +116,44 @@ def check_model_source(name_or_path: str, where: str):
     if getattr(config, "model_type", None) != QWEN2_VL:
         raise PreflightError(f"{where}: {name_or_path!r} is a {getattr(config, 'model_type', '?')!r} model; this trainer needs a Qwen2-VL ({QWEN2_VL})")
     return config
+
+
+# the decoder linears LoRA adapts: (in, out) as multiples of (hidden, attention width, kv width, intermediate)
+_LINEARS = {"q_proj": ("hidden", "heads"), "k_proj": ("hidden", "kv"), "v_proj": ("hidden", "kv"), "o_proj": ("heads", "hidden"),
+            "gate_proj": ("hidden", "inter"), "up_proj": ("hidden", "inter"), "down_proj": ("inter", "hidden")}
+_LORA_KEY = re.compile(r"language_model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+def check_adapter_fits(adapter: str | Path, config, where: str) -> None:
+    """PreflightError unless every LoRA matrix in ``adapter``'s safetensors fits the base model ``config``: a layer
+    the base has, and the input (A) / output (B) size of the linear it adapts. Read from the file's header, no
+    weights loaded: an adapter trained on another base (another size of Qwen2-VL) would otherwise fail inside
+    peft only after the whole base has loaded. ``where``: what named the base (for the message)."""
+    from safetensors import safe_open
+
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # a .bin adapter: peft checks it when it loads
+    t = config.text_config
+    d = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    size = {"hidden": t.hidden_size, "heads": t.num_attention_heads * d, "kv": t.num_key_value_heads * d,
+            "inter": t.intermediate_size}
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            m = _LORA_KEY.search(key)
+            if not m or m[2] not in _LINEARS:
+                continue
+            layer, name, matrix = int(m[1]), m[2], m[3]
+            if layer >= t.num_hidden_layers:
+                raise PreflightError(f"{where}: the base has {t.num_hidden_layers} decoder layers but the adapter "
+                                     f"{weights} adapts layer {layer}: it was trained on another base; give that one")
+            shape = list(f.get_slice(key).get_shape())
+            got, (n_in, n_out) = (shape[1] if matrix == "A" else shape[0]), _LINEARS[name]
+            want = size[n_in] if matrix == "A" else size[n_out]
+            if got != want:
+                side = "inputs" if matrix == "A" else "outputs"
+                raise PreflightError(f"{where}: the base's {name} has {want} {side} but the adapter's layer {layer} {name} "
+                                     f"lora_{matrix} has shape {shape} ({weights}): it was trained on another base; give that one")
 
 
 def _config(name_or_path: str):

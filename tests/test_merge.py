@@ -141,6 +141,13 @@ def _damaged(kind: str, checkpoint, tiny_dir, tmp_path) -> tuple[list[str], str]
         return ["--checkpoint", str(checkpoint), "--model", str(base)], f"--model: .*{words}"
     if kind == "base is an adapter":
         return ["--checkpoint", str(checkpoint), "--model", str(checkpoint / "adapter")], "--model: .*holds a LoRA adapter"
+    if kind in ("base of another size", "base with fewer layers"):
+        from lowmem_vt.tiny import build_tiny_model
+
+        other = build_tiny_model(tmp_path / "other", **({"hidden_size": 32} if kind == "base of another size" else {"layers": 1}))
+        words = ("the base's \\w+ has \\d+ inputs but the adapter's layer 0 .* has shape" if kind == "base of another size"
+                 else "the base has 1 decoder layers but the adapter .* adapts layer 1")
+        return ["--checkpoint", str(checkpoint), "--model", str(other)], f"--model: {words}.*trained on another base"
     if kind == "checkpoint is its adapter folder":
         return ["--checkpoint", str(checkpoint / "adapter")], "is the adapter folder of a checkpoint"
     if kind == "adapter without weights":
@@ -157,6 +164,7 @@ def _damaged(kind: str, checkpoint, tiny_dir, tmp_path) -> tuple[list[str], str]
 
 
 @pytest.mark.parametrize("kind", ["base missing", "base without config", "base without weights", "base is an adapter",
+                                  "base of another size", "base with fewer layers",
                                   "checkpoint is its adapter folder", "adapter without weights", "adapter config damaged"])
 def test_merge_checks_checkpoint_and_base_before_loading(kind, checkpoint, tiny_dir, tmp_path, capsys, monkeypatch):
     """Each is one `error:` line and exit status 2, before any model is loaded or anything is written."""
@@ -170,6 +178,7 @@ def test_merge_checks_checkpoint_and_base_before_loading(kind, checkpoint, tiny_
 
     monkeypatch.setattr(lowmem_vt.model, "load_model", no_loading)
     args, expected = _damaged(kind, checkpoint, tiny_dir, tmp_path)
+    capsys.readouterr()  # what building the other base printed
     out = tmp_path / "merged"
     assert main(["merge", *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
