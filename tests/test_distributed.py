@@ -88,3 +88,17 @@ def test_two_rank_checkpoint_resumed_by_one_rank(single_run, tiny_dir, tmp_path)
     m = _metrics(tmp_path / "out")
     assert [r["step"] for r in m] == [1, 2]
     assert [r["reward"] for r in m] == [r["reward"] for r in one_m]
+
+
+def test_two_ranks_with_the_engine_rollout_match_one_process(tiny_dir, tmp_path):
+    """rollout.backend: engine under torchrun: each rank's engine lays out its own copy of the weights and samples
+    its prompts with their own seeds, so 2 ranks train the adapter one process trains; the sampler is the policy."""
+    engine = ["rollout.backend=engine"]
+    _run(SINGLE, tmp_path / "one", _overrides(tiny_dir, tmp_path / "one_out", 2) + engine)
+    _run(TORCHRUN, tmp_path / "two", _overrides(tiny_dir, tmp_path / "two_out", 2) + engine)
+    one, r0, r1 = (torch.load(tmp_path / f"{n}.rank{r}.pt") for n, r in (("one", 0), ("two", 0), ("two", 1)))
+    for k, v in r0["adapter"].items():
+        assert torch.equal(v, r1["adapter"][k]), f"ranks differ on {k}"
+        torch.testing.assert_close(v, one["adapter"][k], rtol=1e-4, atol=1e-5, msg=f"DDP vs single process: {k}")
+    for a, b in zip(_metrics(tmp_path / "two_out"), _metrics(tmp_path / "one_out")):
+        assert a["reward"] == b["reward"] and a["sampler_logprob_diff_max"] < 1e-4, (a, b)
