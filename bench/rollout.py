@@ -40,7 +40,8 @@ from lowmem_vt.inputs import PromptInputs, build_sequences, mrope_positions
 from lowmem_vt.kernels import resolve_backend, token_logprobs
 from lowmem_vt.model import LoadedModel, image_embeddings, lora_target_regex, sequence_hidden
 from lowmem_vt.rollout import SamplingParams, make_rollout
-from lowmem_vt.rollout.engine import DecodeWeights, EngineRollout, engine_allocation_bytes
+from lowmem_vt.rollout.engine import EngineRollout, engine_allocation_bytes
+from lowmem_vt.rollout.linears import DecodeWeights
 from lowmem_vt.tiny import qwen2_vl_2b_config
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

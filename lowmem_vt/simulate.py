@@ -432,7 +432,8 @@ def _engine_rollout(cfg: RecipeConfig, lm, prompt, embeds, T: int) -> None:
     from types import SimpleNamespace
 
     from .rollout import SamplingParams
-    from .rollout.engine import DecodeWeights, EngineRollout
+    from .rollout.engine import EngineRollout
+    from .rollout.linears import DecodeWeights
 
     g = cfg.grpo
     engine = EngineRollout(dataclasses.replace(lm, tokenizer=SimpleNamespace(eos_token_id=0, pad_token_id=0)), graphs=None)

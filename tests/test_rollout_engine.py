@@ -21,7 +21,9 @@ from lowmem_vt.data import examples_from_records, generate_sat_records
 from lowmem_vt.inputs import InputBuilder, build_sequences
 from lowmem_vt.model import image_embeddings, sequence_hidden
 from lowmem_vt.rollout import SamplingParams, make_rollout
-from lowmem_vt.rollout.engine import CacheLayout, DecodeWeights, EngineRollout, engine_allocation_bytes, sample_tokens
+from lowmem_vt.rollout.engine import CacheLayout, EngineRollout, engine_allocation_bytes
+from lowmem_vt.rollout.linears import DecodeWeights
+from lowmem_vt.rollout.sampling import sample_tokens
 from lowmem_vt.rollout.fused import rms_norm_reference
 from lowmem_vt.tiny import qwen2_vl_2b_config
 
@@ -493,7 +495,7 @@ def test_adapter_in_bf16_is_as_close_as_the_fp32_adapter():
     adds at most about one bf16 rounding of the output (here: its max error <= 1.5x peft's, mean <= 1.25x)."""
     from peft import LoraConfig, get_peft_model
 
-    from lowmem_vt.rollout.engine import FusedLinears
+    from lowmem_vt.rollout.linears import FusedLinears
 
     g = torch.Generator().manual_seed(0)
     model = torch.nn.Sequential()
@@ -545,7 +547,7 @@ def test_fused_linears_equal_peft_layers_for_any_target_set(targets, layout):
     ``nf4``: bitsandbytes 4-bit base layers, which add their own bias (it must not be added twice)."""
     from peft import LoraConfig, get_peft_model
 
-    from lowmem_vt.rollout.engine import FusedLinears, lay_out_adjacent
+    from lowmem_vt.rollout.linears import FusedLinears, lay_out_adjacent
 
     torch.manual_seed(0)
     model = torch.nn.Module()

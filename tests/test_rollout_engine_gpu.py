@@ -154,7 +154,7 @@ def test_d_captured_sampler_replayed_on_fixed_logits_matches_the_softmax():
     """sample_tokens captured once with a seeded generator, replayed 20 times on 2048 rows of the same logits:
     each replay draws anew, and the frequencies match softmax(logits) within 0.01."""
     from lowmem_vt.rollout import SamplingParams
-    from lowmem_vt.rollout.engine import sample_tokens
+    from lowmem_vt.rollout.sampling import sample_tokens
 
     dev = torch.device("cuda")
     logits = (torch.randn(1, 50, generator=torch.Generator().manual_seed(0)) * 1.5).to(dev).expand(2048, 50).contiguous()
@@ -263,7 +263,8 @@ def test_f_decode_attention_does_not_fall_back_to_the_math_kernel(setup):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from lowmem_vt.rollout import SamplingParams
-    from lowmem_vt.rollout.engine import DecodeWeights, EngineRollout
+    from lowmem_vt.rollout.engine import EngineRollout
+    from lowmem_vt.rollout.linears import DecodeWeights
 
     lm, prompts, embeds, seeds = setup
     engine = EngineRollout(lm, graphs=None)

@@ -139,7 +139,7 @@ def test_trains_with_the_engine_rollout_and_reports_sampler_drift(recipe_factory
     """``rollout.backend: engine`` end to end (what a user switches to on a GPU): steps apply, the engine laid
     q/k/v and gate/up out side by side without touching training, and the sampler is the policy the trainer
     scores (the log-probs before the update agree to float32 rounding); ``hf`` the same."""
-    from lowmem_vt.rollout.engine import _adjacent
+    from lowmem_vt.rollout.linears import _adjacent
 
     tr = Trainer(recipe_factory(**SMALL, **{"train.max_steps": 2, "rollout.backend": "engine"}))
     metrics = [tr.step(), tr.step()]
