@@ -18,12 +18,14 @@ EOS is never sampled (it is masked out of the logits) so every completion has th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -112,8 +114,9 @@ def main() -> int:
         f"kernels={args.kernels}", f"rollout.backend={args.backend}", f"data.max_pixels={side * side}"])
     opt = make_optimizer(trainable_parameters(lm.peft_model), recipe)
     predicted = plan(recipe, cfg)
-    lm.hf_model.generation_config.suppress_tokens = [lm.eos_token_id]  # full-length completions
-    ro = make_rollout(args.backend, lm)
+    # full-length completions: an end token id no row can sample (the vocabulary's size), for either backend
+    never = SimpleNamespace(eos_token_id=cfg.text_config.vocab_size, pad_token_id=lm.pad_token_id)
+    ro = make_rollout(args.backend, dataclasses.replace(lm, tokenizer=never))
     device_name = torch.cuda.get_device_name() if cuda else "cpu (smoke)"
     after_step: list[float | None] = []  # memory still allocated after each step: flat if nothing leaks
 

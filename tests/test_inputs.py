@@ -116,6 +116,37 @@ def test_hf_sampling_logprobs_equal_the_trainers(builder, examples, tiny_lm, see
     assert bool((roll.sampling_logprobs[~mask] == 0).all())
 
 
+def test_hf_rollout_samples_the_recipe_distribution_whatever_the_models_generation_config(builder, examples, tiny_lm):
+    """generate fills the settings a call leaves unset from the model's generation_config. With a hub-style config
+    (top_k 2, top_p 0.5, min_p 0.3, repetition_penalty 1.5, temperature 0.1) the rollout still samples
+    softmax(logits / T) untruncated, as the recipe says: log-probs equal the trainer's, and sampled tokens rank
+    beyond the top 50 of their step's distribution (vocabulary 96). Before, repetition_penalty and min_p came
+    from the config: the rollout's log-probs were off the trainer's by up to 1.12."""
+    from lowmem_vt.rollout import SamplingParams, make_rollout
+
+    lm = tiny_lm
+    prompts = [builder.encode(e.image, e.question) for e in examples[:2]]
+    embeds = image_embeddings(lm, [p.pixel_values for p in prompts], [p.image_grid_thw for p in prompts])
+    config = lm.hf_model.generation_config
+    hostile = dict(do_sample=True, top_k=2, top_p=0.5, min_p=0.3, repetition_penalty=1.5, temperature=0.1)
+    saved = {k: getattr(config, k) for k in hostile}
+    try:
+        for k, v in hostile.items():
+            setattr(config, k, v)
+        roll = make_rollout("hf", lm).generate(prompts, embeds, SamplingParams(8, 12, seeds=[3, 4]))
+    finally:
+        for k, v in saved.items():
+            setattr(config, k, v)
+    seqs = build_sequences(prompts, roll.prompt_rows, roll.completion_ids, roll.completion_mask, lm.pad_token_id)
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.hf_model.lm_head(sequence_hidden(lm, seqs, embeds)).float(), -1)
+    chosen = logp.gather(-1, roll.completion_ids[..., None])
+    mask = roll.completion_mask.bool()
+    torch.testing.assert_close(roll.sampling_logprobs[mask], chosen[..., 0][mask], atol=1e-4, rtol=0)
+    rank = (logp > chosen).sum(-1)  # 0: the most likely token
+    assert int(rank[mask].max()) >= 50, int(rank[mask].max())
+
+
 def test_truncation_cuts_question_text_never_image_tokens(builder, examples, tiny_lm):
     e = examples[0]
     full = builder.encode(e.image, e.question)

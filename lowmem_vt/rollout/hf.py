@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..inputs import collate_prompts_left
@@ -46,6 +48,19 @@ class SamplingLogprobs(LogitsProcessor):
         return torch.nn.functional.pad(out, (0, completion.shape[1] - out.shape[1])).to(completion.device)
 
 
+@contextlib.contextmanager
+def only_these_generation_settings(model):
+    """``model.generation_config`` emptied for the call. ``generate`` fills every setting the call leaves unset
+    from it: a hub model's generation_config.json (repetition_penalty, min_p, typical_p, ...) would silently
+    change what a rollout samples, so the recipe's settings, passed explicitly, are the only ones that apply."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 class HFRollout(RolloutBackend):
     def __init__(self, lm):
         self.lm = lm
@@ -77,24 +92,25 @@ class HFRollout(RolloutBackend):
         model.eval()  # gradient checkpointing in train mode would turn the KV cache off
         sample = not params.greedy
         recorder = SamplingLogprobs(params.temperature) if sample else None
+        # the recipe's sampling, all of it explicit: top_k 0 and top_p 1.0 are "off"
+        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k) if sample else {}
         try:
-            out = model.generate(
-                input_ids=batch["input_ids"].to(lm.device),
-                attention_mask=batch["attention_mask"].to(lm.device),
-                mm_token_type_ids=batch["mm_token_type_ids"].to(lm.device),
-                image_grid_thw=batch["image_grid_thw"].to(lm.device),
-                mm_encoder_outputs=mm,
-                do_sample=sample,
-                temperature=params.temperature if sample else None,
-                top_p=params.top_p if sample else None,
-                top_k=(params.top_k or None) if sample else None,
-                max_new_tokens=params.max_new_tokens,
-                num_return_sequences=params.num_generations,
-                eos_token_id=lm.eos_token_id,
-                pad_token_id=lm.pad_token_id,
-                use_cache=True,
-                logits_processor=LogitsProcessorList([recorder] if recorder else []),
-            )
+            with only_these_generation_settings(model):
+                out = model.generate(
+                    input_ids=batch["input_ids"].to(lm.device),
+                    attention_mask=batch["attention_mask"].to(lm.device),
+                    mm_token_type_ids=batch["mm_token_type_ids"].to(lm.device),
+                    image_grid_thw=batch["image_grid_thw"].to(lm.device),
+                    mm_encoder_outputs=mm,
+                    do_sample=sample,
+                    **sampling,
+                    max_new_tokens=params.max_new_tokens,
+                    num_return_sequences=params.num_generations,
+                    eos_token_id=lm.eos_token_id,
+                    pad_token_id=lm.pad_token_id,
+                    use_cache=True,
+                    logits_processor=LogitsProcessorList([recorder] if recorder else []),
+                )
         finally:
             model.train(was_training)
         completion = out[:, batch["input_ids"].shape[1] :]
