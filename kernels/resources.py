@@ -126,14 +126,20 @@ def _cuobjdump() -> str:
 def compile_launch(launch: Launch, cap: int) -> Resources:
     """Compile for sm_<cap> on this machine (no GPU) and read the cubin's resource use."""
     fn, signature, divisible = _signature(launch.kernel, launch.dtype)
-    consts = dict(launch.constexprs)
+    return compile_jit(fn, signature, dict(launch.constexprs), cap, launch.num_warps, launch.num_stages, divisible)
+
+
+def compile_jit(fn, signature: dict[str, str], consts: dict[str, object], cap: int, num_warps: int = _DEFAULT_WARPS,
+                num_stages: int = _DEFAULT_STAGES, divisible: set[str] = frozenset()) -> Resources:
+    """Any ``@triton.jit`` kernel compiled for sm_<cap> here (no GPU): ``signature`` maps each non-constexpr
+    argument to its Triton type ("*bf16", "i32", ...), ``consts`` the constexprs; pointers and the ``divisible``
+    integers are declared 16-divisible, as the launches pass them. Returns the cubin's resource use."""
     full = {name: ("constexpr" if name in consts else signature[name]) for name in fn.arg_names}
     index = {name: i for i, name in enumerate(fn.arg_names)}
     attrs = {(index[name],): [["tt.divisibility", 16]] for name, kind in full.items()
              if kind.startswith("*") or name in divisible}
     src = ASTSource(fn, full, constexprs={(index[k],): v for k, v in consts.items()}, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                              options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()

@@ -460,6 +460,40 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
+def test_fused_triton_kernels_compile_for_gpu_targets():
+    """rms_norm and rope_into_cache compiled for sm_75 (T4, fp16) and sm_80/86/89/90 (bf16) on this CPU
+    (kernels.resources.compile_jit: Triton's toolchain and ptxas, no GPU) at the 2B model's shapes (H 1536,
+    12 query / 2 kv heads of 128), the rope kernel at width 8 and 1 (rows leaving the batch recompile it per
+    width): no spills, shared memory within the 48 KiB every target gives a block by default. A subprocess:
+    under TRITON_INTERPRET=1 (set by the kernel tests) triton.jit only interprets."""
+    code = """
+import json
+from lowmem_vt.kernels.resources import compile_jit
+from lowmem_vt.rollout.fused import _rms_norm_kernel, _rope_into_cache_kernel
+out = []
+for cap, dt in ((75, "fp16"), (80, "bf16"), (86, "bf16"), (89, "bf16"), (90, "bf16")):
+    t = "*" + dt
+    r = compile_jit(_rms_norm_kernel, dict(x_ptr=t, w_ptr=t, out_ptr=t, x_stride="i32", out_stride="i32", eps="fp32"),
+                    dict(H=1536, BLOCK=2048), cap)
+    out.append((cap, "rms_norm", r.registers, r.spill_bytes, r.shared_bytes))
+    sig = dict(q_ptr=t, k_ptr=t, v_ptr=t, cos_ptr=t, sin_ptr=t, kc_ptr=t, vc_ptr=t, slot_ptr="*i64", sample_ptr="*i64",
+               qo_ptr=t, **{n: "i32" for n in ("q_stride", "k_stride", "v_stride", "cs_stride", "kc_s0", "kc_s1", "kc_s2",
+                                               "vc_s0", "vc_s1", "vc_s2")})
+    for width in (8, 1):
+        r = compile_jit(_rope_into_cache_kernel, sig, dict(HEADS=12, KV_HEADS=2, W=width, D=128), cap)
+        out.append((cap, f"rope_into_cache W{width}", r.registers, r.spill_bytes, r.shared_bytes))
+print("RESOURCES " + json.dumps(out))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("RESOURCES "))[len("RESOURCES "):])
+    print(rows)
+    assert len(rows) == 15
+    for cap, kernel, registers, spills, shared in rows:
+        assert spills == 0 and shared <= 48 * 1024 and registers <= 255, (cap, kernel, registers, spills, shared)
+
+
 def test_fused_references_equal_the_models_modules(lm):
     """rms_norm's reference is Qwen2RMSNorm; rope_into_cache's queries and cache writes are HF's rotary."""
     from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
