@@ -95,6 +95,16 @@ def resolve_attention(name: str, device: torch.device) -> str:
     return name
 
 
+def decoder_linear_shapes(text_config) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each decoder-layer linear LoRA can adapt, from a Qwen2-VL text config
+    (or anything with its size fields)."""
+    c = text_config
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    H, I, attn, kv = c.hidden_size, c.intermediate_size, c.num_attention_heads * d, c.num_key_value_heads * d
+    return {"q_proj": (H, attn), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (attn, H),
+            "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+
+
 def lora_target_regex(target_modules: list[str]) -> str:
     """LoRA on the language model's linears only (the vision tower stays frozen and adapter-free)."""
     names = "|".join(target_modules)

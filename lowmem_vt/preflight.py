@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from .config import ModelConfig, RecipeConfig
 from .data import GENERATED_TASKS, peek_records
 from .kernels import resolve_backend
-from .model import TINY_BASE_PREFIX, TINY_PREFIX, lora_target_regex, resolve_device
+from .model import TINY_BASE_PREFIX, TINY_PREFIX, decoder_linear_shapes, lora_target_regex, resolve_device
 from .reporting import ReporterUnavailable, check_reporters
 
 QWEN2_VL = "qwen2_vl"
@@ -118,9 +118,6 @@ def check_model_source(name_or_path: str, where: str):
     return config
 
 
-# the decoder linears LoRA adapts: (in, out) as multiples of (hidden, attention width, kv width, intermediate)
-_LINEARS = {"q_proj": ("hidden", "heads"), "k_proj": ("hidden", "kv"), "v_proj": ("hidden", "kv"), "o_proj": ("heads", "hidden"),
-            "gate_proj": ("hidden", "inter"), "up_proj": ("hidden", "inter"), "down_proj": ("inter", "hidden")}
 _LORA_KEY = re.compile(r"language_model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
@@ -135,21 +132,19 @@ def check_adapter_fits(adapter: str | Path, config, where: str) -> None:
     if not weights.is_file():
         return  # a .bin adapter: peft checks it when it loads
     t = config.text_config
-    d = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-    size = {"hidden": t.hidden_size, "heads": t.num_attention_heads * d, "kv": t.num_key_value_heads * d,
-            "inter": t.intermediate_size}
+    shapes = decoder_linear_shapes(t)
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
             m = _LORA_KEY.search(key)
-            if not m or m[2] not in _LINEARS:
+            if not m or m[2] not in shapes:
                 continue
             layer, name, matrix = int(m[1]), m[2], m[3]
             if layer >= t.num_hidden_layers:
                 raise PreflightError(f"{where}: the base has {t.num_hidden_layers} decoder layers but the adapter "
                                      f"{weights} adapts layer {layer}: it was trained on another base; give that one")
             shape = list(f.get_slice(key).get_shape())
-            got, (n_in, n_out) = (shape[1] if matrix == "A" else shape[0]), _LINEARS[name]
-            want = size[n_in] if matrix == "A" else size[n_out]
+            n_in, n_out = shapes[name]
+            got, want = (shape[1], n_in) if matrix == "A" else (shape[0], n_out)
             if got != want:
                 side = "inputs" if matrix == "A" else "outputs"
                 raise PreflightError(f"{where}: the base's {name} has {want} {side} but the adapter's layer {layer} {name} "

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from ..inputs import check_image_features
+from ..model import decoder_linear_shapes
 from .base import RolloutBackend, RolloutResult, SamplingParams, finish
 from .fused import rms_norm, rope_into_cache
 from .linears import DecodeWeights, lay_out_projections
@@ -156,10 +157,7 @@ def engine_allocation_bytes(text_config, dtype: torch.dtype | str, num_prompts: 
     P, G, C, B, T = num_prompts, num_generations, lay.slots, num_prompts * num_generations, max_new_tokens
     kv = c.num_hidden_layers * 2 * P * c.num_key_value_heads * C * d * b
     state = 8 * (B + 1 + 1 + P + B + B + B + B + C) + B + G * C + B * T * (8 + 4)
-    H, I = c.hidden_size, c.intermediate_size
-    shapes = {"q_proj": (H, c.num_attention_heads * d), "k_proj": (H, c.num_key_value_heads * d),
-              "v_proj": (H, c.num_key_value_heads * d), "o_proj": (c.num_attention_heads * d, H),
-              "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+    shapes = decoder_linear_shapes(c)
     adapter = 0
     for group in GROUPS:
         adapted = [n for n in group if n in lora_targets]
