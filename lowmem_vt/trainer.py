@@ -265,8 +265,8 @@ class Trainer:
                     (loss * scale).backward()
                 if it == 0 and sampled is not None:
                     drift = (logp - sampled[s, :T].to(logp.device)).abs() * roll.completion_mask[s, :T].to(logp.device)
-                    drift_sum += float(drift.sum())
-                    drift_max = max(drift_max, float(drift.max()))
+                    total, largest = torch.stack([drift.sum(), drift.max()]).tolist()  # one host sync
+                    drift_sum, drift_max = drift_sum + total, max(drift_max, largest)
                 loss_total += float(loss.detach())
                 kl_sum += float(stats["kl_sum"])
                 clipped += float(stats["clipped_tokens"])
@@ -339,8 +339,8 @@ class Trainer:
         self._bad_total = m["bad_steps_total"]
         if (m["sampler_logprob_diff"] or 0.0) > SAMPLER_DIFF_WARN and self.dist.is_main:
             log.warning("step %d: the rollout's log-probs differ from the policy's by %.3f per token on average (bf16 "
-                        "rounding gives < 0.01): the sampler is not the policy the trainer scores; rollout.backend: hf "
-                        "is the reference to compare with", self.step_count, m["sampler_logprob_diff"])
+                        "rounding gives < 0.01): the sampler (rollout.backend: %s) is not the policy the trainer scores; "
+                        "see docs/rollout.md", self.step_count, m["sampler_logprob_diff"], self.cfg.rollout.backend)
         self._last_texts = (texts, answers, rewards.tolist())
         return m
 

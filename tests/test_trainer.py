@@ -153,3 +153,22 @@ def test_trains_with_the_engine_rollout_and_reports_sampler_drift(recipe_factory
     m = hf.step()  # HF generate records its sampling log-probs too
     assert 0.0 <= m["sampler_logprob_diff"] <= m["sampler_logprob_diff_max"] < 1e-4, m
     hf.close()
+
+
+def test_a_sampler_that_is_not_the_policy_is_reported_and_warned(recipe_factory, caplog):
+    """Rollout log-probs 0.5 off the policy's (as a padding or cache bug would make them): the step's metrics say
+    so and the trainer warns, naming the backend."""
+    tr = Trainer(recipe_factory(**SMALL, **{"train.max_steps": 1}))
+    generate = tr.rollout.generate
+
+    def off_by_half(*args, **kwargs):
+        roll = generate(*args, **kwargs)
+        roll.sampling_logprobs = (roll.sampling_logprobs - 0.5) * roll.completion_mask
+        return roll
+
+    tr.rollout.generate = off_by_half
+    with caplog.at_level("WARNING", logger="lowmem_vt.trainer"):
+        m = tr.step()
+    assert m["sampler_logprob_diff"] == pytest.approx(0.5, abs=1e-3) and m["sampler_logprob_diff_max"] >= 0.5 - 1e-3
+    assert any("is not the policy" in r.message and "rollout.backend: hf" in r.message for r in caplog.records)
+    tr.close()
