@@ -65,7 +65,7 @@ def make_inputs(args: argparse.Namespace, device, dtype) -> dict:
     import torch
 
     from lowmem_vt.grpo import LossCounts
-    from lowmem_vt.kernels import chunked_logprobs_reference
+    from lowmem_vt.kernels.chunked_logprobs import chunked_logprobs_reference
 
     B, T, H, V = args.batch, args.seq, args.hidden, args.vocab
     g = torch.Generator(device=device).manual_seed(0)
@@ -102,7 +102,7 @@ def naive_loss(x: dict, args: argparse.Namespace, hidden):
 
 def head_loss(backend: str, **launch) -> Callable:
     def run(x: dict, args: argparse.Namespace, hidden):
-        from lowmem_vt.kernels import fused_grpo_loss
+        from lowmem_vt.kernels.head import fused_grpo_loss
 
         loss, _, _ = fused_grpo_loss(hidden, x["weight"], x["targets"], x["mask"], x["advantages"], x["old_logp"], x["ref_logp"],
                                      temperature=args.temperature, backend=backend, **loss_kwargs(args, x), **launch)
@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernels run on CPU
     import torch
 
-    from lowmem_vt.kernels import ARCHS, RowTiles, Tiles, launch_config, rows_per_chunk
+    from lowmem_vt.kernels.head import ARCHS, launch_config
+    from lowmem_vt.kernels.fused_linear import RowTiles, rows_per_chunk
+    from lowmem_vt.kernels.chunked_logprobs import Tiles
 
     if not torch.cuda.is_available() and not args.smoke:
         print("bench/loss_head.py needs a CUDA GPU (or --smoke for a CPU check); nothing measured.")

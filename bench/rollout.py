@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from lowmem_vt.inputs import PromptInputs, build_sequences, mrope_positions
-from lowmem_vt.kernels import resolve_backend, token_logprobs
+from lowmem_vt.kernels.head import resolve_backend, token_logprobs
 from lowmem_vt.model import LoadedModel, image_embeddings, lora_target_regex, sequence_hidden
 from lowmem_vt.rollout import SamplingParams, make_rollout
 from lowmem_vt.rollout.engine import EngineRollout, engine_allocation_bytes

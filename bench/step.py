@@ -54,7 +54,7 @@ def main() -> int:
     from lowmem_vt.config import LoraConfig, ModelConfig, load_config
     from lowmem_vt.grpo import LossCounts, group_advantages
     from lowmem_vt.inputs import PromptInputs, build_sequences, mrope_positions
-    from lowmem_vt.kernels import fused_grpo_loss, token_logprobs
+    from lowmem_vt.kernels.head import fused_grpo_loss, token_logprobs
     from lowmem_vt.model import image_embeddings, load_model, sequence_hidden
     from lowmem_vt.rollout import SamplingParams, make_rollout
     from lowmem_vt.data import generate_sat_records

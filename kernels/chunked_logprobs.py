@@ -29,6 +29,10 @@ import triton
 from torch._subclasses.fake_tensor import is_fake
 import triton.language as tl
 
+from .interpreter import squeeze_interpreter_scalars
+
+squeeze_interpreter_scalars()  # loop bounds that are kernel arguments, under the interpreter with NumPy >= 2.4
+
 
 @dataclass(frozen=True)
 class Tiles:

@@ -122,12 +122,21 @@ def _grpo_rows_kernel(
             tl.store(k3_ptr + row, k3)
         tl.store(clipped_ptr + row, is_clipped.to(tl.float32))
 
+        # dlogits (bf16 / fp16: 2 bytes) is written over this row's fp32 logits (4 bytes), which other warps of
+        # this program read: block j's store covers bytes [2 j B, 2 (j + 1) B), the fp32 columns [j B / 2,
+        # (j + 1) B / 2) that block floor(j / 2) loads (B = BLOCK_V). Loop 1 synchronises every block (its
+        # reductions), this loop has none, so without a barrier a warp could store block j before another warp
+        # has loaded block floor(j / 2) (the same block when j = 0). The barrier between each block's loads and
+        # its stores makes every warp load block j before any warp stores block j, and so, since floor(j / 2) <= j,
+        # before any store overlaps what it reads: race-free for every BLOCK_V, num_warps and dtype, at the cost of
+        # one bar.sync per block. (With a 4-byte dlogits each element would land on its own bytes; it is 2.)
         dlogits_row = dlogits_ptr + row.to(tl.int64) * stride_dlogits
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs
             col_mask = offs < V - v0
             x = tl.load(logits_row + cols, mask=col_mask, other=0.0) * inv_temperature
             unit = (tl.where(cols == target, 1.0, 0.0) - tl.exp(x - lse)) * (inv_temperature * dlogits_scale)
+            tl.debug_barrier()
             tl.store(dlogits_row + cols, unit.to(dlogits_ptr.dtype.element_ty), mask=col_mask)
 
 

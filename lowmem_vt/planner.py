@@ -187,7 +187,8 @@ def layer_bytes_per_token(s: ModelShape, cfg: RecipeConfig, backward: bool) -> f
 def loss_head_bytes(cfg: RecipeConfig, s: ModelShape, rows: int, S: int, T: int, backward: bool) -> int:
     """Bytes alive while the head runs on one micro-batch of rows x S tokens (T completion tokens each): the
     last hidden states, the completion positions gathered from them, and what the kernel backend holds."""
-    from .kernels import TRITON_HEAD, rows_per_chunk
+    from .kernels.head import TRITON_HEAD
+    from .kernels.fused_linear import rows_per_chunk
 
     b = DTYPE_BYTES[cfg.model.dtype]
     n = rows * T

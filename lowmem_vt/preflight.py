@@ -19,7 +19,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import ModelConfig, RecipeConfig
 from .data import GENERATED_TASKS, peek_records
-from .kernels import resolve_backend
+from .kernels.head import resolve_backend
 from .model import TINY_BASE_PREFIX, TINY_PREFIX, decoder_linear_shapes, lora_target_regex, resolve_device
 from .reporting import ReporterUnavailable, check_reporters
 

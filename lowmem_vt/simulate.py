@@ -366,7 +366,7 @@ def _run_step(cfg: RecipeConfig, lm, optimizer, prompt, n_image: int, T: int, tr
     """Trainer.step's phases in its order; every prompt of the step is ``prompt`` (every micro-batch the same)."""
     from .grpo import LossCounts
     from .inputs import build_sequences
-    from .kernels import fused_grpo_loss, token_logprobs
+    from .kernels.head import fused_grpo_loss, token_logprobs
     from .model import sequence_hidden, vision_on_device
 
     g, t = cfg.grpo, cfg.train

@@ -25,7 +25,7 @@ from .data import DataError, Example, load_examples
 from .distributed import init_from_env, wrap_policy
 from .grpo import LossCounts, group_advantages, loss_scale
 from .inputs import InputBuilder, PromptInputs, build_sequences
-from .kernels import fused_grpo_loss, resolve_backend, token_logprobs
+from .kernels.head import fused_grpo_loss, resolve_backend, token_logprobs
 from .metrics import MetricsWriter, format_summary, run_summary
 from .model import LoadedModel, image_embeddings, load_model, resolve_device, sequence_hidden, trainable_parameters
 from .reporting import Reporters

@@ -8,7 +8,7 @@ import torch
 
 from lowmem_vt.config import resolve_dtype
 from lowmem_vt.grpo import LossCounts, loss_scale
-from lowmem_vt.kernels import fused_grpo_loss
+from lowmem_vt.kernels.head import fused_grpo_loss
 from lowmem_vt.model import image_embeddings
 from lowmem_vt.rollout import SamplingParams
 from lowmem_vt.trainer import Trainer

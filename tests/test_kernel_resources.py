@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from lowmem_vt.kernels import ARCHS, Tiles, launch_config
+from lowmem_vt.kernels.head import ARCHS, launch_config
+from lowmem_vt.kernels.chunked_logprobs import Tiles
 
 resources = pytest.importorskip("lowmem_vt.kernels.resources")
 

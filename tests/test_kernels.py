@@ -17,16 +17,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lowmem_vt.grpo import LOSS_TYPES, LossCounts, grpo_loss  # noqa: E402
-from lowmem_vt.kernels import (  # noqa: E402
-    RowTiles,
-    Tiles,
-    chunked_logprobs,
-    chunked_logprobs_reference,
-    TRITON_HEAD,
-    fused_grpo_loss,
-    resolve_backend,
-    token_logprobs,
-)
+from lowmem_vt.kernels.chunked_logprobs import Tiles, chunked_logprobs, chunked_logprobs_reference  # noqa: E402
+from lowmem_vt.kernels.fused_linear import RowTiles  # noqa: E402
+from lowmem_vt.kernels.head import TRITON_HEAD, fused_grpo_loss, resolve_backend, token_logprobs  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # small tiles so that the interpreter stays fast and the shapes below leave ragged tiles
@@ -614,7 +607,7 @@ def test_default_tiles_match_reference(seed, head):
 def test_fused_linear_scratch_budget():
     """Rows per chunk keep the fp32 logits scratch within the budget at any N (N only changes the count of
     chunks), a multiple of 16 rows; the Qwen2-VL head gets 432 rows in 0.25 GiB."""
-    from lowmem_vt.kernels import SCRATCH_BYTES, rows_per_chunk
+    from lowmem_vt.kernels.fused_linear import SCRATCH_BYTES, rows_per_chunk
 
     assert SCRATCH_BYTES == 2**28
     for V in (151_936, 32_000, 1000):

@@ -300,16 +300,3 @@ def test_readme_imports_resolve():
         mod = importlib.import_module(module)
         for name in names.split(","):
             assert hasattr(mod, name.strip()), f"README: from {module} import {name.strip()}"
-
-
-def test_repository_kernels_folder_does_not_shadow_the_kernels_package():
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    probe = ("import lowmem_vt, importlib.util, lowmem_vt.kernels as k; s = importlib.util.find_spec('kernels'); "
-             "print(k.__file__); print(s.origin if s else None)")
-    res = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    ours, found = res.stdout.split()
-    assert Path(ours).parent == root / "kernels"  # the package still imports as lowmem_vt.kernels
-    assert found == "None" or Path(found).parent != root / "kernels"  # but not as the top-level `kernels`

@@ -13,6 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..kernels.interpreter import squeeze_interpreter_scalars
+
+squeeze_interpreter_scalars()  # loop bounds that are kernel arguments, under the interpreter with NumPy >= 2.4
+
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Qwen2RMSNorm: normalise in float32, round to x's dtype, then scale by the weight. x [N, H]."""

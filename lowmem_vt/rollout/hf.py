@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..inputs import collate_prompts_left
+from ..inputs import check_image_features, collate_prompts_left
 from .base import RolloutBackend, RolloutResult, SamplingParams, finish
 
 
@@ -61,6 +62,35 @@ def only_these_generation_settings(model):
         model.generation_config = saved
 
 
+def generate_inputs(model, prompts, image_embeds: list[torch.Tensor], pad_token_id: int, samples: int) -> dict:
+    """generate's keyword arguments for ``samples`` completions of each prompt, left-padded, with the step's image
+    features already encoded (the vision tower runs once per step, in the trainer).
+
+    transformers >= 5.18 takes the features as ``mm_encoder_outputs`` and expands everything to the samples itself.
+    Older releases (5.17, the GPU machine's) have no such argument; there the prompts' embeddings with the features
+    scattered into their image tokens go in as ``inputs_embeds`` beside ``input_ids``: generate still computes the
+    M-RoPE positions from ``input_ids``, ``mm_token_type_ids`` and ``image_grid_thw``, runs the embeddings through
+    the prompt's forward only, and returns ``input_ids`` followed by the new tokens. Its expansion to the samples
+    would count each row's images from the embeddings (none match the image token's once features are in), so
+    the rows are repeated here, in generate's order (each prompt's samples adjacent): the same sampled batch.
+    """
+    batch = collate_prompts_left(prompts, pad_token_id)
+    batch = {k: v.to(model.device) for k, v in batch.items() if k != "pixel_values"}
+    if "mm_encoder_outputs" in inspect.signature(type(model).forward).parameters:
+        features = {"image": BaseModelOutputWithPooling(pooler_output=tuple(image_embeds))}
+        return {**batch, "mm_encoder_outputs": features, "num_return_sequences": samples}
+    grids = [p.image_grid_thw for p in prompts]
+    batch["image_grid_thw"] = torch.cat([g for g in grids for _ in range(samples)]).to(model.device)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        batch[key] = batch[key].repeat_interleave(samples, dim=0)
+    input_ids = batch["input_ids"]
+    embeds = model.get_input_embeddings()(input_ids)
+    image_mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    feats = torch.cat([e for e in image_embeds for _ in range(samples)]).to(embeds.device, embeds.dtype)
+    check_image_features(image_mask, feats, "the prompts")
+    return {**batch, "inputs_embeds": embeds.masked_scatter(image_mask, feats), "num_return_sequences": 1}
+
+
 class HFRollout(RolloutBackend):
     def __init__(self, lm):
         self.lm = lm
@@ -85,9 +115,7 @@ class HFRollout(RolloutBackend):
     def _generate(self, prompts, image_embeds, params: SamplingParams) -> RolloutResult:
         lm = self.lm
         model = lm.hf_model
-        batch = collate_prompts_left(prompts, lm.pad_token_id)
-        # The step's image features are reused: generate expands them to the G samples itself.
-        mm = {"image": BaseModelOutputWithPooling(pooler_output=tuple(image_embeds))}
+        inputs = generate_inputs(model, prompts, image_embeds, lm.pad_token_id, params.num_generations)
         was_training = model.training
         model.eval()  # gradient checkpointing in train mode would turn the KV cache off
         sample = not params.greedy
@@ -97,15 +125,10 @@ class HFRollout(RolloutBackend):
         try:
             with only_these_generation_settings(model):
                 out = model.generate(
-                    input_ids=batch["input_ids"].to(lm.device),
-                    attention_mask=batch["attention_mask"].to(lm.device),
-                    mm_token_type_ids=batch["mm_token_type_ids"].to(lm.device),
-                    image_grid_thw=batch["image_grid_thw"].to(lm.device),
-                    mm_encoder_outputs=mm,
+                    **inputs,
                     do_sample=sample,
                     **sampling,
                     max_new_tokens=params.max_new_tokens,
-                    num_return_sequences=params.num_generations,
                     eos_token_id=lm.eos_token_id,
                     pad_token_id=lm.pad_token_id,
                     use_cache=True,
@@ -113,7 +136,7 @@ class HFRollout(RolloutBackend):
                 )
         finally:
             model.train(was_training)
-        completion = out[:, batch["input_ids"].shape[1] :]
+        completion = out[:, inputs["input_ids"].shape[1] :]
         if completion.shape[1] == 0:
             completion = torch.full((out.shape[0], 1), lm.pad_token_id, dtype=torch.long, device=out.device)
         result = finish(completion, lm.eos_token_id, lm.pad_token_id, len(prompts), params.num_generations)
