@@ -8,6 +8,7 @@ Stages, in order of value (budget in seconds on an H100; each runs as its own pr
 
 | stage | what | budget |
 |---|---|---:|
+| environment | `bench/environment.py`: C compiler, Python.h, libcuda (what Triton builds its launcher with) and one trivial Triton launch; when it fails, nothing else runs and one line says what is missing | 60 |
 | cuda_tests | `pytest -m gpu tests`: the tests that need CUDA (kernels in bf16, NF4, planner refusal, engine) | 90 |
 | loss_head | `bench/loss_head.py`: our loss head vs plain torch vs Liger | 45 |
 | rollout | `bench/rollout.py`: the trainer's call, engine at batch 8 and 64, adapter on/off; HF generate 1 x 8 x 128, scaled | 120 |
@@ -36,6 +37,11 @@ nothing is fetched and the machine's torch is never replaced.
 
 ``--smoke``: every stage at tiny sizes on CPU (CUDA hidden, Triton in its interpreter), in seconds;
 ``tests/test_gpu_check.py`` runs it in ``make test`` so this script and the bench scripts cannot rot.
+
+Every stage can fail: on a crash, and on a disagreement beyond its stated tolerance (loss head: log-probs, loss and
+dh against the fp32 reference; rollout: the engine's log-probs against the trainer's; whole step: finite loss and
+gradient, sampler log-probs against the trainer's). ``--fault STAGE ...`` (for tests) hands those stages a deliberately
+wrong method (``LOWMEM_BENCH_FAULT=1`` in its process, bench/report.py's ``fault``); the stage must then fail.
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ class Stage:
 
 
 STAGES = [
+    Stage("environment", "What Triton needs: C compiler, Python.h, libcuda; one trivial launch", 60, "bench/environment.py"),
     Stage("cuda_tests", "CUDA tests (pytest -m gpu)", 90, None),
     Stage("loss_head", "Loss head: ours vs torch vs Liger", 45, "bench/loss_head.py"),
     # HF generate runs 1 x 8 x 128 tokens there (8 x 1024 would take ~85 s), its time scaled to the full length
@@ -132,7 +139,7 @@ class Log:
 
 
 class Check:
-    def __init__(self, out: Path, smoke: bool, budget: float, log: Log):
+    def __init__(self, out: Path, smoke: bool, budget: float, log: Log, fault: tuple[str, ...] = ()):
         self.out, self.smoke, self.budget, self.log = out, smoke, budget, log
         self.t0 = time.monotonic()
         self.data: dict = {"smoke": smoke, "budget_s": budget, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -143,6 +150,7 @@ class Check:
         self.env["TRITON_INTERPRET"] = "1" if smoke else "0"
         if smoke:
             self.env["CUDA_VISIBLE_DEVICES"] = ""
+        self.fault = tuple(fault)  # (tests) stages handed a deliberately wrong method: LOWMEM_BENCH_FAULT=1 in their process
         self.work = Path(tempfile.mkdtemp(prefix="gpu_check_"))  # stage folders: only the merged files go to --out
         # bench/ on the path of every stage: the pytest stage loads bench/pytest_results.py as a plugin
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "bench"), self.env.get("PYTHONPATH")]))
@@ -273,6 +281,9 @@ class Check:
         rec.update(status="running")
         t = time.monotonic()
         self.env["GPU_CHECK_TESTS_JSONL"] = str(d / "tests.jsonl")
+        self.env.pop("LOWMEM_BENCH_FAULT", None)
+        if stage.name in self.fault:
+            self.env["LOWMEM_BENCH_FAULT"] = "1"
 
         def collect() -> None:
             rec["seconds"] = round(time.monotonic() - t, 1)
@@ -360,6 +371,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wheels", default=str(ROOT / "wheels"), help="folder of carried wheels (make gpu-wheels)")
     p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run, install included")
     p.add_argument("--only", nargs="+", choices=[s.name for s in STAGES], help="run these stages only")
+    p.add_argument("--fault", nargs="+", default=[], choices=[s.name for s in STAGES],
+                   help="(tests) hand these stages a deliberately wrong method: they must fail")
     p.add_argument("--carry-size", action="store_true", help="print what the device tool would move (MiB) and exit; "
                                                              f"non-zero above {CARRY_LIMIT_MIB} MiB")
     return p.parse_args(argv)
@@ -376,7 +389,7 @@ def main(argv=None) -> int:
     for name in ("gpu_check.json", "gpu_check.md", "gpu_check.log"):
         (out / name).unlink(missing_ok=True)
     log = Log(out / "gpu_check.log")
-    check = Check(out, args.smoke, args.budget, log)
+    check = Check(out, args.smoke, args.budget, log, fault=args.fault)
     if args.install and not check.install(Path(args.wheels)):
         log("!! install failed: the stages run anyway and will say what is missing")
     check.probe_env()
@@ -384,10 +397,21 @@ def main(argv=None) -> int:
     log(f"GPU: {env.get('gpu', 'none')} (capability {env.get('capability')}, {env.get('gpu_memory_gib')} GiB, "
         f"driver {env.get('driver')}); python {env.get('python')}; torch CUDA {env.get('torch_cuda')}")
     log("packages: " + ", ".join(f"{k} {v or '-'}" for k, v in env.get("packages", {}).items()))
+    blocked = None
     for stage in STAGES:
-        if args.only and stage.name not in args.only:
+        if args.only and stage.name not in args.only and stage.name != "environment":
+            continue
+        if blocked:
+            check.data["stages"].append({"name": stage.name, "title": stage.title, "budget_s": stage.budget_s,
+                                         "seconds": 0.0, "status": "not_run", "reason": blocked})
             continue
         check.run_stage(stage)
+        rec = check.data["stages"][-1]
+        if stage.name == "environment" and rec["status"] != "ok":
+            missing = [f"{f['what']}: {f['detail']}" for f in (rec.get("result") or {}).get("findings", []) if not f["ok"]]
+            blocked = "environment: " + ("; ".join(missing) or rec.get("reason", "failed"))
+            log(f"!! {blocked}")
+    check.save()
     shutil.rmtree(check.work, ignore_errors=True)
     check.save()
     log("\n" + report.table(["stage", "status", "s", "reason"],

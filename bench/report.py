@@ -48,3 +48,9 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def fault() -> bool:
+    """Whether the GPU check's ``--fault`` handed this stage a deliberately wrong method (tests: a stage that
+    cannot fail checks nothing)."""
+    return os.environ.get("LOWMEM_BENCH_FAULT") == "1"

@@ -13,6 +13,10 @@ whether it stays flat. ``--out DIR`` writes step.json / step.md after every step
 Shapes as ../shared/ANCHORS.md: one prompt = vision_start + 256 image tokens (448x448) + vision_end + 80 text
 tokens (the image a generated SAT-style one); G = 8 completions; LoRA r 64 on q/k/v/o/gate/up/down; beta 0.04.
 EOS is never sampled (it is masked out of the logits) so every completion has the full length.
+
+Checks (exit 1 when one fails): every micro-batch's loss and the LoRA gradient norm are finite, and the rollout's
+sampling log-probs agree with the policy update's log-probs of the same tokens (max < 0.1, mean < 0.01: bf16, as
+bench/rollout.py). ``LOWMEM_BENCH_FAULT=1`` (the GPU check's ``--fault``) makes the loss NaN: the check must fail.
 """
 
 from __future__ import annotations
@@ -119,6 +123,12 @@ def main() -> int:
     ro = make_rollout(args.backend, dataclasses.replace(lm, tokenizer=never))
     device_name = torch.cuda.get_device_name() if cuda else "cpu (smoke)"
     after_step: list[float | None] = []  # memory still allocated after each step: flat if nothing leaks
+    checks: list[dict] = []
+
+    def check(step: int, name: str, ok: bool, detail: str) -> None:
+        checks.append(dict(step=step, check=name, ok=ok, detail=detail))
+        if not ok:
+            print(f"FAILED step {step}: {name}: {detail}", flush=True)
 
     def phase(step, name, fn):
         sync()
@@ -137,13 +147,14 @@ def main() -> int:
         data = {"device": device_name, "args": vars(args), "weights_gib": weights_gib, "after_step_gib": after_step,
                 "memory_flat": flat, "phases": [dict(step=r[0], phase=r[1], s=r[2], peak_gib=r[3]) for r in rows],
                 "measured_peak_gib": max((r[3] for r in rows if r[3] is not None), default=None),
-                "planner_peak_gib": predicted.peak, "planner_phases_gib": predicted.peaks}
+                "planner_peak_gib": predicted.peak, "planner_phases_gib": predicted.peaks, "checks": checks}
         md = (f"{device_name}; {args.recipe}, quantization {args.quantization}, optimizer {args.optimizer}, {G} x {T} tokens, "
               f"micro-batch {mb}, backend {args.backend}, kernels {args.kernels}; weights + LoRA resident: {weights_gib} GiB\n\n"
               + report.table(["step", "phase", "time s", "measured peak GiB"], [list(r) for r in rows])
               + f"\n\nallocated after each step (GiB): {after_step}; flat: {flat}\n\n"
               + f"planner prediction (max over phases, includes {0.5} GiB CUDA context that max_memory_allocated does not "
-              f"count): {predicted.peak:.2f} GiB\n{predicted.table()}")
+              f"count): {predicted.peak:.2f} GiB\n{predicted.table()}\n\n"
+              + report.table(["step", "check", "ok", "detail"], [[c["step"], c["check"], c["ok"], c["detail"]] for c in checks]))
         report.write(args.out, "step", data, md)
 
     for step in range(1, args.steps + 1):
@@ -165,16 +176,30 @@ def main() -> int:
         ref = phase(step, "reference pass", reference)
         adv = group_advantages(torch.randn(B), G).to(dev)
         counts = LossCounts(B, float(roll.completion_mask.sum()), T)
+        losses, policy_logp = [], []
 
         def update():
             for s in slices:
                 seqs = build_sequences([prompt], roll.prompt_rows[s], roll.completion_ids[s], roll.completion_mask[s], 0).to(dev)
-                loss, _, _ = fused_grpo_loss(sequence_hidden(lm, seqs, embeds), lm.lm_head_weight, roll.completion_ids[s].to(dev),
-                                             roll.completion_mask[s].to(dev), adv[s], None, ref[s], beta=0.04, epsilon_low=0.2,
-                                             epsilon_high=0.2, loss_type="grpo", counts=counts, backend=args.kernels)
+                loss, _, logp = fused_grpo_loss(sequence_hidden(lm, seqs, embeds), lm.lm_head_weight, roll.completion_ids[s].to(dev),
+                                                roll.completion_mask[s].to(dev), adv[s], None, ref[s], beta=0.04, epsilon_low=0.2,
+                                                epsilon_high=0.2, loss_type="grpo", counts=counts, backend=args.kernels)
+                if report.fault():  # the GPU check's --fault: a step that goes wrong must fail the stage
+                    loss = loss * float("nan")
                 loss.backward()
+                losses.append(loss.detach())
+                policy_logp.append(logp.float())
 
         phase(step, f"policy update (micro-batch {mb})", update)
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in lm.peft_model.parameters()
+                                                          if p.grad is not None]))
+        mask = roll.completion_mask.to(dev).float()
+        drift = (torch.cat(policy_logp) - roll.sampling_logprobs.to(dev).float()).abs() * mask
+        check(step, "loss finite", bool(torch.isfinite(torch.stack(losses)).all()), f"{[float(x) for x in losses]}")
+        check(step, "gradient norm finite", bool(torch.isfinite(grad_norm)), f"{float(grad_norm):.3g}")
+        max_drift, mean_drift = float(drift.max()), float(drift.sum() / mask.sum())
+        check(step, "sampling log-probs match the update's", max_drift < 0.1 and mean_drift < 0.01,
+              f"max {max_drift:.3g} (< 0.1), mean {mean_drift:.3g} (< 0.01)")
         phase(step, f"optimizer step ({args.optimizer})", opt.step)
         opt.zero_grad(set_to_none=True)
         del embeds, roll, ref, adv
@@ -183,7 +208,7 @@ def main() -> int:
         save()
     print(f"device: {device_name}; {args}; weights + LoRA resident: {weights_gib} GiB")
     print(Path(args.out, "step.md").read_text() if args.out else predicted.table())
-    return 0
+    return 1 if any(not c["ok"] for c in checks) else 0
 
 
 if __name__ == "__main__":

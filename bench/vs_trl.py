@@ -27,6 +27,7 @@ import gc
 import importlib.util
 import io
 import json
+import math
 import sys
 import tempfile
 import time
@@ -68,13 +69,25 @@ def micro_batch(args: argparse.Namespace) -> int:
 
 
 def trl_missing() -> str | None:
-    """Why TRL's side cannot run here, or None."""
-    for module, why in (("trl", "trl is not installed (make gpu-wheels carries it)"),
-                        ("datasets", "datasets is not installed (make gpu-wheels carries it)"),
-                        ("torchvision", "TRL needs Qwen2VLProcessor, which transformers 5 builds only with torchvision")):
-        if importlib.util.find_spec(module) is None:
-            return why
-    return None
+    """Why TRL's side cannot run here (every missing piece, in one line), or None. The imports are tried, not looked
+    up: a carried ``datasets`` whose own dependencies (pandas, pyarrow, xxhash, ...) are absent is found but
+    does not import, and then neither do TRL and ``transformers.trainer``."""
+    import importlib
+
+    problems = []
+    for module, role in (("torchvision", "TRL builds Qwen2VLProcessor, which transformers 5 builds only with torchvision"),
+                         ("datasets", "TRL imports it (make gpu-wheels carries it, not its pandas / pyarrow)"),
+                         ("trl", "make gpu-wheels carries it"),
+                         ("transformers.trainer", "GRPOTrainer is a transformers Trainer")):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 -- ImportError, or whatever a half-installed package raises
+            missing = getattr(exc, "name", None)
+            what = f"needs {missing}, not installed" if missing and missing != module else f"{type(exc).__name__}: {exc}"[:120]
+            problems.append(f"{module} does not import ({what}; {role})")
+            if module == "datasets":
+                break  # trl and transformers.trainer then fail for the same reason
+    return "; ".join(problems) or None
 
 
 def build_model_dir(path: Path, smoke: bool, side: int) -> Path:
@@ -126,7 +139,13 @@ def ours(args: argparse.Namespace, model_dir: Path, tmp: Path) -> list[dict]:
     trainer = Trainer(recipe(args, model_dir, tmp / "ours"))
     steps = []
     for i in range(args.steps):
+        if report.fault():  # the GPU check's --fault: our step crashing must fail the stage
+            raise RuntimeError("deliberate fault (LOWMEM_BENCH_FAULT=1)")
         m = trainer.step()
+        # the rollout's log-probs against the trainer's (bf16 on the GPU: bench/rollout.py's bound), a finite loss
+        if not (math.isfinite(m["loss"]) and m["sampler_logprob_diff"] < 0.01 and m["sampler_logprob_diff_max"] < 0.1):
+            raise RuntimeError(f"step {i + 1}: loss {m['loss']}, sampler/trainer log-prob diff mean "
+                               f"{m['sampler_logprob_diff']:.3g} (bound 0.01), max {m['sampler_logprob_diff_max']:.3g} (bound 0.1)")
         steps.append({"step": i + 1, "s": round(m["step_time_s"], 3), "peak_gib": m["peak_gpu_mem_gib"],
                       "rollout_s": round(m["rollout_s"], 3), "completion_tokens_mean": m["completion_length_mean"],
                       # the rollout's log-probs against the trainer's, before the update (bf16 on the GPU)
@@ -219,7 +238,7 @@ def markdown(res: dict) -> str:
     for side in ("ours", "trl"):
         r = res[side]
         if isinstance(r, dict):
-            rows.append([side, "", r.get("skipped") or r.get("error"), "", ""])
+            rows.append([side, "", r.get("skipped") or r.get("error"), "", "", "", ""])  # a row as wide as the header
             continue
         for s in r or []:
             rows.append([side, s["step"], s["s"], s.get("peak_gib"), s.get("completion_tokens_mean"),

@@ -309,6 +309,10 @@ def offload_checkpointed_inputs(hf_model, host_copy=None) -> None:
         return fn(handle.get(), *args)
 
     def offloading_checkpoint(fn, hidden, *args):
+        # transformers < 5.24 checkpoints a layer whenever the model is in train mode, under no_grad too (the
+        # reference pass): there nothing is saved for a backward, so a host copy would only cost PCIe and pinned memory
+        if not torch.is_grad_enabled():
+            return fn(hidden, *args)
         return checkpoint(run, fn, _OffloadedInput(hidden, host_copy), *args, use_reentrant=False)
 
     for layer in hf_model.model.language_model.layers:

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import ModelConfig, RecipeConfig
+from .config import ModelConfig, RecipeConfig, resolve_dtype
 from .data import GENERATED_TASKS, peek_records
-from .kernels.head import resolve_backend
+from .kernels.head import TRITON_BACKENDS, resolve_backend
 from .model import TINY_BASE_PREFIX, TINY_PREFIX, decoder_linear_shapes, lora_target_regex, resolve_device
 from .reporting import ReporterUnavailable, check_reporters
 
@@ -36,15 +36,29 @@ def check_recipe(cfg: RecipeConfig, *, check_model: bool = True) -> None:
     f = cfg.source_file
     device = check_device(cfg.train.device, f"{f}: key 'train.device'")
     try:
-        resolve_backend(cfg.kernels, device)
+        backend = resolve_backend(cfg.kernels, device)
     except ValueError as exc:
         raise PreflightError(f"{f}: key 'kernels': {exc}") from None
+    if device.type == "cuda":
+        check_head_dtype(backend, resolve_dtype(cfg.model.dtype, "cuda"), torch.cuda.get_device_capability(device), f)
     _check_packages(cfg, device)
     ckpt.check_output_dir(cfg.log.output_dir)
     check_data(cfg)
     if check_model:
         config = check_model_source(cfg.model.name_or_path, f"{f}: key 'model.name_or_path'")
         check_lora_targets(config, cfg.lora.target_modules, f)
+
+
+def check_head_dtype(backend: str, dtype: str, capability: tuple[int, int], recipe_file: str) -> None:
+    """A Triton loss head in bfloat16 needs a GPU of compute capability >= 8.0: its matmuls (torch.mm with an fp32
+    output) have no bfloat16 kernel in cuBLAS below that and raise there, after the model loaded and a rollout ran."""
+    if backend in TRITON_BACKENDS and dtype == "bfloat16" and tuple(capability) < (8, 0):
+        cap = ".".join(str(c) for c in capability)
+        raise PreflightError(
+            f"{recipe_file}: key 'model.dtype': bfloat16 with the Triton loss head (kernels: {backend}) needs a GPU of "
+            f"compute capability >= 8.0, this one has {cap}; set model.dtype=auto (float16 here, loss scaled) or "
+            "kernels=torch"
+        )
 
 
 def check_device(name: str, where: str) -> torch.device:

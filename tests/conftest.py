@@ -13,10 +13,10 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-if not torch.cuda.is_available():
-    # Triton kernels run in the interpreter on CPU; triton.jit reads this when a kernel module is imported,
-    # which any test module importing the trainer does at collection, so it is set before all of them
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton kernels run in the interpreter on CPU; triton.jit reads this when a kernel module is imported, which any
+# test module importing the trainer does at collection, so it is set here, before all of them. Where CUDA exists it
+# is 0 whatever the environment says: one interpreted kernel would make the GPU tests test the interpreter.
+os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else os.environ.get("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ def test_qlora_on_cuda_keeps_vision_bf16_and_trains(recipe_factory):
     paged 8-bit AdamW; two finite steps. The loss head is the torch reference here, so that a kernel fault
     (tested on its own) cannot hide what this test says about NF4; the whole-step stage runs both together."""
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is carried as a wheel (make gpu-wheels)")
+    from lowmem_vt.model import vision_on_device
     from lowmem_vt.trainer import Trainer
 
     cfg = recipe_factory(**{"model.quantization": "nf4", "model.dtype": "bfloat16", "train.device": "cuda",
@@ -31,7 +32,11 @@ def test_qlora_on_cuda_keeps_vision_bf16_and_trains(recipe_factory):
     visual = model.model.visual
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in visual.modules())
     assert {p.dtype for p in visual.parameters()} == {torch.bfloat16}
-    assert all(p.device.type == "cuda" for p in visual.parameters())
+    # the frozen tower lives in pinned host memory between its once-per-step calls (model.offload_vision) ...
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in visual.parameters())
+    with vision_on_device(tr.lm):  # ... and on the GPU for them
+        assert all(p.device.type == "cuda" for p in visual.parameters())
+    assert all(p.device.type == "cpu" for p in visual.parameters())
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert tr.params and all(p.dtype == torch.float32 and p.device.type == "cuda" for p in tr.params)
     assert isinstance(tr.optimizer, bnb.optim.PagedAdamW8bit)
@@ -43,15 +48,32 @@ def test_qlora_on_cuda_keeps_vision_bf16_and_trains(recipe_factory):
     assert tr.optimizer.state  # the 8-bit states exist: the step reached the optimizer
 
 
-def test_planner_refuses_before_loading_on_cuda(recipe_factory, tmp_path):
-    """A run that cannot fit is refused by the planner from the config alone: the model folder holds no
-    weights, so any attempt to load would fail differently; nothing is allocated on the GPU."""
-    from lowmem_vt.planner import PlanError
+def config_only_2b_folder(tmp_path, tiny_dir):
+    """The real Qwen2-VL-2B config beside a weights file holding one placeholder tensor and the tiny model's
+    tokenizer: pre-flight (config, model type, a weights file) passes, so a run reaches the planner; loading it
+    would put a mostly random 2B model on the device."""
+    import shutil
+
+    from safetensors.torch import save_file
+
     from lowmem_vt.tiny import qwen2_vl_2b_config
+
+    folder = tmp_path / "qwen2-vl-2b-config-only"
+    qwen2_vl_2b_config().save_pretrained(folder)
+    save_file({"placeholder": torch.zeros(1)}, str(folder / "model.safetensors"))
+    for f in tiny_dir.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def test_planner_refuses_before_loading_on_cuda(recipe_factory, tmp_path, tiny_dir):
+    """A run that cannot fit is refused by the planner from the config alone, after pre-flight and before the
+    model loads: nothing is allocated on the GPU (a load would have allocated the 2B model's 4.4 GB)."""
+    from lowmem_vt.planner import PlanError
     from lowmem_vt.trainer import Trainer
 
-    model_dir = tmp_path / "qwen2-vl-2b-config-only"
-    qwen2_vl_2b_config().save_pretrained(model_dir)
+    model_dir = config_only_2b_folder(tmp_path, tiny_dir)
     cfg = recipe_factory(**{"model.name_or_path": str(model_dir), "model.dtype": "bfloat16", "train.device": "cuda",
                             "model.gradient_checkpointing": "false", "train.prompts_per_step": 4,
                             "grpo.num_generations": 64, "train.micro_batch_size": 256,

@@ -47,6 +47,37 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
     assert "=== vs_trl" in (tmp_path / "gpu_check.log").read_text()
 
 
+def test_every_stage_fails_when_handed_a_wrong_method(tmp_path):
+    """A check that cannot fail checks nothing: each measuring stage, handed a deliberately wrong method
+    (--fault: a loss head off by 1 %, engine log-probs off by 0.5, a NaN loss, our step raising), fails."""
+    faulty = ["loss_head", "rollout", "step_lora", "vs_trl"]
+    run = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--out", str(tmp_path), "--only", *faulty,
+                          "--fault", *faulty], cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    stages = {s["name"]: s for s in json.loads((tmp_path / "gpu_check.json").read_text())["stages"]}
+    assert stages["environment"]["status"] == "ok"
+    for name in faulty:
+        assert stages[name]["status"] == "failed", (name, stages[name]["status"], stages[name].get("tail"))
+    assert run.returncode == 1
+    assert any("triton_fused_linear" in f for f in stages["loss_head"]["result"]["failures"])
+    checks = {c["check"]: c["ok"] for c in stages["rollout"]["result"]["tables"]["checks"]}
+    assert checks["log-probs match the trainer's"] is False and checks["same seeds, same samples"] is True
+    assert not all(c["ok"] for c in stages["step_lora"]["result"]["checks"])
+    assert "deliberate fault" in stages["vs_trl"]["result"]["ours"]["error"]
+
+
+def test_a_machine_triton_cannot_build_on_stops_at_the_first_stage_with_one_line(tmp_path):
+    env = {**__import__("os").environ, "CC": "/nonexistent/cc"}
+    run = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
+    assert run.returncode == 1
+    assert stages[0]["name"] == "environment" and stages[0]["status"] == "failed"
+    assert [s["status"] for s in stages[1:]] == ["not_run"] * (len(gpu_check.STAGES) - 1)
+    reason = stages[1]["reason"]
+    assert reason == "environment: C compiler: CC=/nonexistent/cc is not an executable; fix CC or unset it", reason
+    assert f"!! {reason}" in run.stdout
+
+
 def _script(tmp_path: Path, name: str, body: str) -> str:
     path = tmp_path / f"{name}.py"
     path.write_text("import json, sys, time\nout = sys.argv[sys.argv.index('--out') + 1]\n" + textwrap.dedent(body))

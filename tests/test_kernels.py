@@ -11,7 +11,6 @@ interpreter reads bf16 tensors wrongly with CPU torch, so bf16 is tested only on
 import os
 from dataclasses import replace
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

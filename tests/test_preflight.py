@@ -131,3 +131,29 @@ def test_eval_checks_the_model_folder_before_loading(tiny_dir, tmp_path, capsys,
     rc = main(["eval", "--model", str(model), "--data", str(data.parent), "--device", "cpu", "--no-progress", "--limit", "2"])
     assert rc == 2
     _one_line_error(capsys, "--model", "no config.json")
+
+
+def test_bfloat16_with_the_triton_head_is_refused_below_sm80():
+    from lowmem_vt.preflight import PreflightError, check_head_dtype
+
+    with pytest.raises(PreflightError, match="model.dtype.*compute capability >= 8.0.*has 7.5"):
+        check_head_dtype("triton", "bfloat16", (7, 5), "r.yaml")
+    with pytest.raises(PreflightError, match="kernels: triton_streaming"):
+        check_head_dtype("triton_streaming", "bfloat16", (7, 0), "r.yaml")
+    check_head_dtype("triton", "float16", (7, 5), "r.yaml")  # the T4's dtype
+    check_head_dtype("torch", "bfloat16", (7, 5), "r.yaml")  # cuBLAS is not asked for bf16 products by torch's head
+    check_head_dtype("triton", "bfloat16", (8, 0), "r.yaml")
+    check_head_dtype("triton_fused_linear", "bfloat16", (9, 0), "r.yaml")
+
+
+def test_the_gpu_refusal_tests_model_folder_passes_preflight(recipe_factory, tmp_path, tiny_dir):
+    """tests/test_gpu.py's planner-refusal test must reach the planner: its config-only 2B folder passes
+    pre-flight (on CPU here; the planner itself runs only for CUDA devices)."""
+    from lowmem_vt.preflight import PreflightError, check_recipe
+    from test_gpu import config_only_2b_folder
+
+    folder = config_only_2b_folder(tmp_path, tiny_dir)
+    check_recipe(recipe_factory(**{"model.name_or_path": str(folder), "model.dtype": "bfloat16"}))
+    (folder / "model.safetensors").unlink()  # and the check it passes can fail
+    with pytest.raises(PreflightError, match="has no weights"):
+        check_recipe(recipe_factory(**{"model.name_or_path": str(folder), "model.dtype": "bfloat16"}))
