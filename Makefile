@@ -1,21 +1,32 @@
 # make demo: set up .venv and run the offline default recipe (tiny model, generated data, CPU)
 # make test: set up .venv and run the whole suite
+# Both install exactly the versions CI last passed with (requirements/lock.txt); `make lock` refreshes it on purpose.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
+MIN_LOCK := requirements/min-lock.txt
+GPU_LOCK := requirements/gpu-machine-lock.txt
+PIP_VERSION := 26.3
 
-.PHONY: demo test test-other-cpu setup clean
+.PHONY: demo test test-other-cpu test-min test-latest gpu-rehearsal rehearsal-wheels lock ci setup clean
 
 setup: $(STAMP)
 
-# torch first, pinned: the 2.13.0 CPU build lies on local disk; installed first, no dependency can pull a CUDA build
-$(STAMP): setup.cfg pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+# A venv at $(1) with torch first, pinned (the 2.13.0 CPU build lies on local disk; installed first, no dependency
+# can pull a CUDA build), then $(2): what to install, with its constraints.
+define make_venv
+	rm -rf $(1)
+	$(PY) -m venv $(1)
+	$(1)/bin/python -m pip install -q pip==$(PIP_VERSION)
+	$(1)/bin/python -m pip install -q torch==2.13.0
+	$(1)/bin/python -m pip install -q $(2)
+	touch $(1)/.installed
+endef
+
+$(STAMP): setup.cfg pyproject.toml $(LOCK)
+	$(call make_venv,$(VENV),-c $(LOCK) -e '.[dev]')
 
 # --overwrite: each demo replaces the previous demo run (moved aside to out/demo.old-<time>, not deleted)
 demo: $(STAMP)
@@ -24,13 +35,59 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# The suite on the declared minimums (requirements/min.txt, resolved into min-lock.txt): the floors of setup.cfg,
+# the GPU machine's transformers 5.17.0 and triton 3.6.0 among them.
+.venv-min/.installed: setup.cfg pyproject.toml $(MIN_LOCK)
+	$(call make_venv,.venv-min,-c $(MIN_LOCK) -e '.[dev]')
+
+test-min: .venv-min/.installed
+	.venv-min/bin/python -m pytest -q tests
+
+# The suite on the newest releases in the declared ranges, resolved afresh each time: what `pip install .` gets
+# today. Red here, green in `make test`: an upstream release broke us; fix, then `make lock`.
+test-latest:
+	$(call make_venv,.venv-latest,-e '.[dev]')
+	.venv-latest/bin/python -m pytest -q tests
+
+# `make gpu-check` rehearsed on CPU: a venv holding only what the GPU machine has (requirements/gpu-machine.txt,
+# locked in gpu-machine-lock.txt: torch, transformers 5.17, peft, accelerate, triton 3.6, pytest, matplotlib and
+# their own dependencies; no hypothesis, pandas, pyarrow, torchvision), the carried wheels, then the GPU check's
+# own install and every stage, smoke-sized (CUDA hidden, Triton interpreted).
+.venv-gpu/.installed: $(GPU_LOCK)
+	$(call make_venv,.venv-gpu,-c $(GPU_LOCK) -r requirements/gpu-machine.txt)
+
+# the same wheels as make gpu-wheels, built for this machine's Python (the GPU machine's is 3.12)
+rehearsal-wheels:
+	mkdir -p out/rehearsal-wheels
+	$(PY) -m pip download -q --no-deps --only-binary=:all: $(WHEEL_PLATFORMS) -d out/rehearsal-wheels $(GPU_WHEELS)
+
+gpu-rehearsal: .venv-gpu/.installed rehearsal-wheels
+	.venv-gpu/bin/python bench/gpu_check.py --install --wheels out/rehearsal-wheels --smoke --out out/gpu_rehearsal
+
+# Refresh the locks on purpose: resolve each stack afresh, run it (suite, or the rehearsal), and write its lock
+# only when it passed. A lock is what CI last passed with, never an untested resolution.
+lock:
+	$(call make_venv,.venv-latest,-e '.[dev]')
+	.venv-latest/bin/python -m pytest -q tests
+	$(call make_venv,.venv-min,-c requirements/min.txt -e '.[dev]')
+	.venv-min/bin/python -m pytest -q tests
+	$(call make_venv,.venv-gpu,-r requirements/gpu-machine.txt)
+	$(MAKE) rehearsal-wheels
+	.venv-gpu/bin/python bench/gpu_check.py --install --wheels out/rehearsal-wheels --smoke --out out/gpu_rehearsal
+	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -v '^-e ' > $(LOCK)
+	.venv-min/bin/python -m pip freeze --exclude-editable | grep -v '^-e ' > $(MIN_LOCK)
+	.venv-gpu/bin/python -m pip freeze --exclude-editable | grep -v '^-e ' > $(GPU_LOCK)
+
+# What CI runs (.ci/run): the suite on the lock, on the minimums, on the newest releases, and the GPU rehearsal.
+ci: test test-min test-latest gpu-rehearsal
+
 # the suite as on an x86 CPU without AVX-512/AMX: torch's kernels and oneDNN capped at AVX2 (results must not
 # depend on the CPU a test runs on; CI machines differ)
 test-other-cpu: $(STAMP)
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) out artifacts
+	rm -rf $(VENV) .venv-min .venv-latest .venv-gpu out artifacts
 
 # make gpu-wheels (here, with PyPI): the packages the GPU machine lacks, as Python 3.12 manylinux wheels in
 #   wheels/ (git-ignored; the device tool carries it), then checks that tree + wheels fit what it moves.

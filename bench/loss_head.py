@@ -130,6 +130,8 @@ def liger_loss_fn(args: argparse.Namespace) -> tuple[Callable | None, str]:
         return None, f"liger_kernel does not import ({type(exc).__name__}: {str(exc)[:80]})"
     wanted = dict(beta=BETA, epsilon_low=EPSILON_LOW, epsilon_high=EPSILON_HIGH, temperature=args.temperature,
                   use_ref_model=True, loss_type=args.loss_type, max_completion_length=args.seq)
+    if args.smoke:  # on CPU torch.compile of each chunk takes ~40 s; the smoke checks the call, not Liger's speed
+        wanted["compiled"] = False
     accepted = inspect.signature(LigerFusedLinearGRPOLoss.__init__).parameters
     module = LigerFusedLinearGRPOLoss(**{k: v for k, v in wanted.items() if k in accepted})
     note = "" if "loss_type" in accepted else " (this version has no loss_type: its own default)"

@@ -1,0 +1,80 @@
+"""Declared ranges, the minimums CI tests and the locks `make` installs agree (issue #20).
+
+setup.cfg's floors are what `make test-min` runs on (requirements/min.txt, resolved into min-lock.txt); the GPU
+machine's stack (transformers 5.17.0, triton 3.6.0, torch 2.11) lies inside the declared ranges; `make` installs
+exactly requirements/lock.txt, which holds every declared package at a version inside its range.
+"""
+
+import configparser
+import re
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_MACHINE = {"torch": "2.11.0", "transformers": "5.17.0", "triton": "3.6.0", "accelerate": "1.15.0"}
+
+
+def declared() -> dict[str, Requirement]:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    lines = [ln.strip() for ln in cfg["options"]["install_requires"].splitlines()]
+    reqs = [Requirement(ln) for ln in lines if ln and not ln.startswith("#")]
+    return {r.name.lower(): r for r in reqs}
+
+
+def pins(path: Path) -> dict[str, Version]:
+    out = {}
+    for line in path.read_text().splitlines():
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)==([^\s;#]+)", line.strip())
+        if m:
+            out[m[1].lower().replace("_", "-")] = Version(m[2])
+    return out
+
+
+def floor(req: Requirement) -> Version:
+    (spec,) = [s for s in req.specifier if s.operator == ">="]
+    return Version(spec.version)
+
+
+def test_every_dependency_has_a_floor_and_min_txt_pins_exactly_the_floors():
+    reqs, minimum = declared(), pins(ROOT / "requirements" / "min.txt")
+    assert set(minimum) == set(reqs), set(minimum) ^ set(reqs)
+    for name, req in reqs.items():
+        if name == "torch":  # 2.13.0 is the lowest CPU build here; the floor 2.11 is the GPU machine's (make gpu-check)
+            assert floor(req) == Version("2.11") and minimum[name] == Version("2.13.0")
+            continue
+        assert minimum[name] == floor(req), f"{name}: setup.cfg says {req}, requirements/min.txt pins {minimum[name]}"
+
+
+def test_the_gpu_machines_stack_is_inside_the_declared_ranges():
+    reqs = declared()
+    for name, version in GPU_MACHINE.items():
+        assert reqs[name].specifier.contains(version, prereleases=True), f"{name} {version} outside {reqs[name]}"
+    minimum = pins(ROOT / "requirements" / "min.txt")
+    assert minimum["transformers"] == Version("5.17.0") and minimum["triton"] == Version("3.6.0")
+
+
+def test_the_locks_pin_every_declared_package_inside_its_range():
+    reqs = declared()
+    for lock in ("lock.txt", "min-lock.txt"):
+        locked = pins(ROOT / "requirements" / lock)
+        for name, req in reqs.items():
+            assert name in locked, f"{lock} does not pin {name}"
+            version = Version(locked[name].base_version) if name == "torch" else locked[name]  # 2.13.0+cpu
+            assert req.specifier.contains(version, prereleases=True), f"{lock}: {name} {locked[name]} outside {req}"
+    minimum, min_lock = pins(ROOT / "requirements" / "min.txt"), pins(ROOT / "requirements" / "min-lock.txt")
+    for name, version in minimum.items():  # the min lock is the minimums, resolved
+        assert Version(min_lock[name].base_version) == version, f"min-lock.txt: {name} {min_lock[name]}, min.txt {version}"
+    gpu = pins(ROOT / "requirements" / "gpu-machine-lock.txt")
+    assert gpu["transformers"] == Version("5.17.0") and gpu["triton"] == Version("3.6.0")
+    for dev_only in ("hypothesis", "pandas", "pyarrow", "datasets", "bitsandbytes", "trl"):  # not on the GPU machine
+        assert dev_only not in gpu, f"gpu-machine-lock.txt holds {dev_only}"
+
+
+def test_make_installs_the_lock():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "$(call make_venv,$(VENV),-c $(LOCK) -e '.[dev]')" in makefile
+    assert re.search(r"^\$\(STAMP\): .*\$\(LOCK\)", makefile, flags=re.M)  # a new lock reinstalls
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
