@@ -134,12 +134,7 @@ def compile_jit(fn, signature: dict[str, str], consts: dict[str, object], cap: i
     """Any ``@triton.jit`` kernel compiled for sm_<cap> here (no GPU): ``signature`` maps each non-constexpr
     argument to its Triton type ("*bf16", "i32", ...), ``consts`` the constexprs; pointers and the ``divisible``
     integers are declared 16-divisible, as the launches pass them. Returns the cubin's resource use."""
-    full = {name: ("constexpr" if name in consts else signature[name]) for name in fn.arg_names}
-    index = {name: i for i, name in enumerate(fn.arg_names)}
-    attrs = {(index[name],): [["tt.divisibility", 16]] for name, kind in full.items()
-             if kind.startswith("*") or name in divisible}
-    src = ASTSource(fn, full, constexprs={(index[k],): v for k, v in consts.items()}, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    compiled = _compile(fn, signature, consts, cap, num_warps, num_stages, divisible)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -147,6 +142,38 @@ def compile_jit(fn, signature: dict[str, str], consts: dict[str, object], cap: i
     fields = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage)}
     # Triton allocates shared memory dynamically (metadata.shared); static SHARED is normally 0
     return Resources(fields["REG"], fields["STACK"] + fields["LOCAL"], fields["SHARED"] + compiled.metadata.shared)
+
+
+def _compile(fn, signature: dict[str, str], consts: dict[str, object], cap: int, num_warps: int, num_stages: int,
+             divisible: set[str]):
+    full = {name: ("constexpr" if name in consts else signature[name]) for name in fn.arg_names}
+    index = {name: i for i, name in enumerate(fn.arg_names)}
+    attrs = {(index[name],): [["tt.divisibility", 16]] for name, kind in full.items()
+             if kind.startswith("*") or name in divisible}
+    src = ASTSource(fn, full, constexprs={(index[k],): v for k, v in consts.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _ptx(launch: Launch, cap: int) -> str:
+    fn, signature, divisible = _signature(launch.kernel, launch.dtype)
+    return _compile(fn, signature, dict(launch.constexprs), cap, launch.num_warps, launch.num_stages, divisible).asm["ptx"]
+
+
+def launch_ptx(launch: Launch, cap: int) -> str:
+    """The PTX Triton generates for ``launch`` on sm_<cap> (no GPU needed): what the code review of a kernel reads.
+    Compiled in a spawned process when the interpreter is on here, as ``_compile_all`` does."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return _ptx(launch, cap)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_ptx, launch, cap).result()
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 # the source files each kernel's code comes from: its own and those of the @triton.jit helpers it calls

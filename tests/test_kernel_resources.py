@@ -8,6 +8,7 @@ changed are compiled here, in parallel processes (151 launches from scratch: ~5 
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -53,3 +54,21 @@ def test_tiles_that_cannot_fit_are_refused():
     assert problems and any("shared memory" in p or "does not compile" in p for p in problems), problems
     config = launch_config(90, torch.bfloat16)
     assert resources.tile_problems(config.forward, config.backward, 90, torch.bfloat16) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_row_kernel_loads_every_block_before_any_warp_overwrites_it(dtype):
+    """The fused-linear row kernel writes 16-bit dlogits over the fp32 logits of its own row, which other warps
+    read (kernels/fused_linear.py). In the PTX of its dlogits loop (the block holding the vector store of
+    dlogits), a bar.sync must lie between that block's last global load and its store; the interpreter cannot
+    show a race, the generated code can."""
+    (launch,) = [l for l in resources.launches(90) if l.kernel == "grpo_rows" and l.dtype == dtype
+                 and dict(l.constexprs) == {"GRPO": True, "HAS_OLD": False, "HAS_KL": False, "BLOCK_V": 2048}]
+    ptx = resources.launch_ptx(launch, 90)
+    blocks = re.split(r"^\$L__BB\d+_\d+:.*$", ptx, flags=re.M)
+    (loop,) = [b for b in blocks if re.search(r"st\.global\.v4", b)]  # the dlogits loop: 8 x 16 bits per thread
+    lines = loop.splitlines()
+    last_load = max(i for i, ln in enumerate(lines) if "ld.global" in ln)
+    store = min(i for i, ln in enumerate(lines) if "st.global.v4" in ln)
+    assert last_load < store
+    assert any("bar.sync" in ln for ln in lines[last_load:store]), "no barrier between the loads and the aliasing store"
