@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 DONE_FILE = "COMPLETE"
 LOCK_FILE = ".lock"
+BASE_FILE = "base.json"  # the base model's identity: name and fingerprint
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 # logs whose lines make a folder hold a run (with checkpoints); a recipe.yaml alone (a run that failed before its
 # first step) holds nothing to lose
@@ -86,6 +87,7 @@ class RunLock:
     def __init__(self, folder: Path, fd: int):
         self.folder = folder
         self._fd: int | None = fd
+        self.created: list[Path] = []  # folders claim_run_folder made (deepest first)
 
     @classmethod
     def acquire(cls, folder: str | Path) -> "RunLock":
@@ -120,7 +122,9 @@ class RunLock:
         os.fsync(fd)
         return cls(folder, fd)
 
-    def release(self) -> None:
+    def release(self, cleanup: bool = False) -> None:
+        """Unlock; with ``cleanup`` (a run refused before its first write), remove the folders the claim created
+        if they are still empty."""
         if self._fd is None:
             return
         try:
@@ -129,6 +133,12 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+        if cleanup:
+            for d in self.created:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
     @property
     def held(self) -> bool:
@@ -144,40 +154,108 @@ def run_contents(folder: str | Path) -> list[str]:
                   or x.name.startswith(".tmp-checkpoint-"))
 
 
-def check_output_dir(folder: str | Path) -> None:
-    """The folder is usable as a run folder: not a file, creatable and writable."""
+# what a run writes into its folder (trainer, reporting, plots, checkpoints): a folder holding anything else is
+# not a run folder, and a run neither writes into it nor moves it aside
+OWN_NAMES = {"metrics.jsonl", "samples.jsonl", "metrics.tmp", "samples.tmp", "recipe.yaml", "plots", "tensorboard",
+             "wandb", "wandb_run_id", LOCK_FILE, ".DS_Store"}
+_OWN_PATTERN = re.compile(r"^(\.tmp-|\.old-)?checkpoint-\d+$|^superseded-[\w.-]+$")
+
+
+def foreign_contents(folder: str | Path) -> list[str]:
+    """What in ``folder`` a run did not write (empty for a fresh folder or a run folder)."""
     p = Path(folder)
-    if p.exists() and not p.is_dir():
-        raise RunFolderError(f"log.output_dir {p} is a file, not a folder; choose another log.output_dir")
+    if not p.is_dir():
+        return []
+    return sorted(x.name for x in p.iterdir() if x.name not in OWN_NAMES and not _OWN_PATTERN.match(x.name))
+
+
+def _listed(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def check_output_dir(folder: str | Path, *, overwrite: bool = False) -> None:
+    """The folder can take a run: a fresh (absent or empty) folder or a run folder of ours, reachable (no dangling
+    or looping link on the way), creatable and writable; with ``overwrite``, one that can be moved aside.
+    Raises RunFolderError; reads only."""
+    if str(folder).strip() == "":
+        raise RunFolderError("log.output_dir is empty; give a folder for the run, e.g. log.output_dir=out/my_run")
+    p = Path(folder)
     existing = p
-    while not existing.exists():
+    while True:
+        try:
+            if existing.is_symlink() and not existing.exists():
+                try:
+                    target = os.readlink(existing)
+                except OSError:
+                    target = "?"
+                why = "loops" if _loops(existing) else f"points to {target}, which does not exist"
+                raise RunFolderError(f"log.output_dir {p}: {existing} is a symbolic link that {why}; fix the link or "
+                                     "choose another log.output_dir")
+            if existing.exists():
+                break
+        except OSError as exc:
+            raise RunFolderError(f"log.output_dir {p}: {existing} cannot be reached ({exc.strerror or exc}); choose another "
+                                 "log.output_dir") from None
+        if existing.parent == existing:
+            break
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if existing == p and not p.is_dir():
+        raise RunFolderError(f"log.output_dir {p} is a file, not a folder; choose another log.output_dir")
+    if not existing.is_dir():
+        raise RunFolderError(f"log.output_dir {p}: {existing} is a file, not a folder; choose another log.output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise RunFolderError(f"log.output_dir {p}: {existing} is not writable; choose another log.output_dir")
+    foreign = foreign_contents(p)
+    if foreign:
+        raise RunFolderError(
+            f"log.output_dir {p} holds files no run wrote ({_listed(foreign)}): a run writes only into a fresh folder or "
+            "its own run folder; choose another log.output_dir (e.g. a new subfolder)"
+        )
+    if overwrite and run_contents(p):
+        real, cwd = Path(os.path.realpath(p)), Path(os.path.realpath(os.getcwd()))
+        if real == cwd or real in cwd.parents:
+            raise RunFolderError(f"--overwrite: log.output_dir {p} is (or holds) the current directory and cannot be moved "
+                                 "aside; run from another directory or choose another log.output_dir")
+
+
+def _loops(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
 
 
 def claim_run_folder(folder: str | Path, *, resume: bool, overwrite: bool = False) -> RunLock:
     """Lock ``folder`` for this run. A folder already holding a run is refused unless ``resume`` (continue
-    it) or ``overwrite`` (move the old run aside to ``<folder>.old-<time>``, never deleted)."""
+    it) or ``overwrite`` (move the old run aside to ``<folder>.old-<time>``, never deleted; through a link, the
+    folder it points to is moved and the link is kept). Folders it creates are listed in the lock's ``created``
+    (``release(cleanup=True)`` removes them again if still empty: a run refused later leaves nothing)."""
     folder = Path(folder)
-    check_output_dir(folder)
+    check_output_dir(folder, overwrite=overwrite and not resume)
+    created = []
+    q = folder
+    while not q.exists() and q.parent != q:
+        created.append(q)
+        q = q.parent
     folder.mkdir(parents=True, exist_ok=True)
     lock = RunLock.acquire(folder)
+    lock.created = created
     found = run_contents(folder)
     if found and not resume:
         if not overwrite:
             lock.release()
-            listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
             raise RunFolderError(
-                f"log.output_dir {folder} already holds a run ({listed}); continue it with --resume latest, choose "
+                f"log.output_dir {folder} already holds a run ({_listed(found)}); continue it with --resume latest, choose "
                 "another log.output_dir, or pass --overwrite to move the old run aside (it is not deleted)"
             )
-        aside = _aside_name(folder)
-        os.rename(folder, aside)  # the lock moves with the folder: nobody can start in it meanwhile
+        real = Path(os.path.realpath(folder))  # through a link: the run is moved, the link stays
+        aside = _aside_name(real)
+        os.rename(real, aside)  # the lock moves with the folder: nobody can start in it meanwhile
         lock.folder = aside
         lock.release()
         log.warning("moved the previous run in %s aside to %s", folder, aside)
-        folder.mkdir(parents=True)
+        real.mkdir(parents=True)
         lock = RunLock.acquire(folder)
     return lock
 
@@ -215,31 +293,46 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != DONE_FILE)
 
 
-def save_checkpoint(output_dir: str | Path, step: int, *, peft_model, state: dict, recipe_text: str, keep: int) -> Path:
-    """Write checkpoint-``step`` atomically and verifiably; keep the newest ``keep`` checkpoints."""
+def save_checkpoint(output_dir: str | Path, step: int, *, peft_model, state: dict, recipe_text: str, keep: int,
+                    base: dict | None = None) -> Path:
+    """Write checkpoint-``step`` atomically and verifiably; keep the newest ``keep`` checkpoints. ``base``: the
+    base model's identity (``base_identity``), written as base.json so that a resume can check it. A write that
+    fails (no space left, a file-size limit) raises CheckpointError naming the folder and the step; the
+    temporary folder is removed and the previous checkpoints are untouched."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"checkpoint-{step}"
     tmp = out / f".tmp-checkpoint-{step}"
     for leftover in [*out.glob(".tmp-checkpoint-*"), *out.glob(".old-checkpoint-*")]:  # of a killed save or delete
         shutil.rmtree(leftover, ignore_errors=True)  # (the folder's lock makes this process its only writer)
-    tmp.mkdir()
-    peft_model.save_pretrained(str(tmp / "adapter"))
-    torch.save(state, tmp / STATE_FILE)
-    (tmp / "recipe.yaml").write_text(recipe_text)
-    # data first, then the folders' entries, then the record of what was written: a power cut can lose
-    # COMPLETE but never leave a COMPLETE that vouches for files still in the page cache
-    files = _files(tmp)
-    for f in files:
-        _fsync_path(f)
-    for d in sorted({f.parent for f in files}, key=lambda p: -len(p.parts)):
-        _fsync_path(d)
-    record = {"step": step, "files": {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}}
-    with open(tmp / DONE_FILE, "w") as f:
-        f.write(json.dumps(record, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_path(tmp)
+    try:
+        tmp.mkdir()
+        peft_model.save_pretrained(str(tmp / "adapter"))
+        with open(tmp / STATE_FILE, "wb") as f:  # through a Python file: a failed write keeps its errno
+            torch.save(state, f)
+        (tmp / "recipe.yaml").write_text(recipe_text)
+        if base is not None:
+            (tmp / BASE_FILE).write_text(json.dumps(base, indent=1))
+        # data first, then the folders' entries, then the record of what was written: a power cut can lose
+        # COMPLETE but never leave a COMPLETE that vouches for files still in the page cache
+        files = _files(tmp)
+        for f in files:
+            _fsync_path(f)
+        for d in sorted({f.parent for f in files}, key=lambda p: -len(p.parts)):
+            _fsync_path(d)
+        record = {"step": step, "files": {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}}
+        with open(tmp / DONE_FILE, "w") as f:
+            f.write(json.dumps(record, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_path(tmp)
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(out)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no checkpoint of this run was saved before"
+        why = _write_problem(exc, out)
+        raise CheckpointError(f"cannot save checkpoint-{step} at step {step}: {why}; {kept}. Free space (or raise the limit), "
+                              "then continue with --resume latest") from exc
     if final.exists():  # re-saving the same step (e.g. interrupted right after a periodic save)
         old = out / f".old-checkpoint-{step}"
         shutil.rmtree(old, ignore_errors=True)
@@ -252,6 +345,39 @@ def save_checkpoint(output_dir: str | Path, step: int, *, peft_model, state: dic
     for stale in list_checkpoints(out)[:-keep]:
         _remove(stale)
     return final
+
+
+def _write_problem(exc: BaseException, folder: Path) -> str:
+    """Why a write into ``folder`` failed, in words: "no space left on <folder>", a file-size limit, or the error.
+    torch's C++ writer loses the errno (``basic_ios::clear: iostream error``): then the disk and limits are asked."""
+    e, seen = exc, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"no space left on {folder}"
+        if isinstance(e, OSError) and e.errno == errno.EFBIG:
+            return f"a file reached the file-size limit (ulimit -f) in {folder}"
+        e = e.__cause__ or e.__context__
+    text = str(exc)
+    if "No space left" in text or "os error 28" in text:
+        return f"no space left on {folder}"
+    if "File too large" in text or "os error 27" in text:
+        return f"a file reached the file-size limit (ulimit -f) in {folder}"
+    try:
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize < 64 << 20:
+            return f"no space left on {folder} ({st.f_bavail * st.f_frsize >> 20} MiB free)"
+    except OSError:
+        pass
+    try:
+        import resource
+
+        if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+            return f"a file reached the file-size limit (ulimit -f) in {folder}"
+    except (ImportError, ValueError, OSError):
+        pass
+    first = (text.strip().splitlines() or [type(exc).__name__])[0]
+    return f"writing into {folder} failed ({type(exc).__name__}: {first[:200]})"
 
 
 def _remove(checkpoint: Path) -> None:
@@ -299,13 +425,45 @@ def verify_checkpoint(path: str | Path) -> None:
             raise CheckpointError(f"{f} has {size} bytes, {want['size']} were written: the file is damaged")
         if _sha256(f) != want["sha256"]:
             raise CheckpointError(f"{f} does not match the checksum written with it: the file is damaged")
+    check_finite_adapter(p / "adapter")
+
+
+def check_finite_adapter(adapter: str | Path) -> None:
+    """CheckpointError when the adapter's weights (safetensors) are unreadable or hold a non-finite value."""
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{weights} cannot be read ({type(exc).__name__}: {str(exc)[:160]}): the file is damaged") from None
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors.values() if t.is_floating_point())
+    if bad:
+        raise CheckpointError(f"{weights} holds {bad} non-finite values (inf/nan): the run had diverged when it was saved")
+
+
+def unfinished_checkpoints(output_dir: str | Path) -> list[Path]:
+    """checkpoint-N folders without ``COMPLETE`` (their save did not finish), newest first."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _NAME.match(p.name)) and not (p / DONE_FILE).is_file()]
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path:
-    """``latest`` -> the newest checkpoint in output_dir that verifies (damaged ones are skipped with a
-    warning); else the given checkpoint folder, which must verify. Raises CheckpointError."""
+    """``latest`` -> the newest checkpoint in output_dir that verifies (damaged or unfinished ones are skipped with
+    a warning); else the given checkpoint folder, which must verify. Raises CheckpointError."""
     if resume == "latest":
-        for p in reversed(list_checkpoints(output_dir)):
+        complete = list_checkpoints(output_dir)
+        newest = int(complete[-1].name.split("-")[1]) if complete else -1
+        for p in unfinished_checkpoints(output_dir):
+            if int(p.name.split("-")[1]) > newest:
+                log.warning("skipping checkpoint %s: it has no %s marker (its save did not finish)", p.name, DONE_FILE)
+        for p in reversed(complete):
             try:
                 verify_checkpoint(p)
                 return p
@@ -320,6 +478,103 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path:
     except CheckpointError as exc:
         raise CheckpointError(f"--resume {resume}: {exc}; use another checkpoint or --resume latest") from None
     return Path(resume)
+
+
+def check_resume_source(resume: str, output_dir: str | Path) -> None:
+    """``--resume PATH`` of a checkpoint outside ``output_dir`` continues that run only into a fresh folder: into
+    a folder holding a run of its own it would mix the two runs' logs and checkpoints. Raises RunFolderError."""
+    if resume == "latest":
+        return
+    source = Path(os.path.realpath(resume)).parent
+    if source == Path(os.path.realpath(output_dir)):
+        return
+    found = run_contents(output_dir)
+    if found:
+        raise RunFolderError(
+            f"--resume {resume} is a checkpoint of the run in {source}, but log.output_dir {output_dir} holds another run "
+            f"({_listed(found)}): resuming would mix the two. Continue that run in its own folder (log.output_dir={source}) "
+            f"or in a fresh log.output_dir, or continue the run in {output_dir} with --resume latest"
+        )
+
+
+def set_aside_later_checkpoints(output_dir: str | Path, step: int) -> Path | None:
+    """Resuming from step ``step`` replays the steps after it: the checkpoints of those steps belong to the run's
+    abandoned future (``--resume latest`` would pick them). They are moved into ``superseded-<time>/`` in the run
+    folder (not deleted); returns that folder, or None when there were none."""
+    out = Path(output_dir)
+    later = [p for p in [*list_checkpoints(out), *unfinished_checkpoints(out)] if int(p.name.split("-")[1]) > step]
+    if not later:
+        return None
+    aside = out / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while aside.exists():
+        aside = out / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        n += 1
+    aside.mkdir()
+    for p in later:
+        os.rename(p, aside / p.name)
+    log.warning("resuming from step %d: the later checkpoints (%s) belong to the steps being replayed; moved to %s",
+                step, ", ".join(sorted(p.name for p in later)), aside)
+    return aside
+
+
+# ------------------------------------------------------------------------------------ base identity
+
+
+def model_folder(name_or_path: str) -> Path | None:
+    """The local folder holding a model's config.json: a local path, a tiny model's folder, or a hub id's cached
+    snapshot; None when there is none (yet)."""
+    for prefix in ("tiny-base:", "tiny:"):
+        if name_or_path.startswith(prefix):
+            name_or_path = name_or_path[len(prefix):]
+    p = Path(os.path.expanduser(name_or_path))
+    if (p / "config.json").is_file():
+        return p
+    if p.exists() or name_or_path.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name_or_path, "config.json")
+    except Exception:  # noqa: BLE001 -- an id the hub library rejects has no cache
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def base_identity(name_or_path: str) -> dict | None:
+    """``{"name": ..., "fingerprint": ...}`` of a base model, or None when it is not on disk. The fingerprint
+    hashes its config.json (less its own name and the writing library's version), the names and sizes of its
+    weight files and 64 blocks of 4 KiB spread over each (two bases of one architecture differ there); a few ms."""
+    folder = model_folder(name_or_path)
+    if folder is None:
+        return None
+    h = hashlib.sha256()
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        if isinstance(config, dict):
+            for volatile in ("_name_or_path", "transformers_version"):
+                config.pop(volatile, None)
+        h.update(json.dumps(config, sort_keys=True).encode())
+        for f in sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")]):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                for i in range(64):
+                    fh.seek(size * i // 64)
+                    h.update(fh.read(4096))
+    except (OSError, ValueError):
+        return None
+    return {"name": name_or_path, "fingerprint": h.hexdigest()[:32]}
+
+
+def checkpoint_base(path: str | Path) -> dict | None:
+    """The base identity a checkpoint recorded (None for checkpoints written before it was recorded)."""
+    f = Path(path) / BASE_FILE
+    try:
+        found = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and isinstance(found.get("fingerprint"), str) else None
 
 
 def load_state(path: str | Path) -> dict:

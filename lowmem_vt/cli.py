@@ -20,6 +20,7 @@ USER_ERRORS = (
     ("lowmem_vt.checkpoint", "RunFolderError"),
     ("lowmem_vt.preflight", "PreflightError"),
     ("lowmem_vt.plot", "PlotError"),
+    ("lowmem_vt.planner", "PlanError"),
 )
 
 
@@ -37,6 +38,8 @@ def _setup_logging() -> None:
 
 
 def cmd_train(args) -> int:
+    import signal
+
     from .config import load_config
     from .trainer import Trainer, TrainingStopped
 
@@ -51,10 +54,11 @@ def cmd_train(args) -> int:
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without saving
-        print(f"stopped at once (second Ctrl-C); the last checkpoint in {cfg.log.output_dir} is intact. "
-              f"Continue with: {resume_cmd}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # a second signal: stopped at once, without saving
+        sig = trainer.stopped_at_once_by or signal.SIGINT
+        what = "a second Ctrl-C" if sig == signal.SIGINT else f"a second {sig.name}"
+        print(f"stopped at once ({what}), without saving; {_what_is_left(cfg.log.output_dir, args, resume_cmd)}", file=sys.stderr)
+        return 128 + int(sig)
     sig = trainer.interrupted_by
     if sig is not None and trainer.step_count < trainer.total_steps:  # a signal during the last step: it finished
         print(f"interrupted by {sig.name} at step {trainer.step_count} of {trainer.total_steps}; checkpoint saved in "
@@ -63,6 +67,20 @@ def cmd_train(args) -> int:
     if last:
         print(f"done: step {last['step']}, reward {last['reward']:.3f}, outputs in {cfg.log.output_dir}")
     return 0
+
+
+def _what_is_left(output_dir: str, args, resume_cmd: str) -> str:
+    """After a run stopped without saving: the checkpoint a resume would use, or how to start again."""
+    from . import checkpoint as ckpt
+
+    for p in reversed(ckpt.list_checkpoints(output_dir)):
+        try:
+            ckpt.verify_checkpoint(p)
+        except ckpt.CheckpointError:
+            continue
+        return f"the last checkpoint ({p.name}) in {output_dir} is intact. Continue with: {resume_cmd}"
+    again = shlex.join(["lowmem-vt", "train", args.recipe, *args.overrides, "--overwrite"])
+    return f"no checkpoint of this run was saved in {output_dir}. Start again with: {again}"
 
 
 def cmd_plot(args) -> int:
@@ -76,14 +94,23 @@ def cmd_plot(args) -> int:
 
 
 def cmd_build_tiny(args) -> int:
+    from .preflight import check_output_folder
     from .tiny import build_tiny_model
 
+    check_output_folder(args.out, "build-tiny", {})  # a new or empty folder: nothing is overwritten
     print(build_tiny_model(args.out))
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``error:`` line (status 2), like every other error of the CLI."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lowmem-vt", description="Memory-efficient R1-Zero GRPO for Qwen2-VL")
+    p = OneLineParser(prog="lowmem-vt", description="Memory-efficient R1-Zero GRPO for Qwen2-VL")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (may be given anywhere)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -136,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     _setup_logging()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (one line, printed) or --help: its status, also when called in-process
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -147,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debug or not isinstance(exc, _user_error_types()):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,7 @@ parsed as YAML scalars and validated the same way.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -20,8 +21,39 @@ import re
 import yaml
 
 
+class ConfigError(ValueError):
+    """A recipe problem, phrased for the user: where (file, key) and what is expected."""
+
+
+# A recipe is a page of settings: a file over this size, or YAML expanding (through anchors and aliases) to more
+# values or deeper nesting than these, is refused before it is built (a 2 KB "billion laughs" expands to GBs).
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_VALUES = 10_000
+MAX_YAML_DEPTH = 32
+
+
 class RecipeLoader(yaml.SafeLoader):
-    """YAML with YAML 1.2 numbers: ``1e-5`` is a float (YAML 1.1, PyYAML's default, reads it as a string)."""
+    """YAML with YAML 1.2 numbers (``1e-5`` is a float; YAML 1.1, PyYAML's default, reads it as a string) and
+    without duplicate keys (PyYAML silently keeps the last of two ``train:`` sections)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # SafeLoader reports an unhashable key itself
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {_short(key)} appears a second time (first on line {seen[key] + 1}): the second would "
+                        "silently replace the first; merge them",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 RecipeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
@@ -32,12 +64,77 @@ RecipeLoader.add_implicit_resolver(
 )
 
 
+def _check_expansion(root) -> None:
+    """ConfigError when the node graph, with every alias expanded, holds more than MAX_YAML_VALUES values or is
+    deeper than MAX_YAML_DEPTH (or refers to itself); counted on the composed nodes, before anything is built."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack = [(root, 0, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        key = id(node)
+        children = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if done:
+            on_path.discard(key)
+            sizes[key] = min(1 + sum(sizes[id(c)] for c in children), MAX_YAML_VALUES + 1)
+            if sizes[key] > MAX_YAML_VALUES:
+                raise ConfigError(f"expands to more than {MAX_YAML_VALUES} values (anchors and aliases); a recipe holds "
+                                  "about a hundred settings: write them out")
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise ConfigError("refers to itself (an alias inside its own anchor); write the settings out")
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"is nested deeper than {MAX_YAML_DEPTH} levels; a recipe is sections of settings")
+        on_path.add(key)
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children if id(c) not in sizes)
+
+
 def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=RecipeLoader)
+    """One YAML document, read with RecipeLoader after its expanded size is checked. Raises yaml.YAMLError for
+    bad YAML (duplicate keys included) and ConfigError (without a file name) for a document too large."""
+    loader = RecipeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"is nested deeper than {MAX_YAML_DEPTH} levels; a recipe is sections of settings") from None
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
-class ConfigError(ValueError):
-    """A recipe problem, phrased for the user: where (file, key) and what is expected."""
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: ``line L, column C: problem``."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(exc).split())[:300]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return where + (f"{context}, {problem}" if context else problem)
+
+
+def _not_text(s: str) -> bool:
+    """A NUL, or a byte that was not UTF-8 (Python keeps those of argv as lone surrogates)."""
+    return "\x00" in s or any("\ud800" <= ch <= "\udfff" for ch in s)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a value in a message, never a megabyte of it)."""
+    if isinstance(value, (dict, list)) and len(value) > 8:
+        return f"<a {type(value).__name__} of {len(value)} items>"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -176,16 +273,25 @@ def _type_name(tp: Any) -> str:
     )
 
 
+# ints beyond this are typos (no count, size or seed of a run comes near); numbers must be finite
+MAX_INT = 2**53
+
+
 def _coerce(value: Any, tp: Any, where: str, file: str) -> Any:
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{file}: key '{where}': got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+
+    def bad() -> ConfigError:  # built only when raised: repr of a huge value costs (a YAML alias bomb)
+        return ConfigError(f"{file}: key '{where}': got {_short(value)} ({type(value).__name__}), expected {_type_name(tp)}")
+
     if dataclasses.is_dataclass(tp):
+        if value is None:  # an empty section (``train:`` with nothing under it)
+            value = {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{file}: key '{where}': expected a mapping of settings, got {value!r}")
+            raise ConfigError(f"{file}: key '{where}': expected a mapping of settings (key: value lines), got {_short(value)}")
         return _build(tp, value, where, file)
     if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise bad
+        if not isinstance(value, (str, int, float, bool, type(None))) or value not in typing.get_args(tp):
+            raise bad()
         return value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -193,33 +299,41 @@ def _coerce(value: Any, tp: Any, where: str, file: str) -> Any:
                 return _coerce(value, arg, where, file)
             except ConfigError:
                 continue
-        raise bad
+        raise bad()
     if origin is list:
         if not isinstance(value, list):
-            raise bad
+            raise bad()
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{where}[{i}]", file) for i, v in enumerate(value)]
     if tp is type(None):
         if value is not None:
-            raise bad
+            raise bad()
         return None
     if tp is bool:
         if not isinstance(value, bool):
-            raise bad
+            raise bad()
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
+            raise bad()
+        if abs(value) > MAX_INT:
+            raise ConfigError(f"{file}: key '{where}': {_short(value)} is out of range (at most {MAX_INT:.0e} in size)")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
+            raise bad()
+        if isinstance(value, int) and abs(value) > MAX_INT:
+            raise ConfigError(f"{file}: key '{where}': {_short(value)} is out of range (at most {MAX_INT:.0e} in size)")
+        if not math.isfinite(value):
+            raise ConfigError(f"{file}: key '{where}': got {value}; expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise bad
+            raise bad()
+        if _not_text(value):
+            raise ConfigError(f"{file}: key '{where}': {_short(value)} is not valid text (a NUL or a byte that is not UTF-8)")
         return value
-    raise bad
+    raise bad()
 
 
 def _build(cls: type, values: dict, prefix: str, file: str) -> Any:
@@ -229,32 +343,74 @@ def _build(cls: type, values: dict, prefix: str, file: str) -> Any:
     for key, value in values.items():
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            raise ConfigError(f"{file}: unknown key '{where}'; known keys here: {', '.join(sorted(fields))}")
+            raise ConfigError(f"{file}: unknown key {_short(where)}; known keys here: {', '.join(sorted(fields))}")
         kwargs[key] = _coerce(value, hints[key], where, file)
     return cls(**kwargs)
+
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
+    for i, p in enumerate(parts[:-1]):
+        if node.get(p) is None:  # absent, or an empty section
+            node[p] = {}
+        nxt = node[p]
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override '{dotted}': '{p}' is a value, not a section")
+            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[:i + 1])}' is a value, not a section")
         node = nxt
     node[parts[-1]] = value
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """``["train.learning_rate=1e-5", "grpo.beta=0"]`` -> [(key, value)], values parsed as YAML scalars."""
+    """``["train.learning_rate=1e-5", "grpo.beta=0"]`` -> [(key, value)], values parsed as YAML (a scalar, or a
+    flow list like ``[q_proj, v_proj]``). Raises ConfigError naming the override."""
     out = []
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key.sub=value")
+            raise ConfigError(f"override {_short(item)}: expected key.sub=value (e.g. train.learning_rate=1e-5)")
+        if _not_text(item):
+            raise ConfigError(f"override {_short(item)}: is not UTF-8 text (or holds a NUL); retype it")
         key, raw = item.split("=", 1)
-        value = yaml_load(raw) if raw != "" else ""
-        out.append((key.strip(), value))
+        key = key.strip()
+        if not _KEY.fullmatch(key):
+            raise ConfigError(f"override {_short(item)}: {_short(key)} is not a key; expected key.sub=value (e.g. train.max_steps=10)")
+        if len(raw) > 10_000:
+            raise ConfigError(f"override '{key}': the value is {len(raw)} characters long; a setting is one line")
+        try:
+            value = yaml_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{key}': {_short(raw)} is not a valid value ({yaml_problem(exc)}); quote text that "
+                              "starts with [ { : # & * ! | > ' \" % @ or `") from None
+        except ConfigError as exc:
+            raise ConfigError(f"override '{key}': the value {exc}") from None
+        out.append((key, value))
     return out
+
+
+def read_recipe_text(path: str | os.PathLike) -> str:
+    """The text of a recipe file: at most MAX_RECIPE_BYTES, UTF-8 (a UTF-8 byte-order mark is allowed).
+    Raises ConfigError naming the file."""
+    file = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe file not found: {file}" + (" (it is a folder)" if p.is_dir() else ""))
+    try:
+        size = p.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise ConfigError(f"{file}: {size} bytes; a recipe is a page of settings (at most {MAX_RECIPE_BYTES} bytes): "
+                              "is this the right file?")
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"{file}: is UTF-16 text; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save it as UTF-8") from None
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RecipeConfig:
@@ -262,17 +418,17 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     file = str(path) if path is not None else "<defaults>"
     tree: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"recipe file not found: {file}")
+        text = read_recipe_text(path)
         try:
-            loaded = yaml_load(p.read_text())
+            loaded = yaml_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{file}: not valid YAML: {yaml_problem(exc)}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{file}: {exc}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{file}: the recipe must be a mapping of sections (model:, data:, ...)")
+            raise ConfigError(f"{file}: the recipe must be a mapping of sections (model:, data:, ...), got {type(loaded).__name__}")
         tree = loaded
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
@@ -300,6 +456,17 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.endswith((".parquet", ".json", ".jsonl")) or path.count("/") != 1
 
 
+# Ranges of the numbers a recipe may hold, beyond which a setting is a typo or cannot train (an infinite or
+# overflowing value, a learning rate that sends the weights to infinity in one step, a temperature that flattens
+# every distribution): refused before anything loads.
+SEED_RANGE = (0, 2**32 - 1)  # numpy's seeds
+MAX_COMPLETIONS_PER_STEP = 1 << 16
+MAX_GENERATED_SAMPLES = 100_000
+MAX_GENERATED_IMAGE_SIZE = 2048
+MAX_GENERATED_BYTES = 8 << 30  # the generated images are held decoded in memory (RGB)
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def validate(cfg: RecipeConfig) -> None:
     """Range and consistency checks; each error names the file, the key and what is expected."""
     f = cfg.source_file
@@ -308,47 +475,77 @@ def validate(cfg: RecipeConfig) -> None:
         if not cond:
             raise ConfigError(f"{f}: key '{key}': {msg}")
 
+    def within(value, lo, hi, key: str, note: str = "") -> None:
+        show = (lambda x: str(x)) if isinstance(value, int) else (lambda x: f"{x:g}")
+        need(lo <= value <= hi, key, f"must be in [{show(lo)}, {show(hi)}]{note}, got {show(value)}")
+
     g, t = cfg.grpo, cfg.train
     need(g.num_generations >= 2, "grpo.num_generations", f"must be >= 2 (group advantages need a group), got {g.num_generations}")
-    need(g.temperature > 0, "grpo.temperature", f"must be > 0, got {g.temperature}")
+    within(g.temperature, 0.01, 100.0, "grpo.temperature", " (sampling divides the logits by it)")
     need(g.max_completion_length >= 1, "grpo.max_completion_length", "must be >= 1")
     need(g.max_prompt_length >= 1, "grpo.max_prompt_length", "must be >= 1")
-    need(g.beta >= 0, "grpo.beta", f"must be >= 0, got {g.beta}")
+    within(g.beta, 0.0, 100.0, "grpo.beta")
     need(0 <= g.epsilon < 1, "grpo.epsilon", f"must be in [0, 1), got {g.epsilon}")
-    need(g.epsilon_high is None or g.epsilon_high >= 0, "grpo.epsilon_high", "must be >= 0")
-    need(g.num_iterations >= 1, "grpo.num_iterations", "must be >= 1")
+    need(g.epsilon_high is None or 0 <= g.epsilon_high <= 10, "grpo.epsilon_high", f"must be in [0, 10], got {g.epsilon_high}")
+    within(g.num_iterations, 1, 64, "grpo.num_iterations")
     need(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
     need(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
     per_step = cfg.completions_per_step
+    need(per_step <= MAX_COMPLETIONS_PER_STEP, "grpo.num_generations",
+         f"prompts_per_step {t.prompts_per_step} x num_generations {g.num_generations} = {per_step} completions per step; "
+         f"at most {MAX_COMPLETIONS_PER_STEP}")
     need(
         per_step % t.micro_batch_size == 0,
         "train.micro_batch_size",
         f"must divide the completions per step (prompts_per_step {t.prompts_per_step} x num_generations "
         f"{g.num_generations} = {per_step}), got {t.micro_batch_size}",
     )
-    need(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
-    need(t.num_epochs > 0 or t.max_steps > 0, "train.num_epochs", "must be > 0 (or set train.max_steps)")
+    need(0 < t.learning_rate <= 1, "train.learning_rate",
+         f"must be in (0, 1] (LoRA learns at 1e-6 .. 1e-2; larger sends the weights to infinity), got {t.learning_rate:g}")
+    need(t.max_steps > 0 or 0 < t.num_epochs <= 1e6, "train.num_epochs",
+         f"must be in (0, 1e6] (or set train.max_steps), got {t.num_epochs:g}")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 turns clipping off)")
     need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    within(t.weight_decay, 0.0, 1.0, "train.weight_decay")
+    need(0 <= t.adam_beta1 < 1, "train.adam_beta1", f"must be in [0, 1), got {t.adam_beta1:g}")
+    need(0 <= t.adam_beta2 < 1, "train.adam_beta2", f"must be in [0, 1), got {t.adam_beta2:g}")
     need(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    within(t.seed, *SEED_RANGE, "train.seed")
     need(cfg.lora.r >= 1, "lora.r", f"must be >= 1, got {cfg.lora.r}")
-    need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
+    within(cfg.lora.alpha, 1, 1 << 16, "lora.alpha")
     need(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
     need(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
+    for i, name in enumerate(cfg.lora.target_modules):
+        need(bool(_MODULE_NAME.fullmatch(name)), f"lora.target_modules[{i}]", f"{_short(name)} is not a module name (e.g. q_proj)")
     d = cfg.data
-    need(d.min_pixels > 0 and d.max_pixels >= d.min_pixels, "data.max_pixels", f"must be >= data.min_pixels ({d.min_pixels})")
+    need(d.min_pixels >= 1, "data.min_pixels", f"must be >= 1, got {d.min_pixels}")
+    need(d.min_pixels <= d.max_pixels <= 1 << 28, "data.max_pixels",
+         f"must be in [data.min_pixels ({d.min_pixels}), {1 << 28}], got {d.max_pixels}")
     need(d.max_samples >= 1, "data.max_samples", "must be >= 1")
+    within(d.seed, *SEED_RANGE, "data.seed")
     if d.source == "generated":
         need(d.generated_samples >= t.prompts_per_step, "data.generated_samples", f"must be >= train.prompts_per_step ({t.prompts_per_step})")
-    elif _looks_local(d.path):
-        need(os.path.exists(os.path.expanduser(d.path)), "data.path", f"local dataset path {d.path!r} does not exist")
+        need(d.generated_samples <= MAX_GENERATED_SAMPLES, "data.generated_samples", f"must be <= {MAX_GENERATED_SAMPLES}, got {d.generated_samples}")
+        within(d.generated_image_size, 28, MAX_GENERATED_IMAGE_SIZE, "data.generated_image_size", " pixels")
+        held = d.generated_samples * d.generated_image_size**2 * 3
+        need(held <= MAX_GENERATED_BYTES, "data.generated_samples",
+             f"{d.generated_samples} images of {d.generated_image_size}x{d.generated_image_size} would hold {held / 2**30:.1f} GiB "
+             f"in memory (at most {MAX_GENERATED_BYTES >> 30}); generate fewer or smaller images")
+    else:
+        need(d.path.strip() != "", "data.path", "is empty; give a hub id (owner/name) or a local file or folder")
+        if _looks_local(d.path):
+            need(os.path.exists(os.path.expanduser(d.path)), "data.path", f"local dataset path {d.path!r} does not exist")
     known_rewards = ("format", "accuracy")
     for i, name in enumerate(cfg.rewards.funcs):
-        need(name in known_rewards, f"rewards.funcs[{i}]", f"unknown reward {name!r}; known: {', '.join(known_rewards)}")
+        need(name in known_rewards, f"rewards.funcs[{i}]", f"unknown reward {_short(name)}; known: {', '.join(known_rewards)}")
     need(len(cfg.rewards.funcs) > 0, "rewards.funcs", "must name at least one reward")
-    need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-    need(cfg.rollout.top_k >= 0, "rollout.top_k", "must be >= 0")
+    need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {cfg.rollout.top_p:g}")
+    need(cfg.rollout.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)")
+    need(cfg.model.name_or_path.strip() != "", "model.name_or_path", "is empty; give a hub id (owner/name) or a model folder")
+    need(cfg.log.output_dir.strip() != "", "log.output_dir",
+         "is empty (the run would be written into the current folder); give a folder for the run, e.g. out/my_run")
     need(cfg.log.save_steps >= 1, "log.save_steps", "must be >= 1")
+    need(cfg.log.sample_every >= 0, "log.sample_every", "must be >= 0 (0 = never)")
     need(cfg.log.keep_checkpoints >= 1, "log.keep_checkpoints", "must be >= 1")
     if cfg.model.quantization == "nf4":
         need(cfg.model.dtype != "float32", "model.dtype", "QLoRA computes in bfloat16/float16, not float32")

@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from .data import COLORS, SHAPES, DataError, decode_image, draw_shape, png_bytes, read_table
+from .data import COLORS, SHAPES, DataError, check_image_shape, decode_image, draw_shape, png_bytes, read_table, record_text
 
 CVBENCH_HUB_ID = "nyu-visionx/CV-Bench"
 CVBENCH_DATA_FILE = "test.parquet"  # the full set with images embedded
@@ -51,7 +51,9 @@ class CVBenchItem:
 
     def load_image(self) -> Image.Image:
         try:
-            return decode_image(self.image_cell, self.image_dir)
+            image = decode_image(self.image_cell, self.image_dir)
+            check_image_shape(image)
+            return image
         except DataError as exc:
             raise DataError(f"CV-Bench record idx {self.idx}: {exc}") from exc
         except Exception as exc:  # PIL raises many types for corrupt bytes
@@ -60,22 +62,30 @@ class CVBenchItem:
 
 def record_to_item(record: dict, index: int, image_dir: str = "") -> CVBenchItem:
     """Validate one CV-Bench record. Raises DataError naming the record (position and ``idx``)."""
-    where = f"CV-Bench record {index} (idx {record.get('idx', '?')})"
+    if not isinstance(record, dict):
+        raise DataError(f"CV-Bench record {index}: is {type(record).__name__}, not an object with the fields {', '.join(REQUIRED_FIELDS)}")
+    where = f"CV-Bench record {index} (idx {str(record.get('idx', '?'))[:40]})"
     for key in REQUIRED_FIELDS:
         if record.get(key) is None:
             raise DataError(f"{where}: missing field {key!r}")
     image = record.get("image") if record.get("image") is not None else record.get("filename")
     if image is None:
         raise DataError(f"{where}: missing field 'image' (or 'filename' for the JSON annotations)")
-    choices = [str(c) for c in record["choices"]]
+    try:
+        if not isinstance(record["choices"], (list, tuple)):
+            raise DataError(f"'choices' is {type(record['choices']).__name__}; expected a list of option texts")
+        choices = [record_text(c, f"choice {i}") for i, c in enumerate(record["choices"])]
+        answer = record_text(record["answer"], "'answer'").strip()
+        texts = [record_text(record[k], repr(k)) for k in ("type", "task", "source", "prompt")]
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
     if len(choices) < 2:
         raise DataError(f"{where}: fewer than two choices")
-    answer = str(record["answer"]).strip()
     m = _ANSWER.fullmatch(answer)
     if not m or ord(m.group(1)) - ord("A") >= len(choices):
-        raise DataError(f"{where}: answer {answer!r} is not a letter in parentheses naming one of the {len(choices)} choices")
-    return CVBenchItem(record["idx"], str(record["type"]), str(record["task"]), str(record["source"]), str(record["prompt"]),
-                       choices, answer, image, image_dir)
+        raise DataError(f"{where}: answer {answer[:40]!r} is not a letter in parentheses naming one of the {len(choices)} choices")
+    idx = record["idx"] if isinstance(record["idx"], (int, str)) else str(record["idx"])
+    return CVBenchItem(idx, *texts, choices, answer, image, image_dir)
 
 
 def _table_path(path: str, data_file: str) -> Path:

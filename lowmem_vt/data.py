@@ -113,6 +113,34 @@ def decode_image(value: Any, image_dir: str = "") -> Image.Image:
     return to_rgb(img)
 
 
+# Qwen2-VL's image processor refuses images whose long side is over 200 times the short one
+MAX_ASPECT_RATIO = 200
+
+
+def check_image_shape(image: Image.Image) -> None:
+    """DataError for an image the processor cannot take: empty, or an aspect ratio over MAX_ASPECT_RATIO."""
+    w, h = image.size
+    if w < 1 or h < 1:
+        raise DataError(f"image {w}x{h} is empty")
+    if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        raise DataError(f"image {w}x{h} has an aspect ratio over {MAX_ASPECT_RATIO} (the image processor refuses it)")
+
+
+def record_text(value: Any, what: str) -> str:
+    """A text field of a record: a string, UTF-8 bytes (parquet binary columns) or a number; DataError otherwise
+    (never the Python repr of bytes or of a structure)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{what} is bytes that are not UTF-8 text") from None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise DataError(f"{what} is {type(value).__name__}, not text")
+
+
 def record_to_example(
     record: dict,
     index: int,
@@ -123,7 +151,9 @@ def record_to_example(
     image_dir: str = "",
 ) -> Example:
     """Validate one SAT-schema record and turn it into an Example. Raises DataError naming the record."""
-    uid = str(record.get("id", record.get("idx", index)))
+    if not isinstance(record, dict):
+        raise DataError(f"record {index}: is {type(record).__name__}, not an object with the fields {', '.join(SAT_COLUMNS)}")
+    uid = str(record.get("id", record.get("idx", index)))[:80]
     where = f"record {index} (id {uid})"
     for key in ("image_bytes", "question", "answers", "correct_answer"):
         if key not in record or record[key] is None:
@@ -134,17 +164,20 @@ def record_to_example(
     images = list(images)
     if len(images) != 1:
         raise DataError(f"{where}: {len(images)} images; the recipe uses single-image rows")
-    question = str(record["question"]).strip()
+    try:
+        question = record_text(record["question"], "'question'").strip()
+        if not isinstance(record["answers"], (list, tuple)):
+            raise DataError(f"'answers' is {type(record['answers']).__name__} {str(record['answers'])[:60]!r}; expected a list of option texts")
+        options = [record_text(a, f"option {i} of 'answers'") for i, a in enumerate(record["answers"])]
+        answer = record_text(record["correct_answer"], "'correct_answer'")
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
     if not question:
         raise DataError(f"{where}: empty question")
-    if not isinstance(record["answers"], (list, tuple)):
-        raise DataError(f"{where}: 'answers' is {type(record['answers']).__name__} {record['answers']!r}; expected a list of option texts")
-    options = [str(a) for a in record["answers"]]
     if len(options) < 2:
         raise DataError(f"{where}: fewer than two answer options")
-    answer = str(record["correct_answer"])
     if answer not in options:
-        raise DataError(f"{where}: correct_answer {answer!r} is not among the options {options}")
+        raise DataError(f"{where}: correct_answer {answer[:60]!r} is not among the options {[o[:40] for o in options[:8]]}")
     try:
         image = decode_image(images[0], image_dir)
     except DataError as exc:
@@ -155,19 +188,38 @@ def record_to_example(
     # (it would cost a decode of tens of megapixels for nothing), so it is skipped.
     if image.width * image.height > 16 * max_pixels:
         raise DataError(f"{where}: image {image.width}x{image.height} is over 16 x max_pixels ({max_pixels})")
+    try:
+        check_image_shape(image)
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
     if shuffle_options:
         options = options[:]
         rng.shuffle(options)
     return Example(uid, image, sat_question(question, options), options, answer, {"raw_question": question})
 
 
-def read_table(path: Path, limit: int | None = None) -> list[dict]:
+def _text_of(path: Path) -> str:
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"data file {path} is UTF-16 text; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"data file {path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as UTF-8") from None
+
+
+def read_table(path: Path, limit: int | None = None) -> list:
     """The records of one .parquet / .json / .jsonl file (the first ``limit`` if given). Raises DataError
-    naming the file (and line) for an empty, unreadable or malformed file."""
+    naming the file (and line) for an empty, unreadable or malformed file. A record that is not an object is
+    returned as it is (``record_to_example`` skips it, counted)."""
     if path.suffix not in (".parquet", ".json", ".jsonl"):
         raise DataError(f"unsupported data file {path}; expected .parquet, .json or .jsonl")
-    if path.stat().st_size == 0:
-        raise DataError(f"data file {path} is empty")
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"data file {path} is empty")
+    except OSError as exc:
+        raise DataError(f"data file {path} cannot be read ({exc.strerror or exc})") from None
     if path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -180,22 +232,31 @@ def read_table(path: Path, limit: int | None = None) -> list[dict]:
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"data file {path} is not a readable parquet file ({type(exc).__name__}: {exc}); "
                             "re-export it, or point data.path at the right file") from None
+    try:
+        text = _text_of(path)
+    except OSError as exc:
+        raise DataError(f"data file {path} cannot be read ({exc.strerror or exc})") from None
     if path.suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
+        for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path} line {n}: not valid JSON ({exc.msg}, column {exc.colno}); fix or remove that line") from None
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    msg = f"{exc.msg}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "nested too deep"
+                    raise DataError(f"{path} line {n}: not valid JSON ({msg}); fix or remove that line") from None
             if limit is not None and len(rows) >= limit:
                 break
         return rows
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg}); fix the file") from None
+    except RecursionError:
+        raise DataError(f"{path}: not valid JSON (nested too deep); fix the file") from None
     rows = data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else []
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a list of records (or an object whose 'data' is one)")
     return rows[:limit] if limit is not None else rows
 
 
@@ -221,7 +282,11 @@ def peek_records(data_cfg, n: int = 8) -> None:
 
         columns = pq.read_schema(f).names
     else:
-        columns = list(rows[0]) if isinstance(rows[0], dict) else []
+        first_object = next((r for r in rows if isinstance(r, dict)), None)
+        if first_object is None:
+            raise DataError(f"data file {f}: none of the first {len(rows)} records is an object (a JSON record with the "
+                            f"fields {', '.join(SAT_COLUMNS)})")
+        columns = list(first_object)
     for col in SAT_COLUMNS:
         if col not in columns:
             raise DataError(f"data file {f}: no column {col!r} (it has: {', '.join(map(str, columns)) or 'none'}); "

@@ -158,23 +158,29 @@ def to_markdown(summary: dict, title: str = "CV-Bench") -> str:
 
 
 def load_eval_model(*, checkpoint: str | None, model: str | None, device: torch.device, dtype: str | None,
-                    min_pixels: int | None, max_pixels: int | None):
+                    min_pixels: int | None, max_pixels: int | None, max_new_tokens: int | None = None):
     """The model to evaluate and the pixel budget to use: a checkpoint's base + adapter (``model`` overrides
-    its base path), or a plain base / merged model. Returns (model, min_pixels, max_pixels)."""
+    its base path), or a plain base / merged model. Returns (model, min_pixels, max_pixels). Everything is checked
+    before the weights load (the checkpoint verified, the base's config, the adapter against it, the response
+    budget against the model's positions)."""
+    from .preflight import PreflightError, check_adapter_fits, check_model_source
+
+    def check_budget(config) -> None:
+        limit = getattr(config.text_config, "max_position_embeddings", None)
+        if max_new_tokens is not None and limit and max_new_tokens > limit:
+            raise PreflightError(f"--max-new-tokens {max_new_tokens} exceeds the model's {limit} positions; lower it")
+
     if checkpoint is None:
         if model is None:
             raise ValueError("name a --checkpoint (base + adapter) or a --model (base or merged model)")
         dtype = dtype or ("auto" if device.type == "cuda" else "float32")
         min_px, max_px = min_pixels or 3136, max_pixels or 401408
         from .model import load_plain_model
-        from .preflight import check_model_source
 
-        check_model_source(model, "--model")
-
+        check_budget(check_model_source(model, "--model"))
         return load_plain_model(model, device, dtype=dtype, min_pixels=min_px, max_pixels=max_px), min_px, max_px
     from .merge import checkpoint_configs
     from .model import load_model
-    from .preflight import check_adapter_fits, check_model_source
 
     model_cfg, lora_cfg, data = checkpoint_configs(checkpoint)
     if model is not None:
@@ -186,7 +192,9 @@ def load_eval_model(*, checkpoint: str | None, model: str | None, device: torch.
         model_cfg.quantization = "none"
     min_px, max_px = min_pixels or data.get("min_pixels", 3136), max_pixels or data.get("max_pixels", 401408)
     where = "--model" if model is not None else f"{checkpoint}/recipe.yaml: key 'model.name_or_path'"
-    check_adapter_fits(Path(checkpoint) / "adapter", check_model_source(model_cfg.name_or_path, where), where)
+    config = check_model_source(model_cfg.name_or_path, where)
+    check_adapter_fits(Path(checkpoint) / "adapter", config, where)
+    check_budget(config)
     lm = load_model(model_cfg, lora_cfg, device, min_pixels=min_px, max_pixels=max_px,
                     adapter_path=str(Path(checkpoint) / "adapter"), trainable=False)
     lm.peft_model.eval()
@@ -206,15 +214,27 @@ class ModelResponder:
         self.rollout = make_rollout(backend, lm)
         self.params = SamplingParams(num_generations=1, max_new_tokens=max_new_tokens, greedy=True)
 
-    def __call__(self, items: list[CVBenchItem]) -> list[tuple[str, int]]:
-        """(response text, response tokens incl. EOS) per item."""
+    def __call__(self, items: list[CVBenchItem]) -> list[tuple[str, int] | None]:
+        """(response text, response tokens incl. EOS) per item; None for an item whose image or prompt cannot be
+        used (skipped with a warning: ``evaluate`` counts it)."""
         from .model import image_embeddings
 
-        prompts = [self.inputs.encode(it.load_image(), it.prompt) for it in items]
+        prompts, kept = [], []
+        for i, it in enumerate(items):
+            try:
+                prompts.append(self.inputs.encode(it.load_image(), it.prompt))
+                kept.append(i)
+            except DataError as exc:
+                log.warning("skipping %s", exc)
+        out: list[tuple[str, int] | None] = [None] * len(items)
+        if not prompts:
+            return out
         embeds = image_embeddings(self.lm, [p.pixel_values for p in prompts], [p.image_grid_thw for p in prompts])
         roll = self.rollout.generate(prompts, embeds, self.params)
         texts = self.lm.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True)
-        return list(zip(texts, roll.completion_mask.sum(1).long().tolist()))
+        for i, answer in zip(kept, zip(texts, roll.completion_mask.sum(1).long().tolist())):
+            out[i] = answer
+        return out
 
 
 def evaluate(items: list[CVBenchItem], respond: Callable[[list[CVBenchItem]], list[tuple[str, int]]], *,
@@ -223,13 +243,23 @@ def evaluate(items: list[CVBenchItem], respond: Callable[[list[CVBenchItem]], li
     from tqdm.auto import tqdm
 
     rows: list[Scored] = []
+    skipped = 0
     with tqdm(total=len(items), desc="CV-Bench", unit="q", dynamic_ncols=True, disable=not progress) as bar:
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
-            rows.extend(score(it, text, n) for it, (text, n) in zip(batch, respond(batch)))
+            for it, answer in zip(batch, respond(batch)):
+                if answer is None:  # an unusable image or prompt: not asked, counted
+                    skipped += 1
+                    continue
+                rows.append(score(it, *answer))
             bar.update(len(batch))
-            bar.set_postfix(acc=f"{_acc(rows):.3f}")
-    return rows, summarize(rows)
+            if rows:
+                bar.set_postfix(acc=f"{_acc(rows):.3f}")
+    if not rows:
+        raise DataError(f"none of the {len(items)} items could be asked (every image or prompt was unusable; see the warnings)")
+    summary = summarize(rows)
+    summary["skipped"] = skipped
+    return rows, summary
 
 
 def write_results(out_dir: str | Path, rows: list[Scored], summary: dict, settings: dict) -> dict[str, Path]:
@@ -273,8 +303,14 @@ def default_out_dir(checkpoint: str | None, model: str | None) -> Path:
     return Path("out/eval") / Path(str(model).split(":")[-1].rstrip("/")).name
 
 
+RESULT_FILES = ("results.json", "results.md", "predictions.jsonl")
+
+
 def cmd_eval(args) -> int:
-    from .model import resolve_device
+    import importlib.util
+
+    from .checkpoint import model_folder
+    from .preflight import PreflightError, check_device, check_output_folder
 
     if args.checkpoint is None and args.model is None:
         print("error: name a --checkpoint (base + adapter) or a --model (base or merged model)", file=sys.stderr)
@@ -282,11 +318,32 @@ def cmd_eval(args) -> int:
     if (args.limit is not None and args.limit < 1) or args.batch_size < 1 or args.max_new_tokens < 1:
         print("error: --limit, --batch-size and --max-new-tokens must be >= 1", file=sys.stderr)
         return 2
+    for name in ("min_pixels", "max_pixels"):
+        value = getattr(args, name)
+        if value is not None and not 1 <= value <= 1 << 28:
+            print(f"error: --{name.replace('_', '-')} must be in [1, {1 << 28}], got {value}", file=sys.stderr)
+            return 2
+    # validate first: the output folder (checked before the evaluation, not after it), the device, the backend
+    out = Path(args.out) if args.out else default_out_dir(args.checkpoint, args.model)
+    inputs = {}
+    if args.checkpoint is not None:
+        inputs["the checkpoint"] = Path(args.checkpoint)
+    if args.model is not None and model_folder(args.model) is not None:
+        inputs["the model"] = model_folder(args.model)
+    if Path(args.data).exists():
+        inputs["the data"] = Path(args.data)
+    check_output_folder(out, "--out", inputs, own=RESULT_FILES, inside_ok=("the checkpoint",))
+    device = check_device(args.device, "--device")
+    if args.backend == "vllm":
+        if device.type != "cuda":
+            raise PreflightError(f"--backend vllm needs a CUDA GPU; use --backend engine or hf on {device}")
+        if importlib.util.find_spec("vllm") is None:
+            raise PreflightError("--backend vllm needs the vllm package, which is not installed; pip install vllm, or use --backend engine")
     try:
         items = load_cvbench(args.data, args.data_file, limit=args.limit, image_dir=args.image_dir)
-        device = resolve_device(args.device)
         lm, min_px, max_px = load_eval_model(checkpoint=args.checkpoint, model=args.model, device=device, dtype=args.dtype,
-                                             min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+                                             min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                                             max_new_tokens=args.max_new_tokens)
         respond = ModelResponder(lm, backend=args.backend, max_new_tokens=args.max_new_tokens, min_pixels=min_px, max_pixels=max_px)
         t0 = time.perf_counter()
         rows, summary = evaluate(items, respond, batch_size=args.batch_size, progress=not args.no_progress)
@@ -298,13 +355,20 @@ def cmd_eval(args) -> int:
         "model_label": str(label), "checkpoint": args.checkpoint, "model": args.model, "data": args.data, "data_file": args.data_file,
         "limit": args.limit, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "backend": args.backend,
         "device": str(device), "min_pixels": min_px, "max_pixels": max_px, "decoding": "greedy",
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": round(time.perf_counter() - t0, 1), "skipped_items": summary.get("skipped", 0),
     }
-    out = Path(args.out) if args.out else default_out_dir(args.checkpoint, args.model)
-    paths = write_results(out, rows, summary, settings)
+    try:
+        paths = write_results(out, rows, summary, settings)
+    except OSError as exc:
+        from .checkpoint import _write_problem
+
+        print(f"error: the results could not be written: {_write_problem(exc, out)}", file=sys.stderr)
+        return 2
     print(paths["markdown"].read_text())
     for p in paths.values():
         print(p)
+    if summary.get("skipped"):
+        print(f"{summary['skipped']} item(s) skipped (unusable image or prompt; see the warnings)", file=sys.stderr)
     return 0
 
 

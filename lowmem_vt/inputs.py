@@ -100,7 +100,11 @@ class InputBuilder:
         return out["pixel_values"].float(), out["image_grid_thw"].long()
 
     def encode(self, image, question: str) -> PromptInputs:
-        pixel_values, grid = self.encode_image(image)
+        try:
+            pixel_values, grid = self.encode_image(image)
+        except (ValueError, TypeError, OSError) as exc:  # the processor refuses a shape (e.g. an aspect ratio over 200)
+            size = "x".join(map(str, getattr(image, "size", ()))) or "?"
+            raise DataError(f"image {size} cannot be encoded ({exc})") from exc
         n_image = int(grid.prod()) // self.merge**2
         ids = self._ids(self._head + question + self._tail)
         truncated = False
@@ -134,8 +138,9 @@ class InputBuilder:
         if not a:  # no options sentence: keep the start and the end of the question
             keep = max(0, room - len(mark))
             return (b[: keep - keep // 2] + mark + b[len(b) - keep // 2 :]) if keep else b[:room]
-        if len(a) + len(mark) > room:  # the options alone do not fit: keep as much of them as fits, from the end
-            return a[len(a) - room :] if room else []
+        if len(a) + len(mark) > room:  # the options alone do not fit: cut, the question could not be answered
+            raise DataError(f"the answer options alone need {len(a)} tokens but grpo.max_prompt_length leaves {room} for the "
+                            "question; raise grpo.max_prompt_length (the record is skipped)")
         return b[: room - len(a) - len(mark)] + mark + a
 
     def _expand(self, ids: list[int], pixel_values, grid, n_image: int, truncated: bool) -> PromptInputs:

@@ -20,8 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_configs(checkpoint: str | Path) -> tuple[ModelConfig, LoraConfig, dict]:
-    """The model and LoRA sections of the recipe a checkpoint was trained with, and its data section (pixel budget)."""
-    import yaml
+    """The model and LoRA sections of the recipe a checkpoint was trained with, and its data section (pixel budget).
+    The checkpoint is verified (sizes and checksums of COMPLETE) when it has the marker. Raises FileNotFoundError
+    (not a checkpoint, or a damaged one) naming the file."""
+    from .checkpoint import DONE_FILE, CheckpointError, verify_checkpoint
+    from .config import ConfigError, _coerce
 
     ckpt = Path(checkpoint)
     if (ckpt / "adapter_config.json").is_file() and (ckpt.parent / "recipe.yaml").is_file():
@@ -29,6 +32,11 @@ def checkpoint_configs(checkpoint: str | Path) -> tuple[ModelConfig, LoraConfig,
     if not (ckpt / "adapter" / "adapter_config.json").is_file() or not (ckpt / "recipe.yaml").is_file():
         raise FileNotFoundError(f"{ckpt} is not a checkpoint folder: expected adapter/adapter_config.json and recipe.yaml "
                                 "(as lowmem-vt train writes them in <log.output_dir>/checkpoint-N)")
+    if (ckpt / DONE_FILE).is_file():
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as exc:
+            raise FileNotFoundError(f"{exc}; use another checkpoint") from None
     adapter = ckpt / "adapter"
     try:
         json.loads((adapter / "adapter_config.json").read_text())["peft_type"]
@@ -37,31 +45,53 @@ def checkpoint_configs(checkpoint: str | Path) -> tuple[ModelConfig, LoraConfig,
                                 "use another checkpoint") from None
     if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
         raise FileNotFoundError(f"{adapter} has no adapter weights (adapter_model.safetensors); use another checkpoint")
-    recipe = yaml.safe_load((ckpt / "recipe.yaml").read_text()) or {}
+    from .preflight import checkpoint_recipe
+
     try:
-        return ModelConfig(**recipe.get("model", {})), LoraConfig(**recipe.get("lora", {})), recipe.get("data", {})
-    except TypeError as exc:
-        raise FileNotFoundError(f"{ckpt / 'recipe.yaml'}: not a recipe this version reads ({exc})") from exc
+        recipe = checkpoint_recipe(ckpt)
+    except CheckpointError as exc:
+        raise FileNotFoundError(str(exc)) from None
+    where = f"{ckpt / 'recipe.yaml'}"
+    try:
+        model = _coerce(recipe.get("model") or {}, ModelConfig, "model", where)
+        lora = _coerce(recipe.get("lora") or {}, LoraConfig, "lora", where)
+    except ConfigError as exc:
+        raise FileNotFoundError(f"{exc} (not a recipe this version reads); use another checkpoint") from None
+    data = recipe.get("data") if isinstance(recipe.get("data"), dict) else {}
+    pixels = {k: data[k] for k in ("min_pixels", "max_pixels") if isinstance(data.get(k), int) and not isinstance(data.get(k), bool)
+              and 1 <= data[k] <= 1 << 28}
+    return model, lora, pixels
 
 
 def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: str | None = None, dtype: str | None = None,
                      device: str = "cpu") -> Path:
     """Merge ``checkpoint``'s adapter into its base (``base`` overrides the recipe's path) and save to ``out_dir``.
 
-    The checkpoint, the adapter and the base are checked before anything is loaded: FileNotFoundError for a
-    folder that is not a checkpoint (or whose adapter is damaged), preflight.PreflightError for the base.
+    The checkpoint, the adapter, the base and the output folder are checked before anything is loaded:
+    FileNotFoundError for a folder that is not a checkpoint (or whose adapter is damaged), preflight.PreflightError
+    for the base, the device or the output (the base, the checkpoint, or a folder that is not empty: refused). The
+    model is written into a temporary folder beside ``out_dir`` and renamed: a failed merge leaves nothing.
     """
+    import os
+    import shutil
+
     import torch
 
     from .model import load_model
-    from .preflight import check_adapter_fits, check_model_source
+    from .preflight import check_adapter_fits, check_device, check_model_source, check_output_folder
 
     model_cfg, lora_cfg, data = checkpoint_configs(checkpoint)
-    out = Path(out_dir)
-    if (out / "adapter_config.json").is_file():
-        raise FileExistsError(f"{out} holds a peft adapter; write the merged model to another folder")
     if base is not None:
         model_cfg.name_or_path = base
+    out = Path(out_dir)
+    from .checkpoint import model_folder
+
+    inputs = {"the checkpoint": Path(checkpoint)}
+    base_folder = model_folder(model_cfg.name_or_path)
+    if base_folder is not None:
+        inputs["the base model"] = base_folder
+    check_output_folder(out, "--out", inputs)
+    dev = check_device(device, "--device")
     # the base is a Qwen2-VL folder with config and weights (or a reachable hub id) before anything loads
     where = "--model" if base is not None else f"{checkpoint}/recipe.yaml: key 'model.name_or_path'"
     check_adapter_fits(Path(checkpoint) / "adapter", check_model_source(model_cfg.name_or_path, where), where)
@@ -70,14 +100,24 @@ def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: str |
         model_cfg.quantization = "none"
     if dtype is not None:
         model_cfg.dtype = dtype
-    lm = load_model(model_cfg, lora_cfg, torch.device(device), min_pixels=data.get("min_pixels", 3136),
+    lm = load_model(model_cfg, lora_cfg, dev if dev.type == "cuda" else torch.device("cpu"), min_pixels=data.get("min_pixels", 3136),
                     max_pixels=data.get("max_pixels", 401408), adapter_path=str(Path(checkpoint) / "adapter"), trainable=False)
     layers = sum(1 for name, _ in lm.peft_model.named_modules() if name.endswith(".lora_A"))
     merged = lm.peft_model.merge_and_unload()
-    merged.save_pretrained(out)
-    lm.tokenizer.save_pretrained(out)
-    # The image processor keeps the training pixel budget (data.min/max_pixels) as its default size.
-    lm.image_processor.save_pretrained(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-merge-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        # The image processor keeps the training pixel budget (data.min/max_pixels) as its default size.
+        lm.image_processor.save_pretrained(tmp)
+        if out.is_dir():
+            out.rmdir()  # checked empty above
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log.info("merged %d LoRA layers of %s into %s -> %s", layers, checkpoint, model_cfg.name_or_path, out)
     return out
 
@@ -87,6 +127,11 @@ def cmd_merge(args) -> int:
         out = merge_checkpoint(args.checkpoint, args.out, base=args.model, dtype=args.dtype, device=args.device)
     except (FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # writing the merged model (the temporary folder is gone again)
+        from .checkpoint import _write_problem
+
+        print(f"error: the merged model could not be written: {_write_problem(exc, Path(args.out).parent)}", file=sys.stderr)
         return 2
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     human = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"

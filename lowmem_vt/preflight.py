@@ -31,8 +31,9 @@ class PreflightError(ValueError):
     """A run that cannot start; the message names where (file, key, record) and what to do."""
 
 
-def check_recipe(cfg: RecipeConfig, *, check_model: bool = True) -> None:
-    """All pre-load checks of a training recipe; raises PreflightError (or RunFolderError / DataError)."""
+def check_recipe(cfg: RecipeConfig, *, check_model: bool = True, overwrite: bool = False, model_config=None):
+    """All pre-load checks of a training recipe; raises PreflightError (or RunFolderError / DataError). Returns the
+    model's config (``model_config`` when given: a model already loaded), or None with ``check_model`` off."""
     f = cfg.source_file
     device = check_device(cfg.train.device, f"{f}: key 'train.device'")
     try:
@@ -42,11 +43,182 @@ def check_recipe(cfg: RecipeConfig, *, check_model: bool = True) -> None:
     if device.type == "cuda":
         check_head_dtype(backend, resolve_dtype(cfg.model.dtype, "cuda"), torch.cuda.get_device_capability(device), f)
     _check_packages(cfg, device)
-    ckpt.check_output_dir(cfg.log.output_dir)
+    ckpt.check_output_dir(cfg.log.output_dir, overwrite=overwrite)
     check_data(cfg)
+    config = model_config
     if check_model:
         config = check_model_source(cfg.model.name_or_path, f"{f}: key 'model.name_or_path'")
         check_lora_targets(config, cfg.lora.target_modules, f)
+    if config is not None:
+        check_lengths(cfg, config)
+        check_lora_rank(cfg, config)
+        if cfg.rollout.backend == "engine" and device.type == "cpu":
+            # on a GPU the memory plan (planner.check_fits, which holds the engine's allocation) is checked
+            check_engine_memory(config.text_config, cfg.model.dtype, cfg.train.prompts_per_step, cfg.grpo.max_prompt_length,
+                                cfg.grpo.num_generations, cfg.grpo.max_completion_length, device,
+                                f"{f}: key 'grpo.max_completion_length'")
+    return config
+
+
+def check_lengths(cfg: RecipeConfig, config) -> None:
+    """A prompt and its completion fit the model's positions (beyond them it was never trained, and nothing bounds
+    the cache a rollout grows)."""
+    limit = getattr(config.text_config, "max_position_embeddings", None)
+    g = cfg.grpo
+    if limit and g.max_prompt_length + g.max_completion_length > limit:
+        raise PreflightError(f"{cfg.source_file}: key 'grpo.max_completion_length': max_prompt_length {g.max_prompt_length} + "
+                             f"max_completion_length {g.max_completion_length} tokens exceed the model's {limit} positions "
+                             "(max_position_embeddings); lower them")
+
+
+def check_lora_rank(cfg: RecipeConfig, config) -> None:
+    """lora.r is at most the smaller side of every adapted linear (a larger rank adds nothing and costs memory)."""
+    shapes = decoder_linear_shapes(config.text_config)
+    sides = [min(shapes[t]) for t in cfg.lora.target_modules if t in shapes]
+    if sides and cfg.lora.r > min(sides):
+        raise PreflightError(f"{cfg.source_file}: key 'lora.r': {cfg.lora.r} exceeds the smallest side ({min(sides)}) of the "
+                             "adapted layers; a LoRA rank is at most that (the paper's recipe uses 64)")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":  # free, plus what the caching allocator holds unused
+        return int(torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class AllocationError(PreflightError):
+    """An allocation that cannot fit the device, refused before it is attempted."""
+
+
+def check_engine_memory(text_config, dtype, prompts: int, prompt_length: int, num_generations: int, max_new_tokens: int,
+                        device: torch.device, where: str, available: int | None = None) -> None:
+    """AllocationError unless the engine rollout's allocation (its KV cache, state and buffers) fits ``device``."""
+    from .rollout.engine import engine_allocation_bytes
+
+    need = engine_allocation_bytes(text_config, dtype, prompts, prompt_length, num_generations, max_new_tokens).allocated
+    have = available_memory(device) if available is None else available
+    if have is not None and need > have:
+        raise AllocationError(
+            f"{where}: the engine rollout would allocate {need / 2**30:.1f} GiB ({prompts} prompts x {num_generations} "
+            f"samples x {prompt_length} + {max_new_tokens} tokens of KV cache and buffers) but {device} has "
+            f"{have / 2**30:.1f} GiB available; lower the completion length, the samples or the prompts per step"
+        )
+
+
+def check_resume(cfg: RecipeConfig, resume: str, config=None) -> Path:
+    """``--resume`` against the run folder, the recipe and the base, before anything loads; returns the verified
+    checkpoint. Raises RunFolderError / CheckpointError / PreflightError (one line each)."""
+    ckpt.check_resume_source(resume, cfg.log.output_dir)
+    path = ckpt.resolve_resume(resume, cfg.log.output_dir)
+    check_resume_recipe(cfg, path)
+    check_resume_base(cfg.model.name_or_path, path)
+    if config is not None:
+        check_adapter_fits(path / "adapter", config, f"{cfg.source_file}: key 'model.name_or_path'")
+    return path
+
+
+# what a resumed run may change: where it logs and how long it runs, the learning rate from here on (applied to
+# the optimizer), and how it computes (device, kernels, backend, dtype, micro-batches: the same training, another
+# speed or memory); where the base and the data lie (the base's identity is checked). Anything else (the data,
+# the adapter's shape, GRPO, the optimizer, seeds) would make the checkpoint and the recipe disagree.
+RESUMABLE = ("log.", "train.max_steps", "train.num_epochs", "train.learning_rate", "train.max_bad_steps", "train.device",
+             "train.micro_batch_size", "kernels", "rollout.backend", "model.name_or_path", "model.attn_implementation",
+             "model.gradient_checkpointing", "model.dtype", "data.path", "data.data_file", "data.image_dir", "data.on_error")
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def checkpoint_recipe(path: str | Path) -> dict:
+    """The recipe a checkpoint recorded (``recipe.yaml``) as a mapping; CheckpointError when it is not one."""
+    from .config import ConfigError, read_recipe_text, yaml_load
+
+    f = Path(path) / "recipe.yaml"
+    try:
+        tree = yaml_load(read_recipe_text(f))
+    except (ConfigError, ValueError) as exc:  # yaml.YAMLError included
+        first = " ".join(str(exc).split())[:200]
+        raise ckpt.CheckpointError(f"{f} is not a readable recipe ({first}); use another checkpoint") from None
+    if not isinstance(tree, dict):
+        raise ckpt.CheckpointError(f"{f} is not a recipe (a {type(tree).__name__}, not a mapping of sections); use another checkpoint")
+    return tree
+
+
+def check_resume_recipe(cfg: RecipeConfig, path: Path) -> None:
+    """PreflightError when the recipe changes a setting a resumed run must keep (see RESUMABLE)."""
+    from .config import to_dict
+
+    then, now = _flatten(checkpoint_recipe(path)), _flatten(to_dict(cfg))
+    changed = [k for k in now if k in then and then[k] != now[k] and not k.startswith(RESUMABLE)]
+    if changed:
+        shown = "; ".join(f"{k} is {now[k]!r} here, {then[k]!r} in the checkpoint" for k in changed[:3])
+        raise PreflightError(
+            f"--resume {path}: {shown}{' (and more)' if len(changed) > 3 else ''}. A resumed run keeps the settings it was "
+            "trained with (it may change log.*, train.max_steps / num_epochs / learning_rate, the device, kernels and "
+            "rollout backend); drop the change, or start a new run in another log.output_dir"
+        )
+
+
+def check_resume_base(name_or_path: str, path: Path) -> None:
+    """PreflightError when the base model differs from the one the checkpoint was trained on (its fingerprint:
+    config and weights; the same model moved to another folder passes). Skipped when either is unknown."""
+    recorded = ckpt.checkpoint_base(path)
+    current = ckpt.base_identity(name_or_path) if recorded else None
+    if recorded and current and current["fingerprint"] != recorded["fingerprint"]:
+        raise PreflightError(
+            f"--resume {path}: the checkpoint was trained on the base {recorded.get('name')!r}; model.name_or_path "
+            f"{name_or_path!r} is another model (its config or weights differ): give the base it was trained on"
+        )
+
+
+def check_output_folder(out: str | Path, what: str, inputs: dict[str, Path], *, own: tuple[str, ...] = (),
+                        inside_ok: tuple[str, ...] = ()) -> None:
+    """An output folder is fresh: absent, or an empty folder (or one holding only the ``own`` files a previous
+    run of the same command wrote); never a file, never an input (``inputs``: label -> path), never inside one
+    (except those labelled in ``inside_ok``) and never holding one. Its nearest existing parent is writable.
+    Raises PreflightError naming ``what`` (the option)."""
+    p = Path(out)
+    if str(out).strip() == "":
+        raise PreflightError(f"{what} is empty; give a folder")
+    if p.is_symlink() and not p.exists():
+        raise PreflightError(f"{what} {p} is a symbolic link to nothing (dangling or looping); give a folder")
+    if p.exists() and not p.is_dir():
+        raise PreflightError(f"{what} {p} is a file; give a folder (new or empty)")
+    real = Path(os.path.realpath(p))
+    for label, path in inputs.items():
+        src = Path(os.path.realpath(path))
+        if real == src or src in real.parents and label not in inside_ok or real in src.parents:
+            relation = "is" if real == src else "is inside" if src in real.parents else "holds"
+            raise PreflightError(f"{what} {p} {relation} {label} ({path}): an input is never written over; give another folder")
+    if p.is_dir():
+        try:
+            foreign = sorted(x.name for x in p.iterdir() if x.name not in own)
+        except OSError as exc:
+            raise PreflightError(f"{what} {p} cannot be read ({exc.strerror}); give another folder") from None
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+            raise PreflightError(f"{what} {p} is not empty ({shown}); give a new or empty folder (nothing is overwritten)")
+    existing = p
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PreflightError(f"{what} {p}: {existing} is not a writable folder; give another folder")
 
 
 def check_head_dtype(backend: str, dtype: str, capability: tuple[int, int], recipe_file: str) -> None:
@@ -62,6 +234,8 @@ def check_head_dtype(backend: str, dtype: str, capability: tuple[int, int], reci
 
 
 def check_device(name: str, where: str) -> torch.device:
+    if where.startswith("--") and name == "cuda" and not torch.cuda.is_available():
+        raise PreflightError(f"{where} cuda: no CUDA GPU is visible; use {where} cpu")
     try:
         return resolve_device(name)
     except RuntimeError as exc:
@@ -147,7 +321,13 @@ def check_adapter_fits(adapter: str | Path, config, where: str) -> None:
         return  # a .bin adapter: peft checks it when it loads
     t = config.text_config
     shapes = decoder_linear_shapes(t)
-    with safe_open(str(weights), framework="pt") as f:
+    try:
+        handle = safe_open(str(weights), framework="pt")
+    except Exception as exc:  # noqa: BLE001 -- safetensors raises its own and OS errors for a damaged file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PreflightError(f"{weights} cannot be read ({first[:160]}): the adapter file is damaged or truncated; "
+                             "use another checkpoint") from None
+    with handle as f:
         for key in f.keys():
             m = _LORA_KEY.search(key)
             if not m or m[2] not in shapes:

@@ -476,8 +476,14 @@ def _cmd_plan(args) -> int:
     from .config import load_config
     from .planner import PlanError, check_fits, detected_gpu_gib, largest_fitting
 
+    import math
+
+    from .preflight import PreflightError, check_model_source
+
+    if args.gpu_gib is not None and not (math.isfinite(args.gpu_gib) and 0 < args.gpu_gib <= 1 << 20):
+        raise PreflightError(f"--gpu-gib must be a positive number of GiB (e.g. 24), got {args.gpu_gib}")
     cfg = load_config(args.recipe, args.overrides)
-    config = config_for(cfg)
+    config = check_model_source(cfg.model.name_or_path, f"{cfg.source_file}: key 'model.name_or_path'")
     p = plan(cfg, config)
     print(p.table())
     if args.simulate:

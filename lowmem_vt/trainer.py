@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -89,8 +90,12 @@ class Trainer:
     def __init__(self, cfg: RecipeConfig, *, resume: str | None = None, overwrite: bool = False, lm: LoadedModel | None = None):
         self.cfg = cfg
         self.out = Path(cfg.log.output_dir)
-        # everything checkable before loading the model, in one place shared with the CLI (raises PreflightError)
-        preflight.check_recipe(cfg, check_model=lm is None)
+        self._release = None
+        # everything checkable before loading the model, in one place shared with the CLI (raises PreflightError):
+        # the recipe, the data, the run folder, the model's config and, for a resume, the checkpoint against them
+        model_config = preflight.check_recipe(cfg, check_model=lm is None, overwrite=overwrite and not resume,
+                                              model_config=None if lm is None else lm.config)
+        resumed_from = preflight.check_resume(cfg, resume, model_config) if resume else None  # verified, read only
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
         self.dist = init_from_env(self.device.type)
@@ -103,8 +108,15 @@ class Trainer:
             )
         # One run per folder: rank 0 locks it (refusing a folder holding another run unless resumed or overwritten)
         lock = ckpt.claim_run_folder(self.out, resume=bool(resume), overwrite=overwrite) if self.dist.is_main else None
-        self._release = weakref.finalize(self, lock.release) if lock else None  # by close(), or if __init__ fails
-        resumed_from = ckpt.resolve_resume(resume, self.out) if resume else None  # verified before the model loads
+        try:
+            self._setup(cfg, resume, resumed_from, lm)
+        except BaseException:
+            if lock is not None:
+                lock.release(cleanup=True)  # refused before the run's first write: a folder it made goes again
+            raise
+        self._release = weakref.finalize(self, lock.release) if lock else None  # by close(), or at exit
+
+    def _setup(self, cfg: RecipeConfig, resume: str | None, resumed_from: Path | None, lm: LoadedModel | None) -> None:
         # Data before the model: a broken dataset fails fast, before minutes of loading.
         self.examples, self.data_report = load_examples(cfg.data)
         self.steps_per_epoch = len(self.examples) // cfg.train.prompts_per_step
@@ -124,6 +136,10 @@ class Trainer:
             cfg.model, cfg.lora, self.device, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels
         )
         self.device = self.lm.device
+        # the base's identity goes into every checkpoint; a resume compares it (again, now that the base is on disk)
+        self.base_id = ckpt.base_identity(cfg.model.name_or_path)
+        if resumed_from is not None:
+            preflight.check_resume_base(cfg.model.name_or_path, resumed_from)
         self.kernel_backend = resolve_backend(cfg.kernels, self.device)
         self.inputs = InputBuilder(
             self.lm.tokenizer, self.lm.image_processor, self.lm.config, max_prompt_length=cfg.grpo.max_prompt_length,
@@ -138,6 +154,7 @@ class Trainer:
         self.bad_steps = 0  # consecutive non-finite steps
         self.skipped_records = 0
         self._interrupt: int | None = None
+        self._stopped_by: int | None = None  # the signal that stopped the run at once (a second one)
         self._updated = False
         self._bad_total = 0  # skipped steps over the whole run (kept in checkpoints)
         if resumed_from:
@@ -145,6 +162,8 @@ class Trainer:
         self.recipe_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
         self.metrics = self.samples = self.reporters = None
         if self.dist.is_main:  # one writer: rank 0 logs and saves; lines after the resumed step are dropped
+            if resumed_from is not None and Path(os.path.realpath(resumed_from)).parent == Path(os.path.realpath(self.out)):
+                ckpt.set_aside_later_checkpoints(self.out, self.step_count)  # the replayed steps' checkpoints
             self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.step_count if resume else None)
             self.samples = MetricsWriter(self.out / "samples.jsonl", resume_step=self.step_count if resume else None)
             (self.out / "recipe.yaml").write_text(self.recipe_text)
@@ -284,6 +303,8 @@ class Trainer:
                 break
             self.optimizer.step()
             self._updated = True
+            if not self._weights_finite():  # the update itself overflowed (a learning rate far too large)
+                raise TrainingStopped(self._diverged_message(self.step_count + 1))
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         if skipped:
@@ -382,8 +403,10 @@ class Trainer:
         if not self.dist.is_main:
             self.dist.barrier()
             return None
+        if not self._weights_finite():  # never written: a checkpoint holds weights a resume can use
+            raise TrainingStopped(self._diverged_message())
         path = ckpt.save_checkpoint(self.out, self.step_count, peft_model=self.lm.peft_model, state=self._state(rng),
-                                    recipe_text=self.recipe_text, keep=self.cfg.log.keep_checkpoints)
+                                    recipe_text=self.recipe_text, keep=self.cfg.log.keep_checkpoints, base=self.base_id)
         log.info("saved %s", path)
         self.dist.barrier()
         return path
@@ -393,26 +416,48 @@ class Trainer:
         from safetensors.torch import load_file
 
         adapter = path / "adapter"
-        weights = load_file(str(adapter / "adapter_model.safetensors"), device=str(self.device))
-        result = set_peft_model_state_dict(self.lm.peft_model, weights)
-        if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"checkpoint {path} does not match the recipe's LoRA layout: {result.unexpected_keys[:3]}")
         state = ckpt.load_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        self.step_count = state["step"]
-        self.bad_steps = state["bad_steps"]
+        try:
+            weights = load_file(str(adapter / "adapter_model.safetensors"), device=str(self.device))
+            result = set_peft_model_state_dict(self.lm.peft_model, weights)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"unexpected adapter keys {result.unexpected_keys[:3]}")
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            ckpt.set_rng_state(state["rng"])
+            self.step_count = int(state["step"])
+            self.bad_steps = int(state["bad_steps"])
+        except (KeyError, ValueError, TypeError, RuntimeError, OSError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: {first[:200]}); "
+                                       "use a checkpoint of this recipe") from None
         self._bad_total = state.get("bad_total", 0)
         self.skipped_records = state.get("skipped_records", 0)
+        lr = self.cfg.train.learning_rate
+        if any(b != lr for b in self.scheduler.base_lrs):  # train.learning_rate changed on resume: applied from here
+            log.warning("resuming with train.learning_rate %g (the checkpoint's run used %g)", lr, self.scheduler.base_lrs[0])
+            self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
+            for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+                group["initial_lr"] = lr
+                group["lr"] = lr * factor(self.scheduler.last_epoch)
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _weights_finite(self) -> bool:
+        return bool(torch.stack([p.detach().isfinite().all() for p in self.params]).all())
 
     # ------------------------------------------------------------------------------------------ loop
 
     def _on_signal(self, signum, _frame) -> None:
-        if self._interrupt is not None:  # second Ctrl-C: stop now
+        if self._interrupt is not None:  # a second signal: stop now
+            self._stopped_by = signum
             raise KeyboardInterrupt
         self._interrupt = signum
         log.warning("%s received: saving a checkpoint and stopping (again to stop at once)", signal.Signals(signum).name)
+
+    @property
+    def stopped_at_once_by(self) -> signal.Signals | None:
+        """The second signal that stopped ``train()`` at once (KeyboardInterrupt), if one did."""
+        return None if self._stopped_by is None else signal.Signals(self._stopped_by)
 
     @property
     def interrupted_by(self) -> signal.Signals | None:
@@ -491,6 +536,12 @@ class Trainer:
         if self.reporters is not None:
             self.reporters.sample(rec)
         bar.write(f"[step {self.step_count}] reward {rewards[0]:.1f} answer={answers[0]!r}: <think>{texts[0][:300]!r}")
+
+    def _diverged_message(self, step: int | None = None) -> str:
+        step = self.step_count if step is None else step
+        return (f"the adapter's weights became non-finite (inf/nan) at step {step}: train.learning_rate "
+                f"{self.cfg.train.learning_rate:g} is too large for this run; nothing was saved from it, the last good "
+                f"checkpoint in {self.out} is intact (resume it with a lower train.learning_rate)")
 
     def _oom_message(self) -> str:
         from .planner import plan

@@ -29,7 +29,7 @@ def _write(tmp_path, text):
         ("trainn:\n  x: 1\n", "unknown key 'trainn'"),
         ("grpo:\n  num_generations: eight\n", "key 'grpo.num_generations'"),
         ("grpo:\n  num_generations: 1\n", "key 'grpo.num_generations': must be >= 2"),
-        ("train:\n  learning_rate: -1.0\n", "key 'train.learning_rate': must be > 0"),
+        ("train:\n  learning_rate: -1.0\n", "key 'train.learning_rate': must be in (0, 1]"),
         ("train:\n  micro_batch_size: 7\n", "key 'train.micro_batch_size': must divide"),
         ("grpo:\n  loss_type: ppo\n", "key 'grpo.loss_type'"),
         ("model:\n  gradient_checkpointing: 3\n", "key 'model.gradient_checkpointing'"),

@@ -4,7 +4,7 @@ and truncation. Every batched result is checked against the unpadded, single-pro
 import pytest
 import torch
 
-from lowmem_vt.data import DataError, generate_sat_records, examples_from_records
+from lowmem_vt.data import OPTIONS_SENTENCE, DataError, examples_from_records, generate_sat_records
 from lowmem_vt.inputs import InputBuilder, build_sequences, collate_prompts_left
 from lowmem_vt.model import image_embeddings, sequence_hidden
 
@@ -150,7 +150,7 @@ def test_hf_rollout_samples_the_recipe_distribution_whatever_the_models_generati
 def test_truncation_cuts_question_text_never_image_tokens(builder, examples, tiny_lm):
     e = examples[0]
     full = builder.encode(e.image, e.question)
-    long_q = e.question + " left right" * 200
+    long_q = e.question.replace(OPTIONS_SENTENCE, " left right" * 200 + OPTIONS_SENTENCE)  # a long question, short options
     short = InputBuilder(tiny_lm.tokenizer, tiny_lm.image_processor, tiny_lm.config, max_prompt_length=full.length + 10,
                          min_pixels=3136, max_pixels=112 * 112)
     p = short.encode(e.image, long_q)

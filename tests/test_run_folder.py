@@ -24,7 +24,9 @@ class FakeAdapter:
 
     def save_pretrained(self, path):
         os.makedirs(path, exist_ok=True)
-        Path(path, "adapter_model.safetensors").write_bytes(self.payload)
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.frombuffer(bytearray(self.payload), dtype=torch.uint8).float()}, str(Path(path, "adapter_model.safetensors")))
         Path(path, "adapter_config.json").write_text("{}")
 
 

@@ -264,10 +264,18 @@ class EngineRollout(RolloutBackend):
         G, T, P = params.num_generations, params.max_new_tokens, len(prompt_lengths)
         if params.seeds is not None and len(params.seeds) != P:
             raise ValueError(f"{len(params.seeds)} sampling seeds for {P} prompts: give one seed per prompt")
-        lay = CacheLayout.of(P, max(prompt_lengths), G, T, self.decode_bucket)
-        B, C = P * G, lay.slots
         dev = self.lm.device
         dtype = self.text.embed_tokens.weight.dtype
+        # checked before anything is allocated: a completion budget far beyond memory is one error line, not an
+        # allocation failure (or the host's OOM killer) after the model has loaded
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        from ..preflight import check_engine_memory
+
+        if not isinstance(self.text.embed_tokens.weight, FakeTensor):  # the memory simulation measures, not allocates
+            check_engine_memory(self.text.config, dtype, P, max(prompt_lengths), G, T, dev, "rollout (engine)")
+        lay = CacheLayout.of(P, max(prompt_lengths), G, T, self.decode_bucket)
+        B, C = P * G, lay.slots
         long = dict(dtype=torch.long, device=dev)
         slots = torch.arange(C, **long)
         completion = (slots - lay.prompt_slots).clamp_min(0)
