@@ -168,13 +168,15 @@ def load_eval_model(*, checkpoint: str | None, model: str | None, device: torch.
         min_px, max_px = min_pixels or 3136, max_pixels or 401408
         from .model import load_plain_model
         from .preflight import check_model_source
+        from .tiny import resolve_model_path
 
         check_model_source(model, "--model")
-
-        return load_plain_model(model, device, dtype=dtype, min_pixels=min_px, max_pixels=max_px), min_px, max_px
+        path = resolve_model_path(model)
+        return load_plain_model(path, device, dtype=dtype, min_pixels=min_px, max_pixels=max_px), min_px, max_px
     from .merge import checkpoint_configs
     from .model import load_model
     from .preflight import check_adapter_fits, check_model_source
+    from .tiny import resolve_model_path
 
     model_cfg, lora_cfg, data = checkpoint_configs(checkpoint)
     if model is not None:
@@ -187,6 +189,7 @@ def load_eval_model(*, checkpoint: str | None, model: str | None, device: torch.
     min_px, max_px = min_pixels or data.get("min_pixels", 3136), max_pixels or data.get("max_pixels", 401408)
     where = "--model" if model is not None else f"{checkpoint}/recipe.yaml: key 'model.name_or_path'"
     check_adapter_fits(Path(checkpoint) / "adapter", check_model_source(model_cfg.name_or_path, where), where)
+    model_cfg.name_or_path = resolve_model_path(model_cfg.name_or_path)
     lm = load_model(model_cfg, lora_cfg, device, min_pixels=min_px, max_pixels=max_px,
                     adapter_path=str(Path(checkpoint) / "adapter"), trainable=False)
     lm.peft_model.eval()

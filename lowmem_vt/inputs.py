@@ -1,4 +1,5 @@
-"""Our own Qwen2-VL input builder: tokenizer + image processor -> ids, token types, M-RoPE positions.
+"""Our own input builder: tokenizer + image processor -> ids, token types, M-RoPE positions, for any family
+of ``families`` (what differs between families, the placeholder and the positions, is asked of it).
 
 Why not ``Qwen2VLProcessor``: it cannot be constructed without torchvision (transformers 5.x), and owning
 this step is how padding and truncation are kept from corrupting image tokens:
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import IMAGE_PLACEHOLDER, OPTIONS_SENTENCE, R1_ZERO_TEMPLATE, DataError
+from .data import OPTIONS_SENTENCE, R1_ZERO_TEMPLATE, DataError
+from .families import family_for
 
 log = logging.getLogger(__name__)
 
@@ -44,51 +46,22 @@ class PromptInputs:
         return int(self.mm_token_type_ids.sum())
 
 
-def mrope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor, merge: int) -> tuple[torch.Tensor, int]:
-    """M-RoPE positions [3, L] of one unpadded prompt and the next free position.
-
-    Text tokens advance all three axes together; an image block of (t, h/merge, w/merge) tokens takes
-    (t, row, col) offsets from the current position, after which the position advances by max(h, w)/merge.
-    """
-    types = mm_token_type_ids.tolist()
-    chunks = []
-    pos = 0
-    grids = iter(image_grid_thw.tolist())
-    i = 0
-    while i < len(types):
-        j = i
-        while j < len(types) and types[j] == types[i]:
-            j += 1
-        n = j - i
-        if types[i] == 0:
-            chunks.append(torch.arange(pos, pos + n).view(1, -1).expand(3, -1))
-            pos += n
-        else:
-            t, h, w = next(grids)
-            gh, gw = h // merge, w // merge
-            if t * gh * gw != n:
-                raise ValueError(f"image block of {n} tokens does not match grid {t}x{gh}x{gw}")
-            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
-            chunks.append(torch.stack([tt, hh, ww]).reshape(3, -1) + pos)
-            pos += max(gh, gw)
-        i = j
-    return torch.cat(chunks, dim=1).long(), pos
-
-
 class InputBuilder:
-    """Turns (image, question) into PromptInputs for a Qwen2-VL model."""
+    """Turns (image, question) into PromptInputs for a model of ``model_config``'s family."""
 
     def __init__(self, tokenizer, image_processor, model_config, *, max_prompt_length: int, min_pixels: int, max_pixels: int):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.image_token_id = model_config.image_token_id
-        self.merge = model_config.vision_config.spatial_merge_size
+        self.config = model_config
+        self.family = family_for(model_config)
+        self.image_token_id = self.family.image_token_id(model_config)
+        self.merge = self.family.merge_size(model_config)
         self.max_prompt_length = max_prompt_length
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         head, tail = R1_ZERO_TEMPLATE.split("{question}")
-        self._head, self._tail = IMAGE_PLACEHOLDER + head, tail
+        self._head, self._tail = self.family.image_placeholder + head, tail
         self.truncated_prompts = 0  # prompts whose question was shortened to fit max_prompt_length
 
     def _ids(self, text: str) -> list[int]:
@@ -145,7 +118,7 @@ class InputBuilder:
         expanded = ids[:k] + [self.image_token_id] * n_image + ids[k + 1 :]
         input_ids = torch.tensor(expanded, dtype=torch.long)
         types = (input_ids == self.image_token_id).int()
-        positions, nxt = mrope_positions(types, grid, self.merge)
+        positions, nxt = self.family.positions(types, grid, self.config)
         return PromptInputs(input_ids, types, positions, pixel_values, grid, nxt, truncated)
 
 
@@ -197,17 +170,19 @@ class SequenceBatch:
 def completion_hidden(inner, batch: SequenceBatch, image_embeds) -> torch.Tensor:
     """Final hidden states that predict each completion token: [B, T, H].
 
-    inner: Qwen2-VL's inner model (``Qwen2VLForConditionalGeneration.model``: input embeddings, language
-    model); batch on its device; image_embeds: the image features of each prompt, indexed by
-    ``batch.prompt_rows`` ([tokens_i, H] each), scattered into the image tokens' embeddings. No LM head.
+    inner: the model's inner model (``...ForConditionalGeneration.model``: input embeddings, language model);
+    batch on its device; image_embeds: the image features of each prompt, indexed by ``batch.prompt_rows``
+    ([levels, tokens_i, H] each, see ``families.base``): level 0 scattered into the image tokens' embeddings,
+    the others handed to the language model as its family takes them. No LM head.
     """
     embeds = inner.get_input_embeddings()(batch.input_ids)
     image_mask = batch.image_mask.unsqueeze(-1)
-    feats = torch.cat([image_embeds[r] for r in batch.prompt_rows]).to(embeds.dtype)
-    check_image_features(image_mask, feats, "the batch")
-    embeds = embeds.masked_scatter(image_mask, feats)
+    feats = torch.cat([image_embeds[r] for r in batch.prompt_rows], dim=1).to(embeds.dtype)
+    check_image_features(image_mask, feats[0], "the batch")
+    embeds = embeds.masked_scatter(image_mask, feats[0])
     out = inner.language_model(
-        inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+        inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False,
+        **family_for(inner.config).language_model_kwargs(batch.image_mask, feats),
     )
     hidden = out.last_hidden_state
     idx = batch.completion_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])

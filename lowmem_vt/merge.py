@@ -55,6 +55,7 @@ def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: str |
 
     from .model import load_model
     from .preflight import check_adapter_fits, check_model_source
+    from .tiny import resolve_model_path
 
     model_cfg, lora_cfg, data = checkpoint_configs(checkpoint)
     out = Path(out_dir)
@@ -62,9 +63,10 @@ def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: str |
         raise FileExistsError(f"{out} holds a peft adapter; write the merged model to another folder")
     if base is not None:
         model_cfg.name_or_path = base
-    # the base is a Qwen2-VL folder with config and weights (or a reachable hub id) before anything loads
+    # the base is a model folder of a known family with config and weights (or a reachable hub id) before anything loads
     where = "--model" if base is not None else f"{checkpoint}/recipe.yaml: key 'model.name_or_path'"
     check_adapter_fits(Path(checkpoint) / "adapter", check_model_source(model_cfg.name_or_path, where), where)
+    model_cfg.name_or_path = resolve_model_path(model_cfg.name_or_path)
     if model_cfg.quantization == "nf4":
         log.info("QLoRA checkpoint: merging into the unquantized %s base", model_cfg.dtype)
         model_cfg.quantization = "none"
@@ -88,10 +90,12 @@ def cmd_merge(args) -> int:
     except (FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from .model import model_family
+
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     human = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
     print(f"merged model written to {out} ({human}); load it with "
-          f"Qwen2VLForConditionalGeneration.from_pretrained({str(out)!r}) or lowmem-vt eval --model {out}")
+          f"{model_family(str(out)).class_name}.from_pretrained({str(out)!r}) or lowmem-vt eval --model {out}")
     return 0
 
 

@@ -31,6 +31,7 @@ from .model import LoadedModel, image_embeddings, load_model, resolve_device, se
 from .reporting import Reporters
 from .rewards import compute_rewards, reflection_rate
 from .rollout import SamplingParams, make_rollout
+from .tiny import resolve_model_path
 
 log = logging.getLogger(__name__)
 # mean |sampling log-prob - policy log-prob| above which a step warns (bf16 rounding alone stays below 0.01)
@@ -120,6 +121,8 @@ class Trainer:
             memory_plan = check_fits(cfg, config_for(cfg), detected_gpu_gib())
             if self.dist.is_main:
                 log.info("memory plan (GiB):\n%s", memory_plan.table())
+        if lm is None:
+            cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)  # a tiny model's name: built (preflight did)
         self.lm = lm or load_model(
             cfg.model, cfg.lora, self.device, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels
         )

@@ -81,7 +81,7 @@ def test_planner_matches_the_simulation_on_the_tiny_model(tiny_dir, micro, compl
 
 @pytest.mark.parametrize("recipe, micro, completion", [("sat_lora", 1, 256), ("sat_qlora", 4, 1024)])
 def test_planner_matches_the_simulation_on_the_2b_architecture(recipe, micro, completion):
-    # the recipes name Qwen/Qwen2-VL-2B: offline, config_for gives the carried 2B config (tiny.qwen2_vl_2b_config)
+    # the recipes name Qwen/Qwen2-VL-2B: offline, config_for gives the carried 2B config (families.qwen2_vl.qwen2_vl_2b_config)
     _check(f"recipes/{recipe}.yaml", [f"train.micro_batch_size={micro}", f"grpo.max_completion_length={completion}"])
 
 

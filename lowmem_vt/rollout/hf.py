@@ -6,7 +6,6 @@ import contextlib
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..inputs import collate_prompts_left
 from .base import RolloutBackend, RolloutResult, SamplingParams, finish
@@ -87,7 +86,7 @@ class HFRollout(RolloutBackend):
         model = lm.hf_model
         batch = collate_prompts_left(prompts, lm.pad_token_id)
         # The step's image features are reused: generate expands them to the G samples itself.
-        mm = {"image": BaseModelOutputWithPooling(pooler_output=tuple(image_embeds))}
+        mm = {"image": lm.family.encoder_outputs(image_embeds)}
         was_training = model.training
         model.eval()  # gradient checkpointing in train mode would turn the KV cache off
         sample = not params.greedy
