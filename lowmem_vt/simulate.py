@@ -186,6 +186,7 @@ def _fake_model(cfg: RecipeConfig, config, tracker: LiveBytes, without: tuple[st
     family = family_for(config)
     with _outside_modes(), torch.device("meta"):
         model = family.model_class()._from_config(config, dtype=dtype)
+        family.prepare_for_fake_tensors(model)
         if cfg.model.quantization == "nf4":
             _nf4_stand_ins(family.text_model(model).layers, dtype)
         model.requires_grad_(False)

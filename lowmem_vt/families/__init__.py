@@ -6,9 +6,11 @@ Adding a family is one module (a ``QwenVLFamily`` subclass) registered in ``FAMI
 from __future__ import annotations
 
 from .base import IMAGE_PLACEHOLDER, QwenVLFamily, mrope_positions
+from .qwen2_5_vl import Qwen25VL
 from .qwen2_vl import Qwen2VL
+from .qwen3_vl import Qwen3VL
 
-FAMILIES: dict[str, QwenVLFamily] = {f.model_type: f for f in (Qwen2VL(),)}
+FAMILIES: dict[str, QwenVLFamily] = {f.model_type: f for f in (Qwen2VL(), Qwen25VL(), Qwen3VL())}
 DEFAULT_FAMILY = "qwen2_vl"
 
 

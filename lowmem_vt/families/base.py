@@ -171,6 +171,10 @@ class QwenVLFamily:
         """The vision tower's width and MLP width (the planner's analytic vision activations)."""
         raise NotImplementedError
 
+    def prepare_for_fake_tensors(self, hf_model) -> None:
+        """Make the model's forward run on fake tensors (the simulator), where an op's output shape may not depend
+        on values; nothing to do where none does."""
+
     # ---------------------------------------------------------------------------- known configs
 
     def published_configs(self) -> dict:
