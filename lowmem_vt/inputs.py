@@ -27,13 +27,13 @@ ELLIPSIS = " … "  # marks where a truncated question was cut
 
 @dataclass
 class PromptInputs:
-    """One encoded prompt (unpadded). L = prompt tokens, P = image patches."""
+    """One encoded prompt (unpadded). L = prompt tokens, P = image patches (of all its images, in order)."""
 
     input_ids: torch.Tensor  # [L] long
     mm_token_type_ids: torch.Tensor  # [L] int: 1 on image tokens
     position_ids: torch.Tensor  # [3, L] long, M-RoPE (temporal, height, width)
     pixel_values: torch.Tensor  # [P, C·T·patch·patch] float32
-    image_grid_thw: torch.Tensor  # [1, 3] long
+    image_grid_thw: torch.Tensor  # [images, 3] long
     next_position: int  # position of the first completion token (all three axes)
     truncated: bool = False
 
@@ -67,23 +67,28 @@ class InputBuilder:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode_image(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_image(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel patches [P, ...] and grids [images, 3] of one image or a list of them."""
         size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
-        out = self.image_processor(images=[image], size=size, return_tensors="pt")
+        out = self.image_processor(images=images if isinstance(images, list) else [images], size=size, return_tensors="pt")
         return out["pixel_values"].float(), out["image_grid_thw"].long()
 
-    def encode(self, image, question: str) -> PromptInputs:
-        pixel_values, grid = self.encode_image(image)
-        n_image = int(grid.prod()) // self.merge**2
-        ids = self._ids(self._head + question + self._tail)
+    def encode(self, images, question: str) -> PromptInputs:
+        """One prompt: ``images`` (one image, or a multi-image question's list) first, each in its placeholder,
+        then the template with the question."""
+        pixel_values, grid = self.encode_image(images)
+        counts = (grid.prod(-1) // self.merge**2).tolist()  # image tokens of each image
+        n_image, k = sum(counts), len(counts)
+        head = self.family.image_placeholder * (k - 1) + self._head
+        ids = self._ids(head + question + self._tail)
         truncated = False
-        if len(ids) - 1 + n_image > self.max_prompt_length:
+        if len(ids) - k + n_image > self.max_prompt_length:
             # Shorten the question text only; image tokens and the template are never cut.
-            head, tail = self._ids(self._head), self._ids(self._tail)
-            room = self.max_prompt_length - (len(head) - 1 + n_image) - len(tail)
+            head, tail = self._ids(head), self._ids(self._tail)
+            room = self.max_prompt_length - (len(head) - k + n_image) - len(tail)
             if room < 0:
                 raise DataError(
-                    f"the prompt needs {len(head) - 1 + n_image + len(tail)} tokens for the image ({n_image} tokens) and "
+                    f"the prompt needs {len(head) - k + n_image + len(tail)} tokens for the images ({n_image} tokens) and "
                     f"the template alone, over grpo.max_prompt_length {self.max_prompt_length}: raise it or lower data.max_pixels"
                 )
             ids = head + self._shorten(question, room) + tail
@@ -94,7 +99,7 @@ class InputBuilder:
                     "a prompt is longer than grpo.max_prompt_length (%d tokens): its question was shortened in the middle "
                     "(the answer options are kept). Raise grpo.max_prompt_length to avoid this; further cases are only "
                     "counted (metric prompts_truncated)", self.max_prompt_length)
-        return self._expand(ids, pixel_values, grid, n_image, truncated)
+        return self._expand(ids, pixel_values, grid, counts, truncated)
 
     def _shorten(self, question: str, room: int) -> list[int]:
         """The question's tokens cut to ``room`` by removing its middle: the options sentence (if any) is kept
@@ -111,11 +116,13 @@ class InputBuilder:
             return a[len(a) - room :] if room else []
         return b[: room - len(a) - len(mark)] + mark + a
 
-    def _expand(self, ids: list[int], pixel_values, grid, n_image: int, truncated: bool) -> PromptInputs:
-        if ids.count(self.image_token_id) != 1:
-            raise DataError(f"expected one image placeholder in the prompt, found {ids.count(self.image_token_id)}")
-        k = ids.index(self.image_token_id)
-        expanded = ids[:k] + [self.image_token_id] * n_image + ids[k + 1 :]
+    def _expand(self, ids: list[int], pixel_values, grid, counts: list[int], truncated: bool) -> PromptInputs:
+        """Each image placeholder token expanded into that image's tokens."""
+        if ids.count(self.image_token_id) != len(counts):
+            raise DataError(f"expected {len(counts)} image placeholder(s) in the prompt, found {ids.count(self.image_token_id)}")
+        expanded, left = [], iter(counts)
+        for t in ids:
+            expanded += [t] * next(left) if t == self.image_token_id else [t]
         input_ids = torch.tensor(expanded, dtype=torch.long)
         types = (input_ids == self.image_token_id).int()
         positions, nxt = self.family.positions(types, grid, self.config)

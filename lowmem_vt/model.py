@@ -343,13 +343,18 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 @torch.no_grad()
 def image_embeddings(lm: LoadedModel, pixel_values: list[torch.Tensor], grids: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Vision-tower features of each prompt's image, [levels, tokens_i, H] in the model's dtype (see
-    ``families.base``). One tower call."""
+    """Vision-tower features of each prompt's images, [levels, tokens_i, H] in the model's dtype (see
+    ``families.base``; a prompt's images one after another along the tokens). One tower call for every image."""
     pv = torch.cat(pixel_values).to(lm.device)
     grid = torch.cat(grids).to(lm.device)
     with vision_on_device(lm):
         feats = lm.family.image_features(lm.hf_model.model, pv, grid)
-    return [e.detach() for e in feats]
+    out, at = [], 0
+    for g in grids:  # regroup per prompt: its grid has one row per image
+        n = g.shape[0]
+        out.append((feats[at] if n == 1 else torch.cat(feats[at : at + n], dim=1)).detach())
+        at += n
+    return out
 
 
 def sequence_hidden(lm: LoadedModel, batch: SequenceBatch, image_embeds: list[torch.Tensor]) -> torch.Tensor:

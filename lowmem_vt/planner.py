@@ -117,10 +117,15 @@ class Plan:
         return "\n".join(lines + [""] + [f"- {n}" for n in self.notes])
 
 
+def image_tokens_per_prompt(cfg: RecipeConfig, shape: ModelShape) -> int:
+    """Worst case: every image of a question (``data.max_images_per_question``) as large as max_pixels allows."""
+    return cfg.data.max_pixels // (shape.patch * shape.merge) ** 2 * cfg.data.max_images_per_question
+
+
 def prompt_tokens(cfg: RecipeConfig, shape: ModelShape, text_tokens: int = 82) -> int:
-    """Worst-case prompt length: the largest image max_pixels allows, plus the template and question."""
-    per_token = (shape.patch * shape.merge) ** 2
-    image = cfg.data.max_pixels // per_token
+    """Worst-case prompt length: the largest images max_pixels allows, plus the template and question (two
+    more tokens per further image: its vision_start and vision_end)."""
+    image = image_tokens_per_prompt(cfg, shape) + 2 * (cfg.data.max_images_per_question - 1)
     return min(cfg.grpo.max_prompt_length, image + text_tokens)
 
 
@@ -240,7 +245,7 @@ def plan(cfg: RecipeConfig, config, prompt_len: int | None = None) -> Plan:
     optimizer_state = s.lora_params * OPTIMIZER_STATE_BYTES[t.optimizer]
     L = prompt_len if prompt_len is not None else prompt_tokens(cfg, s)
     T, G, mb, n_prompts = g.max_completion_length, g.num_generations, t.micro_batch_size, t.prompts_per_step
-    image_tokens = min(cfg.data.max_pixels // (s.patch * s.merge) ** 2, L)
+    image_tokens = min(image_tokens_per_prompt(cfg, s), L)
     # every prompt's image features (each level), kept for the whole step
     embeds = n_prompts * image_tokens * s.hidden * b * s.feature_levels
     resident = text + other + lora + optimizer_state + embeds

@@ -337,23 +337,24 @@ class _Adam8bitStandIn:
 
 
 def _prompt(cfg: RecipeConfig, config, shape, L: int):
-    """A real-valued prompt of L tokens: vision_start, the image tokens of the largest image max_pixels
-    allows (as the planner counts them), vision_end, text."""
+    """A real-valued prompt of L tokens: for each of ``data.max_images_per_question`` images, vision_start, the
+    image tokens of the largest image max_pixels allows (as the planner counts them), vision_end; then text."""
     from .families import family_for
     from .inputs import PromptInputs
 
     merge, patch = shape.merge, shape.patch
-    n_img = max(1, min(cfg.data.max_pixels // (patch * merge) ** 2, L - 2))
+    k = cfg.data.max_images_per_question
+    n_img = max(1, min(cfg.data.max_pixels // (patch * merge) ** 2, (L - 2 * k) // k))
     rows = next(d for d in range(math.isqrt(n_img), 0, -1) if n_img % d == 0)
     h, w = rows * merge, (n_img // rows) * merge  # the grid in patches
-    ids = [config.vision_start_token_id] + [config.image_token_id] * n_img + [config.vision_end_token_id]
+    ids = ([config.vision_start_token_id] + [config.image_token_id] * n_img + [config.vision_end_token_id]) * k
     ids += [1000 % config.text_config.vocab_size] * (L - len(ids))
     ids = torch.tensor(ids)
     types = (ids == config.image_token_id).int()
-    grid = torch.tensor([[1, h, w]])
+    grid = torch.tensor([[1, h, w]] * k)
     pos, nxt = family_for(config).positions(types, grid, config)
     channels = config.vision_config.in_channels * config.vision_config.temporal_patch_size * patch * patch
-    pixels = torch.zeros(h * w, channels)
+    pixels = torch.zeros(k * h * w, channels)
     return PromptInputs(ids, types, pos, pixels, grid, nxt)
 
 

@@ -216,7 +216,7 @@ class Trainer:
         for i, seed in zip(indices, seeds):
             ex = self.examples[i]
             try:
-                prompts.append(self.inputs.encode(ex.image, ex.question))
+                prompts.append(self.inputs.encode(ex.images, ex.question))
                 examples.append(ex)
                 kept_seeds.append(seed)
             except DataError as exc:

@@ -144,6 +144,56 @@ def test_sampling_logprobs_equal_the_trainers(lm, prompts, embeds, backend):
         assert torch.equal(ours.completion_ids, ref.completion_ids)
 
 
+@pytest.fixture(scope="module")
+def two_image_prompt(lm):
+    """A question with two images of different sizes (data.max_images_per_question: 2)."""
+    first, second = generate_sat_records(1, size=112, seed=5)[0], generate_sat_records(1, size=56, seed=6)[0]
+    record = dict(first, image_bytes=first["image_bytes"] + second["image_bytes"])
+    kept, report = examples_from_records([record], max_samples=1, shuffle_options=False, max_pixels=MAX_PIXELS, seed=0,
+                                         max_images=2)
+    builder = InputBuilder(lm.tokenizer, lm.image_processor, lm.config, max_prompt_length=1024, min_pixels=3136,
+                           max_pixels=MAX_PIXELS)
+    prompt = builder.encode(kept[0].images, kept[0].question)
+    assert prompt.image_grid_thw.shape[0] == 2 and prompt.image_grid_thw[0].prod() != prompt.image_grid_thw[1].prod()
+    return prompt
+
+
+def test_multi_image_questions_are_the_papers_filter_by_default(tmp_path):
+    first, second = generate_sat_records(2, size=56, seed=7)
+    record = dict(first, image_bytes=first["image_bytes"] + second["image_bytes"])
+    kept, report = examples_from_records([record, second], max_samples=2, shuffle_options=False, max_pixels=MAX_PIXELS, seed=0)
+    assert len(kept) == 1 and report.as_metrics()["data_skipped"] == 1  # default 1: single-image rows only
+    kept, _ = examples_from_records([record], max_samples=1, shuffle_options=False, max_pixels=MAX_PIXELS, seed=0, max_images=2)
+    assert len(kept[0].images) == 2
+    assert load_config(None, []).data.max_images_per_question == 1
+
+
+@torch.no_grad()
+def test_multi_image_question_equals_the_models_forward(lm, prompts, two_image_prompt):
+    """Two image blocks in one prompt, batched with a one-image prompt: positions, image features (each image
+    encoded once), the trainer's log-probs and both rollout backends' sampling log-probs against the model."""
+    p = two_image_prompt
+    pos, delta = lm.hf_model.model.get_rope_index(p.input_ids[None], mm_token_type_ids=p.mm_token_type_ids[None],
+                                                  image_grid_thw=p.image_grid_thw)
+    assert torch.equal(pos[:, 0], p.position_ids) and p.next_position == p.length + int(delta)
+    batch = [p, prompts[2]]
+    before = lm.vision_calls[0]
+    embeds = image_embeddings(lm, [q.pixel_values for q in batch], [q.image_grid_thw for q in batch])
+    assert lm.vision_calls[0] - before == 3  # one tower call, three images
+    assert [e.shape[1] for e in embeds] == [q.num_image_tokens for q in batch]
+    torch.manual_seed(0)
+    comp = torch.randint(10, 60, (2, 5))
+    ours = _trainer_logprobs(lm, batch, embeds, [0, 1], comp, torch.ones(2, 5))
+    for i, q in enumerate(batch):
+        torch.testing.assert_close(ours[i], _model_logprobs(lm, q, comp[i]), rtol=1e-4, atol=1e-5)
+    for backend in ("hf", "engine"):
+        torch.manual_seed(1)
+        roll = make_rollout(backend, lm).generate(batch, embeds, SamplingParams(2, 8, temperature=0.7))
+        trainer = _trainer_logprobs(lm, batch, embeds, roll.prompt_rows, roll.completion_ids, roll.completion_mask, 0.7)
+        mask = roll.completion_mask.bool()
+        assert float((roll.sampling_logprobs[mask] - trainer[mask]).abs().max()) <= 1e-4, backend
+
+
 def test_whole_recipe_train_resume_eval_merge_plot(family_dir, tmp_path):
     """The recipe on the family's tiny model: 2 steps with the engine, resumed to 3, evaluated as a checkpoint and
     merged (the merged model answers alike), plotted."""
