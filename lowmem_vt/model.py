@@ -123,13 +123,15 @@ def load_plain_model(name_or_path: str, device: torch.device, *, dtype: str, min
         name_or_path, dtype=DTYPES[resolve_dtype(dtype, device.type)], attn_implementation=resolve_attention(attn_implementation, device))
     model.to(device).eval()
     model.requires_grad_(False)
-    tokenizer, image_processor = load_tokenizer_and_processor(family, name_or_path, min_pixels, max_pixels)
+    tokenizer, image_processor = load_tokenizer_and_processor(name_or_path, min_pixels, max_pixels, family)
     return PlainModel(model, tokenizer, image_processor, device, _count_vision_calls(model))
 
 
-def load_tokenizer_and_processor(family: QwenVLFamily, name_or_path: str, min_pixels: int, max_pixels: int):
+def load_tokenizer_and_processor(name_or_path: str, min_pixels: int, max_pixels: int, family: QwenVLFamily | None = None):
+    """The model's tokenizer and its family's image processor with the pixel budget as default size."""
     from transformers import AutoTokenizer
 
+    family = family or model_family(name_or_path)
     return AutoTokenizer.from_pretrained(name_or_path), family.image_processor(name_or_path, min_pixels, max_pixels)
 
 
@@ -157,7 +159,7 @@ def load_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.devic
         model.to(device)
     else:
         keep_nf4_trainable(model)
-    tokenizer, image_processor = load_tokenizer_and_processor(family, model_cfg.name_or_path, min_pixels, max_pixels)
+    tokenizer, image_processor = load_tokenizer_and_processor(model_cfg.name_or_path, min_pixels, max_pixels, family)
     model.requires_grad_(False)
     peft_model = attach_adapter(model, model_cfg, lora_cfg, trainable=trainable, adapter_path=adapter_path)
     lm = LoadedModel(peft_model, tokenizer, image_processor, device, _count_vision_calls(peft_model.get_base_model()))
