@@ -200,11 +200,9 @@ def check_lora_targets(config, target_modules: list[str], recipe_file: str) -> N
 
 
 def check_rollout_backend(config, backend: str, recipe_file: str) -> None:
-    """The rollout backend decodes the model's family; one line naming the backend that does, where it does not."""
+    """The rollout backend handles the model's family (the engine and hf handle every family here; vllm is wired
+    for Qwen2-VL only); one line naming the backends that do, where it does not."""
     family = family_for(config)
     if backend == "vllm" and not family.vllm_rollout:
         raise PreflightError(f"{recipe_file}: key 'rollout.backend': vllm is wired for Qwen2-VL only, not {family.label}; "
                              "use rollout.backend=engine or hf")
-    if backend == "engine" and family.engine_unsupported:
-        raise PreflightError(f"{recipe_file}: key 'rollout.backend': the engine does not decode {family.label} "
-                             f"({family.engine_unsupported}); use rollout.backend=hf")

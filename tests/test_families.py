@@ -260,3 +260,18 @@ def _config(path):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(path)
+
+
+def test_tiny_model_names_choose_the_family():
+    from lowmem_vt.preflight import PreflightError, check_model_source
+    from lowmem_vt.tiny import parse_tiny_name
+
+    assert parse_tiny_name("tiny:artifacts/t")[0].model_type == "qwen2_vl"  # the demo's names keep their meaning
+    family, base, folder = parse_tiny_name("tiny-base:artifacts/tiny-base-qwen2vl")
+    assert (family.model_type, base, folder) == ("qwen2_vl", True, "artifacts/tiny-base-qwen2vl")
+    family, base, folder = parse_tiny_name("tiny-base-qwen3_vl:x/y")
+    assert (family.model_type, base, folder) == ("qwen3_vl", True, "x/y")
+    assert parse_tiny_name("tiny-qwen2_5_vl:z")[:2] == (family_named("qwen2_5_vl"), False)
+    assert parse_tiny_name("Qwen/Qwen3-VL-8B-Instruct") is None
+    with pytest.raises(PreflightError, match="'llama' is not a model family.*Qwen2.5-VL"):
+        check_model_source("tiny-llama:x", "key 'model.name_or_path'")

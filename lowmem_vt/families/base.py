@@ -79,8 +79,6 @@ class QwenVLFamily:
     tiny_special_tokens: tuple[str, ...] = ()
     tiny_eos_token: str = "<|endoftext|>"
     tiny_pad_token: str = "<|endoftext|>"
-    # why the in-process engine cannot decode this family (None: it can)
-    engine_unsupported: str | None = None
     # rollout.backend: vllm is wired for this family (its weight names and image-embedding inputs)
     vllm_rollout: bool = False
 

@@ -228,9 +228,6 @@ class EngineRollout(RolloutBackend):
         self.eos_token_id, self.pad_token_id = lm.eos_token_id, lm.pad_token_id
         model = lm.hf_model
         family = family_for(model.config)
-        if family.engine_unsupported:
-            raise ValueError(f"rollout.backend: engine does not decode {family.label}: {family.engine_unsupported}; "
-                             "use rollout.backend: hf")
         self.text = family.text_model(model)  # embed_tokens, layers, norm, rotary_emb
         self.layers = [family.engine_layer(layer) for layer in self.text.layers]
         self.lm_head = model.lm_head
