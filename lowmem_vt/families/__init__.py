@@ -39,10 +39,10 @@ def known_labels() -> str:
 def published_config(name_or_path: str):
     """The config of a model known by its hub id (each family carries its published models' config values),
     matched on the id or a local folder of that name; None for others."""
-    tail = name_or_path.rstrip("/")
+    name = name_or_path.rstrip("/").rsplit("/", 1)[-1]
     for family in FAMILIES.values():
         for hub_id, make in family.published_configs().items():
-            if tail == hub_id or tail.endswith("/" + hub_id.split("/")[-1]) or tail == hub_id.split("/")[-1]:
+            if name == hub_id.rsplit("/", 1)[-1]:
                 return make()
     return None
 

@@ -188,3 +188,59 @@ class QwenVLFamily:
     def image_processor_config(self, min_pixels: int = 3136, max_pixels: int = 401408) -> dict:
         """The family's preprocessor_config.json."""
         raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------ tiny-model helpers
+
+# CLIP's normalisation (Qwen2-VL's and Qwen2.5-VL's preprocessor_config.json)
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def tiny_text_config(tokenizer, hidden_size: int, layers: int, **extra) -> dict:
+    """A tiny Qwen2-style decoder (4 heads, 2 kv heads) whose token ids come from ``tokenizer``."""
+    heads, kv_heads = 4, 2
+    head_dim = hidden_size // heads
+    # M-RoPE splits head_dim/2 rotary frequencies between (temporal, height, width)
+    half = head_dim // 2
+    mrope = [half - 2 * (half // 3), half // 3, half // 3]
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+        bos_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def vision_token_ids(tokenizer) -> dict[str, int]:
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    return dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+def image_processor_config(patch: int, mean: list[float], std: list[float], min_pixels: int, max_pixels: int) -> dict:
+    """A Qwen-VL preprocessor_config.json: ``patch``-px patches, 2x2 merge, the given normalisation."""
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": mean,
+        "image_std": std,
+        "do_convert_rgb": True,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "patch_size": patch,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+    }

@@ -5,8 +5,8 @@ patch, in the image's row order (the tower undoes its window permutation itself)
 
 from __future__ import annotations
 
-from .base import QwenVLFamily
-from .qwen2_vl import SPECIAL_TOKENS, Qwen2VL, tiny_text_config, vision_token_ids
+from .base import CLIP_MEAN, CLIP_STD, QwenVLFamily, image_processor_config, tiny_text_config, vision_token_ids
+from .qwen2_vl import SPECIAL_TOKENS
 
 
 def qwen2_5_vl_7b_instruct_config():
@@ -60,4 +60,4 @@ class Qwen25VL(QwenVLFamily):
 
     def image_processor_config(self, min_pixels: int = 3136, max_pixels: int = 401408) -> dict:
         """Qwen2.5-VL's preprocessor_config.json is Qwen2-VL's (CLIP normalisation, 14-px patches, 2x2 merge)."""
-        return Qwen2VL().image_processor_config(min_pixels, max_pixels)
+        return image_processor_config(14, CLIP_MEAN, CLIP_STD, min_pixels, max_pixels)

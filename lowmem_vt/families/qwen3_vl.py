@@ -15,8 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .base import QwenVLFamily
-from .qwen2_vl import vision_token_ids
+from .base import QwenVLFamily, image_processor_config, vision_token_ids
 
 # Qwen3-VL's tokenizer: <|vision_pad|> besides the image and video pads; the instruct models end text with
 # <|im_end|> and pad with <|endoftext|>. (Its <think> / </think> are single tokens, as in the tiny tokenizer.)
@@ -140,18 +139,4 @@ class Qwen3VL(QwenVLFamily):
 
     def image_processor_config(self, min_pixels: int = 3136, max_pixels: int = 401408) -> dict:
         """Qwen3-VL's preprocessor_config.json: 16-px patches, 2x2 merge, mean and std 0.5."""
-        return {
-            "image_processor_type": "Qwen2VLImageProcessor",
-            "do_resize": True,
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": [0.5, 0.5, 0.5],
-            "image_std": [0.5, 0.5, 0.5],
-            "do_convert_rgb": True,
-            "min_pixels": min_pixels,
-            "max_pixels": max_pixels,
-            "patch_size": 16,
-            "temporal_patch_size": 2,
-            "merge_size": 2,
-        }
+        return image_processor_config(16, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], min_pixels, max_pixels)
