@@ -192,6 +192,18 @@ class QwenVLFamily:
 
 # ------------------------------------------------------------------------------ tiny-model helpers
 
+# The special tokens of Qwen2-VL's and Qwen2.5-VL's tokenizers that the tiny tokenizer needs (names as in the
+# real ones)
+QWEN2_VL_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
 # CLIP's normalisation (Qwen2-VL's and Qwen2.5-VL's preprocessor_config.json)
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]

@@ -5,8 +5,8 @@ patch, in the image's row order (the tower undoes its window permutation itself)
 
 from __future__ import annotations
 
-from .base import CLIP_MEAN, CLIP_STD, QwenVLFamily, image_processor_config, tiny_text_config, vision_token_ids
-from .qwen2_vl import SPECIAL_TOKENS
+from .base import (CLIP_MEAN, CLIP_STD, QWEN2_VL_SPECIAL_TOKENS, QwenVLFamily, image_processor_config, tiny_text_config,
+                   vision_token_ids)
 
 
 def qwen2_5_vl_7b_instruct_config():
@@ -37,7 +37,7 @@ class Qwen25VL(QwenVLFamily):
     model_type = "qwen2_5_vl"
     label = "Qwen2.5-VL"
     class_name = "Qwen2_5_VLForConditionalGeneration"
-    tiny_special_tokens = SPECIAL_TOKENS
+    tiny_special_tokens = QWEN2_VL_SPECIAL_TOKENS  # the same names in Qwen2.5-VL's tokenizer
     # the published models are instruct models: their text ends with <|im_end|>, padding is <|endoftext|>
     tiny_eos_token = "<|im_end|>"
 

@@ -3,18 +3,11 @@ bias), 3-axis M-RoPE with the sections side by side. The paper's model (Qwen/Qwe
 
 from __future__ import annotations
 
-from .base import CLIP_MEAN, CLIP_STD, QwenVLFamily, image_processor_config, tiny_text_config, vision_token_ids
+from .base import (CLIP_MEAN, CLIP_STD, QWEN2_VL_SPECIAL_TOKENS, QwenVLFamily, image_processor_config, tiny_text_config,
+                   vision_token_ids)
 
 # Qwen2-VL's special tokens (names as in the real tokenizer). The base model ends text with <|endoftext|>.
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+SPECIAL_TOKENS = QWEN2_VL_SPECIAL_TOKENS
 
 
 def qwen2_vl_2b_config():
