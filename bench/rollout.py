@@ -6,7 +6,7 @@
 Writes ``DIR/rollout.json`` and ``DIR/rollout.md`` after every measurement, so a run cut off still leaves what
 finished. Exit status 1 if a correctness check failed (the figures are written all the same).
 
-Model: the real 2B architecture (``lowmem_vt.tiny.qwen2_vl_2b_config``) with random weights in bf16 and LoRA
+Model: the real 2B architecture (``lowmem_vt.families.qwen2_vl.qwen2_vl_2b_config``) with random weights in bf16 and LoRA
 r 64 on every language-model linear with B non-zero, as the trainer runs it. Prompts: 8, of different lengths
 (two image sizes, different question lengths), each with its own sampling seed, G = 8 samples of 1024 tokens,
 temperature 1; EOS is disabled (no token id ends a completion), so every run decodes exactly rows x tokens.
@@ -37,13 +37,13 @@ from pathlib import Path
 import torch
 
 import report as bench_report
-from lowmem_vt.inputs import PromptInputs, build_sequences, mrope_positions
+from lowmem_vt.families import family_named, mrope_positions
+from lowmem_vt.inputs import PromptInputs, build_sequences
 from lowmem_vt.kernels.head import resolve_backend, token_logprobs
-from lowmem_vt.model import LoadedModel, image_embeddings, lora_target_regex, sequence_hidden
+from lowmem_vt.model import LoadedModel, image_embeddings, sequence_hidden
 from lowmem_vt.rollout import SamplingParams, make_rollout
 from lowmem_vt.rollout.engine import EngineRollout, engine_allocation_bytes
-from lowmem_vt.rollout.linears import DecodeWeights
-from lowmem_vt.tiny import qwen2_vl_2b_config
+from lowmem_vt.families.qwen2_vl import qwen2_vl_2b_config
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # issue 12's goals at 1024 tokens: 1 prompt x 8 samples (>= 3x HF static cache + compile), 8 prompts x 8 (vLLM class)
@@ -91,7 +91,7 @@ def gpu_lm(lora_r: int) -> LoadedModel:
     with torch.device("cuda"):
         model = Qwen2VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.requires_grad_(False)
-    peft_model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=lora_target_regex(LORA_TARGETS),
+    peft_model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=family_named("qwen2_vl").lora_target_regex(LORA_TARGETS),
                                                   bias="none"))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -194,7 +194,7 @@ def decode_step_ms(lm, prompts, embeds, params, repeats: int, width: int | None 
         if width is not None and width < params.num_generations:
             s.done.view(len(prompts), -1)[:, width:] = True  # as if those samples had ended: they leave the batch
             engine._compact(s)
-        w = DecodeWeights(engine.text)
+        w = engine.decode_weights()
         repeats = min(repeats, s.layout.bucket - 8)
         eager = lambda: engine._decode_step(s, w, params, s.active, s.layout.span(0))  # noqa: E731
         ways = [("eager", eager)]

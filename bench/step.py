@@ -57,12 +57,14 @@ def main() -> int:
 
     from lowmem_vt.config import LoraConfig, ModelConfig, load_config
     from lowmem_vt.grpo import LossCounts, group_advantages
-    from lowmem_vt.inputs import PromptInputs, build_sequences, mrope_positions
+    from lowmem_vt.families import mrope_positions
+    from lowmem_vt.families.qwen2_vl import Qwen2VL, qwen2_vl_2b_config
+    from lowmem_vt.inputs import PromptInputs, build_sequences
     from lowmem_vt.kernels.head import fused_grpo_loss, token_logprobs
     from lowmem_vt.model import image_embeddings, load_model, sequence_hidden
     from lowmem_vt.rollout import SamplingParams, make_rollout
     from lowmem_vt.data import generate_sat_records
-    from lowmem_vt.tiny import build_tiny_model, build_tiny_tokenizer, image_processor_config, qwen2_vl_2b_config
+    from lowmem_vt.tiny import build_tiny_model, build_tiny_tokenizer
 
     recipe_file = load_config(args.recipe)
     args.quantization = args.quantization or recipe_file.model.quantization
@@ -83,7 +85,7 @@ def main() -> int:
             model.save_pretrained(d)
             del model
             build_tiny_tokenizer().save_pretrained(d)  # tokenizer only for decoding; ids come from the 2B vocab
-            Path(d, "preprocessor_config.json").write_text(json.dumps(image_processor_config()))
+            Path(d, "preprocessor_config.json").write_text(json.dumps(Qwen2VL().image_processor_config()))
         else:
             build_tiny_model(d)
             cfg = Qwen2VLForConditionalGeneration.config_class.from_pretrained(d)

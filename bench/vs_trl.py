@@ -2,7 +2,7 @@
 
     python bench/vs_trl.py --out DIR [--completion 1024] [--prompts 1] [--steps 2] [--backend engine] [--smoke]
 
-Both sides train the same model folder: the real Qwen2-VL-2B architecture (lowmem_vt.tiny.qwen2_vl_2b_config)
+Both sides train the same model folder: the real Qwen2-VL-2B architecture (lowmem_vt.families.qwen2_vl.qwen2_vl_2b_config)
 with random bf16 weights, saved once with the project's offline word-level tokenizer (its special-token ids
 written into the config; the architecture and the 151,936-row head are the 2B model's), on the same generated
 SAT-style records (448x448 images = 256 image tokens, the R1-Zero prompt). Shapes: ``--prompts`` prompts x
@@ -94,7 +94,8 @@ def build_model_dir(path: Path, smoke: bool, side: int) -> Path:
     """The model folder both sides load: tokenizer, image-processor config and random weights."""
     from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 
-    from lowmem_vt.tiny import SPECIAL_TOKENS, build_tiny_model, build_tiny_tokenizer, image_processor_config, qwen2_vl_2b_config
+    from lowmem_vt.families.qwen2_vl import SPECIAL_TOKENS, Qwen2VL, qwen2_vl_2b_config
+    from lowmem_vt.tiny import build_tiny_model, build_tiny_tokenizer
 
     if smoke:
         return build_tiny_model(path)
@@ -113,7 +114,7 @@ def build_model_dir(path: Path, smoke: bool, side: int) -> Path:
     del model
     torch.cuda.empty_cache()
     tok.save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps(image_processor_config(3136, side * side)))
+    (path / "preprocessor_config.json").write_text(json.dumps(Qwen2VL().image_processor_config(3136, side * side)))
     return path
 
 

@@ -94,11 +94,12 @@ def cmd_plot(args) -> int:
 
 
 def cmd_build_tiny(args) -> int:
+    from .families import family_named
     from .preflight import check_output_folder
     from .tiny import build_tiny_model
 
     check_output_folder(args.out, "build-tiny", {})  # a new or empty folder: nothing is overwritten
-    print(build_tiny_model(args.out))
+    print(build_tiny_model(args.out, family=family_named(args.family)))
     return 0
 
 
@@ -110,7 +111,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="lowmem-vt", description="Memory-efficient R1-Zero GRPO for Qwen2-VL")
+    p = OneLineParser(prog="lowmem-vt", description="Memory-efficient R1-Zero GRPO for vision-language models")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (may be given anywhere)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -124,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--smoothing", type=float, default=0.8, help="weight of the past in the moving average, in [0, 1)")
     pl.set_defaults(func=cmd_plot)
 
-    b = sub.add_parser("build-tiny", help="write the tiny offline Qwen2-VL (model, tokenizer, processor config)")
+    b = sub.add_parser("build-tiny", help="write a tiny offline model (model, tokenizer, processor config)")
     b.add_argument("out")
+    b.add_argument("--family", default="qwen2_vl", help="model_type of the family (qwen2_vl, qwen2_5_vl, qwen3_vl)")
     b.set_defaults(func=cmd_build_tiny)
 
     for register in _extra_commands():

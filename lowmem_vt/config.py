@@ -167,6 +167,9 @@ class DataConfig:
     data_file: str = "SAT_train.parquet"  # file inside the hub repo or folder
     image_dir: str = ""  # for local JSON records whose images are file names
     max_samples: int = 15000  # the paper: first 15,000 single-image rows
+    # questions with up to this many images are kept (1 = the paper's filter); their images come first in the
+    # prompt, in the record's order, each encoded once per step
+    max_images_per_question: int = 1
     shuffle_options: bool = True
     min_pixels: int = 3136
     max_pixels: int = 401408
@@ -480,6 +483,7 @@ def validate(cfg: RecipeConfig) -> None:
         need(lo <= value <= hi, key, f"must be in [{show(lo)}, {show(hi)}]{note}, got {show(value)}")
 
     g, t = cfg.grpo, cfg.train
+    need(cfg.data.max_images_per_question >= 1, "data.max_images_per_question", "must be >= 1 (1: single-image questions)")
     need(g.num_generations >= 2, "grpo.num_generations", f"must be >= 2 (group advantages need a group), got {g.num_generations}")
     within(g.temperature, 0.01, 100.0, "grpo.temperature", " (sampling divides the logits by it)")
     need(g.max_completion_length >= 1, "grpo.max_completion_length", "must be >= 1")

@@ -38,7 +38,8 @@ class DataError(ValueError):
 
 @dataclass
 class Example:
-    """One prompt: its image, the question text as asked (options included), the options and the answer."""
+    """One prompt: its image, the question text as asked (options included), the options and the answer;
+    ``more_images``: a multi-image question's images after the first (``data.max_images_per_question``)."""
 
     uid: str
     image: Image.Image
@@ -46,6 +47,11 @@ class Example:
     choices: list[str]
     answer: str
     meta: dict[str, Any] = field(default_factory=dict)
+    more_images: list[Image.Image] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [self.image, *self.more_images]
 
 
 def join_options(options: list[str]) -> str:
@@ -149,8 +155,10 @@ def record_to_example(
     shuffle_options: bool,
     max_pixels: int,
     image_dir: str = "",
+    max_images: int = 1,
 ) -> Example:
-    """Validate one SAT-schema record and turn it into an Example. Raises DataError naming the record."""
+    """Validate one SAT-schema record and turn it into an Example. Raises DataError naming the record.
+    ``max_images``: records with more images are refused (1: the paper's single-image rows)."""
     if not isinstance(record, dict):
         raise DataError(f"record {index}: is {type(record).__name__}, not an object with the fields {', '.join(SAT_COLUMNS)}")
     uid = str(record.get("id", record.get("idx", index)))[:80]
@@ -162,8 +170,12 @@ def record_to_example(
     if not isinstance(images, (list, tuple)):
         images = [images]
     images = list(images)
-    if len(images) != 1:
-        raise DataError(f"{where}: {len(images)} images; the recipe uses single-image rows")
+    if not images:
+        raise DataError(f"{where}: no image")
+    if len(images) > max_images:
+        raise DataError(f"{where}: {len(images)} images; the recipe keeps questions with at most {max_images} "
+                        "(data.max_images_per_question)" if max_images > 1 else
+                        f"{where}: {len(images)} images; the recipe uses single-image rows (data.max_images_per_question: 1)")
     try:
         question = record_text(record["question"], "'question'").strip()
         if not isinstance(record["answers"], (list, tuple)):
@@ -178,24 +190,28 @@ def record_to_example(
         raise DataError(f"{where}: fewer than two answer options")
     if answer not in options:
         raise DataError(f"{where}: correct_answer {answer[:60]!r} is not among the options {[o[:40] for o in options[:8]]}")
-    try:
-        image = decode_image(images[0], image_dir)
-    except DataError as exc:
-        raise DataError(f"{where}: {exc}") from exc
-    except Exception as exc:  # PIL raises many types for corrupt bytes
-        raise DataError(f"{where}: unreadable image ({type(exc).__name__}: {exc})") from exc
-    # Images are resized to max_pixels by the processor; one this far beyond it is a broken record
-    # (it would cost a decode of tens of megapixels for nothing), so it is skipped.
-    if image.width * image.height > 16 * max_pixels:
-        raise DataError(f"{where}: image {image.width}x{image.height} is over 16 x max_pixels ({max_pixels})")
-    try:
-        check_image_shape(image)
-    except DataError as exc:
-        raise DataError(f"{where}: {exc}") from None
+    decoded = []
+    for cell in images:
+        try:
+            image = decode_image(cell, image_dir)
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from exc
+        except Exception as exc:  # PIL raises many types for corrupt bytes
+            raise DataError(f"{where}: unreadable image ({type(exc).__name__}: {exc})") from exc
+        # Images are resized to max_pixels by the processor; one this far beyond it is a broken record
+        # (it would cost a decode of tens of megapixels for nothing), so it is skipped.
+        if image.width * image.height > 16 * max_pixels:
+            raise DataError(f"{where}: image {image.width}x{image.height} is over 16 x max_pixels ({max_pixels})")
+        try:
+            check_image_shape(image)
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        decoded.append(image)
     if shuffle_options:
         options = options[:]
         rng.shuffle(options)
-    return Example(uid, image, sat_question(question, options), options, answer, {"raw_question": question})
+    return Example(uid, decoded[0], sat_question(question, options), options, answer, {"raw_question": question},
+                   more_images=decoded[1:])
 
 
 def _text_of(path: Path) -> str:
@@ -295,7 +311,7 @@ def peek_records(data_cfg, n: int = 8) -> None:
     for i, rec in enumerate(rows):
         try:
             record_to_example(rec, i, rng=random.Random(0), shuffle_options=False, max_pixels=data_cfg.max_pixels,
-                              image_dir=data_cfg.image_dir)
+                              image_dir=data_cfg.image_dir, max_images=data_cfg.max_images_per_question)
             return
         except DataError as exc:
             first = first or exc
@@ -345,6 +361,7 @@ def examples_from_records(
     seed: int,
     on_error: str = "skip",
     image_dir: str = "",
+    max_images: int = 1,
 ) -> tuple[list[Example], LoadReport]:
     """Valid examples (at most ``max_samples``), skipping bad records with a warning, or raising."""
     rng = random.Random(seed)
@@ -354,7 +371,8 @@ def examples_from_records(
         if len(out) >= max_samples:
             break
         try:
-            out.append(record_to_example(rec, i, rng=rng, shuffle_options=shuffle_options, max_pixels=max_pixels, image_dir=image_dir))
+            out.append(record_to_example(rec, i, rng=rng, shuffle_options=shuffle_options, max_pixels=max_pixels,
+                                         image_dir=image_dir, max_images=max_images))
         except DataError as exc:
             if on_error == "raise":
                 raise
@@ -472,4 +490,5 @@ def load_examples(data_cfg) -> tuple[list[Example], LoadReport]:
         seed=data_cfg.seed,
         on_error=data_cfg.on_error,
         image_dir=data_cfg.image_dir,
+        max_images=data_cfg.max_images_per_question,
     )

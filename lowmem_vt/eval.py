@@ -176,11 +176,14 @@ def load_eval_model(*, checkpoint: str | None, model: str | None, device: torch.
         dtype = dtype or ("auto" if device.type == "cuda" else "float32")
         min_px, max_px = min_pixels or 3136, max_pixels or 401408
         from .model import load_plain_model
+        from .tiny import resolve_model_path
 
         check_budget(check_model_source(model, "--model"))
-        return load_plain_model(model, device, dtype=dtype, min_pixels=min_px, max_pixels=max_px), min_px, max_px
+        path = resolve_model_path(model)
+        return load_plain_model(path, device, dtype=dtype, min_pixels=min_px, max_pixels=max_px), min_px, max_px
     from .merge import checkpoint_configs
     from .model import load_model
+    from .tiny import resolve_model_path
 
     model_cfg, lora_cfg, data = checkpoint_configs(checkpoint)
     if model is not None:
@@ -195,6 +198,7 @@ def load_eval_model(*, checkpoint: str | None, model: str | None, device: torch.
     config = check_model_source(model_cfg.name_or_path, where)
     check_adapter_fits(Path(checkpoint) / "adapter", config, where)
     check_budget(config)
+    model_cfg.name_or_path = resolve_model_path(model_cfg.name_or_path)
     lm = load_model(model_cfg, lora_cfg, device, min_pixels=min_px, max_pixels=max_px,
                     adapter_path=str(Path(checkpoint) / "adapter"), trainable=False)
     lm.peft_model.eval()

@@ -1,4 +1,5 @@
-"""Our own Qwen2-VL input builder: tokenizer + image processor -> ids, token types, M-RoPE positions.
+"""Our own input builder: tokenizer + image processor -> ids, token types, M-RoPE positions, for any family
+of ``families`` (what differs between families, the placeholder and the positions, is asked of it).
 
 Why not ``Qwen2VLProcessor``: it cannot be constructed without torchvision (transformers 5.x), and owning
 this step is how padding and truncation are kept from corrupting image tokens:
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import IMAGE_PLACEHOLDER, OPTIONS_SENTENCE, R1_ZERO_TEMPLATE, DataError
+from .data import OPTIONS_SENTENCE, R1_ZERO_TEMPLATE, DataError
+from .families import family_for
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +27,13 @@ ELLIPSIS = " … "  # marks where a truncated question was cut
 
 @dataclass
 class PromptInputs:
-    """One encoded prompt (unpadded). L = prompt tokens, P = image patches."""
+    """One encoded prompt (unpadded). L = prompt tokens, P = image patches (of all its images, in order)."""
 
     input_ids: torch.Tensor  # [L] long
     mm_token_type_ids: torch.Tensor  # [L] int: 1 on image tokens
     position_ids: torch.Tensor  # [3, L] long, M-RoPE (temporal, height, width)
     pixel_values: torch.Tensor  # [P, C·T·patch·patch] float32
-    image_grid_thw: torch.Tensor  # [1, 3] long
+    image_grid_thw: torch.Tensor  # [images, 3] long
     next_position: int  # position of the first completion token (all three axes)
     truncated: bool = False
 
@@ -44,77 +46,54 @@ class PromptInputs:
         return int(self.mm_token_type_ids.sum())
 
 
-def mrope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor, merge: int) -> tuple[torch.Tensor, int]:
-    """M-RoPE positions [3, L] of one unpadded prompt and the next free position.
-
-    Text tokens advance all three axes together; an image block of (t, h/merge, w/merge) tokens takes
-    (t, row, col) offsets from the current position, after which the position advances by max(h, w)/merge.
-    """
-    types = mm_token_type_ids.tolist()
-    chunks = []
-    pos = 0
-    grids = iter(image_grid_thw.tolist())
-    i = 0
-    while i < len(types):
-        j = i
-        while j < len(types) and types[j] == types[i]:
-            j += 1
-        n = j - i
-        if types[i] == 0:
-            chunks.append(torch.arange(pos, pos + n).view(1, -1).expand(3, -1))
-            pos += n
-        else:
-            t, h, w = next(grids)
-            gh, gw = h // merge, w // merge
-            if t * gh * gw != n:
-                raise ValueError(f"image block of {n} tokens does not match grid {t}x{gh}x{gw}")
-            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
-            chunks.append(torch.stack([tt, hh, ww]).reshape(3, -1) + pos)
-            pos += max(gh, gw)
-        i = j
-    return torch.cat(chunks, dim=1).long(), pos
-
-
 class InputBuilder:
-    """Turns (image, question) into PromptInputs for a Qwen2-VL model."""
+    """Turns (image, question) into PromptInputs for a model of ``model_config``'s family."""
 
     def __init__(self, tokenizer, image_processor, model_config, *, max_prompt_length: int, min_pixels: int, max_pixels: int):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.image_token_id = model_config.image_token_id
-        self.merge = model_config.vision_config.spatial_merge_size
+        self.config = model_config
+        self.family = family_for(model_config)
+        self.image_token_id = self.family.image_token_id(model_config)
+        self.merge = self.family.merge_size(model_config)
         self.max_prompt_length = max_prompt_length
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         head, tail = R1_ZERO_TEMPLATE.split("{question}")
-        self._head, self._tail = IMAGE_PLACEHOLDER + head, tail
+        self._head, self._tail = self.family.image_placeholder + head, tail
         self.truncated_prompts = 0  # prompts whose question was shortened to fit max_prompt_length
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode_image(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_image(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel patches [P, ...] and grids [images, 3] of one image or a list of them."""
         size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
-        out = self.image_processor(images=[image], size=size, return_tensors="pt")
+        out = self.image_processor(images=images if isinstance(images, list) else [images], size=size, return_tensors="pt")
         return out["pixel_values"].float(), out["image_grid_thw"].long()
 
-    def encode(self, image, question: str) -> PromptInputs:
+    def encode(self, images, question: str) -> PromptInputs:
+        """One prompt: ``images`` (one image, or a multi-image question's list) first, each in its placeholder,
+        then the template with the question."""
         try:
-            pixel_values, grid = self.encode_image(image)
+            pixel_values, grid = self.encode_image(images)
         except (ValueError, TypeError, OSError) as exc:  # the processor refuses a shape (e.g. an aspect ratio over 200)
-            size = "x".join(map(str, getattr(image, "size", ()))) or "?"
-            raise DataError(f"image {size} cannot be encoded ({exc})") from exc
-        n_image = int(grid.prod()) // self.merge**2
-        ids = self._ids(self._head + question + self._tail)
+            sizes = ", ".join("x".join(map(str, getattr(im, "size", ()))) or "?"
+                              for im in (images if isinstance(images, list) else [images]))
+            raise DataError(f"image {sizes} cannot be encoded ({exc})") from exc
+        counts = (grid.prod(-1) // self.merge**2).tolist()  # image tokens of each image
+        n_image, k = sum(counts), len(counts)
+        head = self.family.image_placeholder * (k - 1) + self._head
+        ids = self._ids(head + question + self._tail)
         truncated = False
-        if len(ids) - 1 + n_image > self.max_prompt_length:
+        if len(ids) - k + n_image > self.max_prompt_length:
             # Shorten the question text only; image tokens and the template are never cut.
-            head, tail = self._ids(self._head), self._ids(self._tail)
-            room = self.max_prompt_length - (len(head) - 1 + n_image) - len(tail)
+            head, tail = self._ids(head), self._ids(self._tail)
+            room = self.max_prompt_length - (len(head) - k + n_image) - len(tail)
             if room < 0:
                 raise DataError(
-                    f"the prompt needs {len(head) - 1 + n_image + len(tail)} tokens for the image ({n_image} tokens) and "
+                    f"the prompt needs {len(head) - k + n_image + len(tail)} tokens for the images ({n_image} tokens) and "
                     f"the template alone, over grpo.max_prompt_length {self.max_prompt_length}: raise it or lower data.max_pixels"
                 )
             ids = head + self._shorten(question, room) + tail
@@ -125,7 +104,7 @@ class InputBuilder:
                     "a prompt is longer than grpo.max_prompt_length (%d tokens): its question was shortened in the middle "
                     "(the answer options are kept). Raise grpo.max_prompt_length to avoid this; further cases are only "
                     "counted (metric prompts_truncated)", self.max_prompt_length)
-        return self._expand(ids, pixel_values, grid, n_image, truncated)
+        return self._expand(ids, pixel_values, grid, counts, truncated)
 
     def _shorten(self, question: str, room: int) -> list[int]:
         """The question's tokens cut to ``room`` by removing its middle: the options sentence (if any) is kept
@@ -143,14 +122,16 @@ class InputBuilder:
                             "question; raise grpo.max_prompt_length (the record is skipped)")
         return b[: room - len(a) - len(mark)] + mark + a
 
-    def _expand(self, ids: list[int], pixel_values, grid, n_image: int, truncated: bool) -> PromptInputs:
-        if ids.count(self.image_token_id) != 1:
-            raise DataError(f"expected one image placeholder in the prompt, found {ids.count(self.image_token_id)}")
-        k = ids.index(self.image_token_id)
-        expanded = ids[:k] + [self.image_token_id] * n_image + ids[k + 1 :]
+    def _expand(self, ids: list[int], pixel_values, grid, counts: list[int], truncated: bool) -> PromptInputs:
+        """Each image placeholder token expanded into that image's tokens."""
+        if ids.count(self.image_token_id) != len(counts):
+            raise DataError(f"expected {len(counts)} image placeholder(s) in the prompt, found {ids.count(self.image_token_id)}")
+        expanded, left = [], iter(counts)
+        for t in ids:
+            expanded += [t] * next(left) if t == self.image_token_id else [t]
         input_ids = torch.tensor(expanded, dtype=torch.long)
         types = (input_ids == self.image_token_id).int()
-        positions, nxt = mrope_positions(types, grid, self.merge)
+        positions, nxt = self.family.positions(types, grid, self.config)
         return PromptInputs(input_ids, types, positions, pixel_values, grid, nxt, truncated)
 
 
@@ -202,17 +183,19 @@ class SequenceBatch:
 def completion_hidden(inner, batch: SequenceBatch, image_embeds) -> torch.Tensor:
     """Final hidden states that predict each completion token: [B, T, H].
 
-    inner: Qwen2-VL's inner model (``Qwen2VLForConditionalGeneration.model``: input embeddings, language
-    model); batch on its device; image_embeds: the image features of each prompt, indexed by
-    ``batch.prompt_rows`` ([tokens_i, H] each), scattered into the image tokens' embeddings. No LM head.
+    inner: the model's inner model (``...ForConditionalGeneration.model``: input embeddings, language model);
+    batch on its device; image_embeds: the image features of each prompt, indexed by ``batch.prompt_rows``
+    ([levels, tokens_i, H] each, see ``families.base``): level 0 scattered into the image tokens' embeddings,
+    the others handed to the language model as its family takes them. No LM head.
     """
     embeds = inner.get_input_embeddings()(batch.input_ids)
     image_mask = batch.image_mask.unsqueeze(-1)
-    feats = torch.cat([image_embeds[r] for r in batch.prompt_rows]).to(embeds.dtype)
-    check_image_features(image_mask, feats, "the batch")
-    embeds = embeds.masked_scatter(image_mask, feats)
+    feats = torch.cat([image_embeds[r] for r in batch.prompt_rows], dim=1).to(embeds.dtype)
+    check_image_features(image_mask, feats[0], "the batch")
+    embeds = embeds.masked_scatter(image_mask, feats[0])
     out = inner.language_model(
-        inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+        inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False,
+        **family_for(inner.config).language_model_kwargs(batch.image_mask, feats),
     )
     hidden = out.last_hidden_state
     idx = batch.completion_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])

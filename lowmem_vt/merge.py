@@ -79,6 +79,7 @@ def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: str |
 
     from .model import load_model
     from .preflight import check_adapter_fits, check_device, check_model_source, check_output_folder
+    from .tiny import resolve_model_path
 
     model_cfg, lora_cfg, data = checkpoint_configs(checkpoint)
     if base is not None:
@@ -92,9 +93,10 @@ def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: str |
         inputs["the base model"] = base_folder
     check_output_folder(out, "--out", inputs)
     dev = check_device(device, "--device")
-    # the base is a Qwen2-VL folder with config and weights (or a reachable hub id) before anything loads
+    # the base is a model folder of a known family with config and weights (or a reachable hub id) before anything loads
     where = "--model" if base is not None else f"{checkpoint}/recipe.yaml: key 'model.name_or_path'"
     check_adapter_fits(Path(checkpoint) / "adapter", check_model_source(model_cfg.name_or_path, where), where)
+    model_cfg.name_or_path = resolve_model_path(model_cfg.name_or_path)
     if model_cfg.quantization == "nf4":
         log.info("QLoRA checkpoint: merging into the unquantized %s base", model_cfg.dtype)
         model_cfg.quantization = "none"
@@ -133,10 +135,12 @@ def cmd_merge(args) -> int:
 
         print(f"error: the merged model could not be written: {_write_problem(exc, Path(args.out).parent)}", file=sys.stderr)
         return 2
+    from .model import model_family
+
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     human = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
     print(f"merged model written to {out} ({human}); load it with "
-          f"Qwen2VLForConditionalGeneration.from_pretrained({str(out)!r}) or lowmem-vt eval --model {out}")
+          f"{model_family(str(out)).class_name}.from_pretrained({str(out)!r}) or lowmem-vt eval --model {out}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Loading Qwen2-VL with LoRA/QLoRA, and the forward passes the trainer needs.
+"""Loading a vision-language model (any family of ``families``) with LoRA/QLoRA, and the forward passes the
+trainer needs.
 
 The policy and the reference share one set of weights: the reference is the same model with the LoRA
 adapter disabled. Image embeddings are computed once per step by ``image_embeddings`` (the vision tower is
@@ -16,25 +17,25 @@ from pathlib import Path
 import torch
 
 from .config import LoraConfig, ModelConfig, resolve_dtype
+from .families import QwenVLFamily, family_for
 from .inputs import SequenceBatch, completion_hidden
 
 log = logging.getLogger(__name__)
-
-# "tiny:<dir>" = the offline tiny Qwen2-VL, built into <dir> on first use (see tiny.py); "tiny-base:<dir>" =
-# the same after a brief pre-training that makes it write the R1-Zero format now and then (the demo's model)
-TINY_PREFIX = "tiny:"
-TINY_BASE_PREFIX = "tiny-base:"
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class _ModelViews:
     """What the rollout, the evaluator and ``image_embeddings`` read off a loaded model; subclasses give
-    ``hf_model`` (a Qwen2VLForConditionalGeneration) and ``tokenizer``."""
+    ``hf_model`` (the family's ...ForConditionalGeneration) and ``tokenizer``."""
 
     @property
     def config(self):
         return self.hf_model.config
+
+    @property
+    def family(self) -> QwenVLFamily:
+        return family_for(self.hf_model.config)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -62,13 +63,13 @@ class LoadedModel(_ModelViews):
 
     @property
     def hf_model(self):
-        """The Qwen2VLForConditionalGeneration holding the (injected) LoRA layers."""
+        """The ...ForConditionalGeneration holding the (injected) LoRA layers."""
         return self.peft_model.get_base_model()
 
 
 @dataclass
 class PlainModel(_ModelViews):
-    """A Qwen2-VL without an adapter: a base model or a merged one (evaluation)."""
+    """A model without an adapter: a base model or a merged one (evaluation)."""
 
     hf_model: torch.nn.Module
     tokenizer: object
@@ -95,35 +96,6 @@ def resolve_attention(name: str, device: torch.device) -> str:
     return name
 
 
-def decoder_linear_shapes(text_config) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each decoder-layer linear LoRA can adapt, from a Qwen2-VL text config
-    (or anything with its size fields)."""
-    c = text_config
-    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    H, I, attn, kv = c.hidden_size, c.intermediate_size, c.num_attention_heads * d, c.num_key_value_heads * d
-    return {"q_proj": (H, attn), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (attn, H),
-            "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
-
-
-def lora_target_regex(target_modules: list[str]) -> str:
-    """LoRA on the language model's linears only (the vision tower stays frozen and adapter-free)."""
-    names = "|".join(target_modules)
-    return rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({names})"
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """A hub id or local path as given; ``tiny:<dir>`` / ``tiny-base:<dir>`` build an offline tiny model there first."""
-    if name_or_path.startswith(TINY_BASE_PREFIX):
-        from .tiny import build_tiny_base_model
-
-        return str(build_tiny_base_model(name_or_path[len(TINY_BASE_PREFIX):]))
-    if name_or_path.startswith(TINY_PREFIX):
-        from .tiny import build_tiny_model
-
-        return str(build_tiny_model(name_or_path[len(TINY_PREFIX):]))
-    return name_or_path
-
-
 def _count_vision_calls(hf_model) -> list:
     """A counter of images encoded by the vision tower, kept up to date by a forward pre-hook."""
     counter = [0]
@@ -132,41 +104,42 @@ def _count_vision_calls(hf_model) -> list:
         grid = kwargs_.get("grid_thw", args[1] if len(args) > 1 else None)
         counter[0] += int(grid.shape[0]) if grid is not None else 1
 
-    hf_model.model.visual.register_forward_pre_hook(count_images, with_kwargs=True)
+    family_for(hf_model.config).vision_tower(hf_model).register_forward_pre_hook(count_images, with_kwargs=True)
     return counter
+
+
+def model_family(name_or_path: str) -> QwenVLFamily:
+    """The family of a model folder or hub id, from its config (no weights read)."""
+    from transformers import AutoConfig
+
+    return family_for(AutoConfig.from_pretrained(name_or_path))
 
 
 def load_plain_model(name_or_path: str, device: torch.device, *, dtype: str, min_pixels: int, max_pixels: int,
                      attn_implementation: str = "auto") -> PlainModel:
-    """A base or merged Qwen2-VL by hub id or local path, frozen, in eval mode."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    name_or_path = resolve_model_path(name_or_path)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
+    """A base or merged model by hub id or local path, frozen, in eval mode."""
+    family = model_family(name_or_path)
+    model = family.model_class().from_pretrained(
         name_or_path, dtype=DTYPES[resolve_dtype(dtype, device.type)], attn_implementation=resolve_attention(attn_implementation, device))
     model.to(device).eval()
     model.requires_grad_(False)
-    tokenizer, image_processor = load_tokenizer_and_processor(name_or_path, min_pixels, max_pixels)
+    tokenizer, image_processor = load_tokenizer_and_processor(name_or_path, min_pixels, max_pixels, family)
     return PlainModel(model, tokenizer, image_processor, device, _count_vision_calls(model))
 
 
-def load_tokenizer_and_processor(name_or_path: str, min_pixels: int, max_pixels: int):
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+def load_tokenizer_and_processor(name_or_path: str, min_pixels: int, max_pixels: int, family: QwenVLFamily | None = None):
+    """The model's tokenizer and its family's image processor with the pixel budget as default size."""
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    # the PIL image processor needs no torchvision (the fast one does); same outputs
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(
-        name_or_path, size={"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    )
-    return tokenizer, image_processor
+    family = family or model_family(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path), family.image_processor(name_or_path, min_pixels, max_pixels)
 
 
 def load_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.device, *, min_pixels: int, max_pixels: int,
                adapter_path: str | None = None, trainable: bool = True) -> LoadedModel:
-    """Load the base model by hub id or local path, freeze it, and add (or load) the LoRA adapter."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    model_cfg.name_or_path = resolve_model_path(model_cfg.name_or_path)
+    """Load the base model by hub id or local path (a tiny model's name resolved already: ``tiny.resolve_model_path``),
+    freeze it, and add (or load) the LoRA adapter."""
+    family = model_family(model_cfg.name_or_path)
     dtype = DTYPES[resolve_dtype(model_cfg.dtype, device.type)]
     kwargs = dict(dtype=dtype, attn_implementation=resolve_attention(model_cfg.attn_implementation, device))
     if model_cfg.quantization == "nf4":
@@ -177,16 +150,16 @@ def load_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.devic
             # the vision tower and the (tied) head stay in bf16: quantizing them saves little and costs accuracy
             # (transformers matches these from the start of the module name, or as a suffix: "visual" alone
             # matched nothing in 5.x and the vision tower was quantized; a test checks its dtype)
-            llm_int8_skip_modules=["model.visual", "visual", "lm_head"],
+            llm_int8_skip_modules=list(family.keep_unquantized),
         )
         # bitsandbytes places the 4-bit weights itself; its CPU backend runs NF4 too (slowly: tests only)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    model = Qwen2VLForConditionalGeneration.from_pretrained(model_cfg.name_or_path, **kwargs)
+    model = family.model_class().from_pretrained(model_cfg.name_or_path, **kwargs)
     if model_cfg.quantization == "none":
         model.to(device)
     else:
         keep_nf4_trainable(model)
-    tokenizer, image_processor = load_tokenizer_and_processor(model_cfg.name_or_path, min_pixels, max_pixels)
+    tokenizer, image_processor = load_tokenizer_and_processor(model_cfg.name_or_path, min_pixels, max_pixels, family)
     model.requires_grad_(False)
     peft_model = attach_adapter(model, model_cfg, lora_cfg, trainable=trainable, adapter_path=adapter_path)
     lm = LoadedModel(peft_model, tokenizer, image_processor, device, _count_vision_calls(peft_model.get_base_model()))
@@ -208,7 +181,7 @@ def attach_adapter(model, model_cfg: ModelConfig, lora_cfg: LoraConfig, *, train
     else:
         peft_cfg = PeftLoraConfig(
             r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-            target_modules=lora_target_regex(lora_cfg.target_modules), bias="none",
+            target_modules=family_for(model.config).lora_target_regex(lora_cfg.target_modules), bias="none",
         )
         peft_model = get_peft_model(model, peft_cfg)
     # peft keeps LoRA weights in fp32 over a bf16 base (autocast_adapter_dtype): AdamW on bf16 would lose small updates
@@ -255,7 +228,7 @@ def offload_vision(lm: LoadedModel, host_copy=None) -> None:
         return t.detach().to("cpu", copy=True).pin_memory()
 
     host_copy = host_copy or pinned
-    lm.vision_host = [(p, host_copy(p.data)) for p in lm.hf_model.model.visual.parameters()]
+    lm.vision_host = [(p, host_copy(p.data)) for p in lm.family.vision_tower(lm.hf_model).parameters()]
     for p, host in lm.vision_host:
         p.data = host
 
@@ -315,7 +288,7 @@ def offload_checkpointed_inputs(hf_model, host_copy=None) -> None:
             return fn(hidden, *args)
         return checkpoint(run, fn, _OffloadedInput(hidden, host_copy), *args, use_reentrant=False)
 
-    for layer in hf_model.model.language_model.layers:
+    for layer in family_for(hf_model.config).text_model(hf_model).layers:
         layer._gradient_checkpointing_func = offloading_checkpoint
 
 
@@ -376,13 +349,18 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 @torch.no_grad()
 def image_embeddings(lm: LoadedModel, pixel_values: list[torch.Tensor], grids: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Vision-tower features of each prompt's image, [tokens_i, H] in the model's dtype. One tower call."""
-    inner = lm.hf_model.model
+    """Vision-tower features of each prompt's images, [levels, tokens_i, H] in the model's dtype (see
+    ``families.base``; a prompt's images one after another along the tokens). One tower call for every image."""
     pv = torch.cat(pixel_values).to(lm.device)
     grid = torch.cat(grids).to(lm.device)
     with vision_on_device(lm):
-        out = inner.get_image_features(pv, grid, return_dict=True)
-    return [e.detach() for e in out.pooler_output]
+        feats = lm.family.image_features(lm.hf_model.model, pv, grid)
+    out, at = [], 0
+    for g in grids:  # regroup per prompt: its grid has one row per image
+        n = g.shape[0]
+        out.append((feats[at] if n == 1 else torch.cat(feats[at : at + n], dim=1)).detach())
+        at += n
+    return out
 
 
 def sequence_hidden(lm: LoadedModel, batch: SequenceBatch, image_embeds: list[torch.Tensor]) -> torch.Tensor:

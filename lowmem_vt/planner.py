@@ -1,7 +1,7 @@
 """Memory planner: the predicted GPU peak of each phase of a recipe step, before anything is loaded.
 
 Parameter counts come from the model's own config, instantiated on the ``meta`` device (no memory, no
-weights), so they are exact for any Qwen2-VL size. Activation terms are bytes per token per layer,
+weights), so they are exact for any size of any family (``families``). Activation terms are bytes per token per layer,
 calibrated against ``lowmem_vt.simulate`` (the step's own code on fake tensors): every phase within 5 % of
 the simulation over LoRA / QLoRA x micro-batch 1-8 x completion 256-1024 (``bench/memory.py --simulate``).
 Rollout and vision are analytic in both. What neither sees (the CUDA context is added as ``Plan.overhead``)
@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import RecipeConfig
+from .families import family_for, published_config
 
 GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -45,41 +46,47 @@ class ModelShape:
     patch: int
     vision_embed: int
     vision_mlp: int
+    feature_levels: int  # image-feature levels per image token (1 + DeepStack layers)
+    qkv_bias: bool
 
 
 def model_shape(config, lora_r: int, target_modules: list[str]) -> ModelShape:
-    """Exact parameter counts from a Qwen2VLConfig, built on the meta device."""
+    """Exact parameter counts from a model config of any family, built on the meta device."""
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
 
+    family = family_for(config)
     with torch.device("meta"):
-        model = Qwen2VLForConditionalGeneration(config)
+        model = family.model_class()(config)
     t, v = config.text_config, config.vision_config
+    vision_ids = {id(p) for p in family.vision_tower(model).parameters()}
+    layer_linears = {id(m): name for name, m in family.text_model(model).layers.named_modules()
+                     if isinstance(m, torch.nn.Linear)}
     text_linear = other = vision = lora = 0
     seen = set()
-    for name, mod in model.named_modules():
+    for mod in model.modules():
         for pname, p in mod.named_parameters(recurse=False):
             if id(p) in seen:  # tied head
                 continue
             seen.add(id(p))
             n = p.numel()
-            if "visual" in name:
+            if id(p) in vision_ids:
                 vision += n
                 other += n
-            elif isinstance(mod, torch.nn.Linear) and "language_model.layers" in name and pname == "weight":
+            elif id(mod) in layer_linears and pname == "weight":
                 text_linear += n
             else:
                 other += n
-        leaf = name.rsplit(".", 1)[-1]
-        if isinstance(mod, torch.nn.Linear) and "language_model.layers" in name and leaf in target_modules:
+        if id(mod) in layer_linears and layer_linears[id(mod)].rsplit(".", 1)[-1] in target_modules:
             lora += lora_r * (mod.in_features + mod.out_features)
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    vision_sizes = family.vision_shape(v)
     return ModelShape(
         vocab=t.vocab_size, hidden=t.hidden_size, intermediate=t.intermediate_size, layers=t.num_hidden_layers,
         heads=t.num_attention_heads, kv_heads=t.num_key_value_heads, head_dim=head_dim,
         tied=bool(config.tie_word_embeddings), params_text_linear=text_linear, params_other=other, params_vision=vision,
-        lora_params=lora, merge=config.vision_config.spatial_merge_size, patch=config.vision_config.patch_size,
-        vision_embed=v.embed_dim, vision_mlp=int(v.embed_dim * v.mlp_ratio),
+        lora_params=lora, merge=family.merge_size(config), patch=family.patch_size(config),
+        vision_embed=vision_sizes["embed"], vision_mlp=vision_sizes["mlp"], feature_levels=family.feature_levels(config),
+        qkv_bias=family.qkv_bias(t),
     )
 
 
@@ -110,10 +117,15 @@ class Plan:
         return "\n".join(lines + [""] + [f"- {n}" for n in self.notes])
 
 
+def image_tokens_per_prompt(cfg: RecipeConfig, shape: ModelShape) -> int:
+    """Worst case: every image of a question (``data.max_images_per_question``) as large as max_pixels allows."""
+    return cfg.data.max_pixels // (shape.patch * shape.merge) ** 2 * cfg.data.max_images_per_question
+
+
 def prompt_tokens(cfg: RecipeConfig, shape: ModelShape, text_tokens: int = 82) -> int:
-    """Worst-case prompt length: the largest image max_pixels allows, plus the template and question."""
-    per_token = (shape.patch * shape.merge) ** 2
-    image = cfg.data.max_pixels // per_token
+    """Worst-case prompt length: the largest images max_pixels allows, plus the template and question (two
+    more tokens per further image: its vision_start and vision_end)."""
+    image = image_tokens_per_prompt(cfg, shape) + 2 * (cfg.data.max_images_per_question - 1)
     return min(cfg.grpo.max_prompt_length, image + text_tokens)
 
 
@@ -166,7 +178,7 @@ def rollout_bytes(cfg: RecipeConfig, shape: ModelShape, prompt_len: int, complet
                                vocab_size=shape.vocab)
         e = engine_allocation_bytes(text, cfg.model.dtype, cfg.train.prompts_per_step, prompt_len, G, completion_len,
                                     lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules, top_k=cfg.rollout.top_k,
-                                    top_p=cfg.rollout.top_p)
+                                    top_p=cfg.rollout.top_p, qkv_bias=shape.qkv_bias)
         return int(e.allocated + max(prefill_one, e.step_workspace))
     per_token = kv_cache_bytes_per_token(shape, b)
     rows, slots = G, prompt_len + completion_len
@@ -234,8 +246,9 @@ def plan(cfg: RecipeConfig, config, prompt_len: int | None = None) -> Plan:
     optimizer_state = s.lora_params * OPTIMIZER_STATE_BYTES[t.optimizer]
     L = prompt_len if prompt_len is not None else prompt_tokens(cfg, s)
     T, G, mb, n_prompts = g.max_completion_length, g.num_generations, t.micro_batch_size, t.prompts_per_step
-    image_tokens = min(cfg.data.max_pixels // (s.patch * s.merge) ** 2, L)
-    embeds = n_prompts * image_tokens * s.hidden * b  # every prompt's image features, kept for the whole step
+    image_tokens = min(image_tokens_per_prompt(cfg, s), L)
+    # every prompt's image features (each level), kept for the whole step
+    embeds = n_prompts * image_tokens * s.hidden * b * s.feature_levels
     resident = text + other + lora + optimizer_state + embeds
     p.phases["weights"] = (text + other + vision) / GIB
     p.phases["vision tower (host memory between its calls)"] = vision / GIB
@@ -343,19 +356,16 @@ def config_for(cfg: RecipeConfig):
     """The model config without loading weights (hub id, local path, or the tiny model's)."""
     from transformers import AutoConfig
 
-    from .model import resolve_model_path
+    from .tiny import resolve_model_path
 
     name = resolve_model_path(cfg.model.name_or_path)
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True)
     except OSError:
         pass
-    if name.rstrip("/").endswith("Qwen2-VL-2B"):
-        # not cached: the 2B architecture is known (tiny.qwen2_vl_2b_config mirrors its config.json)
-        from .tiny import qwen2_vl_2b_config
-
-        return qwen2_vl_2b_config()
-    return AutoConfig.from_pretrained(name)
+    # not cached: the published models' architectures are known (each family carries their config.json values)
+    known = published_config(name)
+    return known if known is not None else AutoConfig.from_pretrained(name)
 
 
 def detected_gpu_gib() -> float | None:

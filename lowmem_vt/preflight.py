@@ -19,11 +19,12 @@ import torch
 from . import checkpoint as ckpt
 from .config import ModelConfig, RecipeConfig, resolve_dtype
 from .data import GENERATED_TASKS, peek_records
+from .families import FAMILIES, UnknownFamily, family_for, known_labels
 from .kernels.head import TRITON_BACKENDS, resolve_backend
-from .model import TINY_BASE_PREFIX, TINY_PREFIX, decoder_linear_shapes, lora_target_regex, resolve_device
+from .model import resolve_device
 from .reporting import ReporterUnavailable, check_reporters
+from .tiny import parse_tiny_name
 
-QWEN2_VL = "qwen2_vl"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -49,6 +50,7 @@ def check_recipe(cfg: RecipeConfig, *, check_model: bool = True, overwrite: bool
     if check_model:
         config = check_model_source(cfg.model.name_or_path, f"{f}: key 'model.name_or_path'")
         check_lora_targets(config, cfg.lora.target_modules, f)
+        check_rollout_backend(config, cfg.rollout.backend, f)
     if config is not None:
         check_lengths(cfg, config)
         check_lora_rank(cfg, config)
@@ -73,7 +75,7 @@ def check_lengths(cfg: RecipeConfig, config) -> None:
 
 def check_lora_rank(cfg: RecipeConfig, config) -> None:
     """lora.r is at most the smaller side of every adapted linear (a larger rank adds nothing and costs memory)."""
-    shapes = decoder_linear_shapes(config.text_config)
+    shapes = family_for(config).decoder_linear_shapes(config.text_config)
     sides = [min(shapes[t]) for t in cfg.lora.target_modules if t in shapes]
     if sides and cfg.lora.r > min(sides):
         raise PreflightError(f"{cfg.source_file}: key 'lora.r': {cfg.lora.r} exceeds the smallest side ({min(sides)}) of the "
@@ -278,13 +280,16 @@ def check_data(cfg: RecipeConfig) -> None:
 
 
 def check_model_source(name_or_path: str, where: str):
-    """The model's config (a transformers Qwen2VLConfig), checked without loading weights.
+    """The model's config (a transformers config of a known family), checked without loading weights.
 
-    A local folder must hold config.json of a Qwen2-VL and weights; a name that looks like a path
+    A local folder must hold config.json of a known family and weights; a name that looks like a path
     (not ``owner/name``, or whose first folder exists here) must exist; a hub id must be reachable or cached.
     """
-    if name_or_path.startswith((TINY_PREFIX, TINY_BASE_PREFIX)):  # built on first use
-        return _config(name_or_path)
+    try:
+        if parse_tiny_name(name_or_path) is not None:  # built on first use
+            return _config(name_or_path)
+    except UnknownFamily as exc:
+        raise PreflightError(f"{where}: {exc}") from None
     local = Path(os.path.expanduser(name_or_path))
     if local.exists():
         _check_model_folder(local, where)
@@ -301,8 +306,9 @@ def check_model_source(name_or_path: str, where: str):
             f"{where}: could not read the config of hub model {name_or_path!r} ({type(exc).__name__}: {first[:160]}); "
             "check the id and the network (or HF_HUB_OFFLINE), or point it at a local model folder"
         ) from None
-    if getattr(config, "model_type", None) != QWEN2_VL:
-        raise PreflightError(f"{where}: {name_or_path!r} is a {getattr(config, 'model_type', '?')!r} model; this trainer needs a Qwen2-VL ({QWEN2_VL})")
+    if getattr(config, "model_type", None) not in FAMILIES:
+        raise PreflightError(f"{where}: {name_or_path!r} is a {getattr(config, 'model_type', '?')!r} model; this trainer "
+                             f"knows {known_labels()} ({', '.join(FAMILIES)})")
     return config
 
 
@@ -312,7 +318,7 @@ _LORA_KEY = re.compile(r"language_model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)
 def check_adapter_fits(adapter: str | Path, config, where: str) -> None:
     """PreflightError unless every LoRA matrix in ``adapter``'s safetensors fits the base model ``config``: a layer
     the base has, and the input (A) / output (B) size of the linear it adapts. Read from the file's header, no
-    weights loaded: an adapter trained on another base (another size of Qwen2-VL) would otherwise fail inside
+    weights loaded: an adapter trained on another base (another size or family) would otherwise fail inside
     peft only after the whole base has loaded. ``where``: what named the base (for the message)."""
     from safetensors import safe_open
 
@@ -320,7 +326,7 @@ def check_adapter_fits(adapter: str | Path, config, where: str) -> None:
     if not weights.is_file():
         return  # a .bin adapter: peft checks it when it loads
     t = config.text_config
-    shapes = decoder_linear_shapes(t)
+    shapes = family_for(config).decoder_linear_shapes(t)
     try:
         handle = safe_open(str(weights), framework="pt")
     except Exception as exc:  # noqa: BLE001 -- safetensors raises its own and OS errors for a damaged file
@@ -367,21 +373,37 @@ def _check_model_folder(folder: Path, where: str) -> None:
         model_type = json.loads(cfg_file.read_text()).get("model_type")
     except (ValueError, AttributeError):
         raise PreflightError(f"{where}: {cfg_file} is not a valid JSON object; restore the model's config.json") from None
-    if model_type != QWEN2_VL:
-        raise PreflightError(f"{where}: {cfg_file} says model_type {model_type!r}; this trainer needs a Qwen2-VL ({QWEN2_VL!r})")
+    if model_type not in FAMILIES:
+        raise PreflightError(f"{where}: {cfg_file} says model_type {model_type!r}; this trainer knows {known_labels()} "
+                             f"({', '.join(map(repr, FAMILIES))})")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise PreflightError(f"{where}: {folder} has no weights (*.safetensors or *.bin); copy the model's weight files into it")
 
 
 def check_lora_targets(config, target_modules: list[str], recipe_file: str) -> None:
     """Each LoRA target matches at least one linear of the language model (checked on the meta device)."""
-    from transformers import Qwen2VLForConditionalGeneration
-
+    family = family_for(config)
     with torch.device("meta"):
-        model = Qwen2VLForConditionalGeneration(config)
+        model = family.model_class()(config)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    known = sorted({n.rsplit(".", 1)[-1] for n in linears if re.fullmatch(lora_target_regex([r"\w+"]), n)})
+    known = sorted({n.rsplit(".", 1)[-1] for n in linears if re.fullmatch(family.lora_target_regex([r"\w+"]), n)})
     for i, target in enumerate(target_modules):
-        if not any(re.fullmatch(lora_target_regex([target]), n) for n in linears):
+        if not any(re.fullmatch(family.lora_target_regex([target]), n) for n in linears):
             raise PreflightError(f"{recipe_file}: key 'lora.target_modules[{i}]': {target!r} matches no linear layer of the "
                                  f"language model; known: {', '.join(known)}")
+
+
+def check_rollout_backend(config, backend: str, recipe_file: str) -> None:
+    """The rollout backend handles the model's family (the engine and hf handle every family here; vllm is wired
+    for Qwen2-VL only); one line naming the backends that do, where it does not."""
+    family = family_for(config)
+    if backend == "hf" and family.feature_levels(config) > 1:
+        from .rollout.hf import accepts_encoder_outputs
+
+        if not accepts_encoder_outputs(family.model_class()):
+            raise PreflightError(f"{recipe_file}: key 'rollout.backend': {family.label}'s DeepStack image features cannot be "
+                                 "handed to HF generate before transformers 5.18 (this is "
+                                 f"{__import__('transformers').__version__}); use rollout.backend=engine, or a newer transformers")
+    if backend == "vllm" and not family.vllm_rollout:
+        raise PreflightError(f"{recipe_file}: key 'rollout.backend': vllm is wired for Qwen2-VL only, not {family.label}; "
+                             "use rollout.backend=engine or hf")

@@ -1,7 +1,7 @@
 """GPU memory of a recipe step measured without a GPU: the step's own code on fake tensors.
 
-The model is built from its config alone (``planner.config_for``: a local ``config.json`` or the carried
-Qwen2-VL-2B config) with ``FakeTensorMode`` parameters: tensors with shapes, dtypes and storage sizes but
+The model is built from its config alone (``planner.config_for``: a local ``config.json`` or a published
+model's config carried by its family, ``families``) with ``FakeTensorMode`` parameters: tensors with shapes, dtypes and storage sizes but
 no data. The trainer's phases then run through the project's real functions (``model.image_embeddings``,
 ``model.sequence_hidden``, ``kernels.token_logprobs`` / ``fused_grpo_loss``, the optimizer of
 ``trainer.make_optimizer``) while a dispatch mode counts the bytes of every live storage, rounded up to the
@@ -176,18 +176,19 @@ def _fake_friendly():
 def _fake_model(cfg: RecipeConfig, config, tracker: LiveBytes, without: tuple[str, ...]):
     """The recipe's model (NF4 stand-ins for QLoRA, LoRA attached as ``model.load_model`` does) with fake
     weights: built on the meta device, then every tensor made a fake one on ``cpu`` (call inside the mode)."""
-    from transformers import Qwen2VLForConditionalGeneration
-
+    from .families import family_for
     from .model import DTYPES, LoadedModel, attach_adapter, offload_checkpointed_inputs, offload_vision
 
     dtype = DTYPES[cfg.model.dtype]
     config = copy.deepcopy(config)
     for sub in (config, config.text_config, config.vision_config):
         sub._attn_implementation = "sdpa"
+    family = family_for(config)
     with _outside_modes(), torch.device("meta"):
-        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+        model = family.model_class()._from_config(config, dtype=dtype)
+        family.prepare_for_fake_tensors(model)
         if cfg.model.quantization == "nf4":
-            _nf4_stand_ins(model, dtype)
+            _nf4_stand_ins(family.text_model(model).layers, dtype)
         model.requires_grad_(False)
         peft_model = attach_adapter(model, cfg.model, cfg.lora, trainable=True)
         if "adapter in base dtype" in without:
@@ -277,12 +278,12 @@ class _DequantMatmul(torch.autograd.Function):
         return grad @ w, None, None, None, None
 
 
-def _nf4_stand_ins(model, dtype: torch.dtype) -> None:
-    """Replace the language model's linears (not the vision tower, not the head) as load_model's NF4 does."""
-    for name, mod in list(model.named_modules()):
+def _nf4_stand_ins(layers: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Replace the language model's linears (its decoder ``layers``; not the vision tower, not the head) as
+    load_model's NF4 does."""
+    for mod in list(layers.modules()):
         for cname, child in list(mod.named_children()):
-            full = f"{name}.{cname}" if name else cname
-            if isinstance(child, torch.nn.Linear) and "language_model.layers" in full:
+            if isinstance(child, torch.nn.Linear):
                 setattr(mod, cname, NF4StandIn(child, dtype))
 
 
@@ -336,22 +337,24 @@ class _Adam8bitStandIn:
 
 
 def _prompt(cfg: RecipeConfig, config, shape, L: int):
-    """A real-valued prompt of L tokens: vision_start, the image tokens of the largest image max_pixels
-    allows (as the planner counts them), vision_end, text."""
-    from .inputs import PromptInputs, mrope_positions
+    """A real-valued prompt of L tokens: for each of ``data.max_images_per_question`` images, vision_start, the
+    image tokens of the largest image max_pixels allows (as the planner counts them), vision_end; then text."""
+    from .families import family_for
+    from .inputs import PromptInputs
 
     merge, patch = shape.merge, shape.patch
-    n_img = max(1, min(cfg.data.max_pixels // (patch * merge) ** 2, L - 2))
+    k = cfg.data.max_images_per_question
+    n_img = max(1, min(cfg.data.max_pixels // (patch * merge) ** 2, (L - 2 * k) // k))
     rows = next(d for d in range(math.isqrt(n_img), 0, -1) if n_img % d == 0)
     h, w = rows * merge, (n_img // rows) * merge  # the grid in patches
-    ids = [config.vision_start_token_id] + [config.image_token_id] * n_img + [config.vision_end_token_id]
+    ids = ([config.vision_start_token_id] + [config.image_token_id] * n_img + [config.vision_end_token_id]) * k
     ids += [1000 % config.text_config.vocab_size] * (L - len(ids))
     ids = torch.tensor(ids)
     types = (ids == config.image_token_id).int()
-    grid = torch.tensor([[1, h, w]])
-    pos, nxt = mrope_positions(types, grid, merge)
+    grid = torch.tensor([[1, h, w]] * k)
+    pos, nxt = family_for(config).positions(types, grid, config)
     channels = config.vision_config.in_channels * config.vision_config.temporal_patch_size * patch * patch
-    pixels = torch.zeros(h * w, channels)
+    pixels = torch.zeros(k * h * w, channels)
     return PromptInputs(ids, types, pos, pixels, grid, nxt)
 
 
@@ -380,7 +383,8 @@ def _run_step(cfg: RecipeConfig, lm, optimizer, prompt, n_image: int, T: int, tr
         with vision_on_device(lm):
             patches = prompt.pixel_values.shape[0] * n_prompts
             workspace = torch.empty(vision_activation_bytes(shape, patches, cfg), dtype=torch.uint8)
-            embeds = [torch.empty(n_image, shape.hidden, dtype=lm.lm_head_weight.dtype) for _ in range(n_prompts)]
+            embeds = [torch.empty(shape.feature_levels, n_image, shape.hidden, dtype=lm.lm_head_weight.dtype)
+                      for _ in range(n_prompts)]
             del workspace
         return embeds
 
@@ -433,14 +437,13 @@ def _engine_rollout(cfg: RecipeConfig, lm, prompt, embeds, T: int) -> None:
 
     from .rollout import SamplingParams
     from .rollout.engine import EngineRollout
-    from .rollout.linears import DecodeWeights
 
     g = cfg.grpo
     engine = EngineRollout(dataclasses.replace(lm, tokenizer=SimpleNamespace(eos_token_id=0, pad_token_id=0)), graphs=None)
     params = SamplingParams(g.num_generations, T, g.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
     with torch.no_grad():
         state = engine._prefill([prompt] * cfg.train.prompts_per_step, embeds, params)
-        weights = DecodeWeights(engine.text)
+        weights = engine.decode_weights()
         engine._decode_step(state, weights, params, state.active, state.layout.span(T - 1))
     del state, weights
 

@@ -1,27 +1,25 @@
-"""Offline models: a tiny random Qwen2-VL with a locally built tokenizer and image-processor config,
-saved with ``save_pretrained`` so tests and the demo load it through the same code path as the real
-model; and the real Qwen2-VL-2B architecture from its config (random weights) for GPU benchmarks.
+"""Offline models: a tiny random model of any family (``families``) with a locally built tokenizer and
+image-processor config, saved with ``save_pretrained`` so tests and the demo load it through the same code
+path as the real model; the tiny *base* model of the demo (a brief pre-training); and the names that build
+them on first use (``resolve_model_path``):
+
+- ``tiny:<dir>`` / ``tiny-base:<dir>``: the tiny Qwen2-VL, random / pre-trained;
+- ``tiny-<model_type>:<dir>`` / ``tiny-base-<model_type>:<dir>``: the same for another family, e.g.
+  ``tiny-qwen3_vl:artifacts/tiny-qwen3vl``.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
 from .data import R1_ZERO_TEMPLATE, decode_image, generate_sat_records, sat_question
+from .families import DEFAULT_FAMILY, QwenVLFamily, family_named
+from .families.qwen2_vl import qwen2_vl_2b_config  # noqa: F401 -- the GPU tests build the 2B architecture from here
 
-# Qwen2-VL's special tokens (names as in the real tokenizer). The base model ends text with <|endoftext|>.
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
 # In the real tokenizer these tags are several tokens each; the tiny tokenizer makes them one token so a
 # tiny model can learn the format in a CPU test's budget. They are ordinary (non-special) tokens: decoding
 # keeps them, exactly as the real tokenizer's text does.
@@ -37,8 +35,8 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tiny_tokenizer():
-    """A word-level tokenizer over the generated SAT-style corpus, with Qwen2-VL's special tokens.
+def build_tiny_tokenizer(family: QwenVLFamily | None = None):
+    """A word-level tokenizer over the generated SAT-style corpus, with the family's special tokens.
 
     About 100 tokens: a random tiny policy then samples a given answer word with probability ~1 %, so
     rule-based rewards give GRPO a signal within a CPU test's budget (a 151k vocabulary never would).
@@ -47,80 +45,24 @@ def build_tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    family = family or family_named(DEFAULT_FAMILY)
+    special = list(family.tiny_special_tokens)
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
-    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS + ["<unk>"], show_progress=False)
+    trainer = trainers.WordLevelTrainer(special_tokens=special + ["<unk>"], show_progress=False)
     tok.train_from_iterator(_corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>", extra_special_tokens={}
+        tokenizer_object=tok, eos_token=family.tiny_eos_token, pad_token=family.tiny_pad_token, unk_token="<unk>",
+        extra_special_tokens={}
     )
-    fast.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    fast.add_special_tokens({"additional_special_tokens": [t for t in special if t != family.tiny_pad_token]})
     fast.add_tokens(TAG_TOKENS)
     return fast
 
 
-def tiny_config(tokenizer, hidden_size: int = 64, layers: int = 2):
-    """A tiny Qwen2-VL config whose special-token ids come from ``tokenizer``."""
-    from transformers import Qwen2VLConfig
-
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    heads, kv_heads = 4, 2
-    head_dim = hidden_size // heads
-    # M-RoPE splits head_dim/2 rotary frequencies between (temporal, height, width)
-    half = head_dim // 2
-    mrope = [half - 2 * (half // 3), half // 3, half // 3]
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|endoftext|>"],
-        pad_token_id=ids["<|endoftext|>"],
-    )
-    vision = dict(
-        depth=2, embed_dim=32, hidden_size=hidden_size, num_heads=4, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
-        temporal_patch_size=2, in_channels=3,
-    )
-    return Qwen2VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,  # see build_tiny_model
-    )
-
-
-def qwen2_vl_2b_config():
-    """The real Qwen/Qwen2-VL-2B architecture (values from its config.json): 2.21 B parameters."""
-    from transformers import Qwen2VLConfig
-
-    return Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-            num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-            bos_token_id=151643, eos_token_id=151643, pad_token_id=151643,
-        ),
-        vision_config=dict(
-            depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
-            temporal_patch_size=2, in_channels=3,
-        ),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-        tie_word_embeddings=True,
-    )
-
-
 def build_tiny_base_model(out_dir: str | Path, seed: int = 0, steps: int = 200, format_share: float = 0.1,
-                          tasks: tuple[str, ...] = ("color",)) -> Path:
+                          tasks: tuple[str, ...] = ("color",), family: QwenVLFamily | None = None) -> Path:
     """The tiny model after a brief causal-LM pre-training that makes it an R1-Zero-like *base* model.
 
     The random tiny model never writes ``</think> <answer>…</answer>``, so GRPO's rule-based rewards are
@@ -137,24 +79,25 @@ def build_tiny_base_model(out_dir: str | Path, seed: int = 0, steps: int = 200, 
     out = Path(out_dir)
     if (out / "pretraining.json").is_file() and (out / "config.json").is_file():
         return out
-    raw = build_tiny_model(out.with_name(out.name + "-random"), seed=seed)
-    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
-
+    family = family or family_named(DEFAULT_FAMILY)
+    raw = build_tiny_model(out.with_name(out.name + "-random"), seed=seed, family=family)
     from .inputs import InputBuilder, build_sequences, completion_hidden
 
-    tok = build_tiny_tokenizer()
-    model = Qwen2VLForConditionalGeneration.from_pretrained(raw, dtype=torch.float32)
-    processor = Qwen2VLImageProcessorPil.from_pretrained(raw)
-    ib = InputBuilder(tok, processor, model.config, max_prompt_length=512, min_pixels=3136, max_pixels=3136)
+    tok = build_tiny_tokenizer(family)
+    model = family.model_class().from_pretrained(raw, dtype=torch.float32)
+    # one 2x2 block of merged patches per image: 4 image tokens
+    side = family.patch_size(model.config) * family.merge_size(model.config) * 2
+    processor = family.image_processor(str(raw), side * side, side * side)
+    ib = InputBuilder(tok, processor, model.config, max_prompt_length=512, min_pixels=side * side, max_pixels=side * side)
     gen = random.Random(seed + 1)
-    # 56 px: 4 image tokens; other images than the demo's data (seed), the same kinds of questions (tasks)
-    records = generate_sat_records(256, size=56, tasks=list(tasks), seed=seed + 99)
+    # other images than the demo's data (seed), the same kinds of questions (tasks)
+    records = generate_sat_records(256, size=side, tasks=list(tasks), seed=seed + 99)
     prompts = [ib.encode(decode_image(r["image_bytes"][0]), sat_question(r["question"], r["answers"])) for r in records]
     inner = model.model
-    inner.visual.requires_grad_(False)  # the vision tower stays the random one GRPO will see
+    family.vision_tower(model).requires_grad_(False)  # the vision tower stays the random one GRPO will see
     with torch.no_grad():  # frozen: each image's features once, not at every step that draws it
-        feats = inner.get_image_features(torch.cat([p.pixel_values for p in prompts]),
-                                         torch.cat([p.image_grid_thw for p in prompts]), return_dict=True).pooler_output
+        feats = family.image_features(inner, torch.cat([p.pixel_values for p in prompts]),
+                                      torch.cat([p.image_grid_thw for p in prompts]))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
     model.train()
@@ -214,27 +157,10 @@ def base_completion(options: list[str], rng: random.Random, format_share: float)
     ])
 
 
-def image_processor_config(min_pixels: int = 3136, max_pixels: int = 401408) -> dict:
-    """Qwen2-VL's preprocessor_config.json (CLIP normalisation, 14-px patches, 2x2 merge)."""
-    return {
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "do_resize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_convert_rgb": True,
-        "min_pixels": min_pixels,
-        "max_pixels": max_pixels,
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-    }
-
-
-def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2, head_std: float = 0.2) -> Path:
-    """Write a tiny random Qwen2-VL + tokenizer + image-processor config to ``out_dir``; returns the path.
+def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2, head_std: float = 0.2,
+                     family: QwenVLFamily | None = None) -> Path:
+    """Write a tiny random model of ``family`` (Qwen2-VL by default) + tokenizer + image-processor config to
+    ``out_dir``; returns the path.
 
     The head is frozen under LoRA and the final RMSNorm gives hidden states of norm ~sqrt(hidden_size).
     With the default init (std 0.02) the largest logit gap a policy could ever reach is ~2.5 nats, so no
@@ -245,16 +171,17 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, 
     probability ~1. Idempotent: a complete directory is reused.
     """
     import torch
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers import GenerationConfig
 
+    family = family or family_named(DEFAULT_FAMILY)
     out = Path(out_dir)
     if (out / "config.json").is_file() and (out / "tokenizer.json").is_file() and (out / "preprocessor_config.json").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tiny_tokenizer()
-    cfg = tiny_config(tok, hidden_size=hidden_size, layers=layers)
+    tok = build_tiny_tokenizer(family)
+    cfg = family.tiny_config(tok, hidden_size=hidden_size, layers=layers)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(cfg).float()
+    model = family.model_class()(cfg).float()
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, head_std)
     model.generation_config = GenerationConfig(
@@ -262,5 +189,27 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, 
     )
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(json.dumps(image_processor_config(min_pixels=3136, max_pixels=112 * 112), indent=2))
+    side = family.patch_size(cfg) * family.merge_size(cfg) * 4  # up to 4x4 image tokens
+    (out / "preprocessor_config.json").write_text(json.dumps(family.image_processor_config(min_pixels=3136, max_pixels=side * side), indent=2))
     return out
+
+
+_TINY_NAME = re.compile(r"tiny(-base)?(?:-(\w+))?:(.+)")
+
+
+def parse_tiny_name(name_or_path: str) -> tuple[QwenVLFamily, bool, str] | None:
+    """(family, pre-trained?, folder) of a ``tiny[-base][-<model_type>]:<dir>`` name; None for other names."""
+    m = _TINY_NAME.fullmatch(name_or_path)
+    if not m:
+        return None
+    return family_named(m[2] or DEFAULT_FAMILY), bool(m[1]), m[3]
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A hub id or local path as given; a tiny model's name (module docstring) builds it in its folder first."""
+    tiny = parse_tiny_name(name_or_path)
+    if tiny is None:
+        return name_or_path
+    family, base, folder = tiny
+    build = build_tiny_base_model if base else build_tiny_model
+    return str(build(folder, family=family))

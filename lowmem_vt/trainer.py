@@ -1,5 +1,5 @@
-"""The GRPO trainer. ``Trainer.step()`` is the recipe, in order:
-rollout -> rewards -> advantages -> reference log-probs -> policy update -> log.
+"""The GRPO trainer. ``Trainer.step()`` is the recipe, in order, one short method per phase:
+rollout -> rewards and advantages -> reference log-probs -> policy update -> metrics.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from .metrics import MetricsWriter, format_summary, run_summary
 from .model import LoadedModel, image_embeddings, load_model, resolve_device, sequence_hidden, trainable_parameters
 from .reporting import Reporters
 from .rewards import compute_rewards, reflection_rate
-from .rollout import SamplingParams, make_rollout
+from .rollout import RolloutResult, SamplingParams, make_rollout
+from .tiny import resolve_model_path
 
 log = logging.getLogger(__name__)
 # mean |sampling log-prob - policy log-prob| above which a step warns (bf16 rounding alone stays below 0.01)
@@ -51,6 +52,43 @@ class StepBatch:
     examples: list[Example]
     prompts: list[PromptInputs]
     seeds: list[int]  # per-prompt sampling seeds
+
+
+@dataclass
+class Rollout:
+    embeds: list[torch.Tensor]  # each prompt's image features, computed once for the step
+    result: RolloutResult
+    seconds: float
+
+
+@dataclass
+class Scored:
+    texts: list[str]
+    answers: list[str]
+    per_func: dict[str, list[float]]  # each reward function's value per completion
+    rewards: torch.Tensor  # [B] their sum
+    advantages: torch.Tensor  # [B]
+
+
+@dataclass
+class Reference:
+    slices: list[slice]  # the micro-batches
+    ref_logp: torch.Tensor | None  # [B, T] reference (adapter off), when beta > 0
+    old_logp: torch.Tensor | None  # [B, T] the policy before the update, when num_iterations > 1
+
+
+@dataclass
+class Update:
+    tokens_all: float  # completion tokens over all ranks
+    seqs_all: float  # completions over all ranks
+    loss: float = 0.0
+    kl_sum: float = 0.0
+    clipped: float = 0.0
+    grad_norm: float = float("nan")
+    skipped: bool = False
+    drift_sum: float = 0.0  # |sampling log-prob - policy log-prob| summed over tokens, before the first update
+    drift_max: float = 0.0
+    lr: float = 0.0
 
 
 def seed_everything(seed: int) -> None:
@@ -132,6 +170,8 @@ class Trainer:
             memory_plan = check_fits(cfg, config_for(cfg), detected_gpu_gib())
             if self.dist.is_main:
                 log.info("memory plan (GiB):\n%s", memory_plan.table())
+        if lm is None:
+            cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)  # a tiny model's name: built (preflight did)
         self.lm = lm or load_model(
             cfg.model, cfg.lora, self.device, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels
         )
@@ -195,7 +235,7 @@ class Trainer:
         for i, seed in zip(indices, seeds):
             ex = self.examples[i]
             try:
-                prompts.append(self.inputs.encode(ex.image, ex.question))
+                prompts.append(self.inputs.encode(ex.images, ex.question))
                 examples.append(ex)
                 kept_seeds.append(seed)
             except DataError as exc:
@@ -219,86 +259,100 @@ class Trainer:
 
     def step(self) -> dict:
         """One GRPO optimizer step (more with num_iterations > 1) on the next prompts. Returns its metrics."""
-        cfg, g = self.cfg, self.cfg.grpo
         t0 = time.perf_counter()
         self._updated = False
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         batch = self._encode(*self._batch_indices(self.step_count))
-        G = g.num_generations
         vision_before = self.lm.vision_calls[0]
+        roll = self._rollout(batch)
+        scored = self._rewards(batch, roll)
+        ref = self._reference(batch, roll)
+        update = self._update(batch, roll, scored, ref)
+        return self._metrics(batch, roll, scored, update, vision_before, time.perf_counter() - t0)
 
-        # 1. rollout: G samples per prompt, the image encoded once per prompt and reused by every pass
+    def _rollout(self, batch: StepBatch) -> Rollout:
+        """1. G samples per prompt, the image encoded once per prompt and reused by every pass of the step."""
+        g, cfg = self.cfg.grpo, self.cfg
         embeds = image_embeddings(self.lm, [p.pixel_values for p in batch.prompts], [p.image_grid_thw for p in batch.prompts])
-        params = SamplingParams(G, g.max_completion_length, g.temperature, cfg.rollout.top_p, cfg.rollout.top_k, seeds=batch.seeds)
-        t_roll = time.perf_counter()
-        roll = self.rollout.generate(batch.prompts, embeds, params)
-        t_roll = time.perf_counter() - t_roll
+        params = SamplingParams(g.num_generations, g.max_completion_length, g.temperature, cfg.rollout.top_p,
+                                cfg.rollout.top_k, seeds=batch.seeds)
+        t = time.perf_counter()
+        result = self.rollout.generate(batch.prompts, embeds, params)
+        seconds = time.perf_counter() - t
         self._check_interrupt()
+        return Rollout(embeds, result, seconds)
 
-        # 2. rewards
-        texts = self.lm.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True)
-        answers = [batch.examples[r].answer for r in roll.prompt_rows]
-        choices = [batch.examples[r].choices for r in roll.prompt_rows]
+    def _rewards(self, batch: StepBatch, roll: Rollout) -> Scored:
+        """2. rewards of every completion; 3. advantages, per group of G."""
+        cfg = self.cfg
+        r = roll.result
+        texts = self.lm.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
+        answers = [batch.examples[i].answer for i in r.prompt_rows]
+        choices = [batch.examples[i].choices for i in r.prompt_rows]
         per_func = compute_rewards(texts, answers, choices, cfg.rewards.funcs, cfg.rewards.accuracy_mode)
         rewards = torch.tensor([sum(v) for v in zip(*per_func.values())], dtype=torch.float32)
+        advantages = group_advantages(rewards, cfg.grpo.num_generations, cfg.grpo.scale_rewards)
+        return Scored(texts, answers, per_func, rewards, advantages)
 
-        # 3. advantages, per group of G
-        advantages = group_advantages(rewards, G, cfg.grpo.scale_rewards)
-
-        # 4. reference log-probs (adapter off) and, for several updates per rollout, the old policy's
-        B = roll.completion_ids.shape[0]
-        mb = cfg.train.micro_batch_size
+    def _reference(self, batch: StepBatch, roll: Rollout) -> Reference:
+        """4. reference log-probs (adapter off) and, for several updates per rollout, the old policy's."""
+        g = self.cfg.grpo
+        B = roll.result.completion_ids.shape[0]
+        mb = self.cfg.train.micro_batch_size
         slices = [slice(i, min(i + mb, B)) for i in range(0, B, mb)]
-        ref_logp = self._logprobs(batch.prompts, embeds, roll, slices, adapter=False) if g.beta > 0 else None
-        old_logp = self._logprobs(batch.prompts, embeds, roll, slices, adapter=True) if g.num_iterations > 1 else None
+        ref_logp = self._logprobs(batch.prompts, roll.embeds, roll.result, slices, adapter=False) if g.beta > 0 else None
+        old_logp = self._logprobs(batch.prompts, roll.embeds, roll.result, slices, adapter=True) if g.num_iterations > 1 else None
         self._check_interrupt()
+        return Reference(slices, ref_logp, old_logp)
 
-        # 5. policy update(s). DDP averages gradients over ranks, so each rank normalises by the per-rank
-        # share of the global counts: the result is the gradient of the global-batch loss.
-        tokens_all, seqs_all = self.dist.sum([float(roll.completion_mask.sum()), float(B)])
+    def _update(self, batch: StepBatch, roll: Rollout, scored: Scored, ref: Reference) -> Update:
+        """5. policy update(s). DDP averages gradients over ranks, so each rank normalises by the per-rank share of
+        the global counts: the result is the gradient of the global-batch loss. The first pass also measures how
+        far the sampler's log-probs are from the policy's (0 up to rounding when the sampler is the policy)."""
+        cfg, g = self.cfg, self.cfg.grpo
+        r = roll.result
+        tokens_all, seqs_all = self.dist.sum([float(r.completion_mask.sum()), float(r.completion_ids.shape[0])])
         W = self.dist.world_size
         counts = LossCounts(seqs_all / W, tokens_all / W, g.max_completion_length)
         eps_high = g.epsilon if g.epsilon_high is None else g.epsilon_high
         scale = loss_scale(self.lm.lm_head_weight.dtype, counts)  # 1 unless the model is float16
-        loss_total, kl_sum, clipped, grad_norm, skipped = 0.0, 0.0, 0.0, float("nan"), False
-        # the sampler should be the policy: |sampling log-prob - policy log-prob| before the first update
-        sampled = roll.sampling_logprobs
-        drift_sum, drift_max = 0.0, 0.0
+        u = Update(tokens_all, seqs_all)
+        sampled = r.sampling_logprobs
         for it in range(g.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            loss_total, kl_sum, clipped = 0.0, 0.0, 0.0
-            for j, s in enumerate(slices):
-                seqs, T = self._sequences(batch.prompts, roll, s)
-                sync = j == len(slices) - 1 or not self.dist.enabled  # all-reduce once, after the last micro-batch
+            u.loss, u.kl_sum, u.clipped = 0.0, 0.0, 0.0
+            for j, s in enumerate(ref.slices):
+                seqs, T = self._sequences(batch.prompts, r, s)
+                sync = j == len(ref.slices) - 1 or not self.dist.enabled  # all-reduce once, after the last micro-batch
                 with (contextlib.nullcontext() if sync else self.policy.no_sync()):
-                    hidden = self.policy(seqs, embeds)
+                    hidden = self.policy(seqs, roll.embeds)
                     loss, stats, logp = fused_grpo_loss(
-                        hidden, self.lm.lm_head_weight, roll.completion_ids[s, :T].to(self.device),
-                        roll.completion_mask[s, :T].to(self.device), advantages[s].to(self.device),
-                        None if old_logp is None else old_logp[s, :T].to(self.device),
-                        None if ref_logp is None else ref_logp[s, :T].to(self.device),
+                        hidden, self.lm.lm_head_weight, r.completion_ids[s, :T].to(self.device),
+                        r.completion_mask[s, :T].to(self.device), scored.advantages[s].to(self.device),
+                        None if ref.old_logp is None else ref.old_logp[s, :T].to(self.device),
+                        None if ref.ref_logp is None else ref.ref_logp[s, :T].to(self.device),
                         beta=g.beta, epsilon_low=g.epsilon, epsilon_high=eps_high, loss_type=g.loss_type, counts=counts,
                         temperature=g.temperature, backend=self.kernel_backend,
                     )
                     (loss * scale).backward()
                 if it == 0 and sampled is not None:
-                    drift = (logp - sampled[s, :T].to(logp.device)).abs() * roll.completion_mask[s, :T].to(logp.device)
+                    drift = (logp - sampled[s, :T].to(logp.device)).abs() * r.completion_mask[s, :T].to(logp.device)
                     total, largest = torch.stack([drift.sum(), drift.max()]).tolist()  # one host sync
-                    drift_sum, drift_max = drift_sum + total, max(drift_max, largest)
-                loss_total += float(loss.detach())
-                kl_sum += float(stats["kl_sum"])
-                clipped += float(stats["clipped_tokens"])
+                    u.drift_sum, u.drift_max = u.drift_sum + total, max(u.drift_max, largest)
+                u.loss += float(loss.detach())
+                u.kl_sum += float(stats["kl_sum"])
+                u.clipped += float(stats["clipped_tokens"])
                 self._check_interrupt()
             if scale != 1.0:
                 for p in self.params:
                     if p.grad is not None:
                         p.grad.div_(scale)
-            loss_total, kl_sum, clipped = self.dist.sum([loss_total, kl_sum, clipped])
-            loss_total /= W
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.train.max_grad_norm or float("inf")))
-            if self.dist.any(not (math.isfinite(loss_total) and math.isfinite(grad_norm))):
-                skipped = True
+            u.loss, u.kl_sum, u.clipped = self.dist.sum([u.loss, u.kl_sum, u.clipped])
+            u.loss /= W
+            u.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.train.max_grad_norm or float("inf")))
+            if self.dist.any(not (math.isfinite(u.loss) and math.isfinite(u.grad_norm))):
+                u.skipped = True
                 self.optimizer.zero_grad(set_to_none=True)
                 break
             self.optimizer.step()
@@ -306,26 +360,31 @@ class Trainer:
             if not self._weights_finite():  # the update itself overflowed (a learning rate far too large)
                 raise TrainingStopped(self._diverged_message(self.step_count + 1))
         self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
-        if skipped:
+        u.lr = self.scheduler.get_last_lr()[0]
+        if u.skipped:
             self.bad_steps += 1
             log.warning("step %d: non-finite loss %s / grad norm %s; update skipped (%d in a row)",
-                        self.step_count + 1, loss_total, grad_norm, self.bad_steps)
+                        self.step_count + 1, u.loss, u.grad_norm, self.bad_steps)
         else:
             self.bad_steps = 0
         self.scheduler.step()
         self.step_count += 1
+        return u
 
-        # 6. log (over all ranks: every rank holds whole groups)
-        elapsed = time.perf_counter() - t0
-        lengths = self.dist.gather(roll.completion_mask.sum(1))
+    def _metrics(self, batch: StepBatch, roll: Rollout, scored: Scored, u: Update, vision_before: int,
+                 elapsed: float) -> dict:
+        """6. the step's metrics, over all ranks (every rank holds whole groups)."""
+        cfg, r = self.cfg, roll.result
+        G, B = cfg.grpo.num_generations, r.completion_ids.shape[0]
+        lengths = self.dist.gather(r.completion_mask.sum(1))
         gen_tokens = float(lengths.sum())
-        reflect = reflection_rate(texts, cfg.rewards.reflection_words)
-        per_func = {k: self.dist.gather(torch.tensor(v, dtype=torch.float64)).tolist() for k, v in per_func.items()}
-        rewards = self.dist.gather(rewards)
+        reflect = reflection_rate(scored.texts, cfg.rewards.reflection_words)
+        per_func = {k: self.dist.gather(torch.tensor(v, dtype=torch.float64)).tolist() for k, v in scored.per_func.items()}
+        rewards = self.dist.gather(scored.rewards)
         vision_calls, n_prompts, reflect_sum, truncated = self.dist.sum(
             [self.lm.vision_calls[0] - vision_before, len(batch.prompts), reflect * B, sum(p.truncated for p in batch.prompts)])
         grouped = rewards.view(-1, G)
+        sampled = r.sampling_logprobs is not None
         m = {
             "step": self.step_count,
             "epoch": self.step_count / self.steps_per_epoch,
@@ -337,23 +396,23 @@ class Trainer:
             "format_rate": float(np.mean(per_func["format"])) if "format" in per_func else None,
             "completion_length_mean": float(lengths.mean()),
             "completion_length_max": float(lengths.max()),
-            "reflection_rate": reflect_sum / seqs_all,
-            "kl": kl_sum / seqs_all,
-            "clip_fraction": clipped / max(tokens_all, 1.0),
+            "reflection_rate": reflect_sum / u.seqs_all,
+            "kl": u.kl_sum / u.seqs_all,
+            "clip_fraction": u.clipped / max(u.tokens_all, 1.0),
             # None when the rollout backend reports no log-probs (vllm); see docs/rollout.md
-            "sampler_logprob_diff": self.dist.sum([drift_sum])[0] / max(tokens_all, 1.0) if sampled is not None else None,
-            "sampler_logprob_diff_max": float(self.dist.gather(torch.tensor([drift_max])).max()) if sampled is not None else None,
-            "loss": loss_total,
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "tokens_per_s": gen_tokens / max(t_roll, 1e-9),
-            "rollout_s": t_roll,
+            "sampler_logprob_diff": self.dist.sum([u.drift_sum])[0] / max(u.tokens_all, 1.0) if sampled else None,
+            "sampler_logprob_diff_max": float(self.dist.gather(torch.tensor([u.drift_max])).max()) if sampled else None,
+            "loss": u.loss,
+            "grad_norm": u.grad_norm,
+            "lr": u.lr,
+            "tokens_per_s": gen_tokens / max(roll.seconds, 1e-9),
+            "rollout_s": roll.seconds,
             "step_time_s": elapsed,
             "vision_forward_calls": int(vision_calls),
             "prompts": int(n_prompts),
             "prompts_truncated": int(truncated),
-            "skipped_step": skipped,
-            "bad_steps_total": self._bad_total + int(skipped),
+            "skipped_step": u.skipped,
+            "bad_steps_total": self._bad_total + int(u.skipped),
             "data_skipped": self.data_report.as_metrics()["data_skipped"] + self.skipped_records,
             "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None,
         }
@@ -362,7 +421,7 @@ class Trainer:
             log.warning("step %d: the rollout's log-probs differ from the policy's by %.3f per token on average (bf16 "
                         "rounding gives < 0.01): the sampler (rollout.backend: %s) is not the policy the trainer scores; "
                         "see docs/rollout.md", self.step_count, m["sampler_logprob_diff"], self.cfg.rollout.backend)
-        self._last_texts = (texts, answers, rewards.tolist())
+        self._last_texts = (scored.texts, scored.answers, rewards.tolist())
         return m
 
     def _sequences(self, prompts, roll, s: slice):

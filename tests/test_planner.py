@@ -5,7 +5,7 @@ import pytest
 from lowmem_vt.config import load_config
 from lowmem_vt.planner import (GIB, SAMPLING_BUFFERS, PlanError, check_fits, kv_cache_bytes_per_token, model_shape, plan,
                                rollout_bytes)
-from lowmem_vt.tiny import qwen2_vl_2b_config
+from lowmem_vt.families.qwen2_vl import qwen2_vl_2b_config
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,9 @@ from lowmem_vt.inputs import InputBuilder, build_sequences
 from lowmem_vt.model import image_embeddings, sequence_hidden
 from lowmem_vt.rollout import SamplingParams, make_rollout
 from lowmem_vt.rollout.engine import CacheLayout, EngineRollout, engine_allocation_bytes
-from lowmem_vt.rollout.linears import DecodeWeights
 from lowmem_vt.rollout.sampling import sample_tokens
 from lowmem_vt.rollout.fused import rms_norm_reference
-from lowmem_vt.tiny import qwen2_vl_2b_config
+from lowmem_vt.families.qwen2_vl import qwen2_vl_2b_config
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from graph_emulation import EmulatedGraphs  # noqa: E402
@@ -340,7 +339,7 @@ def test_allocation_function_equals_what_the_engine_allocates(lm, prompts):
     params = SamplingParams(num_generations=3, max_new_tokens=40)
     lengths = [p.length for p in prompts]
     s = engine.new_state(lengths, [p.next_position for p in prompts], params)
-    weights = DecodeWeights(engine.text)
+    weights = engine.decode_weights()
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in s.tensors() + weights.tensors()}
     predicted = engine_allocation_bytes(lm.config.text_config, torch.float32, len(prompts), max(lengths), 3, 40,
                                         lora_r=4, lora_targets=_targets(lm))
@@ -381,7 +380,10 @@ def fake_2b_lm(lora_r: int = 64):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import Qwen2VLForConditionalGeneration
 
-    from lowmem_vt.model import LoadedModel, lora_target_regex
+    from lowmem_vt.families import family_named
+    from lowmem_vt.model import LoadedModel
+
+    lora_target_regex = family_named("qwen2_vl").lora_target_regex
 
     cfg = qwen2_vl_2b_config()
     with torch.device("meta"):
@@ -412,7 +414,7 @@ def test_decode_step_of_the_2b_model_is_at_most_800_operators():
     params = SamplingParams(8, 1024, seeds=list(range(8)))
     with mode:
         s = engine.new_state([300 + 41 * i for i in range(8)], [90 + 41 * i for i in range(8)], params)
-        weights = DecodeWeights(engine.text)
+        weights = engine.decode_weights()
         counter = OperatorCounter()
         with counter:
             engine._decode_step(s, weights, params, 8, s.layout.span(0))

@@ -264,7 +264,6 @@ def test_f_decode_attention_does_not_fall_back_to_the_math_kernel(setup):
 
     from lowmem_vt.rollout import SamplingParams
     from lowmem_vt.rollout.engine import EngineRollout
-    from lowmem_vt.rollout.linears import DecodeWeights
 
     lm, prompts, embeds, seeds = setup
     engine = EngineRollout(lm, graphs=None)
@@ -272,7 +271,7 @@ def test_f_decode_attention_does_not_fall_back_to_the_math_kernel(setup):
     lm.hf_model.eval()
     with torch.no_grad():
         s = engine._prefill(prompts, embeds, params)
-        w = DecodeWeights(engine.text)
+        w = engine.decode_weights()
         usable = []
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
             try:

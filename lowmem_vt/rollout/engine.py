@@ -7,10 +7,12 @@ head) and the adapter's A and B of every peft LoRA layer, so the sampler is exac
 scores; the base weights are neither copied nor modified. Image features come in from the trainer (computed
 once per step); the vision tower is never called here.
 
-Per decode step and layer (``DecodeWeights``): one RMSNorm kernel; the LoRA A matrices of q/k/v in one matmul
+Per decode step and layer (``DecodeWeights``; the layer's parts as its family names them,
+``families.base.QwenVLFamily.engine_layer``): one RMSNorm kernel; the LoRA A matrices of q/k/v in one matmul
 and their B matrices in another (block-diagonal, bias and scaling folded in), then one base matmul over q/k/v
 adding onto them (the engine lays the three weights out in one storage once, ``lay_out_adjacent``: no copy is
-held); one kernel for rotary + cache write + the queries' layout; one attention call; o_proj with its adapter
+held); the per-head q/k RMSNorms where the family has them (Qwen3-VL); one kernel for rotary + cache write +
+the queries' layout; one attention call; o_proj with its adapter
 and the residual in three matmuls; the same for gate/up (one base matmul) and down. The adapter runs in the base
 dtype (copies made once per rollout; ``tests/test_rollout_engine.py`` bounds the difference to the fp32
 adapter peft computes).
@@ -27,7 +29,8 @@ largest number of samples any prompt still decodes (a prompt with fewer fills it
 which decode padding into slots nobody else reads). The batch is then ``prompts x width`` rows, so the next
 bucket's graph is captured at that batch size, and a long tail costs only the rows still decoding and the
 rows padding their prompts. M-RoPE positions are per row: completion token j of prompt p sits at
-``next_position_p + j`` on all three axes.
+``next_position_p + j`` on all three axes. DeepStack image features (Qwen3-VL) are added to the prompt's image
+positions after the first decoder layers in the prefill; decoding never sees an image token.
 """
 
 from __future__ import annotations
@@ -38,12 +41,11 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
-
+from ..families import family_for
+from ..families.base import decoder_linear_shapes
 from ..inputs import check_image_features
-from ..model import decoder_linear_shapes
 from .base import RolloutBackend, RolloutResult, SamplingParams, finish
-from .fused import rms_norm, rope_into_cache
+from .fused import rms_norm, rope_into_cache, rotate
 from .linears import DecodeWeights, lay_out_projections
 from .sampling import sample_tokens
 
@@ -142,12 +144,13 @@ GROUPS = (ATTENTION, ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 def engine_allocation_bytes(text_config, dtype: torch.dtype | str, num_prompts: int, prompt_length: int, num_generations: int,
                             max_new_tokens: int, lora_r: int = 0, lora_targets=(), decode_bucket: int = DECODE_BUCKET,
-                            top_k: int = 0, top_p: float = 1.0) -> EngineBytes:
+                            top_k: int = 0, top_p: float = 1.0, qkv_bias: bool = True) -> EngineBytes:
     """The engine's allocation for a rollout of ``num_prompts`` prompts of at most ``prompt_length`` tokens.
 
-    ``text_config``: the Qwen2-VL text config (``config.text_config``); ``lora_targets``: the adapted linears'
-    names (``q_proj`` ...); ``top_k`` / ``top_p``: the sampling truncation, whose buffers the step holds. For the
-    planner: call it with the worst-case prompt length.
+    ``text_config``: the model's text config (``config.text_config``); ``lora_targets``: the adapted linears'
+    names (``q_proj`` ...); ``top_k`` / ``top_p``: the sampling truncation, whose buffers the step holds;
+    ``qkv_bias``: q/k/v carry a bias (the family's ``qkv_bias``). For the planner: call it with the worst-case
+    prompt length.
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     b = torch.empty((), dtype=dtype).element_size()
@@ -164,7 +167,7 @@ def engine_allocation_bytes(text_config, dtype: torch.dtype | str, num_prompts: 
         if lora_r and adapted:
             # B covers every output of the group (zero rows for linears without an adapter)
             R, outs = lora_r * len(adapted), sum(shapes[n][1] for n in group)
-            bias = outs if group == ATTENTION else 0  # Qwen2: q/k/v have a bias, folded into the B matmul
+            bias = outs if group == ATTENTION and qkv_bias else 0  # q/k/v's bias is folded into the B matmul
             adapter += (R * shapes[adapted[0]][0] + outs * R + bias) * b
     adapter *= c.num_hidden_layers
     # logits in the model dtype, then float32 scaled logits, probabilities and the race; top-k's masked copy;
@@ -214,7 +217,7 @@ class CudaGraphs:
 
 
 class EngineRollout(RolloutBackend):
-    """``rollout.backend: engine``. Needs ``lm`` (model.LoadedModel) with a Qwen2-VL language model.
+    """``rollout.backend: engine``. Needs ``lm`` (model.LoadedModel) of a family the engine decodes.
 
     ``graphs``: how decode steps are captured: "auto" (CUDA graphs on a CUDA device, eager elsewhere), None
     (eager), or a ``CudaGraphs``-like object (the tests' CPU emulation).
@@ -224,17 +227,19 @@ class EngineRollout(RolloutBackend):
         self.lm = lm
         self.eos_token_id, self.pad_token_id = lm.eos_token_id, lm.pad_token_id
         model = lm.hf_model
-        self.text = model.model.language_model  # Qwen2VLTextModel: embed_tokens, layers, norm, rotary_emb
+        family = family_for(model.config)
+        self.text = family.text_model(model)  # embed_tokens, layers, norm, rotary_emb
+        self.layers = [family.engine_layer(layer) for layer in self.text.layers]
         self.lm_head = model.lm_head
         cfg = self.text.config
         if getattr(cfg, "use_sliding_window", False):
             raise ValueError("rollout.backend: engine has no sliding-window attention; the model's config sets use_sliding_window")
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.decode_bucket = decode_bucket
         # once, for the engine's life: q/k/v and gate/up each become one matmul per decode step
-        self.fused_groups = lay_out_projections(self.text)
+        self.fused_groups = lay_out_projections(self.layers)
         if graphs == "auto":
             graphs = CudaGraphs() if lm.device.type == "cuda" else None
         self.graphs = graphs
@@ -248,7 +253,7 @@ class EngineRollout(RolloutBackend):
         model.eval()  # LoRA dropout off: the sampler must be the policy the trainer scores
         try:
             state = self._prefill(prompts, image_embeds, params)
-            filled = self._decode(state, DecodeWeights(self.text), params)
+            filled = self._decode(state, self.decode_weights(), params)
         finally:
             model.train(was_training)
         out = finish(state.ids[:, :filled], self.eos_token_id, self.pad_token_id, len(prompts), params.num_generations)
@@ -256,6 +261,10 @@ class EngineRollout(RolloutBackend):
         T = int(out.completion_mask.sum(dim=1).max())
         mask = out.completion_mask[:, :T]
         return RolloutResult(out.completion_ids[:, :T], mask, out.prompt_rows, state.logprobs[:, :T] * mask)
+
+    def decode_weights(self) -> DecodeWeights:
+        """The decode step's view of the weights (the adapter's copies in the base dtype): made per rollout."""
+        return DecodeWeights(self.layers, self.text.embed_tokens.weight.dtype)
 
     # ------------------------------------------------------------------------------------- prefill
 
@@ -308,15 +317,19 @@ class EngineRollout(RolloutBackend):
         dev, end = self.lm.device, s.layout.prompt_slots
         last = []
         for i, (prompt, feats) in enumerate(zip(prompts, image_embeds)):
-            h = self._prompt_embeds(prompt, feats, i)
+            image = prompt.mm_token_type_ids.to(dev).bool()[None, :, None]
+            h = self._prompt_embeds(prompt, image, feats, i)
             cos, sin = self.text.rotary_emb(h, prompt.position_ids.to(dev)[:, None])
-            for layer, kv in zip(self.text.layers, s.kv):
+            for j, (layer, kv) in enumerate(zip(self.layers, s.kv)):
                 q, k, v = self._qkv(layer, h, cos, sin)
                 kv[0, i, :, end - prompt.length : end] = k[0]  # held once, read by the prompt's G samples
                 kv[1, i, :, end - prompt.length : end] = v[0]
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.self_attn.scaling, enable_gqa=True)
-                h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(1, prompt.length, -1))
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scaling, enable_gqa=True)
+                h = h + layer.o(o.transpose(1, 2).reshape(1, prompt.length, -1))
+                x = layer.norm2(h)
+                h = h + layer.down(layer.act(layer.gate(x)) * layer.up(x))
+                if j + 1 < feats.shape[0]:  # DeepStack: level j + 1 joins the image positions after layer j
+                    h = h + torch.zeros_like(h).masked_scatter(image, feats[j + 1].to(device=dev, dtype=h.dtype))
             last.append(self.lm_head(self.text.norm(h[:, -1])))
         token, logp = sample_tokens(torch.cat(last).repeat_interleave(G, dim=0), params, s.generators)
         s.ids[:, 0], s.logprobs[:, 0] = token, logp
@@ -324,24 +337,25 @@ class EngineRollout(RolloutBackend):
         s.done.copy_(token == self.eos_token_id)
         return s
 
-    def _prompt_embeds(self, prompt, feats: torch.Tensor, index: int) -> torch.Tensor:
-        """Token embeddings [1, L, H] with the image features scattered into the <|image_pad|> slots."""
-        dev = self.lm.device
-        h = self.text.embed_tokens(prompt.input_ids.to(dev)[None])
-        image = prompt.mm_token_type_ids.to(dev).bool()[None, :, None]
-        check_image_features(image, feats, f"prompt {index}")
-        return h.masked_scatter(image, feats.to(device=dev, dtype=h.dtype))
+    def _prompt_embeds(self, prompt, image: torch.Tensor, feats: torch.Tensor, index: int) -> torch.Tensor:
+        """Token embeddings [1, L, H] with the image features (level 0) scattered into the image-token slots
+        ``image`` [1, L, 1]."""
+        h = self.text.embed_tokens(prompt.input_ids.to(self.lm.device)[None])
+        check_image_features(image, feats[0], f"prompt {index}")
+        return h.masked_scatter(image, feats[0].to(device=h.device, dtype=h.dtype))
 
     def _qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Prefill: rotated q [1, heads, L, d], k and v [1, kv_heads, L, d] through the model's own modules."""
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
+        x = layer.norm1(h)
         B, S, _ = x.shape
-        q = attn.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q, k, v
+        q = layer.q(x).view(B, S, self.num_heads, self.head_dim)
+        k = layer.k(x).view(B, S, self.num_kv_heads, self.head_dim)
+        if layer.q_norm is not None:
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = layer.v(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     # -------------------------------------------------------------------------------------- decode
 
@@ -366,6 +380,9 @@ class EngineRollout(RolloutBackend):
         h = x
         for lw, kv in zip(w.layers, s.kv):
             q, k, v = lw.qkv(rms_norm(h, lw.norm1.weight, lw.norm1.variance_epsilon))
+            if lw.q_norm is not None:  # per head, as one [rows x heads, d] RMSNorm each
+                q = rms_norm(q.reshape(-1, self.head_dim), lw.q_norm.weight, lw.q_norm.variance_epsilon).view(B, -1)
+                k = rms_norm(k.reshape(-1, self.head_dim), lw.k_norm.weight, lw.k_norm.variance_epsilon).view(B, -1)
             q = rope_into_cache(q, k, v, cos, sin, kv[0, :prompts], kv[1, :prompts], s.slot, sample, W)
             o = F.scaled_dot_product_attention(q, kv[0, :prompts, :, :span], kv[1, :prompts, :, :span], attn_mask=mask,
                                                scale=lw.scaling)

@@ -25,7 +25,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * xf.to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half layout, as the models' ``apply_rotary_pos_emb``) of x by cos, sin (broadcast)."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
@@ -38,8 +39,8 @@ def rope_into_cache_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B = q.shape[0]
     P, heads = B // width, q.shape[1] // d
     cos, sin = cos[:, None], sin[:, None]
-    qr = _rotate(q.view(B, heads, d), cos, sin)
-    kr = _rotate(k.view(B, kv_heads, d), cos, sin)
+    qr = rotate(q.view(B, heads, d), cos, sin)
+    kr = rotate(k.view(B, kv_heads, d), cos, sin)
     prompt = torch.arange(P, device=q.device).repeat_interleave(width)[:, None]
     where = (slot + sample)[:, None]
     head = torch.arange(kv_heads, device=q.device)[None]

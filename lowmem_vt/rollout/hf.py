@@ -7,7 +7,6 @@ import inspect
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..inputs import check_image_features, collate_prompts_left
 from .base import RolloutBackend, RolloutResult, SamplingParams, finish
@@ -62,23 +61,36 @@ def only_these_generation_settings(model):
         model.generation_config = saved
 
 
-def generate_inputs(model, prompts, image_embeds: list[torch.Tensor], pad_token_id: int, samples: int) -> dict:
-    """generate's keyword arguments for ``samples`` completions of each prompt, left-padded, with the step's image
-    features already encoded (the vision tower runs once per step, in the trainer).
+def accepts_encoder_outputs(model) -> bool:
+    """Whether this transformers' generate takes precomputed image features (``mm_encoder_outputs``, 5.18+);
+    ``model``: the model or its class."""
+    cls = model if isinstance(model, type) else type(model)
+    return "mm_encoder_outputs" in inspect.signature(cls.forward).parameters
 
-    transformers >= 5.18 takes the features as ``mm_encoder_outputs`` and expands everything to the samples itself.
-    Older releases (5.17, the GPU machine's) have no such argument; there the prompts' embeddings with the features
-    scattered into their image tokens go in as ``inputs_embeds`` beside ``input_ids``: generate still computes the
-    M-RoPE positions from ``input_ids``, ``mm_token_type_ids`` and ``image_grid_thw``, runs the embeddings through
-    the prompt's forward only, and returns ``input_ids`` followed by the new tokens. Its expansion to the samples
-    would count each row's images from the embeddings (none match the image token's once features are in), so
-    the rows are repeated here, in generate's order (each prompt's samples adjacent): the same sampled batch.
+
+def generate_inputs(lm, prompts, image_embeds: list[torch.Tensor], samples: int) -> dict:
+    """generate's keyword arguments for ``samples`` completions of each prompt, left-padded, with the step's image
+    features already encoded (the vision tower runs once per step, in the trainer): [levels, tokens, H] per prompt.
+
+    transformers >= 5.18 takes the features as ``mm_encoder_outputs`` (the family builds them, DeepStack levels
+    included) and expands everything to the samples itself. Older releases (5.17, the GPU machine's) have no such
+    argument; there the prompts' embeddings with the features scattered into their image tokens go in as
+    ``inputs_embeds`` beside ``input_ids``: generate still computes the M-RoPE positions from ``input_ids``,
+    ``mm_token_type_ids`` and ``image_grid_thw``, runs the embeddings through the prompt's forward only, and returns
+    ``input_ids`` followed by the new tokens. Its expansion to the samples would count each row's images from the
+    embeddings (none match the image token's once features are in), so the rows are repeated here, in generate's
+    order (each prompt's samples adjacent): the same sampled batch. A family with DeepStack levels (Qwen3-VL) cannot
+    hand those to an older generate: refused (pre-flight says so first, ``preflight.check_rollout_backend``).
     """
-    batch = collate_prompts_left(prompts, pad_token_id)
+    model = lm.hf_model
+    batch = collate_prompts_left(prompts, lm.pad_token_id)
     batch = {k: v.to(model.device) for k, v in batch.items() if k != "pixel_values"}
-    if "mm_encoder_outputs" in inspect.signature(type(model).forward).parameters:
-        features = {"image": BaseModelOutputWithPooling(pooler_output=tuple(image_embeds))}
-        return {**batch, "mm_encoder_outputs": features, "num_return_sequences": samples}
+    if accepts_encoder_outputs(model):
+        return {**batch, "mm_encoder_outputs": {"image": lm.family.encoder_outputs(image_embeds)},
+                "num_return_sequences": samples}
+    if any(e.shape[0] > 1 for e in image_embeds):
+        raise RuntimeError(f"{lm.family.label}'s DeepStack image features cannot be handed to generate before transformers "
+                           "5.18; use rollout.backend=engine, or a newer transformers")
     grids = [p.image_grid_thw for p in prompts]
     batch["image_grid_thw"] = torch.cat([g for g in grids for _ in range(samples)]).to(model.device)
     for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
@@ -86,7 +98,7 @@ def generate_inputs(model, prompts, image_embeds: list[torch.Tensor], pad_token_
     input_ids = batch["input_ids"]
     embeds = model.get_input_embeddings()(input_ids)
     image_mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
-    feats = torch.cat([e for e in image_embeds for _ in range(samples)]).to(embeds.device, embeds.dtype)
+    feats = torch.cat([e[0] for e in image_embeds for _ in range(samples)]).to(embeds.device, embeds.dtype)
     check_image_features(image_mask, feats, "the prompts")
     return {**batch, "inputs_embeds": embeds.masked_scatter(image_mask, feats), "num_return_sequences": 1}
 
@@ -115,7 +127,7 @@ class HFRollout(RolloutBackend):
     def _generate(self, prompts, image_embeds, params: SamplingParams) -> RolloutResult:
         lm = self.lm
         model = lm.hf_model
-        inputs = generate_inputs(model, prompts, image_embeds, lm.pad_token_id, params.num_generations)
+        inputs = generate_inputs(lm, prompts, image_embeds, params.num_generations)
         was_training = model.training
         model.eval()  # gradient checkpointing in train mode would turn the KV cache off
         sample = not params.greedy

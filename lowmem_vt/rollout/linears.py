@@ -4,6 +4,7 @@
 adapters: the adapters' A matrices in one matmul, their B matrices (block-diagonal, scaled, biases folded in)
 in another, then the base weights. ``lay_out_adjacent`` gives a group's base weights one storage, so the base
 is one matmul over a view as well. ``DecodeWeights``: every layer's, built at the start of each rollout.
+Layers come as their family names their parts (``families.base.QwenVLFamily.engine_layer``).
 """
 
 from __future__ import annotations
@@ -145,28 +146,21 @@ class FusedLinears:
         return [self._base(i, x, part, bias=False) for i, part in enumerate(lora.split(self.outs, dim=1))]
 
 
-def lay_out_projections(text_model) -> int:
+def lay_out_projections(layers) -> int:
     """``lay_out_adjacent`` for every decoder layer's q/k/v and gate/up; returns how many groups are adjacent."""
-    done = 0
-    for layer in text_model.layers:
-        a, m = layer.self_attn, layer.mlp
-        done += lay_out_adjacent([a.q_proj, a.k_proj, a.v_proj]) + lay_out_adjacent([m.gate_proj, m.up_proj])
-    return done
+    return sum(lay_out_adjacent([p.q, p.k, p.v]) + lay_out_adjacent([p.gate, p.up]) for p in layers)
 
 
 class DecodeWeights:
-    """Per layer: the two norms' weights and the fused linears, built at the start of each rollout."""
+    """Per layer: the norms' weights and the fused linears, built at the start of each rollout. ``layers``: each
+    decoder layer's parts (``engine_layer``); ``dtype``: the model's (the adapter's decode copies take it)."""
 
-    def __init__(self, text_model):
-        dtype = text_model.embed_tokens.weight.dtype
-        self.layers = []
-        for layer in text_model.layers:
-            a, m = layer.self_attn, layer.mlp
-            self.layers.append(SimpleNamespace(
-                norm1=layer.input_layernorm, norm2=layer.post_attention_layernorm,
-                qkv=FusedLinears([a.q_proj, a.k_proj, a.v_proj], dtype), o=FusedLinears([a.o_proj], dtype),
-                gate_up=FusedLinears([m.gate_proj, m.up_proj], dtype), down=FusedLinears([m.down_proj], dtype),
-                act=m.act_fn, scaling=a.scaling))
+    def __init__(self, layers, dtype: torch.dtype):
+        self.layers = [SimpleNamespace(
+            norm1=p.norm1, norm2=p.norm2, q_norm=p.q_norm, k_norm=p.k_norm,
+            qkv=FusedLinears([p.q, p.k, p.v], dtype), o=FusedLinears([p.o], dtype),
+            gate_up=FusedLinears([p.gate, p.up], dtype), down=FusedLinears([p.down], dtype),
+            act=p.act, scaling=p.scaling) for p in layers]
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for w in self.layers for f in (w.qkv, w.o, w.gate_up, w.down) for t in f.tensors()]

@@ -37,6 +37,9 @@ class VLLMRollout(RolloutBackend):
         if lm.device.type != "cuda":
             raise RuntimeError("rollout.backend: vllm needs a CUDA GPU; use rollout.backend: engine or hf")
         model = lm.hf_model
+        if not lm.family.vllm_rollout:
+            raise RuntimeError(f"rollout.backend: vllm is wired for Qwen2-VL only (weight names, image-embedding inputs), "
+                               f"not {lm.family.label}; use rollout.backend: engine or hf")
         self.lm = lm
         self.vllm = vllm
         self.lora_layers = [(name, m) for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
@@ -83,7 +86,7 @@ class VLLMRollout(RolloutBackend):
             )
             for seed in seeds
         ]
-        image_token = lm.config.image_token_id
+        image_token = lm.family.image_token_id(lm.config)
         requests = []
         for p, feats in zip(prompts, image_embeds):
             # vLLM expands the single <|image_pad|> itself from image_grid_thw: collapse our expanded run
@@ -92,7 +95,7 @@ class VLLMRollout(RolloutBackend):
             ids = ids[: first + 1] + ids[first + p.num_image_tokens :] if p.num_image_tokens else ids
             requests.append({
                 "prompt_token_ids": ids,
-                "multi_modal_data": {"image": {"image_embeds": feats.cpu(), "image_grid_thw": p.image_grid_thw}},
+                "multi_modal_data": {"image": {"image_embeds": feats[0].cpu(), "image_grid_thw": p.image_grid_thw}},
             })
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         rows = [list(c.token_ids) for out in outputs for c in out.outputs]

@@ -1,0 +1,277 @@
+"""Qwen2.5-VL and Qwen3-VL behind the family seam, on tiny random models built locally (``tiny.build_tiny_model``),
+each checked against the model's own forward: M-RoPE positions against ``get_rope_index``; image features
+(Qwen2.5-VL's window attention, Qwen3-VL's DeepStack levels) against ``get_image_features`` of each image
+alone; the trainer's right-padded batch of prompts with different image sizes against the model's forward of
+each prompt alone with its pixels; the sampling log-probs of both rollout backends (a left-padded batch for
+``hf``) against the trainer's; then the whole recipe (train, resume, eval, merge, plot) and a learning run."""
+
+import json
+
+import pytest
+import torch
+
+from lowmem_vt.config import LoraConfig, ModelConfig, load_config
+from lowmem_vt.data import examples_from_records, generate_sat_records
+from lowmem_vt.families import family_named
+from lowmem_vt.inputs import InputBuilder, build_sequences
+from lowmem_vt.model import image_embeddings, load_model, sequence_hidden
+from lowmem_vt.rollout import SamplingParams, make_rollout
+
+FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
+MAX_PIXELS = 128 * 128  # 8x8 patches of 16 px (Qwen3-VL) or 9x9 of 14 px (Qwen2.5-VL): several windows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny models' matmuls gain nothing from threads
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_dir(request, tmp_path_factory):
+    from lowmem_vt.tiny import build_tiny_model
+
+    family = family_named(request.param)
+    return family, build_tiny_model(tmp_path_factory.mktemp(request.param) / "tiny", family=family)
+
+
+@pytest.fixture(scope="module")
+def lm(family_dir):
+    """The tiny model with a LoRA adapter whose B is non-zero (policy != reference), in eval mode."""
+    _, path = family_dir
+    torch.manual_seed(0)
+    lm = load_model(ModelConfig(name_or_path=str(path), dtype="float32"), LoraConfig(r=4, alpha=8), torch.device("cpu"),
+                    min_pixels=3136, max_pixels=MAX_PIXELS)
+    with torch.no_grad():
+        for name, p in lm.peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    lm.peft_model.eval()
+    return lm
+
+
+@pytest.fixture(scope="module")
+def prompts(lm):
+    builder = InputBuilder(lm.tokenizer, lm.image_processor, lm.config, max_prompt_length=1024, min_pixels=3136,
+                           max_pixels=MAX_PIXELS)
+    # different image sizes (-> different numbers of image tokens) and different question lengths
+    recs = generate_sat_records(2, size=112, seed=0) + generate_sat_records(1, size=56, seed=1, tasks=["count"])
+    examples, _ = examples_from_records(recs, max_samples=3, shuffle_options=True, max_pixels=MAX_PIXELS, seed=0)
+    out = [builder.encode(e.image, e.question) for e in examples]
+    assert len({p.length for p in out}) == 3 and len({p.num_image_tokens for p in out}) == 2
+    return out
+
+
+@pytest.fixture(scope="module")
+def embeds(lm, prompts):
+    return image_embeddings(lm, [p.pixel_values for p in prompts], [p.image_grid_thw for p in prompts])
+
+
+def test_positions_and_image_tokens_equal_the_models(lm, prompts):
+    inner = lm.hf_model.model
+    merge = lm.family.merge_size(lm.config)
+    for p in prompts:
+        assert p.num_image_tokens == int(p.image_grid_thw.prod()) // merge**2
+        pos, delta = inner.get_rope_index(p.input_ids[None], mm_token_type_ids=p.mm_token_type_ids[None],
+                                          image_grid_thw=p.image_grid_thw)
+        assert torch.equal(pos[:, 0], p.position_ids)
+        assert p.next_position == p.length + int(delta)
+
+
+@torch.no_grad()
+def test_image_features_of_one_tower_call_equal_each_image_alone(lm, prompts, embeds):
+    """One vision call for the step's images of different sizes (window attention, interpolated position
+    embeddings) gives each image what the model computes for it alone; Qwen3-VL carries its DeepStack levels."""
+    levels = lm.family.feature_levels(lm.config)
+    assert levels == (1 + len(lm.config.vision_config.deepstack_visual_indexes) if lm.family.model_type == "qwen3_vl" else 1)
+    for p, e in zip(prompts, embeds):
+        out = lm.hf_model.model.get_image_features(p.pixel_values, p.image_grid_thw, return_dict=True)
+        assert e.shape == (levels, p.num_image_tokens, lm.config.text_config.hidden_size)
+        torch.testing.assert_close(e[0], out.pooler_output[0], rtol=1e-5, atol=1e-6)
+        for k, deep in enumerate(getattr(out, "deepstack_features", None) or []):
+            torch.testing.assert_close(e[k + 1], deep[0] if isinstance(deep, (list, tuple)) else deep, rtol=1e-5, atol=1e-6)
+
+
+def _model_logprobs(lm, prompt, completion):
+    """Log-probs of ``completion`` after one unpadded prompt through the model's own forward (pixels in)."""
+    T = completion.numel()
+    ids = torch.cat([prompt.input_ids, completion])[None]
+    types = torch.cat([prompt.mm_token_type_ids, torch.zeros(T, dtype=torch.int)])[None]
+    out = lm.hf_model(input_ids=ids, pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
+                      mm_token_type_ids=types)
+    return torch.log_softmax(out.logits[0, prompt.length - 1 : prompt.length - 1 + T].float(), -1).gather(-1, completion[:, None])[:, 0]
+
+
+def _trainer_logprobs(lm, prompts, embeds, rows, completion, mask, temperature=1.0):
+    seqs = build_sequences(prompts, rows, completion, mask, lm.pad_token_id)
+    logits = lm.hf_model.lm_head(sequence_hidden(lm, seqs, embeds)).float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, completion[..., None])[..., 0]
+
+
+@torch.no_grad()
+def test_batched_padded_logprobs_equal_the_models_forward_of_each_prompt(lm, prompts, embeds):
+    torch.manual_seed(0)
+    T = 6
+    comp = torch.randint(10, 60, (3, T))
+    lengths = torch.tensor([6, 2, 4])
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()
+    ours = _trainer_logprobs(lm, prompts, embeds, [0, 1, 2], comp, mask)
+    for i, p in enumerate(prompts):
+        n = int(lengths[i])
+        torch.testing.assert_close(ours[i, :n], _model_logprobs(lm, p, comp[i, :n]), rtol=1e-4, atol=1e-5)
+    if embeds[0].shape[0] > 1:  # the check sees DeepStack: without its levels the log-probs move
+        flat = [e[:1] for e in embeds]
+        off = _trainer_logprobs(lm, prompts, flat, [0, 1, 2], comp, mask)
+        assert float((off[0] - ours[0]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("backend", ["hf", "engine"])
+def test_sampling_logprobs_equal_the_trainers(lm, prompts, embeds, backend):
+    """fp32: the rollout's log-probs of what it sampled equal the trainer's (hf: one left-padded batch of
+    prompts with different lengths and image sizes; engine: its own prefill and decode); greedy decoding of both
+    backends agrees token for token."""
+    torch.manual_seed(0)
+    roll = make_rollout(backend, lm).generate(prompts, embeds, SamplingParams(2, 10, temperature=0.7))
+    with torch.no_grad():
+        trainer = _trainer_logprobs(lm, prompts, embeds, roll.prompt_rows, roll.completion_ids, roll.completion_mask, 0.7)
+    mask = roll.completion_mask.bool()
+    assert float((roll.sampling_logprobs[mask] - trainer[mask]).abs().max()) <= 1e-4
+    if backend == "engine":
+        params = SamplingParams(1, 10, greedy=True)
+        ours, ref = (make_rollout(b, lm).generate(prompts, embeds, params) for b in ("engine", "hf"))
+        assert torch.equal(ours.completion_ids, ref.completion_ids)
+
+
+@pytest.fixture(scope="module")
+def two_image_prompt(lm):
+    """A question with two images of different sizes (data.max_images_per_question: 2)."""
+    first, second = generate_sat_records(1, size=112, seed=5)[0], generate_sat_records(1, size=56, seed=6)[0]
+    record = dict(first, image_bytes=first["image_bytes"] + second["image_bytes"])
+    kept, report = examples_from_records([record], max_samples=1, shuffle_options=False, max_pixels=MAX_PIXELS, seed=0,
+                                         max_images=2)
+    builder = InputBuilder(lm.tokenizer, lm.image_processor, lm.config, max_prompt_length=1024, min_pixels=3136,
+                           max_pixels=MAX_PIXELS)
+    prompt = builder.encode(kept[0].images, kept[0].question)
+    assert prompt.image_grid_thw.shape[0] == 2 and prompt.image_grid_thw[0].prod() != prompt.image_grid_thw[1].prod()
+    return prompt
+
+
+def test_multi_image_questions_are_the_papers_filter_by_default(tmp_path):
+    first, second = generate_sat_records(2, size=56, seed=7)
+    record = dict(first, image_bytes=first["image_bytes"] + second["image_bytes"])
+    kept, report = examples_from_records([record, second], max_samples=2, shuffle_options=False, max_pixels=MAX_PIXELS, seed=0)
+    assert len(kept) == 1 and report.as_metrics()["data_skipped"] == 1  # default 1: single-image rows only
+    kept, _ = examples_from_records([record], max_samples=1, shuffle_options=False, max_pixels=MAX_PIXELS, seed=0, max_images=2)
+    assert len(kept[0].images) == 2
+    assert load_config(None, []).data.max_images_per_question == 1
+
+
+@torch.no_grad()
+def test_multi_image_question_equals_the_models_forward(lm, prompts, two_image_prompt):
+    """Two image blocks in one prompt, batched with a one-image prompt: positions, image features (each image
+    encoded once), the trainer's log-probs and both rollout backends' sampling log-probs against the model."""
+    p = two_image_prompt
+    pos, delta = lm.hf_model.model.get_rope_index(p.input_ids[None], mm_token_type_ids=p.mm_token_type_ids[None],
+                                                  image_grid_thw=p.image_grid_thw)
+    assert torch.equal(pos[:, 0], p.position_ids) and p.next_position == p.length + int(delta)
+    batch = [p, prompts[2]]
+    before = lm.vision_calls[0]
+    embeds = image_embeddings(lm, [q.pixel_values for q in batch], [q.image_grid_thw for q in batch])
+    assert lm.vision_calls[0] - before == 3  # one tower call, three images
+    assert [e.shape[1] for e in embeds] == [q.num_image_tokens for q in batch]
+    torch.manual_seed(0)
+    comp = torch.randint(10, 60, (2, 5))
+    ours = _trainer_logprobs(lm, batch, embeds, [0, 1], comp, torch.ones(2, 5))
+    for i, q in enumerate(batch):
+        torch.testing.assert_close(ours[i], _model_logprobs(lm, q, comp[i]), rtol=1e-4, atol=1e-5)
+    for backend in ("hf", "engine"):
+        torch.manual_seed(1)
+        roll = make_rollout(backend, lm).generate(batch, embeds, SamplingParams(2, 8, temperature=0.7))
+        trainer = _trainer_logprobs(lm, batch, embeds, roll.prompt_rows, roll.completion_ids, roll.completion_mask, 0.7)
+        mask = roll.completion_mask.bool()
+        assert float((roll.sampling_logprobs[mask] - trainer[mask]).abs().max()) <= 1e-4, backend
+
+
+def test_whole_recipe_train_resume_eval_merge_plot(family_dir, tmp_path):
+    """The recipe on the family's tiny model: 2 steps with the engine, resumed to 3, evaluated as a checkpoint and
+    merged (the merged model answers alike), plotted."""
+    from lowmem_vt.cli import main
+    from lowmem_vt.cvbench import generate_cvbench_records, record_to_item
+    from lowmem_vt.eval import ModelResponder, evaluate, load_eval_model
+    from lowmem_vt.metrics import read_metrics
+    from lowmem_vt.trainer import Trainer
+
+    family, path = family_dir
+    over = [f"model.name_or_path={path}", f"log.output_dir={tmp_path / 'run'}", "log.progress_bar=false",
+            "data.generated_samples=16", "grpo.num_generations=2", "grpo.max_completion_length=4", "train.prompts_per_step=2",
+            "train.micro_batch_size=4", "train.max_steps=3", "log.save_steps=1", "rollout.backend=engine",
+            f"data.max_pixels={MAX_PIXELS}"]
+    cfg = load_config("recipes/demo_tiny.yaml", over)
+    Trainer(cfg).train(until_step=2)
+    tr = Trainer(load_config("recipes/demo_tiny.yaml", over), resume="latest")
+    assert tr.step_count == 2
+    tr.train()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["sampler_logprob_diff_max"] <= 1e-4 and r["vision_forward_calls"] == 2 for r in rows)
+    assert (tmp_path / "run" / "plots" / "overview.png").is_file()
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    merged = tmp_path / "merged"
+    assert main(["merge", "--checkpoint", str(checkpoint), "--out", str(merged)]) == 0
+    assert json.loads((merged / "config.json").read_text())["model_type"] == family.model_type
+    items = [record_to_item(r, i) for i, r in enumerate(generate_cvbench_records(3, size=112, seed=3))]
+    answers = []
+    for kw in ({"checkpoint": str(checkpoint), "model": None}, {"checkpoint": None, "model": str(merged)}):
+        lm, min_px, max_px = load_eval_model(**kw, device=torch.device("cpu"), dtype="float32", min_pixels=None,
+                                             max_pixels=MAX_PIXELS)
+        rows, _ = evaluate(items, ModelResponder(lm, max_new_tokens=5, min_pixels=min_px, max_pixels=max_px),
+                           batch_size=3, progress=False)
+        answers.append([r.response for r in rows])
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_demo_recipe_learns_format_and_accuracy(model_type, tmp_path):
+    """The R1-Zero story of ``make demo`` on the family's tiny base model: the format and answers read from the
+    image become a habit (format rate and accuracy from < 0.3 at step 1 to >= 0.8, mean of the last 5 steps)."""
+    from lowmem_vt.metrics import run_summary
+    from lowmem_vt.tiny import build_tiny_base_model
+    from lowmem_vt.trainer import Trainer
+
+    family = family_named(model_type)
+    base = build_tiny_base_model(tmp_path / "base", family=family)
+    config = _config(base)
+    side = family.patch_size(config) * family.merge_size(config) * 2  # 2x2 image tokens, as the base model saw
+    cfg = load_config("recipes/demo_tiny.yaml", [f"model.name_or_path={base}", f"log.output_dir={tmp_path / 'demo'}",
+                                                 "log.progress_bar=false", "log.plot=false", "log.save_steps=1000",
+                                                 f"data.generated_image_size={side}", f"data.max_pixels={side * side}",
+                                                 f"data.min_pixels={side * side}"])
+    tr = Trainer(cfg)
+    tr.train()
+    s = run_summary(tr.out)
+    start, last = s["start"], s["last"]
+    assert start["format_rate"] < 0.3 and start["accuracy"] < 0.3, s
+    assert last["format_rate"] >= 0.8 and last["accuracy"] >= 0.8, s
+
+
+def _config(path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def test_tiny_model_names_choose_the_family():
+    from lowmem_vt.preflight import PreflightError, check_model_source
+    from lowmem_vt.tiny import parse_tiny_name
+
+    assert parse_tiny_name("tiny:artifacts/t")[0].model_type == "qwen2_vl"  # the demo's names keep their meaning
+    family, base, folder = parse_tiny_name("tiny-base:artifacts/tiny-base-qwen2vl")
+    assert (family.model_type, base, folder) == ("qwen2_vl", True, "artifacts/tiny-base-qwen2vl")
+    family, base, folder = parse_tiny_name("tiny-base-qwen3_vl:x/y")
+    assert (family.model_type, base, folder) == ("qwen3_vl", True, "x/y")
+    assert parse_tiny_name("tiny-qwen2_5_vl:z")[:2] == (family_named("qwen2_5_vl"), False)
+    assert parse_tiny_name("Qwen/Qwen3-VL-8B-Instruct") is None
+    with pytest.raises(PreflightError, match="'llama' is not a model family.*Qwen2.5-VL"):
+        check_model_source("tiny-llama:x", "key 'model.name_or_path'")
