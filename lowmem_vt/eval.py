@@ -215,6 +215,13 @@ class ModelResponder:
         self.lm = lm
         self.inputs = InputBuilder(lm.tokenizer, lm.image_processor, lm.config, max_prompt_length=MAX_PROMPT_LENGTH,
                                    min_pixels=min_pixels, max_pixels=max_pixels)
+        if backend == "hf":
+            from .rollout.hf import hf_takes_features
+
+            if not hf_takes_features(lm.family, lm.config):  # DeepStack before transformers 5.18
+                log.info("%s on this transformers: answers through the engine (HF generate cannot take its DeepStack "
+                         "features before 5.18)", lm.family.label)
+                backend = "engine"
         self.rollout = make_rollout(backend, lm)
         self.params = SamplingParams(num_generations=1, max_new_tokens=max_new_tokens, greedy=True)
 

@@ -397,10 +397,10 @@ def check_rollout_backend(config, backend: str, recipe_file: str) -> None:
     """The rollout backend handles the model's family (the engine and hf handle every family here; vllm is wired
     for Qwen2-VL only); one line naming the backends that do, where it does not."""
     family = family_for(config)
-    if backend == "hf" and family.feature_levels(config) > 1:
-        from .rollout.hf import accepts_encoder_outputs
+    if backend == "hf":
+        from .rollout.hf import hf_takes_features
 
-        if not accepts_encoder_outputs(family.model_class()):
+        if not hf_takes_features(family, config):
             raise PreflightError(f"{recipe_file}: key 'rollout.backend': {family.label}'s DeepStack image features cannot be "
                                  "handed to HF generate before transformers 5.18 (this is "
                                  f"{__import__('transformers').__version__}); use rollout.backend=engine, or a newer transformers")

@@ -127,18 +127,40 @@ def test_batched_padded_logprobs_equal_the_models_forward_of_each_prompt(lm, pro
         assert float((off[0] - ours[0]).abs().max()) > 1e-3
 
 
+def hf_takes_the_features(lm) -> bool:
+    """transformers < 5.18 (the GPU machine's 5.17) cannot hand DeepStack levels to generate: hf is refused there
+    for Qwen3-VL (``test_hf_with_deepstack_on_old_transformers_is_refused``), the engine runs it."""
+    from lowmem_vt.rollout.hf import hf_takes_features
+
+    return hf_takes_features(lm.family, lm.config)
+
+
+def test_hf_with_deepstack_on_old_transformers_is_refused(lm, prompts, embeds, family_dir, tmp_path):
+    if hf_takes_the_features(lm):
+        pytest.skip("this transformers takes precomputed DeepStack features (mm_encoder_outputs), or no DeepStack")
+    from lowmem_vt.preflight import PreflightError, check_recipe
+
+    with pytest.raises(RuntimeError, match="DeepStack image features cannot be handed to generate before transformers 5.18"):
+        make_rollout("hf", lm).generate(prompts, embeds, SamplingParams(2, 4, temperature=0.7))
+    over = [f"model.name_or_path={family_dir[1]}", f"log.output_dir={tmp_path / 'out'}", "rollout.backend=hf"]
+    with pytest.raises(PreflightError, match="key 'rollout.backend'.*DeepStack.*use rollout.backend=engine"):
+        check_recipe(load_config("recipes/demo_tiny.yaml", over))
+
+
 @pytest.mark.parametrize("backend", ["hf", "engine"])
 def test_sampling_logprobs_equal_the_trainers(lm, prompts, embeds, backend):
     """fp32: the rollout's log-probs of what it sampled equal the trainer's (hf: one left-padded batch of
     prompts with different lengths and image sizes; engine: its own prefill and decode); greedy decoding of both
     backends agrees token for token."""
+    if backend == "hf" and not hf_takes_the_features(lm):
+        pytest.skip("hf with DeepStack needs transformers >= 5.18 (refused below: see the test above)")
     torch.manual_seed(0)
     roll = make_rollout(backend, lm).generate(prompts, embeds, SamplingParams(2, 10, temperature=0.7))
     with torch.no_grad():
         trainer = _trainer_logprobs(lm, prompts, embeds, roll.prompt_rows, roll.completion_ids, roll.completion_mask, 0.7)
     mask = roll.completion_mask.bool()
     assert float((roll.sampling_logprobs[mask] - trainer[mask]).abs().max()) <= 1e-4
-    if backend == "engine":
+    if backend == "engine" and hf_takes_the_features(lm):
         params = SamplingParams(1, 10, greedy=True)
         ours, ref = (make_rollout(b, lm).generate(prompts, embeds, params) for b in ("engine", "hf"))
         assert torch.equal(ours.completion_ids, ref.completion_ids)
@@ -186,7 +208,7 @@ def test_multi_image_question_equals_the_models_forward(lm, prompts, two_image_p
     ours = _trainer_logprobs(lm, batch, embeds, [0, 1], comp, torch.ones(2, 5))
     for i, q in enumerate(batch):
         torch.testing.assert_close(ours[i], _model_logprobs(lm, q, comp[i]), rtol=1e-4, atol=1e-5)
-    for backend in ("hf", "engine"):
+    for backend in ("hf", "engine") if hf_takes_the_features(lm) else ("engine",):
         torch.manual_seed(1)
         roll = make_rollout(backend, lm).generate(batch, embeds, SamplingParams(2, 8, temperature=0.7))
         trainer = _trainer_logprobs(lm, batch, embeds, roll.prompt_rows, roll.completion_ids, roll.completion_mask, 0.7)
@@ -244,10 +266,14 @@ def test_demo_recipe_learns_format_and_accuracy(model_type, tmp_path):
     base = build_tiny_base_model(tmp_path / "base", family=family)
     config = _config(base)
     side = family.patch_size(config) * family.merge_size(config) * 2  # 2x2 image tokens, as the base model saw
+    from lowmem_vt.rollout.hf import hf_takes_features
+
+    # the recipe's hf rollout, except for DeepStack on transformers < 5.18, where only the engine runs it
+    hf_ok = hf_takes_features(family, config)
     cfg = load_config("recipes/demo_tiny.yaml", [f"model.name_or_path={base}", f"log.output_dir={tmp_path / 'demo'}",
                                                  "log.progress_bar=false", "log.plot=false", "log.save_steps=1000",
                                                  f"data.generated_image_size={side}", f"data.max_pixels={side * side}",
-                                                 f"data.min_pixels={side * side}"])
+                                                 f"data.min_pixels={side * side}", *([] if hf_ok else ["rollout.backend=engine"])])
     tr = Trainer(cfg)
     tr.train()
     s = run_summary(tr.out)

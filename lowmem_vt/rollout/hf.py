@@ -68,6 +68,12 @@ def accepts_encoder_outputs(model) -> bool:
     return "mm_encoder_outputs" in inspect.signature(cls.forward).parameters
 
 
+def hf_takes_features(family, config) -> bool:
+    """Whether HF generate can take this family's precomputed image features here: always from transformers 5.18
+    (``mm_encoder_outputs``); before, only without DeepStack levels (Qwen3-VL has them)."""
+    return family.feature_levels(config) == 1 or accepts_encoder_outputs(family.model_class())
+
+
 def generate_inputs(lm, prompts, image_embeds: list[torch.Tensor], samples: int) -> dict:
     """generate's keyword arguments for ``samples`` completions of each prompt, left-padded, with the step's image
     features already encoded (the vision tower runs once per step, in the trainer): [levels, tokens, H] per prompt.
