@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .metrics import write_problem
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
@@ -174,9 +176,9 @@ def _listed(names: list[str], n: int = 4) -> str:
 
 
 def check_output_dir(folder: str | Path, *, overwrite: bool = False) -> None:
-    """The folder can take a run: a fresh (absent or empty) folder or a run folder of ours, reachable (no dangling
-    or looping link on the way), creatable and writable; with ``overwrite``, one that can be moved aside.
-    Raises RunFolderError; reads only."""
+    """The folder can take a run: a fresh folder (absent, empty, or holding only what a run writes) or a folder holding
+    a run, reachable (no dangling or looping link on the way), creatable and writable; with ``overwrite``, one that
+    can be moved aside. Raises RunFolderError; reads only."""
     if str(folder).strip() == "":
         raise RunFolderError("log.output_dir is empty; give a folder for the run, e.g. log.output_dir=out/my_run")
     p = Path(folder)
@@ -205,7 +207,9 @@ def check_output_dir(folder: str | Path, *, overwrite: bool = False) -> None:
         raise RunFolderError(f"log.output_dir {p}: {existing} is a file, not a folder; choose another log.output_dir")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RunFolderError(f"log.output_dir {p}: {existing} is not writable; choose another log.output_dir")
-    foreign = foreign_contents(p)
+    # a folder holding a run is a run folder (what was added beside the run, an evaluation or a merged model, stays);
+    # any other folder must be fresh: a new run never spreads its files among someone else's
+    foreign = foreign_contents(p) if not run_contents(p) else []
     if foreign:
         raise RunFolderError(
             f"log.output_dir {p} holds files no run wrote ({_listed(foreign)}): a run writes only into a fresh folder or "
@@ -330,7 +334,7 @@ def save_checkpoint(output_dir: str | Path, step: int, *, peft_model, state: dic
         shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(out)
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no checkpoint of this run was saved before"
-        why = _write_problem(exc, out)
+        why = write_problem(exc, out)
         raise CheckpointError(f"cannot save checkpoint-{step} at step {step}: {why}; {kept}. Free space (or raise the limit), "
                               "then continue with --resume latest") from exc
     if final.exists():  # re-saving the same step (e.g. interrupted right after a periodic save)
@@ -345,39 +349,6 @@ def save_checkpoint(output_dir: str | Path, step: int, *, peft_model, state: dic
     for stale in list_checkpoints(out)[:-keep]:
         _remove(stale)
     return final
-
-
-def _write_problem(exc: BaseException, folder: Path) -> str:
-    """Why a write into ``folder`` failed, in words: "no space left on <folder>", a file-size limit, or the error.
-    torch's C++ writer loses the errno (``basic_ios::clear: iostream error``): then the disk and limits are asked."""
-    e, seen = exc, set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return f"no space left on {folder}"
-        if isinstance(e, OSError) and e.errno == errno.EFBIG:
-            return f"a file reached the file-size limit (ulimit -f) in {folder}"
-        e = e.__cause__ or e.__context__
-    text = str(exc)
-    if "No space left" in text or "os error 28" in text:
-        return f"no space left on {folder}"
-    if "File too large" in text or "os error 27" in text:
-        return f"a file reached the file-size limit (ulimit -f) in {folder}"
-    try:
-        st = os.statvfs(folder)
-        if st.f_bavail * st.f_frsize < 64 << 20:
-            return f"no space left on {folder} ({st.f_bavail * st.f_frsize >> 20} MiB free)"
-    except OSError:
-        pass
-    try:
-        import resource
-
-        if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
-            return f"a file reached the file-size limit (ulimit -f) in {folder}"
-    except (ImportError, ValueError, OSError):
-        pass
-    first = (text.strip().splitlines() or [type(exc).__name__])[0]
-    return f"writing into {folder} failed ({type(exc).__name__}: {first[:200]})"
 
 
 def _remove(checkpoint: Path) -> None:
@@ -585,3 +556,6 @@ def load_state(path: str | Path) -> dict:
     except Exception as exc:  # noqa: BLE001 -- unpickling fails in many ways; all mean "not a usable state"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{f} cannot be loaded safely ({type(exc).__name__}: {first[:200]})") from exc
+
+
+_write_problem = write_problem  # (merge and eval name it so)

@@ -21,6 +21,7 @@ USER_ERRORS = (
     ("lowmem_vt.preflight", "PreflightError"),
     ("lowmem_vt.plot", "PlotError"),
     ("lowmem_vt.planner", "PlanError"),
+    ("lowmem_vt.metrics", "LogWriteError"),
 )
 
 
@@ -84,10 +85,11 @@ def _what_is_left(output_dir: str, args, resume_cmd: str) -> str:
 
 
 def cmd_plot(args) -> int:
-    from .plot import plot_metrics, resolve_metrics_path
+    from .plot import check_plot_folder, plot_metrics, resolve_metrics_path
 
     metrics = resolve_metrics_path(args.metrics)
-    out = args.out or str(metrics.parent / "plots")
+    out = args.out if args.out is not None else str(metrics.parent / "plots")
+    check_plot_folder(out, metrics)
     for p in plot_metrics(metrics, out, smoothing=args.smoothing):
         print(p)
     return 0

@@ -398,6 +398,8 @@ def read_recipe_text(path: str | os.PathLike) -> str:
     Raises ConfigError naming the file."""
     file = str(path)
     p = Path(path)
+    if not file.strip():
+        raise ConfigError("no recipe file given (an empty path); e.g. recipes/sat_lora.yaml")
     if not p.is_file():
         raise ConfigError(f"recipe file not found: {file}" + (" (it is a folder)" if p.is_dir() else ""))
     try:
@@ -531,12 +533,17 @@ def validate(cfg: RecipeConfig) -> None:
         need(d.generated_samples >= t.prompts_per_step, "data.generated_samples", f"must be >= train.prompts_per_step ({t.prompts_per_step})")
         need(d.generated_samples <= MAX_GENERATED_SAMPLES, "data.generated_samples", f"must be <= {MAX_GENERATED_SAMPLES}, got {d.generated_samples}")
         within(d.generated_image_size, 28, MAX_GENERATED_IMAGE_SIZE, "data.generated_image_size", " pixels")
+        need(d.generated_image_size**2 <= 16 * d.max_pixels, "data.generated_image_size",
+             f"{d.generated_image_size}x{d.generated_image_size} images are over 16 x data.max_pixels ({d.max_pixels}): every "
+             "one would be skipped; generate smaller images or raise data.max_pixels")
         held = d.generated_samples * d.generated_image_size**2 * 3
         need(held <= MAX_GENERATED_BYTES, "data.generated_samples",
              f"{d.generated_samples} images of {d.generated_image_size}x{d.generated_image_size} would hold {held / 2**30:.1f} GiB "
              f"in memory (at most {MAX_GENERATED_BYTES >> 30}); generate fewer or smaller images")
     else:
         need(d.path.strip() != "", "data.path", "is empty; give a hub id (owner/name) or a local file or folder")
+        need(d.data_file.strip() != "" or os.path.isfile(os.path.expanduser(d.path)), "data.data_file",
+             "is empty; name the file inside data.path (e.g. SAT_train.parquet)")
         if _looks_local(d.path):
             need(os.path.exists(os.path.expanduser(d.path)), "data.path", f"local dataset path {d.path!r} does not exist")
     known_rewards = ("format", "accuracy")

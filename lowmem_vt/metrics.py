@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 from pathlib import Path
+
+
+class LogWriteError(RuntimeError):
+    """A run's log could not be written (no space left, a file-size limit); the message says where and at which step."""
 
 
 class MetricsWriter:
@@ -24,9 +29,13 @@ class MetricsWriter:
 
     def write(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._f.write(json.dumps(clean) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write(json.dumps(clean) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as exc:
+            raise LogWriteError(f"cannot write step {record.get('step')} to {self.path}: {write_problem(exc, self.path.parent)}; "
+                                "the last checkpoint is intact: free space, then continue with --resume latest") from None
 
     def close(self) -> None:
         self._f.close()
@@ -35,11 +44,13 @@ class MetricsWriter:
 def read_metrics(path: str | Path) -> list[dict]:
     """All complete lines (a torn last line from a crash is ignored)."""
     out = []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             continue
+        if isinstance(row, dict):  # a line that is JSON but not a record is no step
+            out.append(row)
     return out
 
 
@@ -90,3 +101,36 @@ def format_summary(summary: dict) -> str:
     if summary["plots"]:
         lines.append(f"  plots: {summary['plots']}")
     return "\n".join(lines)
+
+
+def write_problem(exc: BaseException, folder) -> str:
+    """Why a write into ``folder`` failed, in words: "no space left on <folder>", a file-size limit, or the error.
+    torch's C++ writer loses the errno (``basic_ios::clear: iostream error``): then the disk and limits are asked."""
+    e, seen = exc, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"no space left on {folder}"
+        if isinstance(e, OSError) and e.errno == errno.EFBIG:
+            return f"a file reached the file-size limit (ulimit -f) in {folder}"
+        e = e.__cause__ or e.__context__
+    text = str(exc)
+    if "No space left" in text or "os error 28" in text:
+        return f"no space left on {folder}"
+    if "File too large" in text or "os error 27" in text:
+        return f"a file reached the file-size limit (ulimit -f) in {folder}"
+    try:
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize < 64 << 20:
+            return f"no space left on {folder} ({st.f_bavail * st.f_frsize >> 20} MiB free)"
+    except OSError:
+        pass
+    try:
+        import resource
+
+        if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+            return f"a file reached the file-size limit (ulimit -f) in {folder}"
+    except (ImportError, ValueError, OSError):
+        pass
+    first = (text.strip().splitlines() or [type(exc).__name__])[0]
+    return f"writing into {folder} failed ({type(exc).__name__}: {first[:200]})"

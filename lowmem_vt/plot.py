@@ -98,6 +98,31 @@ def plot_metrics(metrics_path: str | Path, out_dir: str | Path, smoothing: float
     return written
 
 
+def plot_files() -> list[str]:
+    """The names ``plot_metrics`` writes."""
+    return [f"{key.strip('/').replace('/', '_')}.png" for key, _ in PANELS] + ["overview.png"]
+
+
+def check_plot_folder(out: str | Path, metrics: Path) -> None:
+    """The plots go to a new or empty folder, or one holding only earlier plots; never over the metrics' own folder's
+    other files (PlotError)."""
+    p = Path(out)
+    if str(out).strip() == "":
+        raise PlotError("--out is empty; give a folder for the plots")
+    if p.exists() and not p.is_dir() or p.is_symlink() and not p.exists():
+        raise PlotError(f"--out {p} is a file (or a broken link); give a folder for the plots")
+    if p.is_dir():
+        own = set(plot_files())
+        foreign = sorted(x.name for x in p.iterdir() if x.name not in own)
+        if foreign:
+            raise PlotError(f"--out {p} holds other files ({', '.join(foreign[:4])}); give a new or empty folder for the plots")
+    existing = p
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PlotError(f"--out {p}: {existing} is a file, not a folder; give another folder")
+
+
 def resolve_metrics_path(path: str | Path) -> Path:
     """The metrics file itself, or ``metrics.jsonl`` inside a run folder; PlotError if there is none."""
     p = Path(path)

@@ -45,6 +45,7 @@ def check_recipe(cfg: RecipeConfig, *, check_model: bool = True, overwrite: bool
         check_head_dtype(backend, resolve_dtype(cfg.model.dtype, "cuda"), torch.cuda.get_device_capability(device), f)
     _check_packages(cfg, device)
     ckpt.check_output_dir(cfg.log.output_dir, overwrite=overwrite)
+    check_inputs_outside_run(cfg)
     check_data(cfg)
     config = model_config
     if check_model:
@@ -62,11 +63,44 @@ def check_recipe(cfg: RecipeConfig, *, check_model: bool = True, overwrite: bool
     return config
 
 
+def check_inputs_outside_run(cfg: RecipeConfig) -> None:
+    """No input (the recipe file, a local dataset, its image folder, a local model) lies in the run folder, where the
+    run writes (a recipe named recipe.yaml there would be overwritten by the run's record of it)."""
+    out = Path(os.path.realpath(os.path.expanduser(cfg.log.output_dir)))
+    inputs = {"the recipe": cfg.source_file, "data.path": cfg.data.path if cfg.data.source == "sat" else "",
+              "data.image_dir": cfg.data.image_dir, "model.name_or_path": cfg.model.name_or_path.split(":", 1)[-1]}
+    for what, path in inputs.items():
+        if not path or path.startswith("<") or not Path(os.path.expanduser(path)).exists():
+            continue
+        real = Path(os.path.realpath(os.path.expanduser(path)))
+        if real == out or out in real.parents:
+            raise PreflightError(f"{cfg.source_file}: key 'log.output_dir': {cfg.log.output_dir} holds {what} ({path}); "
+                                 "a run writes there, and an input is never written over: choose another log.output_dir")
+
+
 def check_lengths(cfg: RecipeConfig, config) -> None:
     """A prompt and its completion fit the model's positions (beyond them it was never trained, and nothing bounds
     the cache a rollout grows)."""
     limit = getattr(config.text_config, "max_position_embeddings", None)
     g = cfg.grpo
+    vision = config.vision_config
+    side = getattr(vision, "patch_size", 14) * getattr(vision, "spatial_merge_size", 2)
+    least = -(-cfg.data.min_pixels // side**2)  # every image is resized to at least min_pixels
+    d = cfg.data
+    if d.source == "generated":  # every image has the same size: its token count is known
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        h, w = smart_resize(d.generated_image_size, d.generated_image_size, side, d.min_pixels, d.max_pixels)
+        tokens = (h // side) * (w // side)
+        if tokens >= g.max_prompt_length:
+            raise PreflightError(f"{cfg.source_file}: key 'grpo.max_prompt_length': each generated {d.generated_image_size}x"
+                                 f"{d.generated_image_size} image becomes {tokens} image tokens (data.min_pixels / max_pixels), "
+                                 f"as many as grpo.max_prompt_length ({g.max_prompt_length}) allows a whole prompt; every prompt "
+                                 "would be refused: raise it, or lower data.generated_image_size or data.max_pixels")
+    if least >= g.max_prompt_length:
+        raise PreflightError(f"{cfg.source_file}: key 'data.min_pixels': {cfg.data.min_pixels} pixels make at least {least} image "
+                             f"tokens, as many as grpo.max_prompt_length ({g.max_prompt_length}) allows a whole prompt; every "
+                             "prompt would be refused: lower data.min_pixels or raise grpo.max_prompt_length")
     if limit and g.max_prompt_length + g.max_completion_length > limit:
         raise PreflightError(f"{cfg.source_file}: key 'grpo.max_completion_length': max_prompt_length {g.max_prompt_length} + "
                              f"max_completion_length {g.max_completion_length} tokens exceed the model's {limit} positions "
@@ -151,10 +185,12 @@ def checkpoint_recipe(path: str | Path) -> dict:
     """The recipe a checkpoint recorded (``recipe.yaml``) as a mapping; CheckpointError when it is not one."""
     from .config import ConfigError, read_recipe_text, yaml_load
 
+    import yaml
+
     f = Path(path) / "recipe.yaml"
     try:
         tree = yaml_load(read_recipe_text(f))
-    except (ConfigError, ValueError) as exc:  # yaml.YAMLError included
+    except (ConfigError, ValueError, yaml.YAMLError) as exc:
         first = " ".join(str(exc).split())[:200]
         raise ckpt.CheckpointError(f"{f} is not a readable recipe ({first}); use another checkpoint") from None
     if not isinstance(tree, dict):
@@ -277,6 +313,17 @@ def check_data(cfg: RecipeConfig) -> None:
         return
     if Path(os.path.expanduser(d.path)).exists():
         peek_records(d)  # raises DataError naming the file, the column or the record
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:  # offline, a hub dataset must be in the cache: said now, not after the data loader starts
+        try:
+            cached = try_to_load_from_cache(d.path, d.data_file, repo_type="dataset")
+        except Exception:  # noqa: BLE001 -- an id the hub library rejects is not cached either
+            cached = None
+        if not isinstance(cached, str):
+            raise PreflightError(f"{f}: key 'data.path': {d.path!r} ({d.data_file}) is a hub dataset that is not in the cache, "
+                                 "and HF_HUB_OFFLINE is set; download it once online, or point data.path at a local file")
 
 
 def check_model_source(name_or_path: str, where: str):
@@ -286,10 +333,12 @@ def check_model_source(name_or_path: str, where: str):
     (not ``owner/name``, or whose first folder exists here) must exist; a hub id must be reachable or cached.
     """
     try:
-        if parse_tiny_name(name_or_path) is not None:  # built on first use
-            return _config(name_or_path)
+        tiny = parse_tiny_name(name_or_path)
     except UnknownFamily as exc:
         raise PreflightError(f"{where}: {exc}") from None
+    if tiny is not None:  # built on first use
+        _check_tiny_target(name_or_path, tiny[1], tiny[2], where)
+        return _config(name_or_path)
     local = Path(os.path.expanduser(name_or_path))
     if local.exists():
         _check_model_folder(local, where)
@@ -349,6 +398,19 @@ def check_adapter_fits(adapter: str | Path, config, where: str) -> None:
                 side = "inputs" if matrix == "A" else "outputs"
                 raise PreflightError(f"{where}: the base's {name} has {want} {side} but the adapter's layer {layer} {name} "
                                      f"lora_{matrix} has shape {shape} ({weights}): it was trained on another base; give that one")
+
+
+def _check_tiny_target(name_or_path: str, base: bool, folder: str, where: str) -> None:
+    """``tiny[-base][-<model_type>]:<dir>`` builds into ``<dir>``: a new or empty folder, or one it built before."""
+    if not folder.strip():
+        raise PreflightError(f"{where}: {name_or_path!r} names no folder for the tiny model; e.g. tiny:artifacts/tiny-qwen2vl")
+    p = Path(os.path.expanduser(folder))
+    built = ("pretraining.json", "config.json") if base else ("config.json", "tokenizer.json", "preprocessor_config.json")
+    if p.exists() and not p.is_dir():
+        raise PreflightError(f"{where}: {folder} is a file; the tiny model is built into a folder")
+    if p.is_dir() and any(p.iterdir()) and not all((p / f).is_file() for f in built):
+        raise PreflightError(f"{where}: {folder} holds other files; the tiny model is built only into a new or empty folder "
+                             "(or one it was built into before)")
 
 
 def _config(name_or_path: str):

@@ -34,6 +34,27 @@ def check_reporters(report_to: list[str], where: str = "log.report_to") -> None:
                 f"{where}: needs the {package} package, which is not installed; pip install {package}, "
                 f"or remove {name!r} from log.report_to"
             )
+    if "wandb" in report_to and not _wandb_can_log():
+        raise ReporterUnavailable(
+            f"{where}: wandb has no API key here (it would stop the run after the model loaded); run `wandb login`, "
+            "set WANDB_API_KEY, or set WANDB_MODE=offline to log locally"
+        )
+
+
+def _wandb_can_log() -> bool:
+    """W&B logs offline/disabled without a key; online it needs WANDB_API_KEY or a login (~/.netrc entry)."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_DISABLED"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
@@ -70,8 +91,13 @@ class Reporters:
             run_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else uuid.uuid4().hex[:8]
             self.out.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id)
-            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", project), id=run_id, resume="allow", config=config, dir=str(self.out),
-                                     name=self.out.name)
+            try:
+                self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", project), id=run_id, resume="allow", config=config,
+                                         dir=str(self.out), name=self.out.name)
+            except Exception as exc:  # noqa: BLE001 -- login, network and settings errors come in many types
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ReporterUnavailable(f"log.report_to: wandb could not start a run ({type(exc).__name__}: {first[:160]}); "
+                                          "set WANDB_MODE=offline, or remove 'wandb' from log.report_to") from None
             self._samples = []
 
     def log(self, metrics: dict) -> None:
