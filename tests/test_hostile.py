@@ -439,7 +439,8 @@ TRAIN_CASES = {
                                           "none of the first 3 records is an object"),
     "LoRA rank beyond the layers": (lambda t: ["lora.r=100000"], "key 'lora.r': 100000 exceeds the smallest side"),
     "target module that is a regex": (lambda t: ["lora.target_modules=[q_proj, '.*']"], "is not a module name"),
-    "generated images beyond memory": (lambda t: ["data.generated_samples=100000", "data.generated_image_size=2048"],
+    "generated images beyond memory": (lambda t: ["data.generated_samples=100000", "data.generated_image_size=2048",
+                                                  "data.max_pixels=1048576"],
                                        "would hold 1171.9 GiB in memory"),
 }
 
