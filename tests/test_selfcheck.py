@@ -372,6 +372,31 @@ def test_offload_levers_round_trip_and_a_broken_one_is_undone(tiny_dir, recipe_f
     assert res.kernels == "torch"
 
 
+def test_nf4_linear_against_its_dequantized_weight(tiny_dir, recipe_factory, tmp_path, monkeypatch, cache):
+    """QLoRA: one 4-bit linear of the model against x @ dequantize(W).T; a wrong dequantization (here: the
+    reference made 10 % off) stops a run naming model.quantization."""
+    from nf4 import nf4_on_cpu
+
+    if not nf4_on_cpu():
+        pytest.skip("bitsandbytes NF4 has no CPU backend here")
+    import bitsandbytes.functional as bnbf
+
+    from lowmem_vt.config import LoraConfig, ModelConfig
+    from lowmem_vt.model import load_model
+    from lowmem_vt.selfcheck import levers
+
+    lm = load_model(ModelConfig(name_or_path=str(tiny_dir), dtype="bfloat16", quantization="nf4"), LoraConfig(r=4, alpha=8),
+                    torch.device("cpu"), min_pixels=3136, max_pixels=112 * 112)
+    (p,) = levers.check_levers(lm, [levers.NF4])
+    assert p.ok, p.reason
+    assert p.figures["rel_error"] <= levers.NF4_TOLERANCE and p.figures["dtype"] == "bfloat16"
+    real = bnbf.dequantize_4bit
+    monkeypatch.setattr(bnbf, "dequantize_4bit", lambda *a, **k: real(*a, **k) * 1.1)
+    cfg = recipe_factory(**FAST, **{"kernels": "torch", "model.dtype": "bfloat16", "model.quantization": "nf4"})
+    with pytest.raises(sc.SelfCheckError, match=r"key 'model.quantization': a 4-bit linear differs .*model.quantization: none"):
+        sc.run_selfcheck(cfg, lm, out_dir=tmp_path)
+
+
 def test_fp16_overflow_stops_with_what_to_choose(tiny_dir, recipe_factory, tmp_path, cache):
     """float16: the model's forward on prompts of the run's data must give finite logits (Qwen2-VL overflows
     fp16, transformers #33294); here an overflow is forced in the last layer."""
@@ -419,6 +444,20 @@ def test_second_run_reads_the_cache_and_a_version_change_measures_again(recipe_f
     third = sc.run_selfcheck(cfg, tiny_lm, out_dir=tmp_path)
     assert len(calls) == 3 and third.measured == ["kernels"]  # another Triton: measured again
     assert len(list((cache / "selfcheck").glob("kernels-*.json"))) == 2
+
+
+def test_cli_selfcheck_force_and_recipe_modes():
+    from lowmem_vt.cli import build_parser
+    from lowmem_vt.config import ConfigError, load_config
+
+    args = build_parser().parse_args(["train", "recipes/demo_tiny.yaml", "--selfcheck", "force"])
+    assert args.selfcheck == "force"
+    assert build_parser().parse_args(["train", "recipes/demo_tiny.yaml"]).selfcheck is None
+    # YAML 1.1 reads a bare on / off as booleans: the recipe means the modes
+    assert [load_config("recipes/demo_tiny.yaml", [f"selfcheck={v}"]).selfcheck for v in ("on", "off", "warn")] == ["on", "off", "warn"]
+    with pytest.raises(ConfigError, match="selfcheck"):
+        load_config("recipes/demo_tiny.yaml", ["selfcheck=maybe"])
+    assert load_config("recipes/demo_tiny.yaml").rollout.backend == "hf"  # auto is the SAT recipes' default only
 
 
 def test_cache_folder_follows_xdg(monkeypatch, tmp_path):

@@ -161,7 +161,7 @@ def _figures_text(p: PathResult) -> str:
     parts = []
     if p.group == "kernels":
         if f.get("interpreted"):
-            parts.append("in Triton's interpreter (a test tool, never picked)")
+            parts.append("in Triton's interpreter (a test tool: auto never picks it)")
         if "fwd_ms" in f:
             parts.append(f"fwd {f['fwd_ms']:.3g} ms, bwd {f['bwd_ms']:.3g} ms, ref pass {f['logprobs_ms']:.3g} ms")
         if f.get("peak_extra_mib") is not None:
@@ -182,4 +182,6 @@ def _figures_text(p: PathResult) -> str:
             parts.append(f["graphs"])
     else:
         parts += [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()]
+    if not parts and p.reference:
+        parts.append("nothing to compare it with here")
     return ", ".join(parts)
