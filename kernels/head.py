@@ -7,7 +7,9 @@ Backends (``kernels:`` in a recipe):
   (``fused_linear.py``), the gradient formed in the forward pass;
 * ``triton_streaming``: never forms logits; a streaming pass over W forward and, recomputing the logits,
   backward with atomics (``chunked_logprobs.py``, ``grpo_loss.py``);
-* ``triton``: whichever Triton head ``TRITON_HEAD`` names; ``auto``: ``triton`` on CUDA, ``torch`` elsewhere.
+* ``triton``: whichever Triton head ``TRITON_HEAD`` names; ``auto``: in a run, what the self-check picks
+  (``lowmem_vt/selfcheck``: the fastest head that passes against ``torch`` on that GPU, else ``torch``);
+  ``resolve_backend`` alone, which measures nothing (pre-flight, the planner), maps it to ``triton`` on CUDA.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from .grpo_loss import streaming_grpo_loss_op
 BACKENDS = ("auto", "triton", "triton_fused_linear", "triton_streaming", "torch")
 TRITON_BACKENDS = ("triton", "triton_fused_linear", "triton_streaming")
 
-# The Triton head behind "triton" / "auto". Chosen on design, not on timing: no GPU has timed either head
-# yet. The fused-linear head does 2 matmuls (~6.2 TFLOP at N = 8192, V = 151,936, H = 1536) where the
+# The Triton head behind "triton" (and the one the planner assumes for "auto", where the self-check times both
+# heads on the user's GPU and takes the faster that passes). Chosen on design, not on timing: no GPU has timed
+# either head yet. The fused-linear head does 2 matmuls (~6.2 TFLOP at N = 8192, V = 151,936, H = 1536) where the
 # streaming head does 3 plus ~1.2e10 fp32 atomic adds; bench/loss_head.py times both (fwd and bwd apart)
 # and this line should then name the faster, with the figures beside it.
 TRITON_HEAD = "triton_fused_linear"

@@ -1,4 +1,5 @@
-"""``lowmem-vt`` command line: train, plot, build-tiny (and the subcommands other modules register).
+"""``lowmem-vt`` command line: train, plot, build-tiny (and the subcommands other modules register: eval, merge,
+plan, doctor).
 
 A user error (a recipe key, a data file, a model folder, a checkpoint, the run folder) is printed as one
 ``error:`` line with exit status 2; ``--debug``, anywhere on the line, shows the traceback instead.
@@ -48,7 +49,7 @@ def cmd_train(args) -> int:
         print("error: --resume continues the run in log.output_dir and --overwrite moves it aside: give one of them", file=sys.stderr)
         return 2
     cfg = load_config(args.recipe, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, selfcheck_force=args.selfcheck == "force")
     resume_cmd = shlex.join(["lowmem-vt", "train", args.recipe, *args.overrides, "--resume", "latest"])
     try:
         last = trainer.train()
@@ -143,6 +144,9 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     t.add_argument("--overwrite", action="store_true",
                    help="log.output_dir holds a finished or abandoned run: move it aside to <dir>.old-<time> (never deleted) and start afresh")
+    t.add_argument("--selfcheck", choices=["force"], default=None,
+                   help="force: measure every fast path again instead of using this machine's cached verdicts "
+                        "(the recipe key selfcheck: on | warn | off says what a failure does)")
 
 
 def _extra_commands():
@@ -150,7 +154,7 @@ def _extra_commands():
     import importlib
 
     out = []
-    for name in ("eval", "merge", "simulate"):  # simulate registers `plan` (it sits above the trainer)
+    for name in ("eval", "merge", "simulate", "doctor"):  # simulate registers `plan` (it sits above the trainer)
         try:
             mod = importlib.import_module(f"lowmem_vt.{name}")
         except ModuleNotFoundError as exc:

@@ -206,9 +206,14 @@ class GRPOConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: Literal["hf", "engine", "vllm"] = "hf"
+    # auto: the self-check (lowmem_vt/selfcheck) measures the engine against hf on this device before step 1
+    # and takes the faster one that passes; hf: the reference; engine / vllm: as named, checked first
+    backend: Literal["auto", "hf", "engine", "vllm"] = "hf"
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    # with engine / vllm: sampler_logprob_diff above 0.05 for this many steps in a row switches the run to hf
+    # (a warning and the metric rollout_switched_to_hf); 0 = never
+    fallback_after: int = 3
 
 
 @dataclass
@@ -253,6 +258,13 @@ class RecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     kernels: Literal["auto", "triton", "triton_fused_linear", "triton_streaming", "torch"] = "auto"
+    # a Triton head's gradient re-checked against the torch reference on (part of) one micro-batch every this
+    # many steps (a warning and a switch to torch if it disagrees); 0 = never
+    kernels_recheck_every: int = 50
+    # on: every fast path is measured against its reference before step 1 (lowmem_vt/selfcheck; verdicts
+    # cached per machine); an explicitly named backend that fails stops the run (status 2). warn: it runs
+    # anyway, with a warning. off: nothing is checked (a warning; auto then means the references torch / hf)
+    selfcheck: Literal["on", "warn", "off"] = "on"
     source_file: str = field(default="<defaults>", metadata={"internal": True})
 
     @property
@@ -437,6 +449,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         tree = loaded
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
+    if isinstance(tree.get("selfcheck"), bool):  # YAML 1.1 reads a bare on / off as true / false
+        tree["selfcheck"] = "on" if tree["selfcheck"] else "off"
     cfg = _build(RecipeConfig, tree, "", file)
     cfg.source_file = file
     cfg.model.dtype = resolve_dtype(cfg.model.dtype, cfg.train.device)
@@ -555,6 +569,8 @@ def validate(cfg: RecipeConfig) -> None:
     need(cfg.model.name_or_path.strip() != "", "model.name_or_path", "is empty; give a hub id (owner/name) or a model folder")
     need(cfg.log.output_dir.strip() != "", "log.output_dir",
          "is empty (the run would be written into the current folder); give a folder for the run, e.g. out/my_run")
+    need(cfg.rollout.fallback_after >= 0, "rollout.fallback_after", "must be >= 0 (0: never switch)")
+    need(cfg.kernels_recheck_every >= 0, "kernels_recheck_every", "must be >= 0 (0: never)")
     need(cfg.log.save_steps >= 1, "log.save_steps", "must be >= 1")
     need(cfg.log.sample_every >= 0, "log.sample_every", "must be >= 0 (0 = never)")
     need(cfg.log.keep_checkpoints >= 1, "log.keep_checkpoints", "must be >= 1")

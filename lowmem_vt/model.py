@@ -289,7 +289,34 @@ def offload_checkpointed_inputs(hf_model, host_copy=None) -> None:
         return checkpoint(run, fn, _OffloadedInput(hidden, host_copy), *args, use_reentrant=False)
 
     for layer in family_for(hf_model.config).text_model(hf_model).layers:
+        if not hasattr(layer, "_lowmem_checkpoint_func"):  # what restore_checkpointed_inputs puts back
+            layer._lowmem_checkpoint_func = layer._gradient_checkpointing_func
+        layer._lowmem_host_copy = host_copy  # the self-check round-trips a tensor through the same copy
         layer._gradient_checkpointing_func = offloading_checkpoint
+
+
+def checkpoint_offload_host_copy(hf_model):
+    """The host copy ``offload_checkpointed_inputs`` installed on the language model's layers, or None."""
+    layers = family_for(hf_model.config).text_model(hf_model).layers
+    return getattr(layers[0], "_lowmem_host_copy", None) if len(layers) else None
+
+
+def restore_checkpointed_inputs(hf_model) -> None:
+    """Undo ``offload_checkpointed_inputs``: layer inputs are kept on the device again (the self-check's fallback
+    when the host round trip is not exact)."""
+    for layer in family_for(hf_model.config).text_model(hf_model).layers:
+        if hasattr(layer, "_lowmem_checkpoint_func"):
+            layer._gradient_checkpointing_func = layer._lowmem_checkpoint_func
+            del layer._lowmem_checkpoint_func, layer._lowmem_host_copy
+
+
+def restore_vision(lm: LoadedModel) -> None:
+    """Undo ``offload_vision``: the vision tower's weights live on the device again (the self-check's fallback)."""
+    if lm.vision_host is None:
+        return
+    for p, host in lm.vision_host:
+        p.data = host.to(lm.device, copy=True)
+    lm.vision_host = None
 
 
 @contextlib.contextmanager

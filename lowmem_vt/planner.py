@@ -165,6 +165,11 @@ def rollout_bytes(cfg: RecipeConfig, shape: ModelShape, prompt_len: int, complet
     (``rollout.engine_allocation_bytes``: each prompt's KV once, shared by its G samples, its state, the
     adapter's decode copies, one decode step's workspace), plus one prompt's prefill.
     """
+    if cfg.rollout.backend == "auto":  # the self-check picks engine or hf before step 1: plan for the larger
+        import dataclasses
+
+        return max(rollout_bytes(dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, backend=name)), shape,
+                                 prompt_len, completion_len) for name in ("engine", "hf"))
     b = DTYPE_BYTES[cfg.model.dtype]
     G = cfg.grpo.num_generations
     prefill_one = prompt_len * layer_bytes_per_token(shape, cfg, backward=False)

@@ -389,7 +389,7 @@ def _run_step(cfg: RecipeConfig, lm, optimizer, prompt, n_image: int, T: int, tr
         return embeds
 
     embeds = _phase(sim, tracker, "vision", vision)
-    if cfg.rollout.backend == "engine":
+    if cfg.rollout.backend in ("engine", "auto"):  # auto: the engine when it passes its self-check (hf holds less)
         _phase(sim, tracker, "rollout", lambda: _engine_rollout(cfg, lm, prompt, embeds, T))
         sim.notes.append("rollout simulated: the engine's state, prefill of every prompt and its largest decode step")
     else:

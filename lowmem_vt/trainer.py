@@ -5,6 +5,7 @@ rollout -> rewards and advantages -> reference log-probs -> policy update -> met
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -26,12 +27,14 @@ from .data import DataError, Example, load_examples
 from .distributed import init_from_env, wrap_policy
 from .grpo import LossCounts, group_advantages, loss_scale
 from .inputs import InputBuilder, PromptInputs, build_sequences
-from .kernels.head import fused_grpo_loss, resolve_backend, token_logprobs
+from .kernels.head import TRITON_HEAD, fused_grpo_loss, token_logprobs
 from .metrics import MetricsWriter, format_summary, run_summary
 from .model import LoadedModel, image_embeddings, load_model, resolve_device, sequence_hidden, trainable_parameters
 from .reporting import Reporters
 from .rewards import compute_rewards, reflection_rate
 from .rollout import RolloutResult, SamplingParams, make_rollout
+from .selfcheck import SelfCheckError, run_selfcheck
+from .selfcheck.head import HeadSettings, recheck
 from .tiny import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ class Rollout:
     embeds: list[torch.Tensor]  # each prompt's image features, computed once for the step
     result: RolloutResult
     seconds: float
+    backend: str  # the rollout backend that ran (the run may switch to hf: Trainer._watch_sampler)
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Update:
     drift_sum: float = 0.0  # |sampling log-prob - policy log-prob| summed over tokens, before the first update
     drift_max: float = 0.0
     lr: float = 0.0
+    recheck: dict | None = None  # the loss head's periodic re-check against the reference (kernels_recheck_every)
 
 
 def seed_everything(seed: int) -> None:
@@ -125,7 +130,8 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
 
 
 class Trainer:
-    def __init__(self, cfg: RecipeConfig, *, resume: str | None = None, overwrite: bool = False, lm: LoadedModel | None = None):
+    def __init__(self, cfg: RecipeConfig, *, resume: str | None = None, overwrite: bool = False, lm: LoadedModel | None = None,
+                 selfcheck_force: bool = False):
         self.cfg = cfg
         self.out = Path(cfg.log.output_dir)
         self._release = None
@@ -180,12 +186,21 @@ class Trainer:
         self.base_id = ckpt.base_identity(cfg.model.name_or_path)
         if resumed_from is not None:
             preflight.check_resume_base(cfg.model.name_or_path, resumed_from)
-        self.kernel_backend = resolve_backend(cfg.kernels, self.device)
         self.inputs = InputBuilder(
             self.lm.tokenizer, self.lm.image_processor, self.lm.config, max_prompt_length=cfg.grpo.max_prompt_length,
             min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
         )
-        self.rollout = make_rollout(cfg.rollout.backend, self.lm)
+        # every fast path measured against its reference on this machine before step 1 (lowmem_vt/selfcheck):
+        # writes selfcheck.json, raises SelfCheckError when a named backend fails
+        self.selfcheck = run_selfcheck(cfg, self.lm, examples=self.examples, inputs=self.inputs, out_dir=self.out,
+                                       dist=self.dist, force=selfcheck_force)
+        self.kernel_backend = self.selfcheck.kernels
+        self.rollout_backend = self.selfcheck.rollout
+        if self.device.type == "cuda" and lm is None:
+            self._check_fallback_fits()
+        self.rollout = self.selfcheck.rollout_backend or make_rollout(self.rollout_backend, self.lm)
+        self._drift_steps = 0  # consecutive steps with sampler_logprob_diff above SAMPLER_DIFF_WARN
+        self._logged_backends: tuple[str, str] | None = None
         self.policy = wrap_policy(self.lm, self.dist)  # DDP all-reduces LoRA gradients when several ranks run
         self.params = trainable_parameters(self.lm.peft_model)
         self.optimizer = make_optimizer(self.params, cfg)
@@ -281,7 +296,7 @@ class Trainer:
         result = self.rollout.generate(batch.prompts, embeds, params)
         seconds = time.perf_counter() - t
         self._check_interrupt()
-        return Rollout(embeds, result, seconds)
+        return Rollout(embeds, result, seconds, self.rollout_backend)
 
     def _rewards(self, batch: StepBatch, roll: Rollout) -> Scored:
         """2. rewards of every completion; 3. advantages, per group of G."""
@@ -319,6 +334,8 @@ class Trainer:
         scale = loss_scale(self.lm.lm_head_weight.dtype, counts)  # 1 unless the model is float16
         u = Update(tokens_all, seqs_all)
         sampled = r.sampling_logprobs
+        every = cfg.kernels_recheck_every
+        recheck_due = bool(every) and self.kernel_backend != "torch" and (self.step_count + 1) % every == 0
         for it in range(g.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             u.loss, u.kl_sum, u.clipped = 0.0, 0.0, 0.0
@@ -327,11 +344,14 @@ class Trainer:
                 sync = j == len(ref.slices) - 1 or not self.dist.enabled  # all-reduce once, after the last micro-batch
                 with (contextlib.nullcontext() if sync else self.policy.no_sync()):
                     hidden = self.policy(seqs, roll.embeds)
+                    head_inputs = (r.completion_ids[s, :T].to(self.device), r.completion_mask[s, :T].to(self.device),
+                                   scored.advantages[s].to(self.device),
+                                   None if ref.old_logp is None else ref.old_logp[s, :T].to(self.device),
+                                   None if ref.ref_logp is None else ref.ref_logp[s, :T].to(self.device))
+                    if recheck_due and it == 0 and j == 0:  # before this micro-batch's loss: a failure switches now
+                        u.recheck = self._recheck_head(hidden, head_inputs, counts)
                     loss, stats, logp = fused_grpo_loss(
-                        hidden, self.lm.lm_head_weight, r.completion_ids[s, :T].to(self.device),
-                        r.completion_mask[s, :T].to(self.device), scored.advantages[s].to(self.device),
-                        None if ref.old_logp is None else ref.old_logp[s, :T].to(self.device),
-                        None if ref.ref_logp is None else ref.ref_logp[s, :T].to(self.device),
+                        hidden, self.lm.lm_head_weight, *head_inputs,
                         beta=g.beta, epsilon_low=g.epsilon, epsilon_high=eps_high, loss_type=g.loss_type, counts=counts,
                         temperature=g.temperature, backend=self.kernel_backend,
                     )
@@ -420,9 +440,71 @@ class Trainer:
         if (m["sampler_logprob_diff"] or 0.0) > SAMPLER_DIFF_WARN and self.dist.is_main:
             log.warning("step %d: the rollout's log-probs differ from the policy's by %.3f per token on average (bf16 "
                         "rounding gives < 0.01): the sampler (rollout.backend: %s) is not the policy the trainer scores; "
-                        "see docs/rollout.md", self.step_count, m["sampler_logprob_diff"], self.cfg.rollout.backend)
+                        "see docs/rollout.md", self.step_count, m["sampler_logprob_diff"], roll.backend)
+        if u.recheck is not None:
+            m["kernel_recheck_grad_err"] = u.recheck["grad"]
+            m["kernel_recheck_ok"] = u.recheck["ok"]
+        backends = (self.kernel_backend, roll.backend)  # what this step's policy update and rollout ran
+        if backends != self._logged_backends:  # step 1 (and the first step after a switch) records them
+            m["kernels"], m["rollout_backend"] = backends
+            if self._logged_backends is None:
+                m["selfcheck_s"] = self.selfcheck.seconds
+            self._logged_backends = backends
+        self._watch_sampler(m)
         self._last_texts = (scored.texts, scored.answers, rewards.tolist())
         return m
+
+    def _watch_sampler(self, m: dict) -> None:
+        """With the engine (or vllm): ``rollout.fallback_after`` steps in a row whose sampler_logprob_diff is above
+        SAMPLER_DIFF_WARN switch the run to hf (the metric rollout_switched_to_hf marks the step). The diff is
+        summed over all ranks, so every rank switches at the same step."""
+        n = self.cfg.rollout.fallback_after
+        diff = m["sampler_logprob_diff"]
+        if not n or self.rollout_backend == "hf" or diff is None:
+            return
+        self._drift_steps = self._drift_steps + 1 if diff > SAMPLER_DIFF_WARN else 0
+        if self._drift_steps >= n:
+            if self.dist.is_main:
+                log.warning("step %d: sampler_logprob_diff above %.2f for %d steps in a row with rollout.backend %s: the "
+                            "run switches to hf (the reference) from the next step on; see docs/selfcheck.md",
+                            self.step_count, SAMPLER_DIFF_WARN, n, self.rollout_backend)
+            self.rollout = make_rollout("hf", self.lm)
+            self.rollout_backend = "hf"
+            self._drift_steps = 0
+            m["rollout_switched_to_hf"] = True
+
+    def _recheck_head(self, hidden: torch.Tensor, head_inputs: tuple, counts: LossCounts) -> dict:
+        """The Triton head's gradient against the torch reference on this micro-batch's first rows (issue 21): a
+        disagreement (on any rank) switches the run to the torch head, with a warning."""
+        result = recheck(hidden, self.lm.lm_head_weight, *head_inputs, counts, HeadSettings.from_recipe(self.cfg),
+                         self.kernel_backend)
+        if self.dist.any(not result["ok"]):
+            if self.dist.is_main:
+                log.warning("step %d: the loss head %s disagrees with the torch reference on this micro-batch (gradient "
+                            "error %.2e, loss %.2e, log-probs %.2e; tolerances %s): the run switches to kernels: torch",
+                            self.step_count + 1, self.kernel_backend, result["grad"], result["loss"], result["logp"],
+                            result["tolerance"])
+            self.kernel_backend = "torch"
+            result["ok"] = False
+        return result
+
+    def _check_fallback_fits(self) -> None:
+        """The memory plan assumed the Triton head; when the self-check fell back to torch, its head must fit too."""
+        planned = TRITON_HEAD if self.cfg.kernels in ("auto", "triton") else self.cfg.kernels
+        if self.kernel_backend == planned:
+            return
+        from .planner import PlanError, check_fits, config_for, detected_gpu_gib
+
+        gib = detected_gpu_gib()
+        if gib is None:
+            return
+        try:
+            check_fits(dataclasses.replace(self.cfg, kernels=self.kernel_backend), config_for(self.cfg), gib)
+        except PlanError as exc:
+            raise SelfCheckError(
+                f"{self.cfg.source_file}: key 'kernels': the self-check fell back to {self.kernel_backend} (see its warnings "
+                f"and {self.out / 'selfcheck.json'}), whose memory does not fit this GPU: {str(exc).splitlines()[0]}"
+            ) from None
 
     def _sequences(self, prompts, roll, s: slice):
         mask = roll.completion_mask[s]

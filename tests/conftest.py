@@ -19,6 +19,21 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else os.environ.get("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def selfcheck_cache(tmp_path_factory):
+    """The self-check's verdict cache (lowmem_vt/selfcheck/env.py) in a temporary folder for the whole session, never
+    the user's ~/.cache: trainers with the same shapes measure once (subprocesses inherit it); tests of the cache
+    itself point LOWMEM_VT_CACHE_DIR at their own folder."""
+    path = tmp_path_factory.mktemp("selfcheck-cache")
+    old = os.environ.get("LOWMEM_VT_CACHE_DIR")
+    os.environ["LOWMEM_VT_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LOWMEM_VT_CACHE_DIR", None)
+    else:
+        os.environ["LOWMEM_VT_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     from lowmem_vt.tiny import build_tiny_model

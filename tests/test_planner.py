@@ -50,7 +50,7 @@ def test_plan_of_the_lora_recipe(cfg2b):
 
 def test_rollout_bytes_follow_the_backend(cfg2b):
     s = model_shape(cfg2b, 64, ["q_proj"])
-    hf = load_config("recipes/sat_lora.yaml")
+    hf = load_config("recipes/sat_lora.yaml", ["rollout.backend=hf"])
     kv = 28_672 * 8 * (594 + 700)  # G rows x (prompt + completion) slots
     sampling = SAMPLING_BUFFERS * 8 * 151936 * 4
     # the prefill of the prompt's G rows (one no-grad layer's temporaries: 3I + 2H in bf16, one fp32 norm copy)
@@ -68,6 +68,10 @@ def test_rollout_bytes_follow_the_backend(cfg2b):
     assert e.kv_cache == 28_672 * 8 * (640 + 8 * 768)
     assert e.step_workspace > prefill // 8
     assert rollout_bytes(engine, s, 594, 700) == e.allocated + e.step_workspace
+    # auto (the SAT recipes' default): the self-check picks one before step 1, so the plan holds the larger
+    auto = load_config("recipes/sat_lora.yaml")
+    assert auto.rollout.backend == "auto"
+    assert rollout_bytes(auto, s, 594, 700) == max(rollout_bytes(engine, s, 594, 700), rollout_bytes(hf, s, 594, 700))
 
 
 def test_plan_that_cannot_fit_names_the_knob(cfg2b):
