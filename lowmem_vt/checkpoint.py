@@ -159,7 +159,7 @@ def run_contents(folder: str | Path) -> list[str]:
 # what a run writes into its folder (trainer, reporting, plots, checkpoints): a folder holding anything else is
 # not a run folder, and a run neither writes into it nor moves it aside
 OWN_NAMES = {"metrics.jsonl", "samples.jsonl", "metrics.tmp", "samples.tmp", "recipe.yaml", "plots", "tensorboard",
-             "wandb", "wandb_run_id", LOCK_FILE, ".DS_Store"}
+             "wandb", "wandb_run_id", "selfcheck.json", LOCK_FILE, ".DS_Store"}
 _OWN_PATTERN = re.compile(r"^(\.tmp-|\.old-)?checkpoint-\d+$|^superseded-[\w.-]+$")
 
 

@@ -153,14 +153,15 @@ class Trainer:
         # One run per folder: rank 0 locks it (refusing a folder holding another run unless resumed or overwritten)
         lock = ckpt.claim_run_folder(self.out, resume=bool(resume), overwrite=overwrite) if self.dist.is_main else None
         try:
-            self._setup(cfg, resume, resumed_from, lm)
+            self._setup(cfg, resume, resumed_from, lm, selfcheck_force)
         except BaseException:
             if lock is not None:
                 lock.release(cleanup=True)  # refused before the run's first write: a folder it made goes again
             raise
         self._release = weakref.finalize(self, lock.release) if lock else None  # by close(), or at exit
 
-    def _setup(self, cfg: RecipeConfig, resume: str | None, resumed_from: Path | None, lm: LoadedModel | None) -> None:
+    def _setup(self, cfg: RecipeConfig, resume: str | None, resumed_from: Path | None, lm: LoadedModel | None,
+               selfcheck_force: bool) -> None:
         # Data before the model: a broken dataset fails fast, before minutes of loading.
         self.examples, self.data_report = load_examples(cfg.data)
         self.steps_per_epoch = len(self.examples) // cfg.train.prompts_per_step

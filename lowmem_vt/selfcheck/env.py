@@ -86,8 +86,8 @@ def code_fingerprint() -> str:
         from .. import kernels, model, rollout
 
         files = [Path(model.__file__), *sorted(Path(__file__).parent.glob("*.py"))]
-        for pkg in (kernels, rollout):
-            files += sorted(Path(pkg.__file__).parent.glob("*.py"))
+        for pkg in (kernels, rollout):  # kernels is a namespace package (no __file__): its folder via __path__
+            files += sorted(Path(list(pkg.__path__)[0]).glob("*.py"))
         h = hashlib.sha256()
         for f in files:
             h.update(f.name.encode())
