@@ -9,6 +9,7 @@ Stages, in order of value (budget in seconds on an H100; each runs as its own pr
 | stage | what | budget |
 |---|---|---:|
 | environment | `bench/environment.py`: C compiler, Python.h, libcuda (what Triton builds its launcher with) and one trivial Triton launch; when it fails, nothing else runs and one line says what is missing | 60 |
+| doctor | `bench/doctor.py`: `lowmem-vt doctor`, the environment and both Triton loss heads at Qwen2-VL-2B's head shape against the torch reference on this GPU (the self-check every run does before step 1) | 60 |
 | cuda_tests | `pytest -m gpu tests`: the tests that need CUDA (kernels in bf16, NF4, planner refusal, engine) | 90 |
 | loss_head | `bench/loss_head.py`: our loss head vs plain torch vs Liger | 45 |
 | rollout | `bench/rollout.py`: the trainer's call, engine at batch 8 and 64, adapter on/off; HF generate 1 x 8 x 128, scaled | 120 |
@@ -93,6 +94,7 @@ class Stage:
 
 STAGES = [
     Stage("environment", "What Triton needs: C compiler, Python.h, libcuda; one trivial launch", 60, "bench/environment.py"),
+    Stage("doctor", "lowmem-vt doctor: environment, Triton heads vs torch at the 2B head shape", 60, "bench/doctor.py"),
     Stage("cuda_tests", "CUDA tests (pytest -m gpu)", 90, None),
     Stage("loss_head", "Loss head: ours vs torch vs Liger", 45, "bench/loss_head.py"),
     # HF generate runs 1 x 8 x 128 tokens there (8 x 1024 would take ~85 s), its time scaled to the full length

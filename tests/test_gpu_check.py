@@ -34,6 +34,7 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
     timed = {r["method"]: r for r in stages["loss_head"]["result"]["rows"] if r.get("fwd_ms") is not None}
     assert "torch" in timed and "triton_fused_linear" in timed, list(timed)  # both heads ran (interpreter)
     assert stages["rollout"]["result"]["tables"]["rollout"]  # the engine rows of the trainer's call
+    assert stages["doctor"]["result"]["rc"] == 0 and "## lowmem-vt doctor" in stages["doctor"]["markdown"]
     for name in ("step_lora", "step_qlora"):
         phases = stages[name]["result"]["phases"]
         assert {p["step"] for p in phases} == {1, 2, 3}, name  # 3 steps, every phase timed

@@ -14,9 +14,7 @@ Qwen2-VL-2B's head shape (a random head, GPU only). Last, what could not be chec
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sysconfig
 from pathlib import Path
 
 import torch
@@ -36,24 +34,15 @@ def _first_line(cmd: list[str]) -> str | None:
 
 
 def toolchain() -> dict:
-    """What Triton needs to build its kernels' launchers, found the way Triton looks for it."""
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
-    include = sysconfig.get_paths().get("include", "")
-    python_h = Path(include) / "Python.h"
-    libcuda = os.environ.get("TRITON_LIBCUDA_PATH")
-    if not libcuda:
-        try:
-            listing = subprocess.run(["/sbin/ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            listing = ""
-        hits = [line.split()[-1] for line in (listing or "").splitlines() if "libcuda.so.1" in line]
-        if not hits:
-            for d in os.environ.get("LD_LIBRARY_PATH", "").split(":"):
-                if d and (Path(d) / "libcuda.so.1").exists():
-                    hits.append(str(Path(d) / "libcuda.so.1"))
-        libcuda = hits[0] if hits else None
-    return {"cc": cc, "cc_version": _first_line([cc, "--version"]) if cc else None,
-            "python_h": str(python_h) if python_h.is_file() else None, "python_include": include, "libcuda": libcuda}
+    """What Triton needs to build its kernels' launchers, found the way Triton looks for it
+    (``kernels.environment``, which the GPU check's first stage runs too)."""
+    from ..kernels.environment import c_compiler, libcuda, python_header
+
+    cc, header, cuda = c_compiler(), python_header(), libcuda()
+    path = cc.detail.split(" -> ")[-1] if cc.ok else None
+    return {"cc": path, "cc_version": _first_line([path, "--version"]) if path else None, "cc_problem": None if cc.ok else cc.detail,
+            "python_h": header.detail if header.ok else None, "python_h_problem": None if header.ok else header.detail,
+            "libcuda": cuda.detail if cuda.ok else None, "libcuda_problem": None if cuda.ok else cuda.detail}
 
 
 def _git_revision() -> str | None:
@@ -96,13 +85,12 @@ def environment_rows() -> tuple[list[tuple[str, str]], list[str]]:
         rows.append((name, version or "not installed"))
     tc = toolchain()
     rows.append(("C compiler (Triton)", f"{tc['cc']}: {tc['cc_version']}" if tc["cc"] else
-                 "NOT FOUND: Triton cannot build its launchers; install gcc or set CC"))
-    rows.append(("Python.h (Triton)", tc["python_h"] or f"NOT FOUND in {tc['python_include']}: install the Python "
-                                                          "development headers (e.g. python3-dev)"))
+                 f"NOT FOUND ({tc['cc_problem']}): Triton cannot build its launchers"))
+    rows.append(("Python.h (Triton)", tc["python_h"] or f"NOT FOUND: {tc['python_h_problem']}"))
     if tc["libcuda"]:
         rows.append(("libcuda (Triton)", tc["libcuda"]))
     elif gpu["device"] == "cuda":
-        rows.append(("libcuda (Triton)", "NOT FOUND by /sbin/ldconfig -p: set TRITON_LIBCUDA_PATH or run ldconfig"))
+        rows.append(("libcuda (Triton)", f"NOT FOUND: {tc['libcuda_problem']}"))
     else:
         rows.append(("libcuda (Triton)", "not found (needed on a GPU only)"))
     return rows, missing
