@@ -171,8 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     _setup_logging()
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # overrides after an option (``--resume latest train.learning_rate=5e-5``) are overrides too
+            if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+                args.overrides = [*args.overrides, *extra]
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # a usage error (one line, printed) or --help: its status, also when called in-process
         return exc.code if isinstance(exc.code, int) else 2
     try:

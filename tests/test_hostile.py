@@ -440,7 +440,7 @@ TRAIN_CASES = {
     "LoRA rank beyond the layers": (lambda t: ["lora.r=100000"], "key 'lora.r': 100000 exceeds the smallest side"),
     "target module that is a regex": (lambda t: ["lora.target_modules=[q_proj, '.*']"], "is not a module name"),
     "generated images beyond memory": (lambda t: ["data.generated_samples=100000", "data.generated_image_size=2048",
-                                                  "data.max_pixels=1048576"],
+                                                  "data.max_pixels=268435456"],
                                        "would hold 1171.9 GiB in memory"),
 }
 
@@ -579,9 +579,12 @@ def test_build_tiny_never_writes_over_a_file_or_a_full_folder(tmp_path, capsys):
 
 
 def test_usage_errors_are_one_line(capsys):
-    for argv in (["eval", "--limit", "abc"], ["frobnicate"], [], ["merge"]):
+    for argv in (["eval", "--limit", "abc"], ["frobnicate"], [], ["merge"], ["plot", "a", "b"]):
         assert main(argv) == 2
         one_line(capsys, "(see lowmem-vt")
+    # an override after an option (as in `--resume latest train.learning_rate=5e-5`) is still an override
+    assert main(["plan", RECIPE, "--gpu-gib", "24", "model.name_or_path=/nowhere/model"]) == 2
+    one_line(capsys, "'/nowhere/model' looks like a local path")
 
 
 # ----------------------------------------------------------------------------------------------- smaller
