@@ -19,6 +19,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # init_from_env created the process group (and so destroys it: close)
 
     @property
     def enabled(self) -> bool:
@@ -54,6 +55,14 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
+    def close(self) -> None:
+        """Destroy the process group this process created. One left to interpreter exit can abort the process
+        after a finished run ("terminate called without an active exception", SIGABRT: its threads are torn down
+        unjoined), and the launcher then reports the run as failed."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_group = False
+
 
 def init_from_env(device_type: str) -> Dist:
     """The process group from torchrun/accelerate environment variables; a single process otherwise."""
@@ -61,12 +70,13 @@ def init_from_env(device_type: str) -> Dist:
     if world <= 1:
         return Dist()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
-    return Dist(rank, world, local)
+    return Dist(rank, world, local, owns)
 
 
 class PolicyForward(torch.nn.Module):

@@ -613,6 +613,7 @@ class Trainer:
                 w.close()
         if self._release is not None:
             self._release()
+        self.dist.close()
 
     def train(self, until_step: int | None = None) -> dict | None:
         """Run to the end, to ``until_step`` (then save) or to an interruption; returns the last step's metrics."""
