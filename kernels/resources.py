@@ -160,20 +160,9 @@ def _ptx(launch: Launch, cap: int) -> str:
 
 
 def launch_ptx(launch: Launch, cap: int) -> str:
-    """The PTX Triton generates for ``launch`` on sm_<cap> (no GPU needed): what the code review of a kernel reads.
-    Compiled in a spawned process when the interpreter is on here, as ``_compile_all`` does."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return _ptx(launch, cap)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(_ptx, launch, cap).result()
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
+    """The PTX Triton generates for ``launch`` on sm_<cap> (no GPU needed): what the code review of a kernel reads."""
+    (ptx,) = _compile_all([launch], cap, workers=1, compile_one=_ptx)
+    return ptx
 
 
 # the source files each kernel's code comes from: its own and those of the @triton.jit helpers it calls
@@ -199,20 +188,22 @@ def _compile_or_error(launch: Launch, cap: int) -> Resources | str:
         return f"does not compile ({type(exc).__name__}: {str(exc)[:200]})"
 
 
-def _compile_all(launches_: list[Launch], cap: int, workers: int) -> list[Resources | str]:
-    """Compile in ``workers`` spawned processes with TRITON_INTERPRET unset: under the interpreter (the
-    kernel tests) ``triton.jit`` gives functions that only interpret, so this process cannot compile."""
+def _compile_all(launches_: list[Launch], cap: int, workers: int, compile_one=None) -> list:
+    """``compile_one(launch, cap)`` (default: the resources, or why not) for each launch, in ``workers`` spawned
+    processes with TRITON_INTERPRET unset: under the interpreter (the kernel tests) ``triton.jit`` gives
+    functions that only interpret, so this process cannot compile."""
+    compile_one = compile_one or _compile_or_error
     if not launches_:
         return []
     if workers <= 1 and os.environ.get("TRITON_INTERPRET") != "1":
-        return [_compile_or_error(launch, cap) for launch in launches_]
+        return [compile_one(launch, cap) for launch in launches_]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:  # the workers start inside this window and inherit the environment without it
         with ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(_compile_or_error, launches_, [cap] * len(launches_)))
+            return list(pool.map(compile_one, launches_, [cap] * len(launches_)))
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
