@@ -460,12 +460,14 @@ def check_rollout_backend(config, backend: str, recipe_file: str) -> None:
     for Qwen2-VL only); one line naming the backends that do, where it does not."""
     family = family_for(config)
     if backend == "hf":
+        import transformers
+
         from .rollout.hf import hf_takes_features
 
         if not hf_takes_features(family, config):
             raise PreflightError(f"{recipe_file}: key 'rollout.backend': {family.label}'s DeepStack image features cannot be "
                                  "handed to HF generate before transformers 5.18 (this is "
-                                 f"{__import__('transformers').__version__}); use rollout.backend=engine, or a newer transformers")
+                                 f"{transformers.__version__}); use rollout.backend=engine, or a newer transformers")
     if backend == "vllm" and not family.vllm_rollout:
         raise PreflightError(f"{recipe_file}: key 'rollout.backend': vllm is wired for Qwen2-VL only, not {family.label}; "
                              "use rollout.backend=engine or hf")

@@ -34,6 +34,20 @@ def selfcheck_cache(tmp_path_factory):
         os.environ["LOWMEM_VT_CACHE_DIR"] = old
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any model load fails the test: a problem must be reported before the model loads."""
+    import lowmem_vt.model
+    import lowmem_vt.trainer
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the problem was reported")
+
+    monkeypatch.setattr(lowmem_vt.trainer, "load_model", refuse)
+    monkeypatch.setattr(lowmem_vt.model, "load_model", refuse)
+    monkeypatch.setattr(lowmem_vt.model, "load_plain_model", refuse)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     from lowmem_vt.tiny import build_tiny_model

@@ -16,6 +16,7 @@ from lowmem_vt.families import family_named
 from lowmem_vt.inputs import InputBuilder, build_sequences
 from lowmem_vt.model import image_embeddings, load_model, sequence_hidden
 from lowmem_vt.rollout import SamplingParams, make_rollout
+from test_inputs import hf_single_logprobs  # the model's own unpadded forward, pixels in
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
 MAX_PIXELS = 128 * 128  # 8x8 patches of 16 px (Qwen3-VL) or 9x9 of 14 px (Qwen2.5-VL): several windows
@@ -94,16 +95,6 @@ def test_image_features_of_one_tower_call_equal_each_image_alone(lm, prompts, em
             torch.testing.assert_close(e[k + 1], deep[0] if isinstance(deep, (list, tuple)) else deep, rtol=1e-5, atol=1e-6)
 
 
-def _model_logprobs(lm, prompt, completion):
-    """Log-probs of ``completion`` after one unpadded prompt through the model's own forward (pixels in)."""
-    T = completion.numel()
-    ids = torch.cat([prompt.input_ids, completion])[None]
-    types = torch.cat([prompt.mm_token_type_ids, torch.zeros(T, dtype=torch.int)])[None]
-    out = lm.hf_model(input_ids=ids, pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
-                      mm_token_type_ids=types)
-    return torch.log_softmax(out.logits[0, prompt.length - 1 : prompt.length - 1 + T].float(), -1).gather(-1, completion[:, None])[:, 0]
-
-
 def _trainer_logprobs(lm, prompts, embeds, rows, completion, mask, temperature=1.0):
     seqs = build_sequences(prompts, rows, completion, mask, lm.pad_token_id)
     logits = lm.hf_model.lm_head(sequence_hidden(lm, seqs, embeds)).float() / temperature
@@ -120,7 +111,7 @@ def test_batched_padded_logprobs_equal_the_models_forward_of_each_prompt(lm, pro
     ours = _trainer_logprobs(lm, prompts, embeds, [0, 1, 2], comp, mask)
     for i, p in enumerate(prompts):
         n = int(lengths[i])
-        torch.testing.assert_close(ours[i, :n], _model_logprobs(lm, p, comp[i, :n]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours[i, :n], hf_single_logprobs(lm, p, comp[i, :n]), rtol=1e-4, atol=1e-5)
     if embeds[0].shape[0] > 1:  # the check sees DeepStack: without its levels the log-probs move
         flat = [e[:1] for e in embeds]
         off = _trainer_logprobs(lm, prompts, flat, [0, 1, 2], comp, mask)
@@ -207,7 +198,7 @@ def test_multi_image_question_equals_the_models_forward(lm, prompts, two_image_p
     comp = torch.randint(10, 60, (2, 5))
     ours = _trainer_logprobs(lm, batch, embeds, [0, 1], comp, torch.ones(2, 5))
     for i, q in enumerate(batch):
-        torch.testing.assert_close(ours[i], _model_logprobs(lm, q, comp[i]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours[i], hf_single_logprobs(lm, q, comp[i]), rtol=1e-4, atol=1e-5)
     for backend in ("hf", "engine") if hf_takes_the_features(lm) else ("engine",):
         torch.manual_seed(1)
         roll = make_rollout(backend, lm).generate(batch, embeds, SamplingParams(2, 8, temperature=0.7))

@@ -5,6 +5,7 @@ budget is reported as such, with what it had written kept."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -67,7 +68,7 @@ def test_every_stage_fails_when_handed_a_wrong_method(tmp_path):
 
 
 def test_a_machine_triton_cannot_build_on_stops_at_the_first_stage_with_one_line(tmp_path):
-    env = {**__import__("os").environ, "CC": "/nonexistent/cc"}
+    env = {**os.environ, "CC": "/nonexistent/cc"}
     run = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]

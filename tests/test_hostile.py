@@ -65,19 +65,6 @@ def run_a(tiny_dir, tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    import lowmem_vt.model
-    import lowmem_vt.trainer
-
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the problem was reported")
-
-    monkeypatch.setattr(lowmem_vt.trainer, "load_model", refuse)
-    monkeypatch.setattr(lowmem_vt.model, "load_model", refuse)
-    monkeypatch.setattr(lowmem_vt.model, "load_plain_model", refuse)
-
-
 def steps_of(folder) -> list[int]:
     return [json.loads(line)["step"] for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
 

@@ -41,7 +41,7 @@ def test_positions_equal_hf_rope_index(builder, examples, tiny_lm):
         assert p.next_position == p.length + int(delta)
 
 
-def _hf_single_logprobs(lm, prompt, completion):
+def hf_single_logprobs(lm, prompt, completion):
     """Log-probs of ``completion`` after one unpadded prompt through HF's own forward (pixels in)."""
     T = completion.numel()
     ids = torch.cat([prompt.input_ids, completion])[None]
@@ -69,7 +69,7 @@ def test_batched_padded_logprobs_equal_single_unpadded(builder, examples, tiny_l
     lp = torch.log_softmax(lm.hf_model.lm_head(hidden).float(), -1).gather(-1, comp[..., None])[..., 0]
     for i, p in enumerate(prompts):
         n = int(lengths[i])
-        ref = _hf_single_logprobs(lm, p, comp[i, :n])
+        ref = hf_single_logprobs(lm, p, comp[i, :n])
         torch.testing.assert_close(lp[i, :n], ref, rtol=1e-4, atol=1e-5)
     lm.peft_model.train()
 

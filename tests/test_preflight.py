@@ -11,19 +11,6 @@ from lowmem_vt.cli import main
 from lowmem_vt.data import generate_sat_records, write_parquet
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    import lowmem_vt.model
-    import lowmem_vt.trainer
-
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the problem was reported")
-
-    monkeypatch.setattr(lowmem_vt.trainer, "load_model", refuse)
-    monkeypatch.setattr(lowmem_vt.model, "load_model", refuse)
-    monkeypatch.setattr(lowmem_vt.model, "load_plain_model", refuse)
-
-
 def _train(tiny_dir, tmp_path, *over):
     base = [f"model.name_or_path={tiny_dir}", f"log.output_dir={tmp_path / 'out'}", "log.progress_bar=false", "log.plot=false"]
     return main(["train", "recipes/demo_tiny.yaml", *base, *over])
