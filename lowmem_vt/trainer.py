@@ -481,10 +481,9 @@ class Trainer:
                          self.kernel_backend)
         if self.dist.any(not result["ok"]):
             if self.dist.is_main:
-                log.warning("step %d: the loss head %s disagrees with the torch reference on this micro-batch (gradient "
-                            "error %.2e, loss %.2e, log-probs %.2e; tolerances %s): the run switches to kernels: torch",
-                            self.step_count + 1, self.kernel_backend, result["grad"], result["loss"], result["logp"],
-                            result["tolerance"])
+                log.warning("step %d: the loss head %s disagrees with the exact (float64) head on this micro-batch beyond "
+                            "the torch reference's own error (%s): the run switches to kernels: torch",
+                            self.step_count + 1, self.kernel_backend, "; ".join(result.get("problems", [])) or "a disagreement on another rank")
             self.kernel_backend = "torch"
             result["ok"] = False
         return result
