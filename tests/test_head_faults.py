@@ -40,13 +40,14 @@ def test_a_correct_16bit_head_passes_with_margin(monkeypatch, dtype):
     assert p.ok, p.reason
     # every case and quantity: bound / error >= 1.5 (measured: docs/selfcheck.md, fault table)
     assert p.figures["worst_margin"] >= 1.5, p.figures["errors"]
-    assert set(p.figures["errors"]) == {"recipe", "KL only", "advantage only", "temperature 0.7"}
-    assert {"loss", "kl", "logp", "ref_pass", "dh", "dw"} <= set(p.figures["errors"]["recipe"])
+    assert set(p.figures["errors"]) == {"recipe", "KL only", "advantage only", "temperature 0.7", "dW"}
+    assert {"loss", "kl", "logp", "ref_pass", "dh"} <= set(p.figures["errors"]["recipe"])
+    assert "dw" in p.figures["errors"]["dW"] and "dw" not in p.figures["errors"]["recipe"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fault, case, quantity", [
-    ("grad", "recipe", "dh"), ("dw", "recipe", "dw"), ("kl", "KL only", "loss"), ("temperature", "temperature 0.7", "logp"),
+    ("grad", "recipe", "dh"), ("dw", "dW", "dw"), ("kl", "KL only", "loss"), ("temperature", "temperature 0.7", "logp"),
 ])
 def test_each_fault_fails_the_selfcheck(monkeypatch, dtype, fault, case, quantity):
     install(monkeypatch, head, {NAME: fault})

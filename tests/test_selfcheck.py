@@ -118,7 +118,7 @@ def _faulty_heads(monkeypatch, faults: dict[str, str], torch_delay: float = 0.0)
             if fault == "raises":
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             if fault == "slower":
-                time.sleep(0.2)
+                time.sleep(0.5)
             if fault == "race" and hidden.requires_grad:
                 hidden.register_hook(lambda g: g + 1e-9 * torch.randn_like(g))  # a different rounding every run
         loss, stats, logp = real(hidden, *args, backend="torch", **kwargs)
@@ -142,7 +142,7 @@ def _weight(V=300, H=32):
 
 
 @pytest.mark.parametrize("fault, reason", [
-    ("off", "logp error 1.00e-02 > 2e-04"),
+    ("off", "recipe: logp error"),
     ("raises", "raised RuntimeError: CUDA error: an illegal memory access"),
     ("race", "not bit-identical over 3 repeats (gradient): a race"),
 ])
@@ -160,7 +160,7 @@ def test_a_wrong_head_is_rejected_with_the_measured_error(monkeypatch, fault, re
 
 
 def test_a_head_slower_than_torch_is_not_used_and_a_faster_one_is(monkeypatch):
-    _faulty_heads(monkeypatch, {"triton_streaming": "slower"}, torch_delay=0.05)
+    _faulty_heads(monkeypatch, {"triton_streaming": "slower"}, torch_delay=0.15)
     results = head.check_heads(_weight(), ["triton_fused_linear", "triton_streaming"], head.HeadSettings(), interpreted=False)
     assert all(p.ok for p in results)
     d = decide(_group("kernels", "auto", *results))
@@ -172,16 +172,17 @@ def test_a_head_slower_than_torch_is_not_used_and_a_faster_one_is(monkeypatch):
 
 def test_interpreted_triton_heads_pass_against_the_reference(one_thread):
     """The real heads, in Triton's interpreter in fp32, at the tiny model's head shape: every error within the
-    written-down fp32 tolerances, repeats bit-identical, forward and backward timed; auto keeps torch (the
+    bounds drawn from the torch reference's own error against float64 (every case), repeats bit-identical, forward and
+    backward timed; auto keeps torch (the
     interpreter is not a fast path) and says so."""
     results = head.check_heads(_weight(V=257, H=64), ["triton_fused_linear", "triton_streaming"], head.HeadSettings(beta=0.04))
     for p in results:
         assert p.ok, (p.name, p.reason)
         assert p.figures["fwd_ms"] > 0 and p.cost > 0
     for p in results[1:]:
-        tol = head.TOLERANCES["float32"]
-        errors = p.figures["errors"]
-        assert errors["logp"] <= tol.logp and errors["grad"] <= tol.grad and errors["kl"] <= tol.kl, errors
+        for case, quantities in p.figures["errors"].items():
+            assert all(q["error"] <= q["bound"] for q in quantities.values()), (case, quantities)
+        assert p.figures["worst_margin"] > 1
         assert p.figures["bit_identical"] and p.figures["interpreted"]
     d = decide(_group("kernels", "auto", *results))
     assert d.chosen == "torch" and not d.warnings and len(d.infos) == 2
@@ -206,7 +207,7 @@ def test_trainer_falls_back_from_a_wrong_head_with_a_warning_and_selfcheck_json(
         tr = Trainer(recipe_factory(**FAST, **{"train.max_steps": 1}))
     assert tr.kernel_backend == "torch"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert sum("kernels: auto: triton_fused_linear is not used: logp error" in w and "torch runs instead" in w for w in warnings) == 1
+    assert sum("kernels: auto: triton_fused_linear is not used: recipe: " in w and "logp error" in w and "torch runs instead" in w for w in warnings) == 1
     assert sum("triton_streaming is not used: raised RuntimeError" in w for w in warnings) == 1
     data = _json(tr.out)
     assert data["chosen"] == {"kernels": "torch", "rollout": "hf"}
@@ -230,7 +231,7 @@ def test_a_named_head_that_fails_stops_the_run_before_step_1(tiny_dir, tmp_path,
     errors = [line for line in err.splitlines() if line.startswith("error: ")]  # (the model's loading bar aside)
     assert len(errors) == 1 and "Traceback" not in err, err
     err = errors[0]
-    assert "key 'kernels': triton_fused_linear failed its self-check: logp error" in err
+    assert "key 'kernels': triton_fused_linear failed its self-check: recipe: " in err and "logp error" in err
     assert "selfcheck: warn" in err and "selfcheck.json" in err
     assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text()  # no step ran
     assert _path(_json(out), "kernels", "triton_fused_linear")["ok"] is False
@@ -521,7 +522,7 @@ def test_head_gradient_recheck_switches_a_head_that_goes_wrong(recipe_factory, m
         m = tr.step()
     assert m["kernel_recheck_ok"] is False and m["kernel_recheck_grad_err"] >= 0
     assert tr.kernel_backend == "torch" and m["kernels"] == "torch"
-    assert any("disagrees with the torch reference" in r.getMessage() for r in caplog.records)
+    assert any("disagrees with the exact (float64) head" in r.getMessage() for r in caplog.records)
     tr.close()
 
 

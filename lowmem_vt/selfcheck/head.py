@@ -7,9 +7,10 @@ old log-probs. Rows are capped (``check_rows``) to keep it short and within the 
 
 Cases (``cases``): the recipe's settings; KL only (advantages 0: the whole gradient is the KL term's, so a head
 that drops it is 100 % off); advantage only (beta 0); and, when the recipe samples at temperature 1, the same at
-temperature 0.7 (a head that ignores the temperature is exact at 1). In each case the float64 head
-(``compare.exact_head``) on the same 16-bit inputs gives the exact loss, KL, log-probs, dh and the rows of dW for
-the sampled ids and 1,024 others; the torch reference's relative error there is the noise floor, and each head
+temperature 0.7 (a head that ignores the temperature is exact at 1); dW: the recipe's on W[:DW_VOCAB] with W
+trained (the other cases keep W frozen, as under LoRA). In each case the float64 head (``compare.exact_head``) on
+the same 16-bit inputs gives the exact loss, KL, log-probs, dh and (dW case) the rows of dW for the sampled ids and
+1,024 others; the torch reference's relative error there is the noise floor, and each head
 passes when every error is within ``compare.MULTIPLE`` x that floor (``compare.judge``). The no-grad log-prob
 pass of the reference model is judged the same way. The recipe's case also times the forward and the backward
 apart (CUDA events after a warm-up on a GPU, ``time.perf_counter`` on CPU), measures the peak memory beyond the
@@ -51,10 +52,10 @@ def check_rows(vocab: int, device: torch.device) -> int:
 
 def check_bytes(vocab: int, hidden: int, rows: int, dtype_bytes: int) -> int:
     """Peak bytes the head check allocates beyond the model (an estimate): the reference's three fp32 [rows, V]
-    buffers and its fp32 copy of W, or the fused-linear head's fp32 logits chunk and its fp32 dW, whichever is
-    larger; the gradient of W in its dtype (dW is checked); [rows, H] inputs and gradients."""
+    buffers, or the fused-linear head's fp32 logits chunk, whichever is larger; the dW case's gradient of
+    W[:DW_VOCAB] (its dtype, and the fused-linear head's fp32 copy); [rows, H] inputs and gradients."""
     fused = min(rows, rows_per_chunk(vocab)) * vocab * 4
-    weight_side = vocab * hidden * (4 + dtype_bytes)
+    weight_side = min(vocab, DW_VOCAB) * hidden * (4 + dtype_bytes)
     return max(12 * rows * vocab, fused) + weight_side + rows * hidden * (3 * dtype_bytes + 8)
 
 
@@ -83,32 +84,53 @@ class HeadSettings:
 
 # the temperature of the extra case when the recipe samples at 1 (where a head ignoring it is exact)
 CHECK_TEMPERATURE = 0.7
+# the vocabulary slice of the dW case: W's gradient (in its dtype, and the fused-linear head's fp32 copy) at the
+# full vocabulary would take V x H x 6 bytes, 1.3 GiB at Qwen2-VL-2B, more than a QLoRA plan leaves; the same
+# kernels on W[:DW_VOCAB] check the same code at 0.14 GiB
+DW_VOCAB = 16384
 
 
-def cases(x: dict, settings: HeadSettings) -> list[tuple[str, dict, HeadSettings]]:
-    """(name, inputs, settings) of each case the heads are judged on: the recipe's, KL only, advantage only and,
-    at temperature 1, the recipe's at CHECK_TEMPERATURE. The first is the one timed and repeated."""
-    out = [("recipe", x, settings),
-           ("KL only", {**x, "advantages": torch.zeros_like(x["advantages"])}, settings),
-           ("advantage only", x, replace(settings, beta=0.0))]
+@dataclass
+class Case:
+    """One set of inputs the heads are judged on; ``dw_rows``: the vocabulary ids of dW compared (None: W frozen,
+    as under LoRA, and dW not formed)."""
+
+    name: str
+    x: dict
+    settings: HeadSettings
+    dw_rows: torch.Tensor | None = None
+
+
+def cases(x: dict, settings: HeadSettings) -> list[Case]:
+    """The cases: the recipe's (timed and repeated); KL only; advantage only; at temperature 1, the recipe's at
+    CHECK_TEMPERATURE; and dW: the recipe's on the first DW_VOCAB rows of W, W trained."""
+    out = [Case("recipe", x, settings),
+           Case("KL only", {**x, "advantages": torch.zeros_like(x["advantages"])}, settings),
+           Case("advantage only", x, replace(settings, beta=0.0))]
     if settings.temperature == 1.0:
-        out.append((f"temperature {CHECK_TEMPERATURE:g}", _at_temperature(x, CHECK_TEMPERATURE),
-                    replace(settings, temperature=CHECK_TEMPERATURE)))
+        hot = replace(settings, temperature=CHECK_TEMPERATURE)
+        out.append(Case(f"temperature {CHECK_TEMPERATURE:g}", _rebased(x, hot, x["weight"], x["targets"], settings), hot))
+    V = x["weight"].shape[0]
+    vs = min(V, DW_VOCAB)
+    sliced = _rebased(x, settings, x["weight"][:vs], x["targets"] % vs, settings)
+    out.append(Case("dW", sliced, settings, dw_rows(vs, sliced["targets"])))
     return out
 
 
-def _at_temperature(x: dict, temperature: float) -> dict:
-    """The inputs with reference (and old) log-probs as near the policy's at ``temperature`` as they were at 1 (the
-    KL term then acts as in training, instead of exploding on log-ratios of several nats)."""
+def _rebased(x: dict, settings: HeadSettings, weight: torch.Tensor, targets: torch.Tensor, before: HeadSettings) -> dict:
+    """The inputs on another head (``weight``, ``targets``, ``settings.temperature``), with reference (and old)
+    log-probs as near the policy's there as they were before (the KL term then acts as in training, instead of
+    exploding on log-ratios of several nats)."""
     from ..kernels.chunked_logprobs import chunked_logprobs_reference
 
     B, T, H = x["hidden"].shape
+    flat = x["hidden"].reshape(B * T, H)
     with torch.no_grad():
-        def logp_at(t):
-            return chunked_logprobs_reference(x["hidden"].reshape(B * T, H), x["weight"], x["targets"].reshape(-1), t).view(B, T).float()
-
-        shift = logp_at(temperature) - logp_at(1.0)
-    return {**x, "ref_logp": None if x["ref_logp"] is None else x["ref_logp"] + shift,
+        now = chunked_logprobs_reference(flat, weight, targets.reshape(-1), settings.temperature).view(B, T).float()
+        was = chunked_logprobs_reference(flat, x["weight"], x["targets"].reshape(-1), before.temperature).view(B, T).float()
+    shift = now - was
+    return {**x, "weight": weight, "targets": targets,
+            "ref_logp": None if x["ref_logp"] is None else x["ref_logp"] + shift,
             "old_logp": None if x["old_logp"] is None else x["old_logp"] + shift}
 
 
@@ -119,7 +141,7 @@ def minimums(hidden: int, vocab: int, rows: int) -> dict[str, float]:
     return {"loss": small, "kl": small, "logp": small, "ref_pass": small, "dh": fp32_minimum(vocab), "dw": fp32_minimum(rows)}
 
 
-def exact(x: dict, settings: HeadSettings, rows: torch.Tensor) -> dict:
+def exact(x: dict, settings: HeadSettings, rows: torch.Tensor | None = None) -> dict:
     """The float64 head on the case's inputs (``compare.exact_head``), with the no-grad pass's log-probs."""
     def loss_fn(logp, mask, advantages, old_logp, ref_logp):
         return grpo_loss(logp, mask, advantages, old_logp, ref_logp, counts=x["counts"], **settings.loss_kwargs())
@@ -239,11 +261,12 @@ class _Timer:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-def _run_once(name: str, x: dict, settings: HeadSettings, device: torch.device, rows: torch.Tensor) -> dict:
+def _run_once(name: str, x: dict, settings: HeadSettings, device: torch.device, rows: torch.Tensor | None = None) -> dict:
     """One forward + backward and one no-grad log-prob pass of head ``name``; outputs and their times.
-    ``rows``: the vocabulary ids whose dW rows are kept (W gets a gradient here, as when the head is trained)."""
+    ``rows``: the vocabulary ids whose dW rows are kept (W gets a gradient, as when the head is trained); None:
+    W frozen, as under LoRA."""
     h = x["hidden"].detach().clone().requires_grad_(True)
-    w = x["weight"].detach().requires_grad_(True)  # shares the weight's storage: only its gradient is new
+    w = x["weight"].detach().requires_grad_(rows is not None)  # shares the weight's storage: only its gradient is new
     timer = _Timer(device)
     timer.mark()
     loss, stats, logp = fused_grpo_loss(
@@ -252,7 +275,7 @@ def _run_once(name: str, x: dict, settings: HeadSettings, device: torch.device, 
     timer.mark()
     loss.backward()
     timer.mark()
-    dw = w.grad[rows].detach().clone()
+    dw = None if rows is None else w.grad[rows].detach().clone()
     w.grad = None
     ref_pass = token_logprobs(x["hidden"], x["weight"], x["targets"], settings.temperature, name)
     timer.mark()
@@ -295,24 +318,23 @@ def _same(a: dict, b: dict, keys) -> bool:
 
 
 def _finite(run: dict) -> bool:
-    return all(bool(torch.isfinite(run[k]).all()) for k in ("loss", "kl", "logp", "dh", "dw", "ref_pass"))
+    return all(bool(torch.isfinite(run[k]).all()) for k in ("loss", "kl", "logp", "dh", "dw", "ref_pass") if run.get(k) is not None)
 
 
-def measure_head(name: str, x: dict, settings: HeadSettings, device: torch.device, rows: torch.Tensor,
-                 repeats: int = REPEATS) -> tuple[dict | None, dict, str]:
+def measure_head(name: str, x: dict, settings: HeadSettings, device: torch.device, repeats: int = REPEATS) -> tuple[dict | None, dict, str]:
     """Warm-up, then ``repeats`` timed runs of one head. Returns (the first timed run's outputs or None if it
     raised, figures, the exception text or "")."""
     figures: dict = {}
     cuda = device.type == "cuda"
     try:
-        _run_once(name, x, settings, device, rows)  # warm-up: Triton compiles, cuBLAS picks its kernels
+        _run_once(name, x, settings, device)  # warm-up: Triton compiles, cuBLAS picks its kernels
         runs = []
         for i in range(repeats):
             if cuda and i == 0:
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-            runs.append(_run_once(name, x, settings, device, rows))
+            runs.append(_run_once(name, x, settings, device))
             if cuda and i == 0:
                 figures["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     except Exception as exc:  # noqa: BLE001 -- any failure of a fast path is a verdict, not a crash
@@ -338,29 +360,30 @@ def _one_line(exc: BaseException) -> str:
 
 
 def judge_cases(x: dict, settings: HeadSettings, name: str, first_run: dict, device: torch.device,
-                rows: torch.Tensor, torch_runs: dict | None = None) -> tuple[dict, list[str], dict]:
+                torch_runs: dict | None = None) -> tuple[dict, list[str], dict]:
     """Head ``name`` on every case (``cases``) against the float64 head, bounded by the torch reference's error.
 
-    ``first_run``: the head's run on the recipe's case (already measured); ``torch_runs``: the reference's runs by
-    case, computed here when None (and returned, for the next head). Returns (figures by case, problems,
-    torch_runs): figures[case][quantity] = {error, floor, bound, margin}.
+    ``first_run``: the head's run on the recipe's case (already measured); ``torch_runs``: the float64 head's and
+    the reference's runs by case, computed here when missing (and returned, for the next head). Returns (figures by
+    case, problems, torch_runs): figures[case][quantity] = {error, floor, bound, margin}.
     """
-    active = x["mask"] != 0
-    H, V = x["weight"].shape[1], x["weight"].shape[0]
-    floor_min = minimums(H, V, int(x["targets"].numel()))
     torch_runs = {} if torch_runs is None else torch_runs
     figures, problems = {}, []
-    for case, xc, sc in cases(x, settings):
-        if case not in torch_runs:
-            torch_runs[case] = (exact(xc, sc, rows), _run_once("torch", xc, sc, device, rows))
-        exact_run, ref_run = torch_runs[case]
-        run = first_run if case == "recipe" else _run_once(name, xc, sc, device, rows)
+    for case in cases(x, settings):
+        xc = case.x
+        active = xc["mask"] != 0
+        rows = case.dw_rows
+        floor_min = minimums(xc["weight"].shape[1], xc["weight"].shape[0], int(xc["targets"].numel()))
+        if case.name not in torch_runs:
+            torch_runs[case.name] = (exact(xc, case.settings, rows), _run_once("torch", xc, case.settings, device, rows))
+        exact_run, ref_run = torch_runs[case.name]
+        run = first_run if case.name == "recipe" else _run_once(name, xc, case.settings, device, rows)
         if not _finite(run):
-            problems.append(f"{case}: non-finite outputs")
+            problems.append(f"{case.name}: non-finite outputs")
             continue
         verdicts = judge_run(run, ref_run, exact_run, active, floor_min)
-        figures[case] = {v.quantity: v.as_dict() for v in verdicts}
-        problems += [f"{case}: {v.describe()}" for v in verdicts if not v.ok]
+        figures[case.name] = {v.quantity: v.as_dict() for v in verdicts}
+        problems += [f"{case.name}: {v.describe()}" for v in verdicts if not v.ok]
     return figures, problems, torch_runs
 
 
@@ -384,14 +407,13 @@ def check_heads(weight: torch.Tensor, heads: list[str], settings: HeadSettings, 
     dtype_name = str(weight.dtype).replace("torch.", "")
     rows = rows or check_rows(weight.shape[0], device)
     x = make_inputs(weight, rows, settings)
-    vocab_rows = dw_rows(weight.shape[0], x["targets"])
     common = {"rows": int(x["targets"].numel()), "vocab": int(weight.shape[0]), "hidden": int(weight.shape[1]),
-              "dtype": dtype_name, "dw_rows": int(vocab_rows.numel()), "cases": [c for c, _, _ in cases(x, settings)],
+              "dtype": dtype_name, "dw_vocab": min(int(weight.shape[0]), DW_VOCAB), "cases": [c.name for c in cases(x, settings)],
               "bound": f"{MULTIPLE:g} x the torch reference's error against float64"}
     if interpreted is None:  # Triton's interpreter (tests): correctness checked, never a fast path
         interpreted = not fast_path_device(device)
 
-    ref_run, ref_fig, ref_err = measure_head("torch", x, settings, device, vocab_rows, repeats)
+    ref_run, ref_fig, ref_err = measure_head("torch", x, settings, device, repeats)
     reference = PathResult("kernels", "torch", reference=True, figures={**common, **ref_fig})
     if ref_run is None:
         reference.ok, reference.reason = False, ref_err
@@ -402,10 +424,10 @@ def check_heads(weight: torch.Tensor, heads: list[str], settings: HeadSettings, 
     if not ref_fig["bit_identical"]:
         reference.figures["repeat_note"] = "the reference's own repeats differ (recorded, not a verdict)"
     results = [reference]
-    torch_runs = {"recipe": (exact(x, settings, vocab_rows), ref_run)}
+    torch_runs = {"recipe": (exact(x, settings), ref_run)}
     reference.figures["floor"] = {q: e for q, e in _errors(ref_run, torch_runs["recipe"][0], x["mask"] != 0).items()}
     for name in heads:
-        run, fig, err = measure_head(name, x, settings, device, vocab_rows, repeats)
+        run, fig, err = measure_head(name, x, settings, device, repeats)
         p = PathResult("kernels", name, figures={**common, **fig, "interpreted": interpreted})
         if run is None:
             p.ok, p.reason = False, err
@@ -413,7 +435,7 @@ def check_heads(weight: torch.Tensor, heads: list[str], settings: HeadSettings, 
             continue
         p.cost = (fig["fwd_ms"] + fig["bwd_ms"] + fig["logprobs_ms"]) / 1e3
         try:
-            figures, problems, torch_runs = judge_cases(x, settings, name, run, device, vocab_rows, torch_runs)
+            figures, problems, torch_runs = judge_cases(x, settings, name, run, device, torch_runs)
         except Exception as exc:  # noqa: BLE001 -- a head that raises on another case fails, it does not crash the run
             p.ok, p.reason = False, f"raised {type(exc).__name__}: {_one_line(exc)}"
             results.append(p)
@@ -459,9 +481,8 @@ def recheck(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, m
 
     x = dict(hidden=hidden.detach()[:b, :t], weight=weight, targets=targets[:b, :t], mask=mask[:b, :t],
              advantages=advantages[:b], old_logp=cut(old_logp), ref_logp=cut(ref_logp), counts=counts)
-    vocab_rows = dw_rows(weight.shape[0], x["targets"])
-    first = _run_once(backend, x, settings, hidden.device, vocab_rows)
-    figures, problems, _ = judge_cases(x, settings, backend, first, hidden.device, vocab_rows)
+    first = _run_once(backend, x, settings, hidden.device)
+    figures, problems, _ = judge_cases(x, settings, backend, first, hidden.device)
     recipe = figures.get("recipe", {})
     return {"ok": not problems, "problems": problems, "worst_margin": worst_margin(figures), "errors": figures,
             "grad": recipe.get("dh", {}).get("error", float("inf")), "loss": recipe.get("loss", {}).get("error", float("inf")),

@@ -166,9 +166,11 @@ def _figures_text(p: PathResult) -> str:
             parts.append(f"fwd {f['fwd_ms']:.3g} ms, bwd {f['bwd_ms']:.3g} ms, ref pass {f['logprobs_ms']:.3g} ms")
         if f.get("peak_extra_mib") is not None:
             parts.append(f"+{f['peak_extra_mib']:.0f} MiB")
-        if "errors" in f and not p.reference:
-            e = f["errors"]
-            parts.append("err logp {logp:.1e}, loss {loss:.1e}, kl {kl:.1e}, grad {grad:.1e}".format(**e))
+        if f.get("errors") and not p.reference:
+            recipe = f["errors"].get("recipe", {})
+            errs = ", ".join(f"{k} {recipe[k]['error']:.1e}" for k in ("logp", "loss", "kl", "dh", "dw") if k in recipe)
+            parts.append(f"err vs float64 {errs}; worst bound/error {f.get('worst_margin', float('nan')):.2g} over "
+                         f"{len(f['errors'])} cases")
         if "bit_identical" in f and f["bit_identical"] is not None:
             parts.append("3 repeats bit-identical" if f["bit_identical"] else f"repeats: {f.get('repeat_note', 'differ')}")
     elif p.group == "rollout":
