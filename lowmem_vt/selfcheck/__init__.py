@@ -4,8 +4,9 @@ back with a reason. ``lowmem-vt doctor`` runs the same checks standalone.
 
 Groups (each a module here):
 
-* ``kernels`` (``head.py``): each Triton loss head against the torch reference (log-probs, loss, KL, gradient
-  w.r.t. the hidden states, written-down tolerances; forward / backward timed apart; 3 repeats bit-identical;
+* ``kernels`` (``head.py``): each Triton loss head against the float64 head on the same inputs (log-probs, loss, KL,
+  dh, dW; every error within 3x the torch reference's own error, ``compare.py``; five cases); forward / backward
+  timed apart; 3 repeats bit-identical;
   peak extra memory);
 * ``rollout`` (``rollout.py``): ``engine`` (or a named ``vllm``) against ``hf`` on 2 prompts of the run's data
   x G samples x a short length: greedy ids, sampling log-probs against the trainer's, CUDA-graph capture and
