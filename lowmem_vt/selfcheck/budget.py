@@ -14,26 +14,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..planner import DTYPE_BYTES, GIB, NF4_BYTES_PER_PARAM, config_for, layer_bytes_per_token, model_shape, plan, prompt_tokens
-from .head import REPEATS, check_bytes, check_rows
+from .head import DW_VOCAB, REPEATS, check_bytes, check_rows
 from .rollout import LOGPROB_CHUNK
 
 
 @dataclass(frozen=True)
 class Card:
-    """Published peak rates: dense 16-bit tensor TFLOPS with fp32 accumulation, memory GB/s, host link GB/s."""
+    """Published peak rates: dense 16-bit tensor TFLOPS with fp32 accumulation, memory GB/s, host link GB/s, fp64
+    TFLOPS (the loss-head check's float64 head)."""
 
     name: str
     tflops: float
     mem_gbps: float
     pcie_gbps: float
+    fp64_tflops: float
 
 
-# 24 GB cards (vendor datasheets; PCIe 4.0 x16 ~ 25 GB/s in practice, pinned memory)
+# 24 GB cards (vendor datasheets; PCIe 4.0 x16 ~ 25 GB/s in practice, pinned memory; fp64 at 1/64 or 1/32 of fp32)
 CARDS_24GB = (
-    Card("NVIDIA L4", 121.0, 300.0, 25.0),
-    Card("NVIDIA A10", 125.0, 600.0, 25.0),
-    Card("RTX 3090", 71.0, 936.0, 25.0),
-    Card("RTX 4090", 165.0, 1008.0, 25.0),
+    Card("NVIDIA L4", 121.0, 300.0, 25.0, 0.49),
+    Card("NVIDIA A10", 125.0, 600.0, 25.0, 0.98),
+    Card("RTX 3090", 71.0, 936.0, 25.0, 0.56),
+    Card("RTX 4090", 165.0, 1008.0, 25.0, 1.29),
 )
 MATMUL_EFFICIENCY = 0.4  # assumed fraction of peak for the check's ~0.2 TFLOP matmuls and its forwards
 BANDWIDTH_EFFICIENCY = 0.7  # assumed fraction of peak memory bandwidth a decode step reaches
@@ -59,13 +61,19 @@ def estimate_seconds(cfg, card: Card, config=None) -> dict:
     bandwidth = card.mem_gbps * 1e9 * BANDWIDTH_EFFICIENCY
     out: dict = {}
 
-    # loss heads: warm-up + REPEATS runs each, every head; the check's inputs take one reference pass
+    # loss heads: warm-up + REPEATS runs each, every head, on the recipe case; one run of each on the other cases
+    # (KL only, advantage only, temperature 0.7 at temperature 1; dW on W[:DW_VOCAB]); the float64 head: two
+    # streams over W per case, at the card's fp64 rate; the check's inputs take one reference pass
     rows = check_rows(s.vocab, "cuda")
     unit = 2 * rows * s.vocab * s.hidden
     heads = _units_per_run() if cfg.kernels != "torch" else {}
-    matmul_units = (REPEATS + 1) * sum(heads.values()) + (1 if heads else 0)
-    softmax_bytes = (REPEATS + 1) * len(heads) * 6 * rows * s.vocab * 4  # fp32 [rows, V] passes
+    extra_cases = 2 + (1 if cfg.grpo.temperature == 1.0 else 0)
+    dw_share = min(s.vocab, DW_VOCAB) / s.vocab
+    matmul_units = (REPEATS + 1 + extra_cases + dw_share) * sum(heads.values()) + (1 if heads else 0)
+    softmax_bytes = (REPEATS + 1 + extra_cases) * len(heads) * 6 * rows * s.vocab * 4  # fp32 [rows, V] passes
+    exact_units = 2 * (1 + extra_cases + dw_share) if heads else 0
     out["loss heads"] = matmul_units * unit / flops + softmax_bytes / bandwidth
+    out["loss heads: the float64 head"] = exact_units * unit / (card.fp64_tflops * 1e12 * MATMUL_EFFICIENCY)
 
     # rollout: hf greedy (one batched call) and sampling (one call per prompt, G rows), the candidate's greedy and
     # sampling calls, the trainer's forward over both sampled batches
