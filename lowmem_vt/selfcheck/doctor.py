@@ -136,9 +136,10 @@ def _standalone_heads() -> tuple[list, list[str]]:
 
 
 def _load_for_recipe(cfg, recipe: str, device: torch.device, show_progress: bool):
-    """((model, examples, input builder), "") as a run of the recipe would load them (a tiny model's name built in
-    its folder first, as ``train`` does), or (None, why) when its data or model cannot be had here (no hub access,
-    a model too large for this machine): the doctor reports that instead of a traceback."""
+    """((model, examples, input builder), what could not be had) as a run of the recipe would load them (a tiny
+    model's name built in its folder first, as ``train`` does), or (None, why) when its model cannot be loaded here
+    (no hub access, too large for this machine): the doctor reports that instead of a traceback. Data that cannot
+    be loaded leaves the examples empty: the heads are still checked, the checks that need prompts say so."""
     from ..data import load_examples
     from ..inputs import InputBuilder
     from ..model import load_model
@@ -150,18 +151,20 @@ def _load_for_recipe(cfg, recipe: str, device: torch.device, show_progress: bool
 
     if show_progress:
         print(f"doctor: loading {cfg.model.name_or_path} and the data of {recipe} ...", flush=True)
+    missing = []
     try:
         examples, _ = load_examples(cfg.data)
     except Exception as exc:  # noqa: BLE001 -- reported: the doctor's job is to say what it could not check
-        return None, f"its data ({cfg.data.source}) could not be loaded: {first_line(exc)}"
+        examples = []  # the heads need no data; the rollout and fp16 checks say they had no prompt
+        missing.append(f"its data ({cfg.data.source}) could not be loaded: {first_line(exc)}")
     try:
         cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)
         lm = load_model(cfg.model, cfg.lora, device, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     except Exception as exc:  # noqa: BLE001 -- as above
-        return None, f"the model could not be loaded on {device.type}: {first_line(exc)}"
+        return None, "; ".join([*missing, f"its model could not be loaded on {device.type}: {first_line(exc)}"])
     inputs = InputBuilder(lm.tokenizer, lm.image_processor, lm.config, max_prompt_length=cfg.grpo.max_prompt_length,
                           min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-    return (lm, examples, inputs), ""
+    return (lm, examples, inputs), "; ".join(missing)
 
 
 def run_doctor(recipe: str | None = None, overrides=(), *, out_dir: str | None = None,
@@ -191,8 +194,10 @@ def run_doctor(recipe: str | None = None, overrides=(), *, out_dir: str | None =
         loaded, why = _load_for_recipe(cfg, recipe, device, show_progress)
         if loaded is None:
             lines += ["", f"### Self-check: {recipe}: not run", "", f"Nothing of this recipe could be checked here: {why}."]
-            missing.insert(0, f"the self-check of {recipe} (its model {cfg.model.name_or_path}: {why})")
+            missing.insert(0, f"the self-check of {recipe} ({cfg.model.name_or_path}): see above")
         else:
+            if why:
+                missing.insert(0, f"{recipe}: {why}")
             lm, examples, inputs = loaded
             result: SelfCheck = run_selfcheck(cfg, lm, examples=examples, inputs=inputs, out_dir=out_dir, force=True,
                                               show=False, raise_errors=False)
