@@ -313,7 +313,7 @@ def test_busy_rule():
 # ---------------------------------------------------------------------------------------------- the table's words
 
 
-def test_a_named_path_that_fails_is_not_called_chosen(monkeypatch, recipe_factory, tiny_lm, cache):
+def test_a_named_path_that_fails_is_not_called_chosen(monkeypatch, recipe_factory, tiny_lm, cache, capsys):
     """selfcheck: on stops the run: the table says so (it said "FAIL, chosen"); selfcheck: warn runs it anyway."""
     def failing(weight, heads, settings, **kw):
         return [PathResult("kernels", "torch", reference=True, ok=True, cost=0.01),
@@ -324,7 +324,12 @@ def test_a_named_path_that_fails_is_not_called_chosen(monkeypatch, recipe_factor
     stopped = sc.run_selfcheck(cfg, tiny_lm, show=False, raise_errors=False)
     table = sc.summary(stopped)
     assert stopped.errors and "| kernels: triton_fused_linear | FAIL, **stops the run** (named in the recipe) |" in table
-    assert "chosen" not in table, table
+    assert "chosen" not in table and "the run stops before step 1" in table.splitlines()[0], table
+    capsys.readouterr()
+    with pytest.raises(sc.SelfCheckError, match="key 'kernels'"):  # what a run prints before it stops
+        sc.run_selfcheck(cfg, tiny_lm)
+    printed = capsys.readouterr().out
+    assert "FAIL, **stops the run**" in printed and "chosen" not in printed, printed
     warned = sc.run_selfcheck(recipe_factory(**FAST, kernels="triton_fused_linear", selfcheck="warn"), tiny_lm, show=False)
     table = sc.summary(warned)
     assert "| kernels: triton_fused_linear | FAIL, **runs anyway** (selfcheck: warn) (cached) |" in table
