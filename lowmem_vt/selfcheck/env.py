@@ -111,14 +111,25 @@ def _is_module(root: Path, name: str) -> bool:
     return parts[0] == PACKAGE and (base.with_suffix(".py").is_file() or base.is_dir())
 
 
+def _statements(nodes):
+    """Every statement of a module, nested ones included (an import is a statement: no need to visit expressions)."""
+    for node in nodes:
+        yield node
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            inner = getattr(node, field, None)
+            if isinstance(inner, list):
+                yield from _statements(inner)
+
+
 def _imports(root: Path, name: str, source: Path) -> tuple[set[str], set[Path], bool]:
     """What one module of ours imports (anywhere in it: a function's lazy import counts), the data files beside it
     that it names (a string constant equal to an existing file's name, e.g. ``"compiled_resources.json"``), and
     whether it imports by computed name (``importlib.import_module`` / ``__import__``), which no walk can follow."""
-    tree = ast.parse(source.read_bytes(), filename=str(source))
+    text = source.read_bytes()
+    tree = ast.parse(text, filename=str(source))
     package = name if source.name == "__init__.py" else name.rpartition(".")[0]
-    found, data, dynamic = set(), set(), False
-    for node in ast.walk(tree):
+    found: set[str] = set()
+    for node in _statements(tree.body):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -130,14 +141,15 @@ def _imports(root: Path, name: str, source: Path) -> tuple[set[str], set[Path], 
                 base = node.module or ""
             found.add(base)
             found.update(f"{base}.{a.name}" for a in node.names if _is_module(root, f"{base}.{a.name}"))
-        elif isinstance(node, ast.Call):
-            fn = node.func
-            called = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
-            dynamic |= called in ("import_module", "__import__")
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and 0 < len(node.value) < 200 \
-                and not set(node.value) & set("/\\\0\n") and not node.value.endswith(".py"):
-            if (source.parent / node.value).is_file():
-                data.add(source.parent / node.value)
+    dynamic = False
+    if b"import_module" in text or b"__import__" in text:  # the whole tree only where such a call may be
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                fn = node.func
+                called = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+                dynamic |= called in ("import_module", "__import__")
+    data = {f for f in source.parent.iterdir() if f.is_file() and f.suffix != ".py"
+            and any(f'{q}{f.name}{q}'.encode() in text for q in "\"'")}
     ours = set()
     for full in found:
         parts = full.split(".")
