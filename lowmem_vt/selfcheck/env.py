@@ -88,8 +88,9 @@ PACKAGE = "lowmem_vt"
 # the checks' entry: the self-check package imports every path it judges (heads, rollout backends, levers) and the
 # trainer's references they are compared with (inputs, families, grpo ...); the walk below finds the rest
 ENTRY_MODULES = ("lowmem_vt.selfcheck",)
-# folders hashed whole, whatever the walk finds: the Triton kernels and their data (compiled_resources.json holds
-# the launch resources measured per configuration; a kernel's helper may be read by Triton, not imported)
+# folders hashed whole, whatever the walk finds: the Triton kernels with everything beside them (the launch
+# resources measured per configuration, compiled_resources.json, and the module that measures them are used by
+# bench/ and the GPU check, not imported by a check; a small folder, so no file of it is left to judgement)
 WHOLE_FOLDERS = ("kernels",)
 
 
