@@ -262,10 +262,10 @@ def model_identity(name_or_path: str) -> dict:
 # ------------------------------------------------------------------------------------------- a busy machine
 
 # A speed measured while other work shares the machine is not a property of the paths (engine 27 vs hf 60 tokens/s
-# in one loaded run): it decides that run only and is not kept. Busy: other processes' load fills at least half
-# the cores (1-minute load average, less one for ourselves, before measuring), another process computes on our
-# GPU or the GPU was more than 10 % busy before we started, or a fixed calibration workload's time before and
-# after the measurement differs by 1.5x or more (load that came or went meanwhile).
+# in one loaded run): it decides that run only and is not kept. Busy: other processes kept at least half the cores
+# busy over 0.1 s just before measuring (our own CPU time subtracted), another process computes on our GPU or the
+# GPU was more than 10 % busy before we started, or a fixed calibration workload's time before and after the
+# measurement differs by 1.5x or more (load that came or went meanwhile).
 BUSY_LOAD_PER_CORE = 0.5
 BUSY_GPU_UTILIZATION = 10  # percent, sampled before measuring
 BUSY_CALIBRATION_RATIO = 1.5
@@ -297,16 +297,38 @@ def calibration_seconds(device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def machine_load(device: torch.device) -> dict:
-    """How busy the machine is now: other processes' load per core, the calibration time and, on a GPU, its
-    utilization and the processes computing on it besides us. Taken before and after a measurement
-    (``busy_reason`` judges the pair)."""
+def _others_cpu_share(window_s: float = 0.1) -> float:
+    """The share of all cores that other processes kept busy over ``window_s`` (0..1): the busy time of the whole
+    machine (Linux ``/proc/stat``) less this process's own CPU time, over wall time x cores. Elsewhere the 1-minute
+    load average less one (this process), per core: coarser, and it counts our own threads."""
     cores = os.cpu_count() or 1
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
     try:
-        others = max(0.0, os.getloadavg()[0] - 1.0)
-    except OSError:
-        others = 0.0
-    load = {"load_per_core": round(others / cores, 3), "calibration_s": calibration_seconds(device)}
+        busy0, total0 = sample()
+        own0 = sum(os.times()[:2])
+        time.sleep(window_s)
+        busy1, total1 = sample()
+        own1 = sum(os.times()[:2])
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        try:
+            return max(0.0, os.getloadavg()[0] - 1.0) / cores
+        except OSError:
+            return 0.0
+    capacity = (total1 - total0) / hz  # wall time x cores, in seconds
+    return max(0.0, (busy1 - busy0) / hz - (own1 - own0)) / capacity if capacity > 0 else 0.0
+
+
+def machine_load(device: torch.device) -> dict:
+    """How busy the machine is now: the share of the cores other processes use, the calibration time and, on a GPU,
+    its utilization and the processes computing on it besides us. Taken before and after a measurement
+    (``busy_reason`` judges the pair)."""
+    load = {"load_per_core": round(_others_cpu_share(), 3), "calibration_s": calibration_seconds(device)}
     if device.type == "cuda":
         index = str(device.index if device.index is not None else torch.cuda.current_device())
         util = _nvidia_smi(["-i", index, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"])
@@ -321,7 +343,7 @@ def busy_reason(before: dict, after: dict) -> str:
     machine was quiet): the rule above ``BUSY_LOAD_PER_CORE``."""
     reasons = []
     if before["load_per_core"] >= BUSY_LOAD_PER_CORE:
-        reasons.append(f"other processes' load {before['load_per_core']:.2f} per core")
+        reasons.append(f"other processes used {before['load_per_core']:.0%} of the cores")
     if (before.get("gpu_utilization") or 0) > BUSY_GPU_UTILIZATION:
         reasons.append(f"the GPU was {before['gpu_utilization']} % busy before the check")
     others = max(before.get("gpu_other_processes") or 0, after.get("gpu_other_processes") or 0)
