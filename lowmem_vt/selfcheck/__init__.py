@@ -340,7 +340,7 @@ def _report(cfg, result: SelfCheck, infos: list[str], force: bool) -> dict:
         "warnings": result.warnings, "infos": infos, "errors": result.errors,
         "groups": [g.to_dict() for g in result.groups],
         "environment": {**env.gpu_info(), **env.python_info(), "packages": env.package_versions(env.REPORT_PACKAGES),
-                        "code": env.code_fingerprint()},
+                        "code": env.code_fingerprint(), "model": env.model_identity(cfg.model.name_or_path)},
     }
 
 
