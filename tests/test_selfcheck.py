@@ -35,9 +35,13 @@ FAST = dict(**{"train.prompts_per_step": 2, "grpo.num_generations": 4, "train.mi
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """A verdict cache of this test's own (the session's is shared by the other tests)."""
+    """A verdict cache of this test's own (the session's is shared by the other tests), on a machine that counts as
+    quiet (speeds measured under load are not kept: tests/test_selfcheck_cache.py tests that rule)."""
+    from lowmem_vt.selfcheck import env
+
     path = tmp_path / "cache"
     monkeypatch.setenv("LOWMEM_VT_CACHE_DIR", str(path))
+    monkeypatch.setattr(env, "machine_load", lambda device: {"load_per_core": 0.0, "calibration_s": 0.01})
     return path
 
 

@@ -104,7 +104,9 @@ class _Runner:
     def __init__(self, cfg, lm, examples, inputs, force: bool):
         self.cfg, self.lm, self.examples, self.inputs, self.force = cfg, lm, examples, inputs, force
         self.device = lm.device
-        self.env = env.environment(self.device)
+        # every group's verdicts depend on the machine, our code and the model's weights (the heads are checked on
+        # its own head, the rollout on its layers)
+        self.env = {**env.environment(self.device), "model": env.model_identity(cfg.model.name_or_path)}
         self._prompts = None
         self.built: dict = {}
 
@@ -114,19 +116,28 @@ class _Runner:
         return self._prompts
 
     def cached_or_measure(self, group: GroupResult, key: dict, measure) -> GroupResult:
+        """The group's verdicts from the cache under ``key`` (plus the environment), or measured now and stored.
+
+        Correctness verdicts are always kept. Speeds are kept only when measured on a quiet machine
+        (``env.busy_reason``); an entry without speeds is reused where no speed decides (a named path, or ``auto``
+        with no fast path passing) and measured again where ``auto`` must rank passing paths by speed."""
         group.key = {**self.env, **key}
         stored = None if self.force else env.cache_load(group.group, group.key)
         if stored is not None:
-            group.paths = [PathResult.from_dict(p) for p in stored["paths"]]
-            group.notes = list(stored.get("notes", []))
-            group.cached = True
-            return group
+            paths = [PathResult.from_dict(p) for p in stored["paths"]]
+            if stored["speeds_kept"] or not _speed_decides(group.requested, paths):
+                group.paths, group.notes, group.cached = paths, list(stored.get("notes", [])), True
+                return group
+        before = env.machine_load(self.device)
         t0 = time.perf_counter()
         group.paths = measure()
         group.seconds = time.perf_counter() - t0
+        after = env.machine_load(self.device)
+        group.machine, group.busy = {"before": before, "after": after}, env.busy_reason(before, after)
         if all(p.ok is not None or p.reference for p in group.paths):  # a verdict worth keeping
-            env.cache_store(group.group, group.key, {"paths": [p.to_dict() for p in group.paths], "notes": group.notes,
-                                                     "seconds": group.seconds})
+            kept = [p.to_dict() if not group.busy else {**p.to_dict(), "cost": None} for p in group.paths]
+            env.cache_store(group.group, group.key, {"paths": kept, "notes": group.notes, "seconds": group.seconds,
+                                                     "speeds_kept": not group.busy, "machine": group.machine})
         return group
 
     # ---------------------------------------------------------------------------------------- groups
@@ -195,6 +206,12 @@ class _Runner:
             return levers.check_levers(self.lm, names, prompts, embeds)
 
         return self.cached_or_measure(group, key, measure)
+
+
+def _speed_decides(requested: str, paths: list[PathResult]) -> bool:
+    """Whether ``auto`` has to rank paths by speed: at least one fast path (not the reference, not interpreted)
+    passed its check."""
+    return requested == "auto" and any(p.ok and not p.reference and not p.figures.get("interpreted") for p in paths)
 
 
 def _combine_ranks(groups: list[GroupResult], dist) -> None:
@@ -272,11 +289,16 @@ def run_selfcheck(cfg, lm, *, examples=(), inputs=None, out_dir: str | Path | No
         for g in groups:
             if g.group in GROUP_KEYS:
                 d: Decision = decide(g, cfg.selfcheck)
-                g.chosen = chosen[g.group] = d.chosen
+                chosen[g.group] = d.chosen
+                g.chosen, g.stops = ("", d.chosen) if d.error else (d.chosen, "")
                 warnings += d.warnings
                 infos += d.infos
                 if d.error:
                     errors.append((GROUP_KEYS[g.group], d.error))
+                elif g.busy and _speed_decides(g.requested, g.paths):
+                    warnings.append(f"{GROUP_KEYS[g.group]}: auto: the speeds that chose {d.chosen} were measured on a busy "
+                                    f"machine ({g.busy}); they decide this run only (the cache keeps the verdicts, and "
+                                    "the next run measures the speeds again)")
             else:
                 w, e = _lever_decisions(g, lm, cfg.selfcheck)
                 warnings += w
@@ -319,7 +341,7 @@ def _report(cfg, result: SelfCheck, infos: list[str], force: bool) -> dict:
         "warnings": result.warnings, "infos": infos, "errors": result.errors,
         "groups": [g.to_dict() for g in result.groups],
         "environment": {**env.gpu_info(), **env.python_info(), "packages": env.package_versions(env.REPORT_PACKAGES),
-                        "code": env.code_fingerprint()},
+                        "code": env.code_fingerprint(), "model": env.model_identity(cfg.model.name_or_path)},
     }
 
 
@@ -331,8 +353,9 @@ def summary(result: SelfCheck) -> str:
         how.append("measured: " + ", ".join(measured))
     if hits:
         how.append("cached: " + ", ".join(hits))
-    head_line = (f"self-check ({result.seconds:.1f} s{'; ' + '; '.join(how) if how else ''}): kernels {result.kernels}, "
-                 f"rollout {result.rollout}")
+    head_line = (f"self-check ({result.seconds:.1f} s{'; ' + '; '.join(how) if how else ''}): " +
+                 ("a path the recipe names failed: the run stops before step 1" if result.errors and result.report.get("mode") == "on"
+                  else f"kernels {result.kernels}, rollout {result.rollout}"))
     if not result.groups:
         return head_line + (" (nothing to check)" if not result.warnings else "")
     return head_line + "\n" + format_table(result.groups)

@@ -135,11 +135,50 @@ def _standalone_heads() -> tuple[list, list[str]]:
     return [group], d.warnings
 
 
+def _load_for_recipe(cfg, recipe: str, device: torch.device, show_progress: bool):
+    """((model, examples, input builder), what could not be had) as a run of the recipe would load them (a tiny
+    model's name built in its folder first, as ``train`` does), or (None, why) when its model cannot be loaded here
+    (no hub access, too large for this machine): the doctor reports that instead of a traceback. Data that cannot
+    be loaded leaves the examples empty: the heads are still checked, the checks that need prompts say so."""
+    from ..data import load_examples
+    from ..inputs import InputBuilder
+    from ..model import load_model
+    from ..tiny import resolve_model_path
+
+    def first_line(exc: BaseException) -> str:
+        text = str(exc).strip()
+        return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+
+    if show_progress:
+        print(f"doctor: loading {cfg.model.name_or_path} and the data of {recipe} ...", flush=True)
+    missing = []
+    try:
+        examples, _ = load_examples(cfg.data)
+    except Exception as exc:  # noqa: BLE001 -- reported: the doctor's job is to say what it could not check
+        examples = []  # the heads need no data; the rollout and fp16 checks say they had no prompt
+        missing.append(f"its data ({cfg.data.source}) could not be loaded: {first_line(exc)}")
+    try:
+        cfg.model.name_or_path = resolve_model_path(cfg.model.name_or_path)
+        lm = load_model(cfg.model, cfg.lora, device, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    except Exception as exc:  # noqa: BLE001 -- as above
+        return None, "; ".join([*missing, f"its model could not be loaded on {device.type}: {first_line(exc)}"])
+    inputs = InputBuilder(lm.tokenizer, lm.image_processor, lm.config, max_prompt_length=cfg.grpo.max_prompt_length,
+                          min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    return (lm, examples, inputs), "; ".join(missing)
+
+
 def run_doctor(recipe: str | None = None, overrides=(), *, out_dir: str | None = None,
                show_progress: bool = False) -> tuple[str, int]:
-    """The doctor's markdown and exit status (0: nothing failed; 1: a path failed its check)."""
+    """The doctor's markdown and exit status (0: nothing failed; 1: a path failed its check). A recipe whose data or
+    model cannot be loaded here is reported under "Not checked on this machine" (status 0: nothing failed); a
+    recipe that is not valid raises the config's user error (the CLI: status 2)."""
     from . import SelfCheck, format_table, run_selfcheck
 
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        from ..preflight import PreflightError
+
+        raise PreflightError(f"--out {out_dir}: a file, not a folder; give a folder (the doctor writes doctor.md and "
+                             "selfcheck.json into it)")
     rows, missing = environment_rows()
     lines = ["## lowmem-vt doctor", "", "| | |", "|---|---|"] + [f"| {k} | {v.replace('|', '/')} |" for k, v in rows]
     failed = False
@@ -147,31 +186,32 @@ def run_doctor(recipe: str | None = None, overrides=(), *, out_dir: str | None =
     report = None
     if recipe is not None:
         from ..config import load_config
-        from ..data import load_examples
-        from ..inputs import InputBuilder
-        from ..model import load_model
         from ..preflight import check_device
 
-        cfg = load_config(recipe, list(overrides))
+        cfg = load_config(recipe, list(overrides))  # a broken recipe is the user's error: the CLI says so (status 2)
         device = check_device(cfg.train.device, f"{cfg.source_file}: key 'train.device'")
         cfg.selfcheck = "on"  # the doctor checks, whatever the recipe says
-        if show_progress:
-            print(f"doctor: loading {cfg.model.name_or_path} and the data of {recipe} ...", flush=True)
-        examples, _ = load_examples(cfg.data)
-        lm = load_model(cfg.model, cfg.lora, device, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-        inputs = InputBuilder(lm.tokenizer, lm.image_processor, lm.config, max_prompt_length=cfg.grpo.max_prompt_length,
-                              min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-        result: SelfCheck = run_selfcheck(cfg, lm, examples=examples, inputs=inputs, out_dir=out_dir, force=True, show=False,
-                                          raise_errors=False)
-        report = result.report
-        failed = any(p.ok is False for g in result.groups for p in g.paths) or bool(result.errors)
-        lines += ["", f"### Self-check: {recipe} ({device.type}, {cfg.model.dtype}, {result.seconds:.1f} s, measured afresh)", ""]
-        lines.append(format_table(result.groups) if result.groups else "Nothing to check: the recipe names the references "
-                                                                         "(kernels: torch, rollout.backend: hf) and no lever applies here.")
-        lines += ["", f"A run of this recipe would use: kernels **{result.kernels}**, rollout **{result.rollout}**."]
-        for e in result.errors:
-            lines.append(f"- **a run would stop here** (status 2): {e}")
-        lines += [f"- {w}" for w in result.warnings]
+        loaded, why = _load_for_recipe(cfg, recipe, device, show_progress)
+        if loaded is None:
+            lines += ["", f"### Self-check: {recipe}: not run", "", f"Nothing of this recipe could be checked here: {why}."]
+            missing.insert(0, f"the self-check of {recipe} ({cfg.model.name_or_path}): see above")
+        else:
+            if why:
+                missing.insert(0, f"{recipe}: {why}")
+            lm, examples, inputs = loaded
+            result: SelfCheck = run_selfcheck(cfg, lm, examples=examples, inputs=inputs, out_dir=out_dir, force=True,
+                                              show=False, raise_errors=False)
+            report = result.report
+            failed = any(p.ok is False for g in result.groups for p in g.paths) or bool(result.errors)
+            lines += ["", f"### Self-check: {recipe} ({device.type}, {cfg.model.dtype}, {result.seconds:.1f} s, measured afresh)", ""]
+            lines.append(format_table(result.groups) if result.groups else "Nothing to check: the recipe names the references "
+                                                                             "(kernels: torch, rollout.backend: hf) and no lever applies here.")
+            if result.errors:
+                lines += ["", "A run of this recipe would **stop before step 1** (status 2):"]
+                lines += [f"- {e}" for e in result.errors]
+            else:
+                lines += ["", f"A run of this recipe would use: kernels **{result.kernels}**, rollout **{result.rollout}**."]
+            lines += [f"- {w}" for w in result.warnings]
     else:
         groups, warnings = _standalone_heads()
         if groups:

@@ -40,18 +40,22 @@ class GroupResult:
     group: str
     requested: str  # the recipe's value ("auto", "engine", ...); "" for levers
     paths: list[PathResult] = field(default_factory=list)
-    chosen: str = ""
+    chosen: str = ""  # what runs; "" when the named path failed and the run stops (``stops``)
+    stops: str = ""  # the named path that failed its check and stops the run (selfcheck: on)
     cached: bool = False
     seconds: float = 0.0  # spent measuring (0 when read from the cache)
     key: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what was not checked, and why
+    busy: str = ""  # why the speeds measured this time are not kept ("" on a quiet machine)
+    machine: dict = field(default_factory=dict)  # the machine's load before and after measuring
 
     def path(self, name: str) -> PathResult | None:
         return next((p for p in self.paths if p.name == name), None)
 
     def to_dict(self) -> dict:
-        return {"group": self.group, "requested": self.requested, "chosen": self.chosen, "cached": self.cached,
-                "seconds": self.seconds, "notes": self.notes, "key": self.key, "paths": [p.to_dict() for p in self.paths]}
+        return {"group": self.group, "requested": self.requested, "chosen": self.chosen, "stops": self.stops,
+                "cached": self.cached, "seconds": self.seconds, "notes": self.notes, "busy": self.busy,
+                "machine": self.machine, "key": self.key, "paths": [p.to_dict() for p in self.paths]}
 
 
 @dataclass
@@ -143,8 +147,11 @@ def format_table(groups: list[GroupResult]) -> str:
                 verdict = "reference"
             else:
                 verdict = {True: "pass", False: "FAIL", None: "not checked"}[p.ok]
-            if g.chosen and p.name == g.chosen:
-                verdict += ", **chosen**"
+            if g.stops and p.name == g.stops:
+                verdict += ", **stops the run** (named in the recipe)"
+            elif g.chosen and p.name == g.chosen:
+                # a failed path runs only when named under selfcheck: warn
+                verdict += ", **runs anyway** (selfcheck: warn)" if p.ok is False else ", **chosen**"
             if g.cached:
                 verdict += " (cached)"
             figures = _figures_text(p)
@@ -153,6 +160,9 @@ def format_table(groups: list[GroupResult]) -> str:
             lines.append(f"| {g.group}: {p.name} | {verdict} | {figures.replace('|', '/')} |")
         for note in g.notes:
             lines.append(f"| {g.group} | not checked | {note.replace('|', '/')} |")
+        if g.busy:
+            lines.append(f"| {g.group} | speeds not kept | measured on a busy machine ({g.busy.replace('|', '/')}): "
+                         "they decide this run only; the cache keeps the verdicts |")
     return "\n".join(lines)
 
 
