@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import UserError
 from .metrics import read_metrics
 
 
-class PlotError(ValueError):
+class PlotError(UserError, ValueError):
     """An argument that cannot be plotted; the message says which and why."""
 
 
