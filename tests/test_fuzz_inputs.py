@@ -77,7 +77,7 @@ KEYS = _leaf_keys()
 HOSTILE = ["", " ", "0", "-1", "1", "2", "1e400", ".nan", ".inf", "-.inf", "1e300", "100000000000000000000", "2.5", "-0.0",
            "true", "null", "~", "[]", "{}", "[1]", "[q_proj]", "{a: 1}", "[", "{", "'", "&a [*a]", "!!python/object/apply:os.system [ls]",
            "é", "\udcff", "x" * 3000, ".", "..", "/", "/dev/null", "/proc/self", "../..", "no/such/dir", "owner/name", "a:b",
-           "tiny:", "0x10", "1_000"]
+           "tiny:", "0x10", "1_000", "/dev/zero", "fifo", "/proc/lowmem_vt_fuzz", "out\tx", "http://127.0.0.1:9/x.png"]
 
 
 def _literal_values(tp) -> list[str]:
@@ -92,7 +92,82 @@ def _value_for(key: str):
     return st.sampled_from(HOSTILE + _literal_values(KEYS[key]))
 
 
-MUTATION = st.sampled_from(sorted(KEYS)).flatmap(lambda k: st.tuples(st.just(k), _value_for(k)))
+KEY_MUTATION = st.sampled_from(sorted(KEYS)).flatmap(lambda k: st.tuples(st.just(k), _value_for(k)))
+# a section given as a mapping (``train={max_steps: 1}``: it changes only the keys it names), or as something else
+SECTION_MUTATION = st.one_of(
+    st.sampled_from(sorted(k for k in KEYS if "." in k)).flatmap(
+        lambda k: st.tuples(st.just(k.split(".")[0]), _value_for(k).map(lambda v, leaf=k.split(".", 1)[1]: f"{{{leaf}: {v}}}"))),
+    st.tuples(st.sampled_from(sorted({k.split(".")[0] for k in KEYS if "." in k})), st.sampled_from(["null", "3", "{}", "[]", "{nope: 1}"])),
+)
+MUTATION = st.one_of(KEY_MUTATION, SECTION_MUTATION)
+
+
+# ------------------------------------------------------------------- overrides change only what they name
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _candidates(key: str) -> list:
+    """Values a key accepts by type: its default, and each choice of a Literal (or a list of them)."""
+    default = _flat(dataclasses.asdict(RecipeConfig()))[key]
+    tp = KEYS[key]
+    choices = list(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal else []
+    if typing.get_origin(tp) is list and typing.get_origin(typing.get_args(tp)[0]) is typing.Literal:
+        choices = [[a] for a in typing.get_args(typing.get_args(tp)[0])]
+    return [default, *choices, *([not default] if isinstance(default, bool) else [])]
+
+
+@st.composite
+def _overrides(draw) -> tuple[list[str], dict]:
+    """1-3 overrides, each ``key.sub=value`` or ``section={key: value, ...}`` (JSON is a YAML flow value), and the
+    value each named key ends with (the last one given wins)."""
+    sections = sorted({k.split(".")[0] for k in KEYS if "." in k})
+    args, named = [], {}
+    for _ in range(draw(st.integers(1, 3))):
+        if draw(st.booleans()):
+            section = draw(st.sampled_from(sections))
+            keys = draw(st.lists(st.sampled_from(sorted(k for k in KEYS if k.startswith(section + "."))), max_size=3, unique=True))
+            values = {k: draw(st.sampled_from(_candidates(k))) for k in keys}
+            args.append(f"{section}={json.dumps({k.split('.', 1)[1]: v for k, v in values.items()})}")
+        else:
+            key = draw(st.sampled_from(sorted(KEYS)))
+            values = {key: draw(st.sampled_from(_candidates(key)))}
+            args.append(f"{key}={json.dumps(values[key])}")
+        named.update(values)
+    return args, named
+
+
+@FUZZ
+@given(overrides=_overrides())
+def test_an_override_changes_only_the_keys_it_names(overrides):
+    """For any override of the recipe schema, every key not named keeps the recipe's value: in the merged mapping,
+    and in the validated recipe whenever it validates."""
+    from lowmem_vt.config import ConfigError, apply_overrides, load_config, to_dict, yaml_load
+
+    args, named = overrides
+    recipe = yaml_load(DEMO)
+    merged = _flat(apply_overrides(recipe, args))
+    before = _flat(recipe)
+    assert recipe == yaml_load(DEMO)  # the recipe's own mapping is not changed
+    for key in before.keys() | merged.keys():
+        if key in named:
+            assert merged[key] == named[key], (args, key)
+        else:
+            assert merged.get(key, "<absent>") == before.get(key, "<absent>"), (args, key)
+    demo = str(ROOT / "recipes" / "demo_tiny.yaml")
+    try:
+        cfg = load_config(demo, args)
+    except ConfigError:  # a combination validation refuses (e.g. data.source=sat with the default hub data)
+        return
+    ran, recipe_cfg = _flat(to_dict(cfg)), _flat(to_dict(load_config(demo)))
+    assert {k: v for k, v in ran.items() if k not in named} == {k: v for k, v in recipe_cfg.items() if k not in named}, args
 
 
 def _recipe_text(kind: str) -> bytes:
@@ -112,8 +187,9 @@ def _recipe_text(kind: str) -> bytes:
     }[kind]
 
 
+# "fifo" and "/dev/zero" are special files in place of the recipe: never opened (reading them would never end)
 RECIPES = st.sampled_from(["demo", "demo", "demo", "duplicate section", "latin-1", "utf-16", "list", "alias bomb", "truncated",
-                           "empty", "tabs", "nul"])
+                           "empty", "tabs", "nul", "fifo", "/dev/zero"])
 
 
 def _base(tiny_dir) -> list[str]:
@@ -144,6 +220,16 @@ def _assert_one_line(err: str) -> None:
     assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0], err[-3000:]
 
 
+def _assert_recipe_is_what_ran(folder: Path, cfg) -> None:
+    """The run folder's recipe.yaml holds every setting of the recipe with its overrides (the section overrides
+    merged, not replacing their sections)."""
+    import yaml
+
+    from lowmem_vt.config import to_dict
+
+    assert yaml.safe_load((folder / "recipe.yaml").read_text()) == to_dict(cfg)
+
+
 def _assert_consistent_run(folder: Path) -> None:
     steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1)), steps
@@ -155,16 +241,38 @@ def _assert_consistent_run(folder: Path) -> None:
     assert isinstance(json.loads(json.dumps(str((folder / "recipe.yaml").read_text()))), str)
 
 
+def _existing_run(work: Path, one_step_run: Path, kind: str | None) -> None:
+    """out/ as the example finds it: absent, a finished run, or a run holding a link into a sibling run (other/),
+    a checkpoint-7 (which --resume latest would pick) or its metrics.jsonl (which a resume would truncate)."""
+    if kind is None:
+        return
+    shutil.copytree(one_step_run, work / "out")
+    if kind == "run":
+        return
+    shutil.copytree(one_step_run, work / "other")
+    if kind == "linked checkpoint":
+        (work / "out" / "checkpoint-7").symlink_to(work / "other" / "checkpoint-1")
+    else:
+        (work / "out" / "metrics.jsonl").unlink()
+        (work / "out" / "metrics.jsonl").symlink_to(work / "other" / "metrics.jsonl")
+
+
 @FUZZ
 @given(recipe=RECIPES, mutations=st.lists(MUTATION, min_size=0, max_size=3),
        flags=st.sampled_from([[], [], ["--overwrite"], ["--resume", "latest"], ["--resume", "out/checkpoint-1"]]),
-       existing=st.booleans())
+       existing=st.sampled_from([None, "run", "run", "linked checkpoint", "linked log"]))
 def test_train_never_crashes_never_mixes_never_overwrites(tiny_dir, tmp_path_factory, one_step_run, recipe, mutations, flags, existing):
     work = tmp_path_factory.mktemp("fuzz")
     recipe_file = work / "recipe.yaml"  # the name a run writes into its folder: log.output_dir=. must not take it
-    recipe_file.write_bytes(_recipe_text(recipe))
-    if existing:
-        shutil.copytree(one_step_run, work / "out")
+    os.mkfifo(work / "fifo")
+    if recipe == "fifo":
+        os.mkfifo(recipe_file)
+    elif recipe == "/dev/zero":
+        recipe_file = Path("/dev/zero")
+    else:
+        recipe_file.write_bytes(_recipe_text(recipe))
+    _existing_run(work, one_step_run, existing)
+    other = tree_digest(work / "other")
     overrides = _base(tiny_dir) + [f"{k}={v}" for k, v in mutations]
     inputs = tree_digest(recipe_file, tiny_dir)
     before = tree_digest(work)
@@ -183,17 +291,21 @@ def test_train_never_crashes_never_mixes_never_overwrites(tiny_dir, tmp_path_fac
             assert "Traceback" not in err
             from lowmem_vt.config import load_config
 
-            folder = Path(load_config(str(recipe_file), overrides).log.output_dir)
+            cfg = load_config(str(recipe_file), overrides)
+            folder = Path(cfg.log.output_dir)
             if (folder / "metrics.jsonl").is_file() and (folder / "metrics.jsonl").stat().st_size:
                 _assert_consistent_run(folder)
+                _assert_recipe_is_what_ran(folder, cfg)
     assert tree_digest(recipe_file, tiny_dir) == inputs  # never a changed input
+    assert tree_digest(work / "other") == other  # never a sibling run, through a link
     shutil.rmtree(work, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------- the other subcommands
 
 PATHS = ["", ".", "/", "/dev/null", "no/such/thing", "\udcff", "{empty}", "{file}", "{junk}", "{loop}", "{dangling}", "{tiny}",
-         "{checkpoint}", "{adapter}", "{data}", "{metrics}", "{new}"]
+         "{checkpoint}", "{adapter}", "{data}", "{metrics}", "{new}", "/dev/zero", "{fifo}", "{linked checkpoint}",
+         "{checkpoint with a link out}", "{other base}"]
 NUMBERS = ["0", "-1", "1", "nan", "inf", "1e400", "abc", "2", "0.5", "100000000000"]
 
 
@@ -201,7 +313,9 @@ def _arg(kind: str, w: Path, tiny_dir: Path, run: Path) -> str:
     return {"{empty}": str(w / "empty"), "{file}": str(w / "file.txt"), "{junk}": str(w / "junk"), "{loop}": str(w / "loop"),
             "{dangling}": str(w / "dangling"), "{tiny}": str(tiny_dir), "{checkpoint}": str(run / "checkpoint-1"),
             "{adapter}": str(run / "checkpoint-1" / "adapter"), "{data}": str(w / "cv"), "{metrics}": str(run / "metrics.jsonl"),
-            "{new}": str(w / "new" / "folder"), "{recipe}": str(ROOT / "recipes" / "demo_tiny.yaml")}.get(kind, kind.replace("{tiny}", str(tiny_dir)))
+            "{new}": str(w / "new" / "folder"), "{recipe}": str(ROOT / "recipes" / "demo_tiny.yaml"), "{fifo}": str(w / "fifo"),
+            "{linked checkpoint}": str(w / "linked-checkpoint"), "{checkpoint with a link out}": str(w / "cp-link-out"),
+            "{other base}": str(w / "other-base")}.get(kind, kind.replace("{tiny}", str(tiny_dir)))
 
 
 # per subcommand: an argument list that works, and the hostile values each option may take instead
@@ -266,8 +380,18 @@ def test_subcommands_never_crash_never_overwrite(tiny_dir, tmp_path_factory, one
     (w / "junk" / "notes.txt").write_text("mine")
     (w / "loop").symlink_to(w / "loop")
     (w / "dangling").symlink_to(w / "nowhere")
+    os.mkfifo(w / "fifo")  # opening it for reading would wait for ever
     run = w / "run"
     shutil.copytree(one_step_run, run)
+    (w / "linked-checkpoint").symlink_to(run / "checkpoint-1")  # a link the user names is followed
+    shutil.copytree(run / "checkpoint-1", w / "cp-link-out")  # one whose file leads out of it is refused
+    (w / "cp-link-out" / ckpt.STATE_FILE).unlink()
+    (w / "cp-link-out" / ckpt.STATE_FILE).symlink_to(run / "checkpoint-1" / ckpt.STATE_FILE)
+    shutil.copytree(tiny_dir, w / "other-base")  # the checkpoint's base with other weights: refused by eval and merge
+    weights = w / "other-base" / "model.safetensors"
+    with open(weights, "r+b") as f:  # bytes inside a block the base's fingerprint samples (base_identity)
+        f.seek(weights.stat().st_size // 2)
+        f.write(bytes(16))
     argv = [name]
     for opt, kind in options:
         value = None if kind is None else _arg(kind, w, tiny_dir, run)
