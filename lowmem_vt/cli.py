@@ -82,12 +82,19 @@ def cmd_plot(args) -> int:
 
 
 def cmd_build_tiny(args) -> int:
+    from pathlib import Path
+
     from .families import family_named
-    from .preflight import check_output_folder
+    from .preflight import PreflightError, check_output_folder
     from .tiny import build_tiny_model
 
+    family = family_named(args.family)
     check_output_folder(args.out, "build-tiny", {})  # a new or empty folder: nothing is overwritten
-    print(build_tiny_model(args.out, family=family_named(args.family)))
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a folder that refuses new entries though writable to access(2): /proc, /sys
+        raise PreflightError(f"build-tiny {args.out} cannot be created ({exc.strerror or exc}); give another folder") from None
+    print(build_tiny_model(args.out, family=family))
     return 0
 
 

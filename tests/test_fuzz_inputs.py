@@ -314,7 +314,7 @@ def test_train_never_crashes_never_mixes_never_overwrites(tiny_dir, tmp_path_fac
 
 PATHS = ["", ".", "/", "/dev/null", "no/such/thing", "\udcff", "{empty}", "{file}", "{junk}", "{loop}", "{dangling}", "{tiny}",
          "{checkpoint}", "{adapter}", "{data}", "{metrics}", "{new}", "/dev/zero", "{fifo}", "{linked checkpoint}",
-         "{checkpoint with a link out}", "{other base}"]
+         "{checkpoint with a link out}", "{other base}", "/proc/lowmem_vt_fuzz"]
 NUMBERS = ["0", "-1", "1", "nan", "inf", "1e400", "abc", "2", "0.5", "100000000000"]
 
 

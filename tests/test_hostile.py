@@ -726,7 +726,9 @@ def test_29_an_output_dir_that_cannot_be_created_is_one_line(tiny_dir, tmp_path,
         pytest.skip("no /proc here")
     assert train(tiny_dir, "/proc/lowmem_vt_run") == 2
     one_line(capsys, "log.output_dir /proc/lowmem_vt_run")
-    assert not os.path.exists("/proc/lowmem_vt_run")
+    assert main(["build-tiny", "/proc/lowmem_vt_tiny"]) == 2
+    one_line(capsys, "build-tiny /proc/lowmem_vt_tiny cannot be created")
+    assert not os.path.exists("/proc/lowmem_vt_run") and not os.path.exists("/proc/lowmem_vt_tiny")
 
 
 def test_29_every_user_error_class_derives_from_the_one_the_cli_catches(monkeypatch, capsys):
