@@ -357,7 +357,7 @@ def _command(name: str):
             if pick is None and at:
                 del args[at[0]]  # dropped
                 continue
-            value = values[pick % len(values)]
+            value = values[pick % len(values)] if pick is not None else values[0]
             if at:
                 args[at[0]] = (opt, value)
             else:

@@ -649,7 +649,7 @@ def test_29_a_section_override_changes_only_the_keys_it_names(tiny_dir, tmp_path
 
     ran = yaml.safe_load((out / "recipe.yaml").read_text())
     assert ran["train"]["learning_rate"] == 5e-3 and ran["train"]["max_steps"] == 1 and ran["train"]["lr_scheduler"] == "constant"
-    assert ran["model"]["name_or_path"] == str(tiny_dir) and ran["lora"] == {**ran["lora"], "r": 16, "alpha": 32}
+    assert ran["model"]["name_or_path"] == str(tiny_dir) and (ran["lora"]["r"], ran["lora"]["alpha"]) == (16, 32)
     capsys.readouterr()
     for bad, words in (("model=null", "'model' is a section"), ("train=3", "'train' is a section"),
                        ("train={max_steps: {a: 1}}", "key 'train.max_steps'"), ("grpo={nope: 1}", "unknown key 'grpo.nope'")):
