@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
 from .metrics import write_problem
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,11 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 RUN_LOGS = ("metrics.jsonl", "samples.jsonl")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names it and what is wrong."""
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(UserError, RuntimeError):
     """The output folder cannot take this run (in use, or holding another run); the message says what to do."""
 
 
@@ -215,11 +216,42 @@ def check_output_dir(folder: str | Path, *, overwrite: bool = False) -> None:
             f"log.output_dir {p} holds files no run wrote ({_listed(foreign)}): a run writes only into a fresh folder or "
             "its own run folder; choose another log.output_dir (e.g. a new subfolder)"
         )
+    escaped = links_out_of(p) if not overwrite else []  # --overwrite moves the links aside, never follows them
+    if escaped:
+        name, target = escaped[0]
+        raise RunFolderError(f"log.output_dir {p}: {name} is a symbolic link to {target}, outside the run folder; a run never "
+                             "follows a link out of its folder (it would resume, write over or delete another run's files): "
+                             "remove the link (or copy what it points to into the folder)")
     if overwrite and run_contents(p):
         real, cwd = Path(os.path.realpath(p)), Path(os.path.realpath(os.getcwd()))
         if real == cwd or real in cwd.parents:
             raise RunFolderError(f"--overwrite: log.output_dir {p} is (or holds) the current directory and cannot be moved "
                                  "aside; run from another directory or choose another log.output_dir")
+
+
+def _is_run_name(name: str) -> bool:
+    """A name a run writes, reads or resumes from in its folder."""
+    return (name in OWN_NAMES or name in RUN_LOGS or bool(_NAME.match(name))
+            or name.startswith((".tmp-checkpoint-", ".old-checkpoint-", "superseded-")))
+
+
+def links_out_of(folder: str | Path) -> list[tuple[str, str]]:
+    """(name, where it leads) of each entry of a run folder (a log, a checkpoint...) that resolves, through symbolic
+    links, outside the folder: a run would write into or resume from another run's files through it."""
+    p = Path(folder)
+    if not p.is_dir():
+        return []
+    real = Path(os.path.realpath(p))
+    try:
+        entries = [x for x in p.iterdir() if _is_run_name(x.name) and x.is_symlink()]
+    except OSError:
+        return []
+    out = []
+    for x in sorted(entries):
+        target = Path(os.path.realpath(x))
+        if real not in target.parents:
+            out.append((x.name, str(target)))
+    return out
 
 
 def _loops(path: Path) -> bool:
@@ -242,7 +274,16 @@ def claim_run_folder(folder: str | Path, *, resume: bool, overwrite: bool = Fals
     while not q.exists() and q.parent != q:
         created.append(q)
         q = q.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a folder that refuses new entries though writable to access(2): /proc, /sys
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise RunFolderError(f"log.output_dir {folder} cannot be created ({exc.strerror or exc}); choose another "
+                             "log.output_dir") from None
     lock = RunLock.acquire(folder)
     lock.created = created
     found = run_contents(folder)
@@ -387,8 +428,12 @@ def verify_checkpoint(path: str | Path) -> None:
         raise CheckpointError(f"{done} is unreadable or lists no files (damaged, or written by an older version)") from None
     if STATE_FILE not in files:
         raise CheckpointError(f"{done} does not list {STATE_FILE}")
+    real = Path(os.path.realpath(p))
     for name, want in files.items():
         f = p / name
+        if real not in Path(os.path.realpath(f)).parents:  # a link (or a "../" name) out of the checkpoint
+            raise CheckpointError(f"{f} leads outside the checkpoint (to {os.path.realpath(f)}); a checkpoint holds its own "
+                                  "files, and links out of it are not followed: use another checkpoint")
         if not f.is_file():
             raise CheckpointError(f"{f} is missing")
         size = f.stat().st_size
@@ -429,6 +474,10 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path:
     """``latest`` -> the newest checkpoint in output_dir that verifies (damaged or unfinished ones are skipped with
     a warning); else the given checkpoint folder, which must verify. Raises CheckpointError."""
     if resume == "latest":
+        escaped = [(name, target) for name, target in links_out_of(output_dir) if _NAME.match(name)]
+        if escaped:
+            raise CheckpointError(f"--resume latest: {escaped[0][0]} in {output_dir} is a symbolic link to {escaped[0][1]}, "
+                                  "outside the run folder; links out of a run folder are not followed: remove it")
         complete = list_checkpoints(output_dir)
         newest = int(complete[-1].name.split("-")[1]) if complete else -1
         for p in unfinished_checkpoints(output_dir):

@@ -1,8 +1,8 @@
 """``lowmem-vt`` command line: train, plot, build-tiny (and the subcommands other modules register: eval, merge,
 plan, doctor).
 
-A user error (a recipe key, a data file, a model folder, a checkpoint, the run folder) is printed as one
-``error:`` line with exit status 2; ``--debug``, anywhere on the line, shows the traceback instead.
+A user error (``errors.UserError``: a recipe key, a data file, a model folder, a checkpoint, the run folder) is
+printed as one ``error:`` line with exit status 2; ``--debug``, anywhere on the line, shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -12,22 +12,7 @@ import logging
 import shlex
 import sys
 
-# The exception types whose messages are written for users: (module, class). Looked up in sys.modules, so a
-# command that never imported a module (plot never imports torch) does not pay for importing it here.
-USER_ERRORS = (
-    ("lowmem_vt.config", "ConfigError"),
-    ("lowmem_vt.data", "DataError"),
-    ("lowmem_vt.checkpoint", "CheckpointError"),
-    ("lowmem_vt.checkpoint", "RunFolderError"),
-    ("lowmem_vt.preflight", "PreflightError"),
-    ("lowmem_vt.plot", "PlotError"),
-    ("lowmem_vt.planner", "PlanError"),
-    ("lowmem_vt.metrics", "LogWriteError"),
-)
-
-
-def _user_error_types() -> tuple[type, ...]:
-    return tuple(getattr(sys.modules[m], c) for m, c in USER_ERRORS if m in sys.modules)
+from .errors import UserError
 
 
 def _setup_logging() -> None:
@@ -97,12 +82,19 @@ def cmd_plot(args) -> int:
 
 
 def cmd_build_tiny(args) -> int:
+    from pathlib import Path
+
     from .families import family_named
-    from .preflight import check_output_folder
+    from .preflight import PreflightError, check_output_folder
     from .tiny import build_tiny_model
 
+    family = family_named(args.family)
     check_output_folder(args.out, "build-tiny", {})  # a new or empty folder: nothing is overwritten
-    print(build_tiny_model(args.out, family=family_named(args.family)))
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a folder that refuses new entries though writable to access(2): /proc, /sys
+        raise PreflightError(f"build-tiny {args.out} cannot be created ({exc.strerror or exc}); give another folder") from None
+    print(build_tiny_model(args.out, family=family))
     return 0
 
 
@@ -189,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
     except Exception as exc:
-        if debug or not isinstance(exc, _user_error_types()):
+        if debug or not isinstance(exc, UserError):
             raise
         print(f"error: {str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 Unknown keys, wrong types and out-of-range values are errors that name the file and the dotted key,
 raised before any model or dataset is loaded. ``key.sub=value`` overrides (from the command line) are
-parsed as YAML scalars and validated the same way.
+parsed as YAML values and validated the same way; ``section={key: value}`` changes only the keys it names.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import re
 
 import yaml
 
+from .errors import UserError, what_is_at
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A recipe problem, phrased for the user: where (file, key) and what is expected."""
 
 
@@ -366,6 +368,38 @@ def _build(cls: type, values: dict, prefix: str, file: str) -> Any:
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
+def _field_type(dotted: str) -> Any:
+    """The schema's type at a dotted key (a section's dataclass, or a setting's type); None for an unknown key."""
+    tp: Any = RecipeConfig
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        fields = {f.name for f in dataclasses.fields(tp) if not f.metadata.get("internal")}
+        if part not in fields:
+            return None
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
+def _merge(node: dict, key: str, value: Any, where: str) -> None:
+    """``node[key] = value``, except that a mapping given for a section changes only the keys it names, at any
+    depth (the section's other keys keep their values). Dicts on the way are copied, never changed in place
+    (a YAML alias may share one between two places)."""
+    if not dataclasses.is_dataclass(_field_type(where)):
+        node[key] = value  # a setting (or an unknown key, which building the recipe reports)
+        return
+    if not isinstance(value, dict):
+        raise ConfigError(f"override '{where}': '{where}' is a section, and {_short(value)} is not a mapping of its keys; "
+                          f"change keys with {where}.key=value or {where}={{key: value, ...}} (the others keep their values)")
+    current = node.get(key)
+    if current is not None and not isinstance(current, dict):
+        return  # the recipe holds a value where the section is: building the recipe reports it
+    merged = dict(current or {})
+    for k, v in value.items():
+        _merge(merged, k, v, f"{where}.{k}")
+    node[key] = merged
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -375,13 +409,24 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         nxt = node[p]
         if not isinstance(nxt, dict):
             raise ConfigError(f"override '{dotted}': '{'.'.join(parts[:i + 1])}' is a value, not a section")
+        node[p] = nxt = dict(nxt)
         node = nxt
-    node[parts[-1]] = value
+    _merge(node, parts[-1], value, dotted)
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """The recipe's mapping with ``key.sub=value`` / ``section={key: value}`` overrides applied, in order: each changes
+    the keys it names and nothing else (``tree`` is not changed). Raises ConfigError naming the override."""
+    out = dict(tree)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(out, key, value)
+    return out
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """``["train.learning_rate=1e-5", "grpo.beta=0"]`` -> [(key, value)], values parsed as YAML (a scalar, or a
-    flow list like ``[q_proj, v_proj]``). Raises ConfigError naming the override."""
+    """``["train.learning_rate=1e-5", "grpo.beta=0"]`` -> [(key, value)], values parsed as YAML (a scalar, a flow
+    list like ``[q_proj, v_proj]``, or a flow mapping like ``{max_steps: 1}`` for a section). Raises ConfigError naming
+    the override."""
     out = []
     for item in overrides:
         if "=" not in item:
@@ -397,6 +442,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         try:
             value = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
+            if "\t" in raw:  # YAML takes a tab only inside quotes; the value itself is fine
+                raise ConfigError(f"override '{key}': the value {_short(raw)} holds a tab character, which a value takes only "
+                                  f"inside quotes: remove it (a tab in a path or a name is usually a paste slip), or quote the "
+                                  f"value ({key}='\"...\"')") from None
             raise ConfigError(f"override '{key}': {_short(raw)} is not a valid value ({yaml_problem(exc)}); quote text that "
                               "starts with [ { : # & * ! | > ' \" % @ or `") from None
         except ConfigError as exc:
@@ -413,7 +462,10 @@ def read_recipe_text(path: str | os.PathLike) -> str:
     if not file.strip():
         raise ConfigError("no recipe file given (an empty path); e.g. recipes/sat_lora.yaml")
     if not p.is_file():
-        raise ConfigError(f"recipe file not found: {file}" + (" (it is a folder)" if p.is_dir() else ""))
+        what = what_is_at(p)
+        if what == "does not exist":
+            raise ConfigError(f"recipe file not found: {file}")
+        raise ConfigError(f"recipe file {file} {what}; give a recipe file, e.g. recipes/sat_lora.yaml")
     try:
         size = p.stat().st_size
         if size > MAX_RECIPE_BYTES:
@@ -447,8 +499,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{file}: the recipe must be a mapping of sections (model:, data:, ...), got {type(loaded).__name__}")
         tree = loaded
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
+    tree = apply_overrides(tree, overrides or [])
     if isinstance(tree.get("selfcheck"), bool):  # YAML 1.1 reads a bare on / off as true / false
         tree["selfcheck"] = "on" if tree["selfcheck"] else "off"
     cfg = _build(RecipeConfig, tree, "", file)

@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from .data import COLORS, SHAPES, DataError, check_image_shape, decode_image, draw_shape, png_bytes, read_table, record_text
+from .errors import what_is_at
 
 CVBENCH_HUB_ID = "nyu-visionx/CV-Bench"
 CVBENCH_DATA_FILE = "test.parquet"  # the full set with images embedded
@@ -101,6 +102,8 @@ def _table_path(path: str, data_file: str) -> Path:
             return tables[0]
         found = ", ".join(x.name for x in tables) or "none"
         raise DataError(f"{p}: no {data_file}; found data files: {found}. Name one with --data-file")
+    if p.exists():
+        raise DataError(f"CV-Bench data {path} {what_is_at(p)}; give a .parquet, .json or .jsonl file or a folder of them")
     if path.count("/") != 1 or path.startswith((".", "/", "~")):
         raise DataError(f"CV-Bench data {path!r} is neither a local file or folder nor a hub id owner/name")
     from huggingface_hub import hf_hub_download

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any, Iterable
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .errors import UserError, what_is_at
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ R1_ZERO_TEMPLATE = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A record that cannot be used; the message names the record."""
 
 
@@ -95,6 +98,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def decode_image(value: Any, image_dir: str = "") -> Image.Image:
     """An image from SAT's ``image_bytes`` cell (bytes, {'bytes': ...}, {'path': ...}) or a file name."""
     if isinstance(value, Image.Image):
@@ -109,9 +115,13 @@ def decode_image(value: Any, image_dir: str = "") -> Image.Image:
     if isinstance(value, (bytes, bytearray)):
         img = Image.open(io.BytesIO(value))
     elif isinstance(value, str):
+        if _URL.match(value):  # (a Path would also fold its "//" into "/")
+            raise DataError(f"image {value[:120]!r} is a URL; URLs are not fetched: download the images and name the files "
+                            "(relative to data.image_dir), or store their bytes in the record")
         p = Path(image_dir) / value if image_dir and not os.path.isabs(value) else Path(value)
         if not p.is_file():
-            raise DataError(f"image file not found: {p}")
+            what = what_is_at(p)
+            raise DataError(f"image file not found: {p}" if what == "does not exist" else f"image file {p} {what}")
         img = Image.open(p)
     else:
         raise DataError(f"unsupported image value of type {type(value).__name__}")
@@ -231,6 +241,8 @@ def read_table(path: Path, limit: int | None = None) -> list:
     returned as it is (``record_to_example`` skips it, counted)."""
     if path.suffix not in (".parquet", ".json", ".jsonl"):
         raise DataError(f"unsupported data file {path}; expected .parquet, .json or .jsonl")
+    if not path.is_file():  # a device or a pipe is never read: it could not end
+        raise DataError(f"data file {path} {what_is_at(path)}; give a .parquet, .json or .jsonl file")
     try:
         if path.stat().st_size == 0:
             raise DataError(f"data file {path} is empty")
@@ -279,6 +291,8 @@ def read_table(path: Path, limit: int | None = None) -> list:
 def _local_files(p: Path, data_file: str) -> list[Path]:
     if p.is_file():
         return [p]
+    if not p.is_dir():
+        raise DataError(f"data.path {p} {what_is_at(p)}; give a .parquet, .json or .jsonl file or a folder of them")
     f = p / data_file
     files = [f] if f.is_file() else sorted(x for x in p.iterdir() if x.suffix in (".parquet", ".json", ".jsonl"))
     if not files:

@@ -158,12 +158,14 @@ def to_markdown(summary: dict, title: str = "CV-Bench") -> str:
 
 
 def load_eval_model(*, checkpoint: str | None, model: str | None, device: torch.device, dtype: str | None,
-                    min_pixels: int | None, max_pixels: int | None, max_new_tokens: int | None = None):
+                    min_pixels: int | None, max_pixels: int | None, max_new_tokens: int | None = None,
+                    allow_other_base: bool = False):
     """The model to evaluate and the pixel budget to use: a checkpoint's base + adapter (``model`` overrides
     its base path), or a plain base / merged model. Returns (model, min_pixels, max_pixels). Everything is checked
-    before the weights load (the checkpoint verified, the base's config, the adapter against it, the response
-    budget against the model's positions)."""
-    from .preflight import PreflightError, check_adapter_fits, check_model_source
+    before the weights load (the checkpoint verified, the base's config, the base's identity against the one the
+    checkpoint was trained on unless ``allow_other_base``, the adapter against it, the response budget against the
+    model's positions)."""
+    from .preflight import PreflightError, check_adapter_fits, check_checkpoint_base, check_model_source
 
     def check_budget(config) -> None:
         limit = getattr(config.text_config, "max_position_embeddings", None)
@@ -196,6 +198,9 @@ def load_eval_model(*, checkpoint: str | None, model: str | None, device: torch.
     min_px, max_px = min_pixels or data.get("min_pixels", 3136), max_pixels or data.get("max_pixels", 401408)
     where = "--model" if model is not None else f"{checkpoint}/recipe.yaml: key 'model.name_or_path'"
     config = check_model_source(model_cfg.name_or_path, where)
+    other_base = check_checkpoint_base(checkpoint, model_cfg.name_or_path, where, allow_other=allow_other_base)
+    if other_base:
+        log.warning(other_base)
     check_adapter_fits(Path(checkpoint) / "adapter", config, where)
     check_budget(config)
     model_cfg.name_or_path = resolve_model_path(model_cfg.name_or_path)
@@ -306,6 +311,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, default=None, help="default: the checkpoint's recipe, else 401408")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/cvbench, or out/eval/<model name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="with --checkpoint: evaluate its adapter on a base other than the one it was trained on (its "
+                        "base.json); refused without this, and recorded in results.json with it")
 
 
 def default_out_dir(checkpoint: str | None, model: str | None) -> Path:
@@ -315,6 +323,24 @@ def default_out_dir(checkpoint: str | None, model: str | None) -> Path:
 
 
 RESULT_FILES = ("results.json", "results.md", "predictions.jsonl")
+
+
+def _other_base_warning(args) -> str | None:
+    """A checkpoint's base checked before anything else loads (the data, the model): PreflightError when it is not the
+    one the checkpoint was trained on, unless --allow-other-base; then the warning results.json records."""
+    from .checkpoint import BASE_FILE
+    from .preflight import check_checkpoint_base, checkpoint_recipe
+
+    if args.checkpoint is None or not (Path(args.checkpoint) / BASE_FILE).is_file():
+        return None
+    base, where = args.model, "--model"
+    if base is None:
+        model = checkpoint_recipe(args.checkpoint).get("model")
+        base = model.get("name_or_path") if isinstance(model, dict) else None
+        where = f"{args.checkpoint}/recipe.yaml: key 'model.name_or_path'"
+    if not isinstance(base, str):
+        return None  # not a recipe this version reads: load_eval_model says so
+    return check_checkpoint_base(args.checkpoint, base, where, allow_other=args.allow_other_base)
 
 
 def cmd_eval(args) -> int:
@@ -344,6 +370,7 @@ def cmd_eval(args) -> int:
     if Path(args.data).exists():
         inputs["the data"] = Path(args.data)
     check_output_folder(out, "--out", inputs, own=RESULT_FILES, inside_ok=("the checkpoint",))
+    base_warning = _other_base_warning(args)
     device = check_device(args.device, "--device")
     if args.backend == "vllm":
         if device.type != "cuda":
@@ -354,7 +381,7 @@ def cmd_eval(args) -> int:
         items = load_cvbench(args.data, args.data_file, limit=args.limit, image_dir=args.image_dir)
         lm, min_px, max_px = load_eval_model(checkpoint=args.checkpoint, model=args.model, device=device, dtype=args.dtype,
                                              min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                                             max_new_tokens=args.max_new_tokens)
+                                             max_new_tokens=args.max_new_tokens, allow_other_base=args.allow_other_base)
         respond = ModelResponder(lm, backend=args.backend, max_new_tokens=args.max_new_tokens, min_pixels=min_px, max_pixels=max_px)
         t0 = time.perf_counter()
         rows, summary = evaluate(items, respond, batch_size=args.batch_size, progress=not args.no_progress)
@@ -368,6 +395,8 @@ def cmd_eval(args) -> int:
         "device": str(device), "min_pixels": min_px, "max_pixels": max_px, "decoding": "greedy",
         "seconds": round(time.perf_counter() - t0, 1), "skipped_items": summary.get("skipped", 0),
     }
+    if base_warning:
+        settings["warning"] = base_warning
     try:
         paths = write_results(out, rows, summary, settings)
     except OSError as exc:

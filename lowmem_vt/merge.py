@@ -18,6 +18,8 @@ from .config import LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
+MERGE_RECORD = "lowmem_vt_merge.json"  # in the merged model's folder: what was merged into what
+
 
 def checkpoint_configs(checkpoint: str | Path) -> tuple[ModelConfig, LoraConfig, dict]:
     """The model and LoRA sections of the recipe a checkpoint was trained with, and its data section (pixel budget).
@@ -64,13 +66,15 @@ def checkpoint_configs(checkpoint: str | Path) -> tuple[ModelConfig, LoraConfig,
 
 
 def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: str | None = None, dtype: str | None = None,
-                     device: str = "cpu") -> Path:
+                     device: str = "cpu", allow_other_base: bool = False) -> Path:
     """Merge ``checkpoint``'s adapter into its base (``base`` overrides the recipe's path) and save to ``out_dir``.
 
     The checkpoint, the adapter, the base and the output folder are checked before anything is loaded:
     FileNotFoundError for a folder that is not a checkpoint (or whose adapter is damaged), preflight.PreflightError
-    for the base, the device or the output (the base, the checkpoint, or a folder that is not empty: refused). The
-    model is written into a temporary folder beside ``out_dir`` and renamed: a failed merge leaves nothing.
+    for the base (not the one the checkpoint was trained on, unless ``allow_other_base``), the device or the output
+    (the base, the checkpoint, or a folder that is not empty: refused). The model is written into a temporary folder
+    beside ``out_dir`` and renamed: a failed merge leaves nothing. MERGE_RECORD in it names the checkpoint and the
+    base, and the warning when another base was allowed.
     """
     import os
     import shutil
@@ -78,7 +82,7 @@ def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: str |
     import torch
 
     from .model import load_model
-    from .preflight import check_adapter_fits, check_device, check_model_source, check_output_folder
+    from .preflight import check_adapter_fits, check_checkpoint_base, check_device, check_model_source, check_output_folder
     from .tiny import resolve_model_path
 
     model_cfg, lora_cfg, data = checkpoint_configs(checkpoint)
@@ -95,7 +99,12 @@ def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: str |
     dev = check_device(device, "--device")
     # the base is a model folder of a known family with config and weights (or a reachable hub id) before anything loads
     where = "--model" if base is not None else f"{checkpoint}/recipe.yaml: key 'model.name_or_path'"
-    check_adapter_fits(Path(checkpoint) / "adapter", check_model_source(model_cfg.name_or_path, where), where)
+    config = check_model_source(model_cfg.name_or_path, where)
+    other_base = check_checkpoint_base(checkpoint, model_cfg.name_or_path, where, allow_other=allow_other_base)
+    if other_base:
+        log.warning(other_base)
+    record = {"checkpoint": str(checkpoint), "base": model_cfg.name_or_path, **({"warning": other_base} if other_base else {})}
+    check_adapter_fits(Path(checkpoint) / "adapter", config, where)
     model_cfg.name_or_path = resolve_model_path(model_cfg.name_or_path)
     if model_cfg.quantization == "nf4":
         log.info("QLoRA checkpoint: merging into the unquantized %s base", model_cfg.dtype)
@@ -114,6 +123,7 @@ def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: str |
         lm.tokenizer.save_pretrained(tmp)
         # The image processor keeps the training pixel budget (data.min/max_pixels) as its default size.
         lm.image_processor.save_pretrained(tmp)
+        (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=1) + "\n")
         if out.is_dir():
             out.rmdir()  # checked empty above
         os.rename(tmp, out)
@@ -126,7 +136,8 @@ def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: str |
 
 def cmd_merge(args) -> int:
     try:
-        out = merge_checkpoint(args.checkpoint, args.out, base=args.model, dtype=args.dtype, device=args.device)
+        out = merge_checkpoint(args.checkpoint, args.out, base=args.model, dtype=args.dtype, device=args.device,
+                               allow_other_base=args.allow_other_base)
     except (FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -152,4 +163,7 @@ def register_cli(sub) -> None:
     p.add_argument("--model", default=None, help="the base model (hub id or folder); default: the checkpoint recipe's")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: the recipe's model.dtype")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to merge (cpu needs no GPU memory)")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="merge the adapter into a base other than the one it was trained on (its base.json); refused "
+                        f"without this, and recorded in the merged model's {MERGE_RECORD} with it")
     p.set_defaults(func=cmd_merge)

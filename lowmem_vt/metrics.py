@@ -8,8 +8,10 @@ import math
 import os
 from pathlib import Path
 
+from .errors import UserError
 
-class LogWriteError(RuntimeError):
+
+class LogWriteError(UserError, RuntimeError):
     """A run's log could not be written (no space left, a file-size limit); the message says where and at which step."""
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import UserError
 from .config import RecipeConfig
 from .families import family_for, published_config
 
@@ -24,7 +25,7 @@ NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 CUDA_CONTEXT_GIB = 0.5  # the CUDA context and allocator slack the framework keeps; measured on the GPU later
 
 
-class PlanError(RuntimeError):
+class PlanError(UserError, RuntimeError):
     """The recipe cannot fit the GPU; the message names the knob to turn."""
 
 

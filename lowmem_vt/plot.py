@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import UserError, what_is_at
 from .metrics import read_metrics
 
 
-class PlotError(ValueError):
+class PlotError(UserError, ValueError):
     """An argument that cannot be plotted; the message says which and why."""
 
 
@@ -131,5 +132,7 @@ def resolve_metrics_path(path: str | Path) -> Path:
             return p / "metrics.jsonl"
         raise PlotError(f"{p} is a folder without metrics.jsonl; give a metrics.jsonl or a run folder (log.output_dir)")
     if not p.is_file():
-        raise PlotError(f"{p}: no such file; give a metrics.jsonl or a run folder (log.output_dir)")
+        what = what_is_at(p)
+        raise PlotError(f"{p}: no such file; give a metrics.jsonl or a run folder (log.output_dir)" if what == "does not exist"
+                        else f"{p} {what}; give a metrics.jsonl or a run folder (log.output_dir)")
     return p

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 from . import checkpoint as ckpt
 from .config import ModelConfig, RecipeConfig, resolve_dtype
 from .data import GENERATED_TASKS, peek_records
@@ -28,7 +29,7 @@ from .tiny import parse_tiny_name
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class PreflightError(ValueError):
+class PreflightError(UserError, ValueError):
     """A run that cannot start; the message names where (file, key, record) and what to do."""
 
 
@@ -213,16 +214,36 @@ def check_resume_recipe(cfg: RecipeConfig, path: Path) -> None:
         )
 
 
-def check_resume_base(name_or_path: str, path: Path) -> None:
-    """PreflightError when the base model differs from the one the checkpoint was trained on (its fingerprint:
-    config and weights; the same model moved to another folder passes). Skipped when either is unknown."""
+def other_base(name_or_path: str, path: str | Path) -> str | None:
+    """What differs when ``name_or_path`` is not the base checkpoint ``path`` was trained on (its ``base.json``
+    fingerprint: config and sampled weight blocks; the same model moved to another folder is the same base), else
+    None. None also when either identity is unknown (a checkpoint older than base.json, a hub base not on disk yet)."""
     recorded = ckpt.checkpoint_base(path)
     current = ckpt.base_identity(name_or_path) if recorded else None
     if recorded and current and current["fingerprint"] != recorded["fingerprint"]:
-        raise PreflightError(
-            f"--resume {path}: the checkpoint was trained on the base {recorded.get('name')!r}; model.name_or_path "
-            f"{name_or_path!r} is another model (its config or weights differ): give the base it was trained on"
-        )
+        return (f"the checkpoint was trained on the base {recorded.get('name')!r}; {name_or_path!r} is another model "
+                "(its config or weights differ)")
+    return None
+
+
+def check_resume_base(name_or_path: str, path: Path) -> None:
+    """PreflightError when the base model differs from the one the checkpoint was trained on (``other_base``)."""
+    problem = other_base(name_or_path, path)
+    if problem:
+        raise PreflightError(f"--resume {path}: {problem}: give the base it was trained on")
+
+
+def check_checkpoint_base(checkpoint: str | Path, name_or_path: str, where: str, *, allow_other: bool) -> str | None:
+    """eval and merge check the base as a resume does (``other_base``), before any weights load: PreflightError on a
+    mismatch, unless ``allow_other`` (``--allow-other-base``); then the warning is returned, for the caller to log and
+    the output to record. ``where``: what named the base (``--model``, or the checkpoint's recipe key)."""
+    problem = other_base(name_or_path, checkpoint)
+    if problem is None:
+        return None
+    if not allow_other:
+        raise PreflightError(f"{where}: {problem}; adapting another base gives a wrong model. Give the base it was trained "
+                             "on, or pass --allow-other-base if you mean it")
+    return f"--allow-other-base: {problem}; the adapter was applied to it anyway"
 
 
 def check_output_folder(out: str | Path, what: str, inputs: dict[str, Path], *, own: tuple[str, ...] = (),

@@ -630,3 +630,220 @@ def test_overwrite_through_a_symlink_moves_the_run_not_the_link(tmp_path):
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("real.old-")]
     assert len(aside) == 1 and (aside[0] / "metrics.jsonl").is_file()
     assert real.is_dir() and not ckpt.run_contents(real)
+
+
+# ----------------------------------------------------------------------------------------- issue #29
+# One rule for every command: an override changes only what it names, eval and merge verify the base the way resume
+# does, every user error is one line, and a run never follows a link out of its folder.
+
+
+def test_29_a_section_override_changes_only_the_keys_it_names(tiny_dir, tmp_path, capsys):
+    cfg = load_config(RECIPE, ["train={max_steps: 1}", "model={dtype: bfloat16}"])
+    assert (cfg.train.max_steps, cfg.train.learning_rate, cfg.train.prompts_per_step, cfg.train.micro_batch_size) == (1, 5e-3, 8, 64)
+    assert cfg.model.dtype == "bfloat16" and cfg.model.name_or_path == "tiny-base:artifacts/tiny-base-qwen2vl"
+    # the run folder's recipe.yaml is what ran: the recipe's learning rate, not the default
+    out = tmp_path / "out"
+    assert main(["train", RECIPE, f"model.name_or_path={tiny_dir}", f"log.output_dir={out}", *SMALL,
+                 "train={max_steps: 1, warmup_steps: 0}", "log.save_steps=5"]) == 0
+    import yaml
+
+    ran = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert ran["train"]["learning_rate"] == 5e-3 and ran["train"]["max_steps"] == 1 and ran["train"]["lr_scheduler"] == "constant"
+    assert ran["model"]["name_or_path"] == str(tiny_dir) and (ran["lora"]["r"], ran["lora"]["alpha"]) == (16, 32)
+    capsys.readouterr()
+    for bad, words in (("model=null", "'model' is a section"), ("train=3", "'train' is a section"),
+                       ("train={max_steps: {a: 1}}", "key 'train.max_steps'"), ("grpo={nope: 1}", "unknown key 'grpo.nope'")):
+        assert train(tiny_dir, tmp_path / "refused", bad) == 2
+        one_line(capsys, words)
+    assert not (tmp_path / "refused").exists()
+
+
+def _other_base(tiny_dir, tmp_path):
+    """The tiny base with one weight changed: same config, same shapes, another model."""
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_dir, other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("lm_head.weight"))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    return other
+
+
+@pytest.mark.parametrize("command", ["merge", "eval"])
+def test_29_merge_and_eval_refuse_a_base_the_checkpoint_was_not_trained_on(command, run_a, tiny_dir, tmp_path, capsys,
+                                                                           no_model_load):
+    from lowmem_vt.cvbench import generate_cvbench_records
+
+    other = _other_base(tiny_dir, tmp_path)
+    data = write_parquet(generate_cvbench_records(2, size=56), tmp_path / "cv" / "test.parquet")
+    extra = ["--data", str(data), "--no-progress", "--device", "cpu"] if command == "eval" else []
+    cp = run_a / "checkpoint-2"
+    before = tree_digest(cp, other)
+    assert main([command, "--checkpoint", str(cp), "--model", str(other), "--out", str(tmp_path / "o"), *extra]) == 2
+    one_line(capsys, "--model: the checkpoint was trained on the base", "is another model", "--allow-other-base")
+    # the recipe's own base, changed since the run (a hand copy of the checkpoint naming the other base)
+    moved = tmp_path / "cp"
+    shutil.copytree(cp, moved)
+    (moved / ckpt.DONE_FILE).unlink()
+    recipe = (moved / "recipe.yaml").read_text()
+    (moved / "recipe.yaml").write_text(recipe.replace(f"name_or_path: {tiny_dir}", f"name_or_path: {other}"))
+    assert str(other) in (moved / "recipe.yaml").read_text()
+    assert main([command, "--checkpoint", str(moved), "--out", str(tmp_path / "o"), *extra]) == 2
+    one_line(capsys, "key 'model.name_or_path': the checkpoint was trained on the base", "--allow-other-base")
+    assert tree_digest(cp, other) == before and not (tmp_path / "o").exists()
+
+
+def test_29_allow_other_base_merges_and_evaluates_and_says_so(run_a, tiny_dir, tmp_path, capsys):
+    from lowmem_vt.cvbench import generate_cvbench_records
+    from lowmem_vt.merge import MERGE_RECORD
+
+    other = _other_base(tiny_dir, tmp_path)
+    cp = run_a / "checkpoint-2"
+    assert main(["merge", "--checkpoint", str(cp), "--model", str(other), "--out", str(tmp_path / "merged"),
+                 "--allow-other-base"]) == 0
+    record = json.loads((tmp_path / "merged" / MERGE_RECORD).read_text())
+    assert record["base"] == str(other) and "is another model" in record["warning"]
+    data = write_parquet(generate_cvbench_records(2, size=56), tmp_path / "cv" / "test.parquet")
+    assert main(["eval", "--checkpoint", str(cp), "--model", str(other), "--data", str(data), "--device", "cpu", "--limit", "2",
+                 "--max-new-tokens", "2", "--no-progress", "--out", str(tmp_path / "ev"), "--allow-other-base"]) == 0
+    settings = json.loads((tmp_path / "ev" / "results.json").read_text())["settings"]
+    assert "--allow-other-base" in settings["warning"] and "is another model" in settings["warning"]
+    # the base it was trained on: no warning anywhere
+    assert main(["merge", "--checkpoint", str(cp), "--out", str(tmp_path / "merged-own")]) == 0
+    assert "warning" not in json.loads((tmp_path / "merged-own" / MERGE_RECORD).read_text())
+
+
+def test_29_an_unknown_family_is_one_line(tmp_path, capsys):
+    assert main(["build-tiny", str(tmp_path / "t"), "--family", "llama_vl"]) == 2
+    one_line(capsys, "model_type 'llama_vl' is not a model family")
+    assert not (tmp_path / "t").exists()
+
+
+def test_29_an_output_dir_that_cannot_be_created_is_one_line(tiny_dir, tmp_path, capsys, no_model_load):
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc here")
+    assert train(tiny_dir, "/proc/lowmem_vt_run") == 2
+    one_line(capsys, "log.output_dir /proc/lowmem_vt_run")
+    assert main(["build-tiny", "/proc/lowmem_vt_tiny"]) == 2
+    one_line(capsys, "build-tiny /proc/lowmem_vt_tiny cannot be created")
+    assert not os.path.exists("/proc/lowmem_vt_run") and not os.path.exists("/proc/lowmem_vt_tiny")
+
+
+def test_29_every_user_error_class_derives_from_the_one_the_cli_catches(monkeypatch, capsys):
+    """Every exception class of the package is a UserError (one line, status 2), or one of the few the CLI handles
+    on its own terms; a raise of a class defined elsewhere in the package is of one of these."""
+    import ast
+    import importlib
+    import inspect
+    import pkgutil
+
+    import lowmem_vt
+    from lowmem_vt import cli
+    from lowmem_vt.errors import UserError
+
+    # not raised on what a user typed: the trainer's own stop (status 3, cmd_train) and its step-abort signal
+    handled_apart = {"lowmem_vt.trainer.TrainingStopped", "lowmem_vt.trainer.StepInterrupted"}
+    classes = {}
+    for info in pkgutil.walk_packages(lowmem_vt.__path__, "lowmem_vt."):
+        mod = importlib.import_module(info.name)
+        for _, obj in inspect.getmembers(mod, inspect.isclass):
+            if issubclass(obj, BaseException) and obj.__module__.startswith("lowmem_vt"):
+                classes[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    assert {"lowmem_vt.families.UnknownFamily", "lowmem_vt.config.ConfigError", "lowmem_vt.preflight.PreflightError"} <= set(classes)
+    stray = sorted(name for name, cls in classes.items() if not issubclass(cls, UserError) and name not in handled_apart)
+    assert not stray, f"exception classes the CLI would print as a traceback: {stray}; derive them from errors.UserError"
+    # every `raise Name(...)` of a class that is not Python's own names one of them (none hides inside a function)
+    import builtins
+
+    names = {cls.__name__ for cls in classes.values()}
+    for path in Path(lowmem_vt.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name):
+                raised = node.exc.func.id
+                if raised[:1].isupper() and not hasattr(builtins, raised):
+                    assert raised in names, (path, raised)
+    # and the CLI prints each as one line with status 2
+    for name, cls in classes.items():
+        if name in handled_apart:
+            continue
+
+        def raise_it(args, cls=cls):
+            raise cls("what was wrong, where, and what to do")
+
+        monkeypatch.setattr(cli, "cmd_plot", raise_it)
+        assert cli.main(["plot", "x"]) == 2, name
+        one_line(capsys, "error: what was wrong, where, and what to do")
+
+
+def test_29_resume_latest_never_follows_a_checkpoint_linked_from_another_run(run_a, tiny_dir, tmp_path, capsys, no_model_load):
+    a, b = tmp_path / "A", tmp_path / "B"
+    shutil.copytree(run_a, a)
+    shutil.copytree(run_a, b)  # a sibling run with identical settings: only the link check can tell
+    (a / "checkpoint-7").symlink_to(b / "checkpoint-2")
+    before = tree_digest(a, b)
+    assert train(tiny_dir, a, "--resume", "latest", steps=9) == 2
+    one_line(capsys, "checkpoint-7 is a symbolic link to", "outside the run folder")
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint-7 .* outside the run folder"):
+        ckpt.resolve_resume("latest", a)
+    (a / "checkpoint-7").unlink()
+    (a / "metrics.jsonl").unlink()  # a log that is another run's: a resume would truncate it
+    (a / "metrics.jsonl").symlink_to(b / "metrics.jsonl")
+    assert train(tiny_dir, a, "--resume", "latest", steps=9) == 2
+    one_line(capsys, "metrics.jsonl is a symbolic link to", "outside the run folder")
+    assert tree_digest(b) == {k: v for k, v in before.items() if k.startswith(str(b))}
+
+
+def test_29_a_checkpoint_whose_files_lead_outside_it_does_not_verify(run_a, tmp_path, capsys):
+    cp = tmp_path / "cp"
+    shutil.copytree(run_a / "checkpoint-2", cp)
+    elsewhere = tmp_path / "elsewhere.pt"
+    shutil.copy(cp / ckpt.STATE_FILE, elsewhere)  # the same bytes: the checksum alone would pass
+    (cp / ckpt.STATE_FILE).unlink()
+    (cp / ckpt.STATE_FILE).symlink_to(elsewhere)
+    with pytest.raises(ckpt.CheckpointError, match="trainer_state.pt leads outside the checkpoint"):
+        ckpt.verify_checkpoint(cp)
+    # a checkpoint reached through a link the user names is followed (the link is theirs); its files stay inside it
+    link = tmp_path / "link"
+    link.symlink_to(run_a / "checkpoint-2")
+    ckpt.verify_checkpoint(link)
+    assert main(["merge", "--checkpoint", str(cp), "--out", str(tmp_path / "m")]) == 2
+    one_line(capsys, "leads outside the checkpoint")
+
+
+def test_29_an_image_url_is_not_fetched_and_says_so():
+    from lowmem_vt.data import decode_image
+
+    with pytest.raises(DataError, match=r"image 'http://127\.0\.0\.1:9/a\.png' is a URL; URLs are not fetched"):
+        decode_image("http://127.0.0.1:9/a.png")
+    with pytest.raises(DataError, match="is a URL"):
+        decode_image({"path": "https://example.org/x.jpg"}, image_dir="/tmp")
+
+
+def test_29_special_files_are_named_for_what_they_are(tiny_dir, tmp_path, capsys, no_model_load):
+    from lowmem_vt.data import decode_image
+
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)  # opening it for reading would wait for ever: never opened
+    assert main(["train", "/dev/zero"]) == 2
+    one_line(capsys, "recipe file /dev/zero is a character device, not a regular file")
+    assert main(["train", str(fifo)]) == 2
+    one_line(capsys, "is a named pipe, not a regular file")
+    with pytest.raises(DataError, match="image file /dev/zero is a character device, not a regular file"):
+        decode_image("/dev/zero")
+    for path, words in (("/dev/zero", "data.path /dev/zero is a character device"), (fifo, "is a named pipe")):
+        assert train(tiny_dir, tmp_path / "out", "data.source=sat", f"data.path={path}") == 2
+        one_line(capsys, words)
+    assert main(["eval", "--model", str(tiny_dir), "--data", "/dev/zero", "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
+    one_line(capsys, "CV-Bench data /dev/zero is a character device")
+    assert main(["plot", "/dev/zero"]) == 2
+    one_line(capsys, "/dev/zero is a character device")
+
+
+def test_29_a_tab_in_an_override_is_named_as_a_tab(tiny_dir, tmp_path, capsys, no_model_load):
+    assert train(tiny_dir, "out\trun") == 2
+    line = one_line(capsys, "override 'log.output_dir'", "holds a tab character")
+    assert "not a valid value" not in line and "starts with" not in line
+    cfg = load_config(RECIPE, ['log.output_dir="out\trun"'])  # quoted, it is taken as written
+    assert cfg.log.output_dir == "out\trun"

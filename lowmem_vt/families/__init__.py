@@ -5,6 +5,7 @@ Adding a family is one module (a ``QwenVLFamily`` subclass) registered in ``FAMI
 
 from __future__ import annotations
 
+from ..errors import UserError
 from .base import IMAGE_PLACEHOLDER, QwenVLFamily, mrope_positions
 from .qwen2_5_vl import Qwen25VL
 from .qwen2_vl import Qwen2VL
@@ -14,7 +15,7 @@ FAMILIES: dict[str, QwenVLFamily] = {f.model_type: f for f in (Qwen2VL(), Qwen25
 DEFAULT_FAMILY = "qwen2_vl"
 
 
-class UnknownFamily(ValueError):
+class UnknownFamily(UserError, ValueError):
     """A model type no family module handles."""
 
 
