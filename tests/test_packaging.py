@@ -6,9 +6,12 @@ exactly requirements/lock.txt, which holds every declared package at a version i
 """
 
 import configparser
+import os
 import re
+import subprocess
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -78,3 +81,25 @@ def test_make_installs_the_lock():
     assert "$(call make_venv,$(VENV),-c $(LOCK) -e '.[dev]')" in makefile
     assert re.search(r"^\$\(STAMP\): .*\$\(LOCK\)", makefile, flags=re.M)  # a new lock reinstalls
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def _ci_with_make_failing(tmp_path, failing: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """.ci/run with a stand-in `make` on PATH that logs each target and fails on ``failing``."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "make"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$1" >> {calls}\n[ "$1" != "{failing}" ]\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    run = subprocess.run(["bash", str(ROOT / ".ci" / "run")], env=env, capture_output=True, text=True, timeout=60)
+    return run, calls.read_text().split()
+
+
+@pytest.mark.parametrize("failing", ["test", "test-min", "gpu-rehearsal", "test-latest", "none"])
+def test_ci_gates_on_what_this_repository_controls_and_reports_test_latest(tmp_path, failing):
+    """A release upstream (test-latest red) cannot fail CI; a red gate fails it, and the later steps still run."""
+    run, calls = _ci_with_make_failing(tmp_path, failing)
+    assert calls == ["test", "test-min", "gpu-rehearsal", "test-latest"], calls  # every step, whatever failed
+    gates_red = failing in ("test", "test-min", "gpu-rehearsal")
+    assert run.returncode == (1 if gates_red else 0), run.stdout
+    assert ("test-latest RED" in run.stdout) == (failing == "test-latest"), run.stdout
