@@ -197,3 +197,17 @@ def test_skips_failures_and_a_spent_budget_are_reported(check, tmp_path):
     assert "something broke" in check.data["stages"][1]["tail"]
     assert got["silent"] == ("failed", "no silent.json written")
     assert got["late"][0] == "not_run"
+
+
+def test_a_test_module_skipped_at_import_counts_as_a_skip(tmp_path):
+    """A module-level importorskip (a package missing) runs none of the module's tests: the pytest stage counts
+    it, so on the GPU machine it fails the check instead of vanishing from the report."""
+    module = tmp_path / "test_needs_a_missing_package.py"
+    module.write_text("import pytest\n\npytest.importorskip('no_such_package_26')\n\n\ndef test_x():\n    pass\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "bench"), GPU_CHECK_TESTS_JSONL=str(tmp_path / "tests.jsonl"))
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "pytest_results", "-p", "no:cacheprovider", str(module)],
+                   cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    gpu_check.tests_report(tmp_path)
+    result = json.loads((tmp_path / "cuda_tests.json").read_text())
+    assert result["counts"]["skipped"] == 1, result
+    assert gpu_check.skipped_parts(result) == ["1 test: could not import 'no_such_package_26': No module named 'no_such_package_26'"]
