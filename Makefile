@@ -49,10 +49,10 @@ test-latest:
 	$(call make_venv,.venv-latest,-e '.[dev]')
 	.venv-latest/bin/python -m pytest -q tests
 
-# `make gpu-check` rehearsed on CPU: a venv holding only what the GPU machine has (requirements/gpu-machine.txt,
-# locked in gpu-machine-lock.txt: torch, transformers 5.17, peft, accelerate, triton 3.6, pytest, matplotlib and
-# their own dependencies; no hypothesis, pandas, pyarrow, torchvision), the carried wheels, then the GPU check's
-# own install and every stage, smoke-sized (CUDA hidden, Triton interpreted).
+# `make gpu-check` rehearsed on CPU: a venv holding what the GPU machine has (requirements/gpu-machine.txt, its
+# published package list, locked in gpu-machine-lock.txt: torch, transformers 5.17, triton 3.6, peft, accelerate,
+# pandas, pyarrow, hypothesis, ... all but torchvision, which does not load beside the CPU torch here), the carried
+# wheels, then the GPU check's own install and every stage, smoke-sized (CUDA hidden, Triton interpreted).
 .venv-gpu/.installed: $(GPU_LOCK)
 	$(call make_venv,.venv-gpu,-c $(GPU_LOCK) -r requirements/gpu-machine.txt)
 
@@ -78,8 +78,9 @@ lock:
 	.venv-min/bin/python -m pip freeze --exclude-editable | grep -v '^-e ' > $(MIN_LOCK)
 	.venv-gpu/bin/python -m pip freeze --exclude-editable | grep -v '^-e ' > $(GPU_LOCK)
 
-# What CI runs (.ci/run): the suite on the lock, on the minimums, on the newest releases, and the GPU rehearsal.
-ci: test test-min test-latest gpu-rehearsal
+# What CI runs: gates on test, test-min and gpu-rehearsal; runs test-latest and reports it without failing
+ci:
+	.ci/run
 
 # the suite as on an x86 CPU without AVX-512/AMX: torch's kernels and oneDNN capped at AVX2 (results must not
 # depend on the CPU a test runs on; CI machines differ)

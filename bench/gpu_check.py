@@ -73,7 +73,7 @@ MIN_STAGE_S = 15.0  # a stage is not started with less time than this left
 SMOKE_SLOWER = 3.0  # --smoke: stage budgets (set for an H100) times this; on 2 busy CPU cores a smoke stage can take
                     # longer than the real one on the GPU (the interpreter, models built afresh)
 POLL_S = 2.0
-PACKAGES = ["torch", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "datasets", "liger-kernel",
+PACKAGES = ["torch", "torchvision", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "datasets", "liger-kernel",
             "numpy", "pytest", "lowmem-vt"]
 CARRY_LIMIT_MIB = 60  # the device tool moves at most 64 MiB (working tree + carried paths)
 
