@@ -332,9 +332,9 @@ class Check:
             # the GPU machine has a GPU, torchvision, and the carried wheels: nothing there has a reason to skip
             rec.update(status="failed", reason="skipped on the GPU machine, which should not need to: " + "; ".join(skips))
         elif result.get("skipped") or (stage.script is None and not result["counts"]["passed"]):
-            rec.update(status="skipped", reason="expected on CPU: " + "; ".join(skips))
+            rec.update(status="skipped", reason="expected off the GPU machine: " + "; ".join(skips))
         else:
-            rec.update(status="ok", **({"reason": "expected on CPU: " + "; ".join(skips)} if skips else {}))
+            rec.update(status="ok", **({"reason": "expected off the GPU machine: " + "; ".join(skips)} if skips else {}))
         self.save()
         self.log(f"=== {stage.name}: {rec['status']} in {rec['seconds']:.0f} s {rec.get('reason', '')}")
 

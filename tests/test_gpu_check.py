@@ -18,6 +18,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import gpu_check  # noqa: E402
 
+from lowmem_vt.families import FAMILIES  # noqa: E402
+
 
 def test_smoke_runs_every_stage_on_cpu(tmp_path):
     run = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
@@ -36,6 +38,9 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
     assert "torch" in timed and "triton_fused_linear" in timed, list(timed)  # both heads ran (interpreter)
     assert stages["rollout"]["result"]["tables"]["rollout"]  # the engine rows of the trainer's call
     assert stages["doctor"]["result"]["rc"] == 0 and "## lowmem-vt doctor" in stages["doctor"]["markdown"]
+    processor = stages["processor"]["result"]  # every family, every case compared, each side's class named
+    assert [f["family"] for f in processor["families"]] == list(FAMILIES) and not processor["failures"], processor
+    assert all(len(f["rows"]) == 3 and f["theirs"] for f in processor["families"])
     for name in ("step_lora", "step_qlora"):
         phases = stages[name]["result"]["phases"]
         assert {p["step"] for p in phases} == {1, 2, 3}, name  # 3 steps, every phase timed
@@ -116,8 +121,8 @@ def test_a_skip_is_expected_on_cpu_and_a_failure_on_the_gpu_machine(tmp_path, sm
         check.run_stage(gpu_check.Stage(name, name, 30, script))
     got = {s["name"]: (s["status"], s.get("reason", "")) for s in check.data["stages"]}
     if smoke:
-        assert got["whole"] == ("skipped", "expected on CPU: needs a CUDA GPU")
-        assert got["part"] == ("ok", "expected on CPU: liger: liger_kernel does not import")
+        assert got["whole"] == ("skipped", "expected off the GPU machine: needs a CUDA GPU")
+        assert got["part"] == ("ok", "expected off the GPU machine: liger: liger_kernel does not import")
     else:
         assert got["whole"] == ("failed", "skipped on the GPU machine, which should not need to: needs a CUDA GPU")
         assert got["part"] == ("failed", "skipped on the GPU machine, which should not need to: liger: liger_kernel does not import")
@@ -192,7 +197,7 @@ def test_skips_failures_and_a_spent_budget_are_reported(check, tmp_path):
     check.budget = 0  # nothing left for the next stage
     check.run_stage(gpu_check.Stage("late", "late", 30, silent))
     got = {s["name"]: (s["status"], s.get("reason", "")) for s in check.data["stages"]}
-    assert got["skip"] == ("skipped", "expected on CPU: needs a CUDA GPU")
+    assert got["skip"] == ("skipped", "expected off the GPU machine: needs a CUDA GPU")
     assert got["fail"][0] == "failed" and "3" in got["fail"][1]
     assert "something broke" in check.data["stages"][1]["tail"]
     assert got["silent"] == ("failed", "no silent.json written")
