@@ -59,7 +59,7 @@ test-latest:
 # published package list, locked in gpu-machine-lock.txt: torch, transformers 5.17, triton 3.6, peft, accelerate,
 # pandas, pyarrow, hypothesis, ... all but torchvision, which does not load beside the CPU torch here), the carried
 # wheels, then the GPU check's own install and every stage, smoke-sized (CUDA hidden, Triton interpreted).
-.venv-gpu/.installed: $(GPU_LOCK)
+.venv-gpu/.installed: $(GPU_LOCK) requirements/gpu-machine.txt
 	$(call make_venv,.venv-gpu,-c $(GPU_LOCK) -r requirements/gpu-machine.txt)
 
 # the same wheels as make gpu-wheels, built for this machine's Python (the GPU machine's is 3.12)
