@@ -67,12 +67,10 @@ def transformers_processor(model_dir: Path, our_image_processor, smoke: bool) ->
         why = str(exc).strip().split(". ")[0]
     from unittest import mock
 
-    from transformers import AutoConfig
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
     from transformers.processing_utils import ProcessorMixin
-
-    import transformers
-    from transformers import AutoTokenizer
 
     cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[AutoConfig.from_pretrained(model_dir).model_type])
     check = ProcessorMixin.check_argument_for_proper_class
