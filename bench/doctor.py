@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true", help="CPU: the environment, and the list of what needs a GPU")
     args = p.parse_args(argv)
+    if report.fault():  # the GPU check's --fault: wrong Triton heads, which the doctor's head check must fail
+        report.break_triton_heads()
     from lowmem_vt.selfcheck.doctor import run_doctor
 
     text, rc = run_doctor(None)

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available() and not args.smoke
     findings = check_triton_environment(cuda)
     if all(f.ok for f in findings):  # a launch is only worth trying once its build can work
-        findings.append(trivial_launch("cuda" if cuda else "cpu"))
+        findings.append(trivial_launch("cuda" if cuda else "cpu", add=1.01 if report.fault() else 1.0))  # --fault: a wrong kernel
     rows = [[f.what, "ok" if f.ok else "MISSING", f.detail] for f in findings]
     report.write(args.out, "environment", {"cuda": cuda, "findings": [f.__dict__ for f in findings]},
                  report.table(["needed by Triton", "", "detail"], rows))

@@ -11,6 +11,7 @@ Stages, in order of value (budget in seconds on an H100; each runs as its own pr
 | environment | `bench/environment.py`: C compiler, Python.h, libcuda (what Triton builds its launcher with) and one trivial Triton launch; when it fails, nothing else runs and one line says what is missing | 60 |
 | doctor | `bench/doctor.py`: `lowmem-vt doctor`, the environment and both Triton loss heads at Qwen2-VL-2B's head shape against the torch reference on this GPU (the self-check every run does before step 1) | 60 |
 | cuda_tests | `pytest -m gpu tests`: the tests that need CUDA (kernels in bf16, NF4, planner refusal, engine) | 90 |
+| processor | `bench/processor.py`: our input builder against transformers' processor, every family | 45 |
 | loss_head | `bench/loss_head.py`: our loss head vs plain torch vs Liger | 45 |
 | rollout | `bench/rollout.py`: the trainer's call, engine at batch 8 and 64, adapter on/off; HF generate 1 x 8 x 128, scaled | 120 |
 | step_lora | `bench/step.py --recipe recipes/sat_lora.yaml --steps 3 --backend engine`: whole step, time and peak per phase beside the planner | 80 |
@@ -30,7 +31,9 @@ device machine returns at most eight; both are rewritten every few seconds while
 cut off from outside still returns what was measured. A stage is ``ok`` (its script ran and wrote its
 result), ``skipped`` (its script recorded why it cannot run here, bench/report.py's ``skip``), ``failed``
 (non-zero exit, or no result), ``timeout`` (killed at its budget; what it had written is kept) or
-``not_run`` (no budget left, or not chosen by ``--only``).
+``not_run`` (no budget left, or not chosen by ``--only``). Without ``--smoke`` (the GPU machine: a GPU, torchvision,
+the carried wheels) a skip is a failure, of a stage, of a method in its table or of a gpu test; with ``--smoke``
+the skips are expected on CPU and stated so.
 
 ``--install``: the carried wheels (``wheels/*.whl``, made by ``make gpu-wheels``) go to a target folder put
 first on PYTHONPATH, and the project is installed with ``pip install --no-deps --no-build-isolation -e .``;
@@ -42,7 +45,9 @@ nothing is fetched and the machine's torch is never replaced.
 Every stage can fail: on a crash, and on a disagreement beyond its stated tolerance (loss head: log-probs, loss and
 dh against the fp32 reference; rollout: the engine's log-probs against the trainer's; whole step: finite loss and
 gradient, sampler log-probs against the trainer's). ``--fault STAGE ...`` (for tests) hands those stages a deliberately
-wrong method (``LOWMEM_BENCH_FAULT=1`` in its process, bench/report.py's ``fault``); the stage must then fail.
+wrong method (``LOWMEM_BENCH_FAULT=1`` in its process, bench/report.py's ``fault``; each Stage names its ``fault``); the stage must
+then fail. Every stage has one; the doctor's and the CUDA tests' (wrong Triton heads) run only on a GPU, so
+``--smoke`` refuses them rather than report a fault test that did nothing.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ MIN_STAGE_S = 15.0  # a stage is not started with less time than this left
 SMOKE_SLOWER = 3.0  # --smoke: stage budgets (set for an H100) times this; on 2 busy CPU cores a smoke stage can take
                     # longer than the real one on the GPU (the interpreter, models built afresh)
 POLL_S = 2.0
-PACKAGES = ["torch", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "datasets", "liger-kernel",
+PACKAGES = ["torch", "torchvision", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "datasets", "liger-kernel",
             "numpy", "pytest", "lowmem-vt"]
 CARRY_LIMIT_MIB = 60  # the device tool moves at most 64 MiB (working tree + carried paths)
 
@@ -80,6 +85,8 @@ class Stage:
     budget_s: float
     script: str | None  # bench script; None for the pytest stage
     args: list[str] = field(default_factory=list)
+    fault: str = ""  # the deliberately wrong method --fault hands it (LOWMEM_BENCH_FAULT=1), which must fail the stage
+    fault_needs_cuda: bool = False  # the wrong method runs only on a GPU: --fault refused with --smoke
 
     def command(self, out: Path, smoke: bool) -> list[str]:
         if self.script is None:  # pytest -m gpu; bench/pytest_results.py logs each test, tests_report() sums up
@@ -92,21 +99,27 @@ class Stage:
         return Path(self.script).stem if self.script else self.name
 
 
+WRONG_HEAD = "the Triton heads' loss and log-probs x1.01 (bench/report.py break_triton_heads)"
 STAGES = [
-    Stage("environment", "What Triton needs: C compiler, Python.h, libcuda; one trivial launch", 60, "bench/environment.py"),
-    Stage("doctor", "lowmem-vt doctor: environment, Triton heads vs torch at the 2B head shape", 60, "bench/doctor.py"),
-    Stage("cuda_tests", "CUDA tests (pytest -m gpu)", 90, None),
-    Stage("loss_head", "Loss head: ours vs torch vs Liger", 45, "bench/loss_head.py"),
+    Stage("environment", "What Triton needs: C compiler, Python.h, libcuda; one trivial launch", 60, "bench/environment.py",
+          fault="the trivial launch adds 1.01 instead of 1"),
+    Stage("doctor", "lowmem-vt doctor: environment, Triton heads vs torch at the 2B head shape", 60, "bench/doctor.py",
+          fault=WRONG_HEAD, fault_needs_cuda=True),  # without a GPU the doctor checks no head
+    Stage("cuda_tests", "CUDA tests (pytest -m gpu)", 90, None, fault=WRONG_HEAD, fault_needs_cuda=True),
+    Stage("processor", "Our input builder vs transformers' processor, every family", 45, "bench/processor.py",
+          fault="our pixel values x1.01"),
+    Stage("loss_head", "Loss head: ours vs torch vs Liger", 45, "bench/loss_head.py", fault="the fused-linear head's loss x1.01"),
     # HF generate runs 1 x 8 x 128 tokens there (8 x 1024 would take ~85 s), its time scaled to the full length
-    Stage("rollout", "Rollout: the trainer's call, engine at batch 8 and 64, HF generate shorter", 120, "bench/rollout.py", []),
+    Stage("rollout", "Rollout: the trainer's call, engine at batch 8 and 64, HF generate shorter", 120, "bench/rollout.py", [],
+          fault="the engine's log-probs off by 0.5"),
     # the anchors' shapes (1 prompt x 8 x 1024, micro-batch 8); the engine: HF would take ~85 s a rollout
     Stage("step_lora", "Whole step, sat_lora (bf16 LoRA), 3 steps", 80, "bench/step.py",
-          ["--recipe", "recipes/sat_lora.yaml", "--steps", "3", "--backend", "engine"]),
+          ["--recipe", "recipes/sat_lora.yaml", "--steps", "3", "--backend", "engine"], fault="a NaN loss"),
     Stage("step_qlora", "Whole step, sat_qlora (NF4 QLoRA), 3 steps", 80, "bench/step.py",
-          ["--recipe", "recipes/sat_qlora.yaml", "--steps", "3", "--backend", "engine"]),
+          ["--recipe", "recipes/sat_qlora.yaml", "--steps", "3", "--backend", "engine"], fault="a NaN loss"),
     # TRL's first step at 1024 tokens took 134 s on the H100 (the second 70.5 s): 128 tokens, both sides
     Stage("vs_trl", "TRL GRPOTrainer at the same shapes (128 tokens)", 150, "bench/vs_trl.py",
-          ["--completion", "128", "--steps", "2"]),
+          ["--completion", "128", "--steps", "2"], fault="our step raises"),
 ]
 
 ENV_PROBE = r"""
@@ -306,20 +319,40 @@ class Check:
         rc, tail = self.run_logged(stage.command(d, self.smoke), budget, on_poll=collect)
         collect()
         result = rec.get("result")
+        skips = skipped_parts(result)
         if rc is None:
             rec.update(status="timeout", reason=f"stopped at its {budget:.0f} s budget", tail=tail)
         elif stage.script is None and rc == 5:
-            rec.update(status="skipped", reason="no test is marked gpu")
+            rec.update(status="failed", reason="no test is marked gpu: pytest collected nothing")
         elif rc != 0:
             rec.update(status="failed", reason=f"exit code {rc}", tail=tail)
         elif result is None:
             rec.update(status="failed", reason=f"no {stage.result_name}.json written", tail=tail)
-        elif result.get("skipped"):
-            rec.update(status="skipped", reason=result["skipped"])
+        elif skips and not self.smoke:
+            # the GPU machine has a GPU, torchvision, and the carried wheels: nothing there has a reason to skip
+            rec.update(status="failed", reason="skipped on the GPU machine, which should not need to: " + "; ".join(skips))
+        elif result.get("skipped") or (stage.script is None and not result["counts"]["passed"]):
+            rec.update(status="skipped", reason="expected off the GPU machine: " + "; ".join(skips))
         else:
-            rec.update(status="ok")
+            rec.update(status="ok", **({"reason": "expected off the GPU machine: " + "; ".join(skips)} if skips else {}))
         self.save()
         self.log(f"=== {stage.name}: {rec['status']} in {rec['seconds']:.0f} s {rec.get('reason', '')}")
+
+
+def skipped_parts(result: dict | None) -> list[str]:
+    """What a stage's result says it skipped: the whole stage (bench/report.py's ``skip``), methods of its table
+    (loss_head's rows: ``skipped: why``), or tests (cuda_tests' counts)."""
+    if not result:
+        return []
+    out = [result["skipped"]] if result.get("skipped") else []
+    out += [f"{r.get('method')}: {r['note'].removeprefix('skipped: ')}" for r in result.get("rows", [])
+            if isinstance(r, dict) and str(r.get("note", "")).startswith("skipped: ")]
+    why: dict[str, int] = {}
+    for t in result.get("tests", []):
+        if t.get("outcome") == "skipped":
+            why[t["message"]] = why.get(t["message"], 0) + 1
+    out += [f"{n} test{'s' if n > 1 else ''}: {message}" for message, n in why.items()]
+    return out
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -377,10 +410,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                 "(480; with --smoke 3 x that)")
     p.add_argument("--only", nargs="+", choices=[s.name for s in STAGES], help="run these stages only")
     p.add_argument("--fault", nargs="+", default=[], choices=[s.name for s in STAGES],
-                   help="(tests) hand these stages a deliberately wrong method: they must fail")
+                   help="(tests) hand these stages a deliberately wrong method: they must fail. "
+                        + "; ".join(f"{s.name}: {s.fault}" for s in STAGES))
     p.add_argument("--carry-size", action="store_true", help="print what the device tool would move (MiB) and exit; "
                                                              f"non-zero above {CARRY_LIMIT_MIB} MiB")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cpu_only = [s.name for s in STAGES if s.name in args.fault and s.fault_needs_cuda and args.smoke]
+    if cpu_only:  # accepted only where the stage can fail: on CPU these run no head, their wrong method shows nowhere
+        p.error(f"--fault {' '.join(cpu_only)}: the wrong head runs only on a CUDA GPU (on CPU the doctor checks no head "
+                "and every gpu test skips); give it without --smoke on the GPU machine")
+    return args
 
 
 def main(argv=None) -> int:

@@ -54,3 +54,27 @@ def fault() -> bool:
     """Whether the GPU check's ``--fault`` handed this stage a deliberately wrong method (tests: a stage that
     cannot fail checks nothing)."""
     return os.environ.get("LOWMEM_BENCH_FAULT") == "1"
+
+
+def break_triton_heads() -> None:
+    """The GPU check's ``--fault`` for the doctor and the CUDA tests: every Triton head's loss and log-probs x1.01
+    (the torch reference left right). Patched into ``lowmem_vt.kernels.head`` before the checks import it by name."""
+    import inspect
+
+    import lowmem_vt.kernels.head as head
+
+    def wrong(right, outputs):
+        sig = inspect.signature(right)
+
+        def call(*args, **kwargs):
+            got = right(*args, **kwargs)
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            if head.resolve_backend(bound.arguments["backend"], bound.arguments["hidden"].device) not in head.TRITON_BACKENDS:
+                return got
+            return outputs(got)
+
+        return call
+
+    head.fused_grpo_loss = wrong(head.fused_grpo_loss, lambda got: (got[0] * 1.01, got[1], got[2] * 1.01))
+    head.token_logprobs = wrong(head.token_logprobs, lambda logp: logp * 1.01)

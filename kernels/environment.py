@@ -68,22 +68,23 @@ def check_triton_environment(cuda: bool) -> list[Finding]:
     return [c_compiler(), python_header(), *([libcuda()] if cuda else [])]
 
 
-def trivial_launch(device: str) -> Finding:
-    """One tiny kernel (x + 1 over 1000 floats) on ``device``, its result checked. On CPU this needs
-    TRITON_INTERPRET=1 (read when the kernel is defined, here)."""
+def trivial_launch(device: str, add: float = 1.0) -> Finding:
+    """One tiny kernel (x + ``add`` over 1000 floats) on ``device``, its result checked against x + 1. On CPU this
+    needs TRITON_INTERPRET=1 (read when the kernel is defined, here). ``add`` other than 1 is the GPU check's
+    ``--fault``: a kernel that runs but computes the wrong thing must read as a failure."""
     try:
         import torch
         import triton
         import triton.language as tl
 
         @triton.jit
-        def add_one(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        def add_one(x_ptr, out_ptr, n, add, BLOCK: tl.constexpr):
             offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-            tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1.0, mask=offs < n)
+            tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + add, mask=offs < n)
 
         x = torch.arange(1000, dtype=torch.float32, device=device)
         out = torch.empty_like(x)
-        add_one[(triton.cdiv(1000, 256),)](x, out, 1000, BLOCK=256)
+        add_one[(triton.cdiv(1000, 256),)](x, out, 1000, add, BLOCK=256)
         ok = torch.equal(out.cpu(), x.cpu() + 1)
         return Finding("Triton launch", ok, f"x + 1 on {device}: " + ("correct" if ok else "WRONG result"))
     except Exception as exc:  # noqa: BLE001 -- whatever the build or the driver raises is the finding

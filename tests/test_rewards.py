@@ -1,7 +1,7 @@
 import re
 
 import pytest
-pytest.importorskip("hypothesis", reason="a dev package; the GPU machine has none, and its GPU tests must still collect")
+pytest.importorskip("hypothesis", reason="a dev package (the GPU machine has it: requirements/gpu-machine.txt)")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
