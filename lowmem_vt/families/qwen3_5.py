@@ -53,6 +53,8 @@ class Qwen35(QwenVLFamily):
     label = "Qwen3.5"
     class_name = "Qwen3_5ForConditionalGeneration"
     linear_names = (*QwenVLFamily.linear_names, "in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
+    # the decay (a) and write-strength (b) projections give one value per value head (32 in the published models)
+    rank_exempt = ("in_proj_a", "in_proj_b")
     tiny_special_tokens = SPECIAL_TOKENS
     tiny_eos_token = "<|im_end|>"
     norm_offset = 1.0
