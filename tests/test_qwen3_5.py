@@ -34,9 +34,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny35(tmp_path_factory):
-    from lowmem_vt.tiny import build_tiny_model
+    """``lowmem-vt build-tiny --family qwen3_5``."""
+    from lowmem_vt.cli import main
 
-    return build_tiny_model(tmp_path_factory.mktemp("qwen3_5") / "tiny", family=family_named("qwen3_5"))
+    out = tmp_path_factory.mktemp("qwen3_5") / "tiny"
+    assert main(["build-tiny", str(out), "--family", "qwen3_5"]) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,9 @@ def lm(tiny35):
             if "lora_B" in name:
                 p.normal_(0.0, 0.05)
     lm.peft_model.eval()
+    # the simulator's hook (fake tensors through the linear-attention mask) installed: the checks below show real
+    # tensors still take the model's own path
+    lm.family.prepare_for_fake_tensors(lm.hf_model)
     return lm
 
 
@@ -258,3 +264,21 @@ def test_qwen3_5_moe_is_refused_in_one_line(tmp_path):
         with pytest.raises(PreflightError, match="Qwen3.5-MoE .* is not supported.*use a dense Qwen3.5") as err:
             check_model_source(name, "key 'model.name_or_path'")
         assert "\n" not in str(err.value)
+
+
+def test_the_step_runs_on_fake_tensors(tiny35):
+    """The memory simulator runs the tiny Qwen3.5's step (both layer kinds, LoRA on the linear-attention layers)
+    without values: the text model's all-ones test of the mask has none (``Qwen35.prepare_for_fake_tensors``)."""
+    from test_simulate import simulate_fresh
+
+    sim = simulate_fresh("recipes/demo_tiny.yaml", [f"model.name_or_path={tiny35}", "train.micro_batch_size=2",
+                                                    "grpo.num_generations=2", "train.prompts_per_step=1",
+                                                    f"lora.target_modules=[{','.join(TARGETS)}]"])
+    assert sim["peaks"]["policy update"] > sim["resident"] > 0
+
+
+def test_tiny_names_build_qwen3_5():
+    from lowmem_vt.tiny import parse_tiny_name
+
+    family, base, folder = parse_tiny_name("tiny-base-qwen3_5:x/y")
+    assert (family.model_type, base, folder) == ("qwen3_5", True, "x/y")
