@@ -76,8 +76,8 @@ class Qwen35(QwenVLFamily):
         return list(text_config.layer_types)
 
     def engine_layer(self, layer) -> SimpleNamespace:
-        """Full attention: the base parts with the q/k norms and ``output_gate`` (q_proj's second half per head
-        gates the attention output through a sigmoid). Linear attention: its norms and MLP, and the Gated DeltaNet's
+        """Full attention: the base parts with the q/k norms and ``output_gate`` (each head's q_proj output is its
+        query then its gate, head_dim each; the attention output is multiplied by the gate's sigmoid). Linear attention: its norms and MLP, and the Gated DeltaNet's
         projections, conv, decay parameters (``A_log``, ``dt_bias``), gated norm and sizes."""
         if not hasattr(layer, "linear_attn"):
             parts = super().engine_layer(layer)
