@@ -282,3 +282,14 @@ def test_tiny_names_build_qwen3_5():
 
     family, base, folder = parse_tiny_name("tiny-base-qwen3_5:x/y")
     assert (family.model_type, base, folder) == ("qwen3_5", True, "x/y")
+
+
+def test_lora_rank_check_skips_the_per_head_linears(lm):
+    """in_proj_a / in_proj_b have one output per value head (4 here, 32 in the published models): the paper's r 64
+    stays allowed with them targeted; a rank over a wide layer's side is still refused."""
+    from lowmem_vt.preflight import PreflightError, check_lora_rank
+
+    targets = f"lora.target_modules=[{','.join(TARGETS)}]"
+    check_lora_rank(load_config(None, ["lora.r=16", targets]), lm.config)
+    with pytest.raises(PreflightError, match=r"key 'lora.r': 65 exceeds the smallest side \(64\)"):
+        check_lora_rank(load_config(None, ["lora.r=65", targets]), lm.config)
