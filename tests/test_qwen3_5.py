@@ -53,9 +53,6 @@ def lm(tiny35):
             if "lora_B" in name:
                 p.normal_(0.0, 0.05)
     lm.peft_model.eval()
-    # the simulator's hook (fake tensors through the linear-attention mask) installed: the checks below show real
-    # tensors still take the model's own path
-    lm.family.prepare_for_fake_tensors(lm.hf_model)
     return lm
 
 
@@ -268,7 +265,8 @@ def test_qwen3_5_moe_is_refused_in_one_line(tmp_path):
 
 def test_the_step_runs_on_fake_tensors(tiny35):
     """The memory simulator runs the tiny Qwen3.5's step (both layer kinds, LoRA on the linear-attention layers)
-    without values: the text model's all-ones test of the mask has none (``Qwen35.prepare_for_fake_tensors``)."""
+    without values: the text model tests its padding mask for all ones, which a fake mask answers without a value
+    (the simulator makes the batch's mask one)."""
     from test_simulate import simulate_fresh
 
     sim = simulate_fresh("recipes/demo_tiny.yaml", [f"model.name_or_path={tiny35}", "train.micro_batch_size=2",

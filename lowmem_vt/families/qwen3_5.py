@@ -95,27 +95,6 @@ class Qwen35(QwenVLFamily):
     def vision_shape(self, vision_config) -> dict[str, int]:
         return {"embed": vision_config.hidden_size, "mlp": vision_config.intermediate_size}
 
-    def prepare_for_fake_tensors(self, hf_model) -> None:
-        # the text model asks whether its 2-D mask is all ones (then the linear-attention layers skip zeroing padded
-        # positions): a value fake tensors do not have. Under a fake mode the mask is always applied (what a padded
-        # batch costs: one more [B, S, H] product per linear-attention layer); real tensors take the model's own path
-        import transformers.models.qwen3_5.modeling_qwen3_5 as modeling
-        from torch._guards import detect_fake_mode
-
-        own = modeling.create_recurrent_attention_mask
-        if getattr(own, "_lowmem_fake_aware", False):
-            return
-
-        def recurrent_mask(config, inputs_embeds, attention_mask, *args, **kwargs):
-            # the simulator's mode makes every result fake, the batch's own tensors included or not
-            if (attention_mask is not None and attention_mask.ndim == 2 and inputs_embeds.shape[1] > 1
-                    and detect_fake_mode((inputs_embeds, attention_mask)) is not None):
-                return attention_mask[:, -inputs_embeds.shape[1]:]
-            return own(config, inputs_embeds, attention_mask, *args, **kwargs)
-
-        recurrent_mask._lowmem_fake_aware = True
-        modeling.create_recurrent_attention_mask = recurrent_mask
-
     def tiny_config(self, tokenizer, hidden_size: int = 64, layers: int = 2):
         """Linear attention then full attention, alternating (the published 3:1 needs 4 layers per full one; 1:1
         keeps both kinds in a 2-layer model). head_dim 48 with partial rotary 0.25: 6 rotary frequencies,
