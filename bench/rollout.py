@@ -199,7 +199,8 @@ def decode_step_ms(lm, prompts, embeds, params, repeats: int, width: int | None 
         eager = lambda: engine._decode_step(s, w, params, s.active, s.layout.span(0))  # noqa: E731
         ways = [("eager", eager)]
         if engine.graphs is not None:
-            ways.append(("CUDA graph (the engine's)", engine._capture(s, eager, engine.graphs.new_pool()).replay))
+            engine.graphs.warm_up(eager)  # as the engine does: one eager step on the capture stream, then capture
+            ways.append(("CUDA graph (the engine's)", engine.graphs.capture(eager, s.generators or [], engine.graphs.new_pool()).replay))
         saved = [t.clone() for t in s.advancing()]
         rows = []
         for name, step in ways:

@@ -238,17 +238,18 @@ def test_vllm_backend_generates(tiny_dir, prompts):  # pragma: no cover - needs 
 
 @pytest.mark.parametrize("seeds", [[11, 22, 33], None], ids=["per-prompt-seeds", "global-rng"])
 def test_emulated_graph_capture_samples_what_eager_samples(lm, prompts, embeds, seeds):
-    """The capture path (warm-up, restore, capture, replay; one graph per bucket) on CPU with the CUDA calls
-    emulated: same tokens and log-probs as the eager path for the same seeds. The warm-up draws random numbers;
-    before the fix its draws shifted every replay's, so the graph path sampled differently from token 2 on."""
+    """The capture path (a bucket's first step eager on the capture stream, capture, replay; one graph per
+    bucket) on CPU with the CUDA calls emulated: same tokens and log-probs as the eager path for the same seeds.
+    (When the warm-up was an extra step undone afterwards, its draws once shifted every replay's.)"""
     params = SamplingParams(3, 14, seeds=seeds)
     torch.manual_seed(7)
     eager = EngineRollout(lm, decode_bucket=4).generate(prompts, embeds, params)
     graphs = EmulatedGraphs()
     torch.manual_seed(7)
     replayed = EngineRollout(lm, decode_bucket=4, graphs=graphs).generate(prompts, embeds, params)
-    # 13 decode steps: 0-3, 4-7, 8-11 are captured buckets; step 12 alone runs eagerly
-    assert [g.replays for g in graphs.captured] == [4, 4, 4] and graphs.warm_ups == 3
+    # 13 decode steps: 0-3, 4-7, 8-11 are captured buckets (the first step of each the warm-up, 3 replays);
+    # step 12 alone runs eagerly
+    assert [g.replays for g in graphs.captured] == [3, 3, 3] and graphs.warm_ups == 3
     assert torch.equal(replayed.completion_ids, eager.completion_ids)
     assert torch.equal(replayed.sampling_logprobs, eager.sampling_logprobs)
 
@@ -313,8 +314,8 @@ def test_finished_rows_leave_the_batch_without_changing_any_sample(lm, prompts, 
     batch = [active * width for active, width, _ in shapes]
     assert batch == sorted(batch, reverse=True)
     assert all(live <= active * width for active, width, live in shapes)
-    if graphs:  # 15 decode steps: 5 buckets of 3, each a graph captured at its batch size and replayed 3 times
-        assert [g.replays for g in emulated.captured] == [3] * len(shapes)
+    if graphs:  # 15 decode steps: 5 buckets of 3, each a warm-up step then a graph captured at its batch size
+        assert [g.replays for g in emulated.captured] == [2] * len(shapes)  # and replayed twice
 
 
 def test_cache_holds_each_prompt_once_and_attention_reads_the_filled_part(lm, prompts, embeds):

@@ -110,7 +110,8 @@ def test_b_greedy_graph_replay_equals_the_eager_path(setup):
 
 
 def test_b_seeded_sampling_graph_replay_equals_the_eager_path(setup):
-    """The RNG fix: the warm-up's draws are undone, so replays draw what eager steps draw for the same seeds."""
+    """The warm-up is a real step and the capture draws nothing, so replays draw what eager steps draw for the same
+    seeds."""
     from lowmem_vt.rollout import SamplingParams
     from lowmem_vt.rollout.engine import EngineRollout
 
