@@ -155,16 +155,19 @@ class QwenVLFamily:
 
     # ------------------------------------------------------------------------------------- engine
 
+    # RMSNorm scales by (norm_offset + weight): 0 for Qwen2/Qwen3, 1 for zero-centred norms (Qwen3.5)
+    norm_offset: float = 0.0
+
     def engine_layer(self, layer) -> SimpleNamespace:
-        """A decoder layer's parts as the rollout engine runs them. ``kind``: "attention" (norms, projections,
-        activation, scaling, the per-head q/k norms or None, ``output_gate``: q_proj also carries a sigmoid gate
-        on the attention output) or "linear" (a Gated DeltaNet layer: see ``rollout.engine``);
-        ``zero_centred``: the RMSNorms scale by 1 + weight (Qwen3.5)."""
+        """A decoder layer's parts as the rollout engine runs them: its ``kind`` (``layer_types``), norms (scaled by
+        ``norm_offset + weight``), projections, activation, scaling, the per-head q/k norms (None where the family
+        has none) and ``output_gate`` (q_proj carries a sigmoid gate of the attention output per head: Qwen3.5).
+        A ``"linear_attention"`` layer's parts are its family's (``qwen3_5.Qwen35.engine_layer``)."""
         a, m = layer.self_attn, layer.mlp
-        return SimpleNamespace(kind="attention", norm1=layer.input_layernorm, norm2=layer.post_attention_layernorm,
-                               q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj, gate=m.gate_proj, up=m.up_proj,
-                               down=m.down_proj, act=m.act_fn, scaling=a.scaling, q_norm=None, k_norm=None,
-                               output_gate=False, zero_centred=False)
+        return SimpleNamespace(kind="full_attention", norm1=layer.input_layernorm, norm2=layer.post_attention_layernorm,
+                               norm_offset=self.norm_offset, q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj,
+                               gate=m.gate_proj, up=m.up_proj, down=m.down_proj, act=m.act_fn, scaling=a.scaling,
+                               q_norm=None, k_norm=None, output_gate=False)
 
     # ------------------------------------------------------------------------ planner / simulator
 
@@ -191,35 +194,6 @@ class QwenVLFamily:
     def image_processor_config(self, min_pixels: int = 3136, max_pixels: int = 401408) -> dict:
         """The family's preprocessor_config.json."""
         raise NotImplementedError
-
-
-# ------------------------------------------------------------------------------ hybrid decoders
-
-
-def gated_deltanet_engine_layer(layer) -> SimpleNamespace:
-    """The engine's parts of a hybrid decoder layer with zero-centred RMSNorms (Qwen3.5: ``layer.linear_attn``, a
-    Gated DeltaNet, or ``layer.self_attn`` with an output gate in q_proj and per-head q/k norms).
-
-    A linear-attention layer's parts: its projections (``in_qkv`` to q, k and v before the causal conv, ``in_z``
-    the output gate, ``in_b`` and ``in_a`` the delta rule's write strength and decay), ``conv_weight``
-    [channels, 1, kernel], ``A_log`` and ``dt_bias`` (the decay), ``attn_norm`` (the gated RMSNorm),
-    ``out``, and ``chunk_rule``: the model's own chunked delta rule, from the module that defines the layer
-    (transformers there dispatches to flash-linear-attention's kernel on a GPU where it is installed).
-    """
-    import importlib
-
-    m = layer.mlp
-    common = dict(norm1=layer.input_layernorm, norm2=layer.post_attention_layernorm, gate=m.gate_proj, up=m.up_proj,
-                  down=m.down_proj, act=m.act_fn, zero_centred=True)
-    if getattr(layer, "linear_attn", None) is None:
-        a = layer.self_attn
-        return SimpleNamespace(kind="attention", q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj, scaling=a.scaling,
-                               q_norm=a.q_norm, k_norm=a.k_norm, output_gate=True, **common)
-    g = layer.linear_attn
-    modeling = importlib.import_module(type(g).__module__)
-    return SimpleNamespace(kind="linear", in_qkv=g.in_proj_qkv, in_z=g.in_proj_z, in_b=g.in_proj_b, in_a=g.in_proj_a,
-                           conv_weight=g.conv1d.weight, A_log=g.A_log, dt_bias=g.dt_bias, attn_norm=g.norm, out=g.out_proj,
-                           chunk_rule=modeling.torch_chunk_gated_delta_rule, **common)
 
 
 # ------------------------------------------------------------------------------ tiny-model helpers

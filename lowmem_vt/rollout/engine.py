@@ -49,6 +49,7 @@ depends only on its prompt and its own tokens, so nothing pads it: prompts are n
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -63,6 +64,7 @@ from .fused import rms_norm, rope_into_cache, rotate
 from .linears import DecodeWeights, lay_out_projections
 from .sampling import sample_tokens
 
+LINEAR = "linear_attention"  # a layer kind (families' layer_types): Gated DeltaNet, a conv and a recurrent state
 # Checking "every row has ended" is a host sync; on the GPU do it every few steps, not between every replay.
 STOP_CHECK_EVERY = 16
 
@@ -190,7 +192,12 @@ class EngineRollout(RolloutBackend):
         # each layer's index among the layers of its kind: into the KV cache, or into the linear-attention states
         kinds = [layer.kind for layer in self.layers]
         self.state_index = [kinds[:i].count(kind) for i, kind in enumerate(kinds)]
-        self.linear = linear_attention_dims(cfg) if "linear" in kinds else None
+        self.linear = linear_attention_dims(cfg) if LINEAR in kinds else None
+        # the model's own chunked delta rule (the prefill's), from the module that defines its layers
+        self.chunk_rule = None
+        if self.linear is not None:
+            gated_norm = next(p.gated_norm for p in self.layers if p.kind == LINEAR)
+            self.chunk_rule = importlib.import_module(type(gated_norm).__module__).torch_chunk_gated_delta_rule
         self.decode_bucket = decode_bucket
         # once, for the engine's life: q/k/v and gate/up each become one matmul per decode step
         self.fused_groups = lay_out_projections(self.layers)
@@ -244,7 +251,7 @@ class EngineRollout(RolloutBackend):
         slots = torch.arange(C, **long)
         completion = (slots - lay.prompt_slots).clamp_min(0)
         is_prompt = slots < lay.prompt_slots
-        linear_layers = sum(layer.kind == "linear" for layer in self.layers)
+        linear_layers = sum(layer.kind == LINEAR for layer in self.layers)
         lin = self.linear or dict(conv_channels=0, kernel=1, v_heads=0, k_dim=0, v_dim=0)
         return DecodeState(
             kv=torch.zeros(len(self.layers) - linear_layers, 2, P, self.num_kv_heads, C, self.head_dim, dtype=dtype, device=dev),
@@ -284,7 +291,7 @@ class EngineRollout(RolloutBackend):
             rows = slice(i * G, (i + 1) * G)
             for j, (layer, at) in enumerate(zip(self.layers, self.state_index)):
                 x = layer.norm1(h)
-                if layer.kind == "linear":
+                if layer.kind == LINEAR:
                     # the prompt's state once, copied to its G rows (the analogue of the shared prompt KV)
                     o, conv, recurrent = self._linear_attention_prefill(layer, x)
                     s.conv[at, rows] = conv
@@ -342,14 +349,14 @@ class EngineRollout(RolloutBackend):
         recurrent state [value heads, key dim, value dim] float32 after the prompt.
 
         The projections are the model's modules; the chunked delta rule is the model's own
-        (``layer.chunk_rule``: transformers runs flash-linear-attention's kernel there when it is installed and
+        (``self.chunk_rule``: transformers runs flash-linear-attention's kernel there when it is installed and
         the tensors are on a GPU, its torch implementation otherwise), so the prompt's state is the trainer's.
         """
         lin, L = self.linear, x.shape[1]
         mixed = layer.in_qkv(x).transpose(1, 2)  # [1, channels, L]
         K = lin["kernel"]
         conv_state = F.pad(mixed, (K - 1, 0))[0, :, -(K - 1):]
-        weight = layer.conv_weight  # [channels, 1, K]
+        weight = layer.conv.weight  # [channels, 1, K]
         mixed = F.silu(F.conv1d(mixed.to(weight.dtype), weight, None, padding=K - 1, groups=weight.shape[0])[..., :L])
         mixed = mixed.to(x.dtype).transpose(1, 2)
         kd, vd = lin["k_heads"] * lin["k_dim"], lin["v_heads"] * lin["v_dim"]
@@ -359,10 +366,10 @@ class EngineRollout(RolloutBackend):
         v = v.reshape(1, L, lin["v_heads"], lin["v_dim"])
         beta = layer.in_b(x).sigmoid()
         g = -layer.A_log.float().exp() * F.softplus(layer.in_a(x).float() + layer.dt_bias)
-        o, recurrent = layer.chunk_rule(q, k, v, g=g, beta=beta, initial_state=None, output_final_state=True,
+        o, recurrent = self.chunk_rule(q, k, v, g=g, beta=beta, initial_state=None, output_final_state=True,
                                         use_qk_l2norm_in_kernel=True)
         z = layer.in_z(x)
-        o = layer.attn_norm(o.reshape(-1, lin["v_dim"]), z.reshape(-1, lin["v_dim"])).reshape(1, L, -1)
+        o = layer.gated_norm(o.reshape(-1, lin["v_dim"]), z.reshape(-1, lin["v_dim"])).reshape(1, L, -1)
         return layer.out(o), conv_state, recurrent[0]
 
     # -------------------------------------------------------------------------------------- decode
@@ -387,8 +394,8 @@ class EngineRollout(RolloutBackend):
         mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
         h = x
         for lw, at in zip(w.layers, self.state_index):
-            x = rms_norm(h, lw.norm1.weight, _eps(lw.norm1), lw.zero_centred)
-            if lw.kind == "linear":
+            x = rms_norm(h, lw.norm1.weight, _eps(lw.norm1), lw.norm_offset != 0)
+            if lw.kind == LINEAR:
                 o = self._linear_attention_step(lw, x, s.conv[at, :B], s.recurrent[at, :B])
                 (h,) = lw.out(o, residual=h)
             else:
@@ -399,8 +406,8 @@ class EngineRollout(RolloutBackend):
                     q, gate = q.view(B, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
                     q, gate = q.reshape(B, -1), gate.reshape(B, -1)
                 if lw.q_norm is not None:  # per head, as one [rows x heads, d] RMSNorm each
-                    q = rms_norm(q.reshape(-1, self.head_dim), lw.q_norm.weight, _eps(lw.q_norm), lw.zero_centred).view(B, -1)
-                    k = rms_norm(k.reshape(-1, self.head_dim), lw.k_norm.weight, _eps(lw.k_norm), lw.zero_centred).view(B, -1)
+                    q = rms_norm(q.reshape(-1, self.head_dim), lw.q_norm.weight, _eps(lw.q_norm), lw.norm_offset != 0).view(B, -1)
+                    k = rms_norm(k.reshape(-1, self.head_dim), lw.k_norm.weight, _eps(lw.k_norm), lw.norm_offset != 0).view(B, -1)
                 q = rope_into_cache(q, k, v, cos, sin, kv[0, :prompts], kv[1, :prompts], s.slot, sample, W)
                 o = F.scaled_dot_product_attention(q, kv[0, :prompts, :, :span], kv[1, :prompts, :, :span], attn_mask=mask,
                                                    scale=lw.scaling)
@@ -408,10 +415,10 @@ class EngineRollout(RolloutBackend):
                 if gate is not None:
                     o = o * torch.sigmoid(gate)
                 (h,) = lw.o(o, residual=h)
-            gate_, up = lw.gate_up(rms_norm(h, lw.norm2.weight, _eps(lw.norm2), lw.zero_centred))
+            gate_, up = lw.gate_up(rms_norm(h, lw.norm2.weight, _eps(lw.norm2), lw.norm_offset != 0))
             (h,) = lw.down(lw.act(gate_) * up, residual=h)
         norm = self.text.norm
-        logits = self.lm_head(rms_norm(h, norm.weight, _eps(norm), self.layers[0].zero_centred))
+        logits = self.lm_head(rms_norm(h, norm.weight, _eps(norm), self.layers[0].norm_offset != 0))
         # with rows gone from some prompt, each prompt's generator still draws for all G samples (see sample_tokens)
         picks = s.draw[:B] if s.generators is not None and W < G else None
         token_next, logp = sample_tokens(logits, params, s.generators, picks, G)
@@ -433,7 +440,7 @@ class EngineRollout(RolloutBackend):
         qkv, z, b, a = lw.in_proj(x)
         window = torch.cat((conv, qkv[:, :, None].to(conv.dtype)), dim=-1)  # [B, channels, kernel]
         conv.copy_(window[:, :, 1:])
-        weight = lw.conv_weight
+        weight = lw.conv.weight
         mixed = F.silu(F.conv1d(window.to(weight.dtype), weight, None, groups=weight.shape[0]))[:, :, 0].to(x.dtype)
         Hk, Hv, dk, dv = lin["k_heads"], lin["v_heads"], lin["k_dim"], lin["v_dim"]
         q, k, v = mixed.split([Hk * dk, Hk * dk, Hv * dv], dim=-1)
@@ -443,7 +450,7 @@ class EngineRollout(RolloutBackend):
         decay = (-lw.A_log.float().exp() * F.softplus(a.float() + lw.dt_bias)).exp()
         o = delta_rule_step(recurrent.view(B * Hv, dk, dv), q.reshape(-1, dk), k.reshape(-1, dk),
                             v.reshape(B * Hv, dv).float(), decay.reshape(-1), beta.reshape(-1))
-        o = lw.attn_norm(o.to(x.dtype), z.reshape(B * Hv, dv))
+        o = lw.gated_norm(o.to(x.dtype), z.reshape(B * Hv, dv))
         return o.view(B, Hv * dv)
 
     def _compact(self, s: DecodeState) -> None:

@@ -150,7 +150,7 @@ class FusedLinears:
 def _input_groups(p) -> list[list]:
     """The linears of one layer that read one input: the token mixer's (q/k/v, or a linear-attention layer's
     in_proj_qkv/z/b/a), and gate/up."""
-    mixer = [p.in_qkv, p.in_z, p.in_b, p.in_a] if p.kind == "linear" else [p.q, p.k, p.v]
+    mixer = [p.in_qkv, p.in_z, p.in_b, p.in_a] if p.kind == "linear_attention" else [p.q, p.k, p.v]
     return [mixer, [p.gate, p.up]]
 
 
@@ -171,7 +171,7 @@ class DecodeWeights:
             (mixer, gate_up) = _input_groups(p)
             w = SimpleNamespace(**vars(p))  # the norms, activation, scaling, ...; the linears replaced by fused ones
             w.gate_up, w.down = FusedLinears(gate_up, dtype), FusedLinears([p.down], dtype)
-            if p.kind == "linear":
+            if p.kind == "linear_attention":
                 w.in_proj, w.out = FusedLinears(mixer, dtype), FusedLinears([p.out], dtype)
             else:
                 w.qkv, w.o = FusedLinears(mixer, dtype), FusedLinears([p.o], dtype)
