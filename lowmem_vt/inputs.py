@@ -162,8 +162,9 @@ def collate_prompts_left(prompts: list[PromptInputs], pad_token_id: int) -> dict
 class SequenceBatch:
     """Prompt + completion rows, right-padded: row i = [prompt_i, completion_i, pad...].
 
-    No left padding means no fully-masked query rows and no shifted positions; completion token j of row i
-    is predicted by the hidden state at ``completion_index[i, j]``.
+    No left padding means no fully-masked query rows, no shifted positions, and no pad token before a real one
+    in a causal conv or recurrent state (linear attention); completion token j of row i is predicted by the hidden
+    state at ``completion_index[i, j]``.
     """
 
     input_ids: torch.Tensor  # [B, S] long
@@ -188,14 +189,17 @@ def completion_hidden(inner, batch: SequenceBatch, image_embeds) -> torch.Tensor
     ([levels, tokens_i, H] each, see ``families.base``): level 0 scattered into the image tokens' embeddings,
     the others handed to the language model as its family takes them. No LM head.
     """
+    family = family_for(inner.config)
     embeds = inner.get_input_embeddings()(batch.input_ids)
     image_mask = batch.image_mask.unsqueeze(-1)
     feats = torch.cat([image_embeds[r] for r in batch.prompt_rows], dim=1).to(embeds.dtype)
     check_image_features(image_mask, feats[0], "the batch")
     embeds = embeds.masked_scatter(image_mask, feats[0])
-    out = inner.language_model(
+    # the 2-D mask: full-attention layers build their causal mask from it, linear-attention layers (Qwen3.5) zero
+    # the padded positions with it; right padding keeps every pad token after the real ones of its row
+    out = family.language_model(inner)(
         inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False,
-        **family_for(inner.config).language_model_kwargs(batch.image_mask, feats),
+        **family.language_model_kwargs(batch.image_mask, feats),
     )
     hidden = out.last_hidden_state
     idx = batch.completion_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])

@@ -39,7 +39,7 @@ class _ModelViews:
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        return self.hf_model.lm_head.weight
+        return self.family.lm_head(self.hf_model).weight
 
     @property
     def eos_token_id(self) -> int:
@@ -381,7 +381,7 @@ def image_embeddings(lm: LoadedModel, pixel_values: list[torch.Tensor], grids: l
     pv = torch.cat(pixel_values).to(lm.device)
     grid = torch.cat(grids).to(lm.device)
     with vision_on_device(lm):
-        feats = lm.family.image_features(lm.hf_model.model, pv, grid)
+        feats = lm.family.image_features(lm.family.inner_model(lm.hf_model), pv, grid)
     out, at = [], 0
     for g in grids:  # regroup per prompt: its grid has one row per image
         n = g.shape[0]
@@ -396,7 +396,7 @@ def sequence_hidden(lm: LoadedModel, batch: SequenceBatch, image_embeds: list[to
     ``batch`` is an inputs.SequenceBatch already on the device; ``image_embeds`` is indexed by its
     ``prompt_rows``. The LM head is applied separately (chunked, see kernels).
     """
-    return completion_hidden(lm.hf_model.model, batch, image_embeds)
+    return completion_hidden(lm.family.inner_model(lm.hf_model), batch, image_embeds)
 
 
 def save_adapter(lm: LoadedModel, path: str | Path) -> None:

@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from .config import ModelConfig, RecipeConfig, resolve_dtype
 from .data import GENERATED_TASKS, peek_records
 from .engine_memory import check_engine_memory
-from .families import FAMILIES, UnknownFamily, family_for, known_labels
+from .families import FAMILIES, REFUSED, UnknownFamily, family_for, known_labels
 from .kernels.head import TRITON_BACKENDS, resolve_backend
 from .model import resolve_device
 from .reporting import ReporterUnavailable, check_reporters
@@ -85,15 +85,12 @@ def check_lengths(cfg: RecipeConfig, config) -> None:
     the cache a rollout grows)."""
     limit = getattr(config.text_config, "max_position_embeddings", None)
     g = cfg.grpo
-    vision = config.vision_config
-    side = getattr(vision, "patch_size", 14) * getattr(vision, "spatial_merge_size", 2)
+    family = family_for(config)
+    side = family.patch_size(config) * family.merge_size(config)
     least = -(-cfg.data.min_pixels // side**2)  # every image is resized to at least min_pixels
     d = cfg.data
     if d.source == "generated":  # every image has the same size: its token count is known
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        h, w = smart_resize(d.generated_image_size, d.generated_image_size, side, d.min_pixels, d.max_pixels)
-        tokens = (h // side) * (w // side)
+        tokens = family.image_tokens(config, d.generated_image_size, d.generated_image_size, d.min_pixels, d.max_pixels)
         if tokens >= g.max_prompt_length:
             raise PreflightError(f"{cfg.source_file}: key 'grpo.max_prompt_length': each generated {d.generated_image_size}x"
                                  f"{d.generated_image_size} image becomes {tokens} image tokens (data.min_pixels / max_pixels), "
@@ -322,13 +319,15 @@ def check_model_source(name_or_path: str, where: str):
             f"{where}: could not read the config of hub model {name_or_path!r} ({type(exc).__name__}: {first[:160]}); "
             "check the id and the network (or HF_HUB_OFFLINE), or point it at a local model folder"
         ) from None
+    if getattr(config, "model_type", None) in REFUSED:
+        raise PreflightError(f"{where}: {name_or_path!r}: {REFUSED[config.model_type]}")
     if getattr(config, "model_type", None) not in FAMILIES:
         raise PreflightError(f"{where}: {name_or_path!r} is a {getattr(config, 'model_type', '?')!r} model; this trainer "
                              f"knows {known_labels()} ({', '.join(FAMILIES)})")
     return config
 
 
-_LORA_KEY = re.compile(r"language_model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+_LORA_KEY = re.compile(r"language_model\.layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])\.weight$")  # mixer or mlp
 
 
 def check_adapter_fits(adapter: str | Path, config, where: str) -> None:
@@ -402,6 +401,8 @@ def _check_model_folder(folder: Path, where: str) -> None:
         model_type = json.loads(cfg_file.read_text()).get("model_type")
     except (ValueError, AttributeError):
         raise PreflightError(f"{where}: {cfg_file} is not a valid JSON object; restore the model's config.json") from None
+    if model_type in REFUSED:
+        raise PreflightError(f"{where}: {cfg_file} says model_type {model_type!r}: {REFUSED[model_type]}")
     if model_type not in FAMILIES:
         raise PreflightError(f"{where}: {cfg_file} says model_type {model_type!r}; this trainer knows {known_labels()} "
                              f"({', '.join(map(repr, FAMILIES))})")

@@ -93,7 +93,7 @@ def build_tiny_base_model(out_dir: str | Path, seed: int = 0, steps: int = 200, 
     # other images than the demo's data (seed), the same kinds of questions (tasks)
     records = generate_sat_records(256, size=side, tasks=list(tasks), seed=seed + 99)
     prompts = [ib.encode(decode_image(r["image_bytes"][0]), sat_question(r["question"], r["answers"])) for r in records]
-    inner = model.model
+    inner = family.inner_model(model)
     family.vision_tower(model).requires_grad_(False)  # the vision tower stays the random one GRPO will see
     with torch.no_grad():  # frozen: each image's features once, not at every step that draws it
         feats = family.image_features(inner, torch.cat([p.pixel_values for p in prompts]),
@@ -113,7 +113,7 @@ def build_tiny_base_model(out_dir: str | Path, seed: int = 0, steps: int = 200, 
         mask = torch.tensor([[1.0] * len(i) + [0.0] * (T - len(i)) for i in ids])
         seqs = build_sequences(prompts, rows, comp, mask, tok.pad_token_id)
         hidden = completion_hidden(inner, seqs, feats)
-        nll = torch.nn.functional.cross_entropy(model.lm_head(hidden).flatten(0, 1), comp.flatten(), reduction="none")
+        nll = torch.nn.functional.cross_entropy(family.lm_head(model)(hidden).flatten(0, 1), comp.flatten(), reduction="none")
         loss = (nll * mask.flatten()).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -183,7 +183,8 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, 
     torch.manual_seed(seed)
     model = family.model_class()(cfg).float()
     with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, head_std)
+        family.lm_head(model).weight.normal_(0.0, head_std)
+    family.tiny_init(model)
     model.generation_config = GenerationConfig(
         bos_token_id=cfg.text_config.bos_token_id, eos_token_id=cfg.text_config.eos_token_id, pad_token_id=cfg.text_config.pad_token_id
     )

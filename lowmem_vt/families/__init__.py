@@ -8,10 +8,14 @@ from __future__ import annotations
 from .base import IMAGE_PLACEHOLDER, QwenVLFamily, mrope_positions
 from .qwen2_5_vl import Qwen25VL
 from .qwen2_vl import Qwen2VL
+from .qwen3_5 import Qwen35
 from .qwen3_vl import Qwen3VL
 
-FAMILIES: dict[str, QwenVLFamily] = {f.model_type: f for f in (Qwen2VL(), Qwen25VL(), Qwen3VL())}
+FAMILIES: dict[str, QwenVLFamily] = {f.model_type: f for f in (Qwen2VL(), Qwen25VL(), Qwen3VL(), Qwen35())}
 DEFAULT_FAMILY = "qwen2_vl"
+# model types refused with a reason (a neighbour of a known family that the trainer does not handle)
+REFUSED = {"qwen3_5_moe": "Qwen3.5-MoE (qwen3_5_moe) is not supported (its experts' routing, LoRA targets and memory "
+                          "are not handled); use a dense Qwen3.5 (qwen3_5)"}
 
 
 class UnknownFamily(ValueError):
@@ -20,6 +24,8 @@ class UnknownFamily(ValueError):
 
 def family_named(model_type: str) -> QwenVLFamily:
     """The family of ``model_type`` (``config.model_type``); UnknownFamily names the known ones."""
+    if model_type in REFUSED:
+        raise UnknownFamily(REFUSED[model_type])
     try:
         return FAMILIES[model_type]
     except KeyError:
@@ -47,5 +53,5 @@ def published_config(name_or_path: str):
     return None
 
 
-__all__ = ["DEFAULT_FAMILY", "FAMILIES", "IMAGE_PLACEHOLDER", "QwenVLFamily", "UnknownFamily", "family_for",
+__all__ = ["DEFAULT_FAMILY", "FAMILIES", "REFUSED", "IMAGE_PLACEHOLDER", "QwenVLFamily", "UnknownFamily", "family_for",
            "family_named", "known_labels", "mrope_positions", "published_config"]

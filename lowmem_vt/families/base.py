@@ -1,10 +1,10 @@
 """What one model family is to the rest of the project: the seam every family-specific detail goes behind.
 
-A family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) is chosen from ``config.model_type``. The input builder, the model
+A family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) is chosen from ``config.model_type``. The input builder, the model
 loader, the rollout backends, the planner, the simulator, preflight, merge and the tiny offline models ask
 it, and name no model themselves. ``QwenVLFamily`` holds what the Qwen vision-language families share (the
-image placeholder, M-RoPE positions of image blocks, the language model's module names, LoRA targets); a
-family module overrides what differs.
+image placeholder, M-RoPE positions of image blocks, the module names (inner model, language model, head),
+LoRA targets, the layer kinds); a family module overrides what differs.
 
 Image features travel as one tensor per prompt, ``[levels, tokens, H]`` in the model's dtype: level 0 takes
 the place of the image tokens' embeddings; levels 1.. (DeepStack, Qwen3-VL) are added to the hidden states
@@ -89,12 +89,24 @@ class QwenVLFamily:
 
         return getattr(transformers, self.class_name)
 
+    def inner_model(self, hf_model) -> torch.nn.Module:
+        """The ...ForConditionalGeneration model's inner model: input embeddings, vision tower, language model."""
+        return hf_model.model
+
+    def lm_head(self, hf_model) -> torch.nn.Linear:
+        """The output head (its weight [V, H]: what the loss heads read)."""
+        return hf_model.lm_head
+
     def vision_tower(self, hf_model) -> torch.nn.Module:
-        return hf_model.model.visual
+        return self.inner_model(hf_model).visual
+
+    def language_model(self, inner) -> torch.nn.Module:
+        """The decoder (embed_tokens, layers, norm, rotary_emb) of an inner model (``inner_model``)."""
+        return inner.language_model
 
     def text_model(self, hf_model) -> torch.nn.Module:
         """The decoder (embed_tokens, layers, norm, rotary_emb) of the ...ForConditionalGeneration model."""
-        return hf_model.model.language_model
+        return self.language_model(self.inner_model(hf_model))
 
     def lora_target_regex(self, target_modules: list[str]) -> str:
         """LoRA on the language model's linears only (the vision tower stays frozen and adapter-free)."""
@@ -108,6 +120,11 @@ class QwenVLFamily:
         """Whether q/k/v carry a bias (Qwen2 decoders do)."""
         return True
 
+    def layer_types(self, text_config) -> list[str]:
+        """Each decoder layer's kind, ``"full_attention"`` (a KV cache) or ``"linear_attention"`` (a conv and a
+        recurrent state: Qwen3.5); every layer is full attention unless the family says otherwise."""
+        return ["full_attention"] * text_config.num_hidden_layers
+
     # ------------------------------------------------------------------------------------- inputs
 
     def image_token_id(self, config) -> int:
@@ -118,6 +135,15 @@ class QwenVLFamily:
 
     def patch_size(self, config) -> int:
         return config.vision_config.patch_size
+
+    def image_tokens(self, config, height: int, width: int, min_pixels: int, max_pixels: int) -> int:
+        """Image tokens of one ``height`` x ``width`` image after the family's image processor resizes it into the
+        pixel budget (sides multiples of patch x merge, area within [min_pixels, max_pixels])."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        side = self.patch_size(config) * self.merge_size(config)
+        h, w = smart_resize(height, width, side, min_pixels, max_pixels)
+        return (h // side) * (w // side)
 
     def positions(self, mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor, config) -> tuple[torch.Tensor, int]:
         """M-RoPE positions [3, L] of one unpadded prompt and the position of its first completion token."""
@@ -190,6 +216,9 @@ class QwenVLFamily:
     def tiny_config(self, tokenizer, hidden_size: int = 64, layers: int = 2):
         """A tiny random config of this family whose special-token ids come from ``tokenizer``."""
         raise NotImplementedError
+
+    def tiny_init(self, model) -> None:
+        """Weights of a tiny random model the default init leaves too regular to test (nothing by default)."""
 
     def image_processor_config(self, min_pixels: int = 3136, max_pixels: int = 401408) -> dict:
         """The family's preprocessor_config.json."""

@@ -1,0 +1,133 @@
+"""Qwen3.5, dense (``Qwen3_5ForConditionalGeneration``): a hybrid decoder whose layers are of two kinds, listed in
+``text_config.layer_types`` (three of every four ``linear_attention``, the fourth ``full_attention`` in the
+published models):
+
+- linear attention (``layer.linear_attn``, Gated DeltaNet): ``in_proj_qkv`` -> a causal depthwise conv (kernel
+  ``linear_conv_kernel_dim``, SiLU) -> q, k (L2-normed per head), v; ``in_proj_a`` / ``in_proj_b`` give each value
+  head's decay and write strength; a recurrent state [value heads, key dim, value dim] per sequence carries the
+  past; a gated RMSNorm (gate ``in_proj_z``) and ``out_proj`` close it. Its decode state is the conv's last
+  kernel-1 inputs plus that recurrent state, not a KV cache;
+- full attention (``layer.self_attn``): Qwen3's per-head q/k RMSNorm, with an output gate (``q_proj`` is twice
+  as wide: query and gate per head), head_dim 256, partial rotary (a quarter of head_dim), interleaved M-RoPE.
+
+Every decoder RMSNorm is zero-centred: it scales by ``1 + weight`` (weights start at 0). The vision tower is
+Qwen3-VL's (16-px patches, 2x2 merge, learned position embeddings) without DeepStack: one feature level. The
+head is untied, over a 248,320-token vocabulary.
+
+What differs for us: the LoRA targets (``linear_attn.in_proj_qkv/z/a/b``, ``out_proj`` besides the attention and
+MLP linears), the linear shapes, the layer kinds the engine runs. Padding: the trainer's rows are right-padded,
+so no pad token precedes a real one and none can reach a real token's conv window or recurrent state (the
+model's own forward also zeroes padded positions before each linear-attention layer, but only when it is
+given the 2-D mask; ``inputs.completion_hidden`` gives it).
+
+``qwen3_5_moe`` (the mixture-of-experts models) is not handled: ``families.REFUSED`` says so in pre-flight.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from .base import QwenVLFamily, decoder_linear_shapes, image_processor_config, vision_token_ids
+from .qwen3_vl import SPECIAL_TOKENS as QWEN3_VL_SPECIAL_TOKENS
+
+# Qwen3.5's tokenizer names its vision tokens as Qwen3-VL's does; the models end text with <|im_end|> and pad with
+# <|endoftext|>
+SPECIAL_TOKENS = QWEN3_VL_SPECIAL_TOKENS
+
+LINEAR_ATTENTION, FULL_ATTENTION = "linear_attention", "full_attention"
+
+
+def linear_attention_shapes(text_config) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of a Gated DeltaNet layer's linears."""
+    c = text_config
+    keys, values = c.linear_num_key_heads * c.linear_key_head_dim, c.linear_num_value_heads * c.linear_value_head_dim
+    H = c.hidden_size
+    return {"in_proj_qkv": (H, 2 * keys + values), "in_proj_z": (H, values), "in_proj_a": (H, c.linear_num_value_heads),
+            "in_proj_b": (H, c.linear_num_value_heads), "out_proj": (values, H)}
+
+
+class Qwen35(QwenVLFamily):
+    model_type = "qwen3_5"
+    label = "Qwen3.5"
+    class_name = "Qwen3_5ForConditionalGeneration"
+    linear_names = (*QwenVLFamily.linear_names, "in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
+    tiny_special_tokens = SPECIAL_TOKENS
+    tiny_eos_token = "<|im_end|>"
+    norm_offset = 1.0
+
+    def lora_target_regex(self, target_modules: list[str]) -> str:
+        names = "|".join(target_modules)
+        return rf".*language_model\.layers\.\d+\.(self_attn|linear_attn|mlp)\.({names})"
+
+    def decoder_linear_shapes(self, text_config) -> dict[str, tuple[int, int]]:
+        shapes = decoder_linear_shapes(text_config)
+        H, d = text_config.hidden_size, text_config.head_dim
+        shapes["q_proj"] = (H, 2 * text_config.num_attention_heads * d)  # query and output gate of each head
+        return {**shapes, **linear_attention_shapes(text_config)}
+
+    def qkv_bias(self, text_config) -> bool:
+        return bool(text_config.attention_bias)
+
+    def layer_types(self, text_config) -> list[str]:
+        return list(text_config.layer_types)
+
+    def engine_layer(self, layer) -> SimpleNamespace:
+        """Full attention: the base parts with the q/k norms and ``output_gate`` (q_proj's second half per head
+        gates the attention output through a sigmoid). Linear attention: its norms and MLP, and the Gated DeltaNet's
+        projections, conv, decay parameters (``A_log``, ``dt_bias``), gated norm and sizes."""
+        if not hasattr(layer, "linear_attn"):
+            parts = super().engine_layer(layer)
+            parts.q_norm, parts.k_norm = layer.self_attn.q_norm, layer.self_attn.k_norm
+            parts.output_gate = True
+            return parts
+        a, m = layer.linear_attn, layer.mlp
+        return SimpleNamespace(kind=LINEAR_ATTENTION, norm1=layer.input_layernorm, norm2=layer.post_attention_layernorm,
+                               norm_offset=self.norm_offset, in_qkv=a.in_proj_qkv, in_z=a.in_proj_z, in_a=a.in_proj_a,
+                               in_b=a.in_proj_b, out=a.out_proj, conv=a.conv1d, A_log=a.A_log, dt_bias=a.dt_bias,
+                               gated_norm=a.norm, key_heads=a.num_k_heads, value_heads=a.num_v_heads, key_dim=a.head_k_dim,
+                               value_dim=a.head_v_dim, conv_kernel=a.conv_kernel_size, gate=m.gate_proj, up=m.up_proj,
+                               down=m.down_proj, act=m.act_fn)
+
+    def vision_shape(self, vision_config) -> dict[str, int]:
+        return {"embed": vision_config.hidden_size, "mlp": vision_config.intermediate_size}
+
+    def tiny_config(self, tokenizer, hidden_size: int = 64, layers: int = 2):
+        """Linear attention then full attention, alternating (the published 3:1 needs 4 layers per full one; 1:1
+        keeps both kinds in a 2-layer model). head_dim 48 with partial rotary 0.25: 6 rotary frequencies,
+        interleaved T H W over sections [2, 2, 2]. Two key heads serving four value heads, as the published models'
+        16 serve 32."""
+        from transformers import Qwen3_5Config
+
+        heads, kv_heads, head_dim = 4, 2, 48
+        text = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                    max_position_embeddings=4096, rms_norm_eps=1e-6, attention_bias=False,
+                    layer_types=[FULL_ATTENTION if i % 2 else LINEAR_ATTENTION for i in range(layers)],
+                    linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                    linear_num_value_heads=4,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                     "mrope_section": [2, 2, 2], "mrope_interleaved": True},
+                    bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden_size, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=16)
+        return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **vision_token_ids(tokenizer))
+
+    def tiny_init(self, model) -> None:
+        """The zero-centred norms away from 0 (std 0.1): a path that scales by ``weight`` instead of ``1 + weight``,
+        or a merge that resets them, moves every output. The pad token's embedding as random as the others (the
+        published models' <|endoftext|> is a trained, non-zero row; ``nn.Embedding(padding_idx=...)`` zeroes it, and
+        an all-zero pad input would pass through a linear-attention layer without a trace, hiding a padding fault)."""
+        text = self.text_model(model)
+        pad = model.config.text_config.pad_token_id
+        with torch.no_grad():
+            if pad is not None:
+                text.embed_tokens.weight[pad].normal_(0.0, model.config.text_config.initializer_range)
+            for name, p in text.named_parameters():
+                if name.endswith("layernorm.weight") or name.endswith("_norm.weight") or name == "norm.weight":
+                    p.normal_(0.0, 0.1)
+
+    def image_processor_config(self, min_pixels: int = 3136, max_pixels: int = 401408) -> dict:
+        """Qwen3.5's preprocessor_config.json is Qwen3-VL's: 16-px patches, 2x2 merge, mean and std 0.5."""
+        return image_processor_config(16, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], min_pixels, max_pixels)
