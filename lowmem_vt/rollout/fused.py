@@ -94,8 +94,6 @@ def _rope_into_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_pt
     i = row % W
     # the first ROT dims rotate (all of them, or a quarter of the head in Qwen3.5); dims ROT.. D pass unchanged
     half = tl.arange(0, ROT // 2)
-    rest = ROT + tl.arange(0, PASS_BLOCK)
-    passing = rest < D
     c1 = tl.load(cos_ptr + row * cs_stride + half).to(tl.float32)
     c2 = tl.load(cos_ptr + row * cs_stride + ROT // 2 + half).to(tl.float32)
     s1 = tl.load(sin_ptr + row * cs_stride + half).to(tl.float32)
@@ -110,7 +108,8 @@ def _rope_into_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_pt
         tl.store(dst + half, (x1 * c1 - x2 * s1).to(qo_ptr.dtype.element_ty))
         tl.store(dst + ROT // 2 + half, (x2 * c2 + x1 * s2).to(qo_ptr.dtype.element_ty))
         if PASS_BLOCK > 0:
-            tl.store(dst + rest, tl.load(src + rest, mask=passing), mask=passing)
+            rest = ROT + tl.arange(0, PASS_BLOCK)
+            tl.store(dst + rest, tl.load(src + rest, mask=rest < D), mask=rest < D)
     else:
         kh = head - HEADS
         slot = tl.load(slot_ptr) + tl.load(sample_ptr + row)
@@ -121,13 +120,15 @@ def _rope_into_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_pt
         tl.store(dst + half, (x1 * c1 - x2 * s1).to(kc_ptr.dtype.element_ty))
         tl.store(dst + ROT // 2 + half, (x2 * c2 + x1 * s2).to(kc_ptr.dtype.element_ty))
         if PASS_BLOCK > 0:
-            tl.store(dst + rest, tl.load(src + rest, mask=passing), mask=passing)
+            rest = ROT + tl.arange(0, PASS_BLOCK)
+            tl.store(dst + rest, tl.load(src + rest, mask=rest < D), mask=rest < D)
         vsrc = v_ptr + row * v_stride + kh * D
         vdst = vc_ptr + p * vc_s0 + kh * vc_s1 + slot * vc_s2
         tl.store(vdst + half, tl.load(vsrc + half))
         tl.store(vdst + ROT // 2 + half, tl.load(vsrc + ROT // 2 + half))
         if PASS_BLOCK > 0:
-            tl.store(vdst + rest, tl.load(vsrc + rest, mask=passing), mask=passing)
+            rest = ROT + tl.arange(0, PASS_BLOCK)
+            tl.store(vdst + rest, tl.load(vsrc + rest, mask=rest < D), mask=rest < D)
 
 
 def rope_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slot, sample, width: int) -> torch.Tensor:
