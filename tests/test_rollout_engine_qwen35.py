@@ -193,6 +193,38 @@ def test_fused_references_equal_the_models_modules(lm):
             assert torch.equal(kv[0, p, :, 3 + sample[r]], k_hf[r, :, 0])
 
 
+class LosesTheRecurrentState(EngineRollout):
+    """A fault the check must catch: the prompt's recurrent states never reach the rows (zeros after the prefill)."""
+
+    def _prefill(self, prompts, image_embeds, params):
+        s = super()._prefill(prompts, image_embeds, params)
+        s.recurrent.zero_()
+        return s
+
+
+@pytest.mark.parametrize("fault", [None, "state"], ids=["engine", "engine-losing-the-state"])
+def test_selfcheck_rollout_check_covers_the_linear_attention_path(lm, prompts, embeds, fault):
+    """The self-check's rollout check (engine against hf: greedy tokens, sampling log-probs against the trainer's)
+    on the hybrid model, the engine's graphs emulated: it passes, and fails an engine that loses the state."""
+    from lowmem_vt.selfcheck.rollout import check_rollout
+
+    def make(name, lm):
+        if name != "engine":
+            return make_rollout(name, lm)
+        return (LosesTheRecurrentState if fault else EngineRollout)(lm, decode_bucket=4, graphs=EmulatedGraphs())
+
+    results, _ = check_rollout(lm, prompts[:2], embeds[:2], ["engine"], num_generations=3, length=10, temperature=1.0,
+                               make=make)
+    ref, engine = results
+    assert ref.ok, ref.reason
+    if fault is None:
+        assert engine.ok, engine.reason
+        assert engine.figures["greedy"] == "2/2 rows identical" and engine.figures["logprob_diff_max"] < 1e-4
+        assert engine.figures["captures"] == 4  # greedy and sampling calls, 9 decode steps: 2 graphs each
+    else:
+        assert engine.ok is False and "sampling log-probs differ" in engine.reason, engine.reason
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-linear-attention's kernels and the CUDA graphs need a GPU")
 def test_engine_on_the_gpu_equals_its_cpu_path(lm, prompts, embeds):  # pragma: no cover - needs a GPU
     """On a GPU (with flash-linear-attention where installed: transformers runs its chunked kernel in the
