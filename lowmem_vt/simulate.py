@@ -402,6 +402,9 @@ def _run_step(cfg: RecipeConfig, lm, optimizer, prompt, n_image: int, T: int, tr
         mask = torch.ones(B, T)
         seqs = build_sequences([prompt] * n_prompts, [i // G for i in range(B)], completion, mask, 0)
         advantages = torch.zeros(B)
+    # the padding mask as a fake tensor: a model that tests it for padding (Qwen3.5's linear-attention layers zero
+    # padded positions unless every value is 1) takes its padded path, the worst case, without reading values
+    seqs.attention_mask = seqs.attention_mask.clone()
     head = lm.lm_head_weight
     micro_steps = math.ceil(G * n_prompts / B)
 
