@@ -54,6 +54,7 @@ class ModelShape:
     attention_layers: int
     linear_layers: int
     linear_width: int  # a linear-attention layer's value heads x key dim (its delta rule's width), 0 without them
+    linear_heads: int  # its value heads
     text_config: object  # the model's text config (the engine's memory arithmetic reads it)
     linear_shapes: dict  # (in, out) of each decoder linear, the family's (Qwen3.5's q_proj carries its output gate)
 
@@ -96,7 +97,8 @@ def model_shape(config, lora_r: int, target_modules: list[str]) -> ModelShape:
         lora_params=lora, merge=family.merge_size(config), patch=family.patch_size(config),
         vision_embed=vision_sizes["embed"], vision_mlp=vision_sizes["mlp"], feature_levels=family.feature_levels(config),
         qkv_bias=family.qkv_bias(t), attention_layers=t.num_hidden_layers - linear_layers, linear_layers=linear_layers,
-        linear_width=t.linear_num_value_heads * t.linear_key_head_dim if linear_layers else 0, text_config=t,
+        linear_width=t.linear_num_value_heads * t.linear_key_head_dim if linear_layers else 0,
+        linear_heads=t.linear_num_value_heads if linear_layers else 0, text_config=t,
         linear_shapes=family.decoder_linear_shapes(t),
     )
 
@@ -153,13 +155,15 @@ def kv_cache_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
 FORWARD_PER_TOKEN = (3, 2, 0, 4)  # (x intermediate, x hidden, x lora r: in the dtype's bytes; fp32 bytes x hidden)
 BACKWARD_PER_TOKEN = (6, 10, 6, 8)
 # A Gated DeltaNet layer (Qwen3.5's linear attention) as transformers runs it without flash-linear-attention (the
-# torch chunked delta rule, in float32): its mixer holds per token about this many float32 vectors of the delta
-# rule's width (value heads x key dim: q, k, v and their normalised, scaled, decayed and beta-weighted copies,
-# the chunk's pairwise decays and attention), beside the hidden-size terms above; calibrated against
-# ``lowmem_vt.simulate`` on Qwen3.5-4B (``recipes/sat_lora_qwen35_4b.yaml``). With flash-linear-attention on a GPU
-# the chunked kernel holds less: for that path these are upper bounds.
-LINEAR_FORWARD_PER_TOKEN = 13.5
-LINEAR_BACKWARD_PER_TOKEN = 27.0
+# torch chunked delta rule, in float32, chunks of 64 tokens): its mixer holds per token (x, y) float32 vectors of
+# (value heads x key dim: q, k, v and their normalised, scaled, decayed and beta-weighted copies; value heads x
+# 64: the chunk's pairwise decays, its triangular system and attention), beside the hidden-size terms above;
+# fitted to ``lowmem_vt.simulate`` on Qwen3.5-4B (micro-batch 8) and the tiny Qwen3.5 (micro-batch 8, 256
+# tokens), whose proportions differ (key dim 128 and 16). With flash-linear-attention on a GPU the chunked kernel
+# holds less: for that path these are upper bounds.
+LINEAR_FORWARD_PER_TOKEN = (12.0, 3.2)
+LINEAR_BACKWARD_PER_TOKEN = (24.0, 5.9)
+DELTA_RULE_CHUNK = 64
 # bitsandbytes 8-bit AdamW: two uint8 moments + an fp32 absmax per 256-value block each; paged: the state
 # lives in CUDA managed memory, which the allocator does not count (listed as unmodelled)
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw_8bit": 2 + 2 * 4 / 256, "paged_adamw_8bit": 0.0}
@@ -218,9 +222,14 @@ def layer_bytes_per_token(s: ModelShape, cfg: RecipeConfig, backward: bool) -> f
     attention = (ci * s.intermediate + ch * s.hidden + cr * cfg.lora.r) * b + fp32_norms
     if not s.linear_layers:
         return attention
-    mixer = (LINEAR_BACKWARD_PER_TOKEN if backward else LINEAR_FORWARD_PER_TOKEN) * s.linear_width * 4
-    linear = mixer + (ch * s.hidden + cr * cfg.lora.r) * b + fp32_norms
+    linear = linear_mixer_bytes_per_token(s, backward) + (ch * s.hidden + cr * cfg.lora.r) * b + fp32_norms
     return max(attention, linear) if s.attention_layers else linear
+
+
+def linear_mixer_bytes_per_token(s: ModelShape, backward: bool) -> float:
+    """A Gated DeltaNet layer's token mixer, bytes per token (see LINEAR_FORWARD_PER_TOKEN)."""
+    x, y = LINEAR_BACKWARD_PER_TOKEN if backward else LINEAR_FORWARD_PER_TOKEN
+    return (x * s.linear_width + y * s.linear_heads * DELTA_RULE_CHUNK) * 4
 
 
 def decoder_bytes_per_token(s: ModelShape, cfg: RecipeConfig) -> float:
@@ -230,7 +239,7 @@ def decoder_bytes_per_token(s: ModelShape, cfg: RecipeConfig) -> float:
     attention_only = ModelShape(**{**vars(s), "linear_layers": 0})
     b = DTYPE_BYTES[cfg.model.dtype]
     ci, ch, cr, norms = BACKWARD_PER_TOKEN
-    linear = LINEAR_BACKWARD_PER_TOKEN * s.linear_width * 4 + (ch * s.hidden + cr * cfg.lora.r) * b + (norms * s.hidden if b < 4 else 0)
+    linear = linear_mixer_bytes_per_token(s, True) + (ch * s.hidden + cr * cfg.lora.r) * b + (norms * s.hidden if b < 4 else 0)
     return s.attention_layers * layer_bytes_per_token(attention_only, cfg, backward=True) + s.linear_layers * linear
 
 

