@@ -84,6 +84,22 @@ def test_greedy_equals_hf_generate(lm, prompts, embeds, bucket):
     assert torch.equal(ours.completion_mask, ref.completion_mask)
 
 
+def test_the_fused_recurrent_branch_decodes_what_the_torch_step_decodes(lm, prompts, embeds):
+    """On a GPU with flash-linear-attention the decode step calls the model's one-token delta rule (transformers
+    runs fla's fused kernel there) and copies the new state in. Its arguments, run here through transformers'
+    torch implementation of the same interface: the tokens and log-probs of the in-place torch step."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_recurrent_gated_delta_rule
+
+    params = SamplingParams(2, 10, seeds=[3, 4, 5])
+    torch_step = EngineRollout(lm, decode_bucket=4).generate(prompts, embeds, params)
+    engine = EngineRollout(lm, decode_bucket=4)
+    assert engine.recurrent_rule is None  # on CPU: the in-place torch step
+    engine.recurrent_rule = torch_recurrent_gated_delta_rule
+    fused = engine.generate(prompts, embeds, params)
+    assert torch.equal(fused.completion_ids, torch_step.completion_ids)
+    torch.testing.assert_close(fused.sampling_logprobs, torch_step.sampling_logprobs, atol=1e-5, rtol=0)
+
+
 def test_prompt_state_is_computed_once_and_is_the_models_own(lm, prompts, embeds):
     """After the prefill, each prompt's G rows hold the same conv and recurrent state, the state the model's own
     forward leaves in its cache after that prompt alone (fp32, to float rounding)."""
@@ -225,16 +241,26 @@ def test_selfcheck_rollout_check_covers_the_linear_attention_path(lm, prompts, e
         assert engine.ok is False and "sampling log-probs differ" in engine.reason, engine.reason
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-linear-attention's kernels and the CUDA graphs need a GPU")
 def test_engine_on_the_gpu_equals_its_cpu_path(lm, prompts, embeds):  # pragma: no cover - needs a GPU
-    """On a GPU (with flash-linear-attention where installed: transformers runs its chunked kernel in the
-    prefill), the graph-captured engine samples the tokens of the eager CPU path (greedy, fp32)."""
-    import copy
-
-    params = SamplingParams(num_generations=2, max_new_tokens=40, greedy=True)
-    cpu = EngineRollout(lm).generate(prompts, embeds, params)
-    gpu_lm = copy.deepcopy(lm)
-    gpu_lm.hf_model.cuda()
-    gpu_lm = dataclasses.replace(gpu_lm, device=torch.device("cuda"))
-    gpu = EngineRollout(gpu_lm).generate(prompts, [e.cuda() for e in embeds], params)
-    assert torch.equal(gpu.completion_ids.cpu(), cpu.completion_ids)
+    """On a GPU (CUDA graphs capturing the in-place states; with flash-linear-attention where installed, its
+    chunked prefill and fused recurrent decode kernels through transformers) the engine samples the CPU path's
+    greedy tokens, fp32, and its sampling log-probs within 1e-4 of the CPU path's."""
+    gpu = load_model(ModelConfig(name_or_path=lm.hf_model.name_or_path, dtype="float32"),
+                     LoraConfig(r=4, alpha=8, target_modules=TARGETS), torch.device("cuda"), min_pixels=3136,
+                     max_pixels=MAX_PIXELS)
+    gpu.peft_model.load_state_dict(lm.peft_model.state_dict())
+    gpu.peft_model.eval()
+    feats = [e.cuda() for e in embeds]
+    greedy = SamplingParams(num_generations=2, max_new_tokens=40, greedy=True)
+    assert torch.equal(EngineRollout(gpu).generate(prompts, feats, greedy).completion_ids,
+                       EngineRollout(lm).generate(prompts, embeds, greedy).completion_ids)
+    sample = SamplingParams(2, 40, seeds=[1, 2, 3])
+    got = EngineRollout(gpu).generate(prompts, feats, sample)
+    seqs = build_sequences(prompts, got.prompt_rows, got.completion_ids.cpu(), got.completion_mask.cpu(), lm.pad_token_id)
+    with torch.no_grad():
+        logits = lm.hf_model.lm_head(sequence_hidden(lm, seqs, embeds)).float()
+    trainer = torch.log_softmax(logits, -1).gather(-1, got.completion_ids.cpu()[..., None])[..., 0]
+    mask = got.completion_mask.cpu().bool()
+    torch.testing.assert_close(got.sampling_logprobs.cpu()[mask], trainer[mask], atol=1e-4, rtol=0)

@@ -50,6 +50,7 @@ depends only on its prompt and its own tokens, so nothing pads it: prompts are n
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -193,11 +194,16 @@ class EngineRollout(RolloutBackend):
         kinds = [layer.kind for layer in self.layers]
         self.state_index = [kinds[:i].count(kind) for i, kind in enumerate(kinds)]
         self.linear = linear_attention_dims(cfg) if LINEAR in kinds else None
-        # the model's own chunked delta rule (the prefill's), from the module that defines its layers
-        self.chunk_rule = None
+        # the model's own delta rules, from the module that defines its layers: the chunked one for the prefill;
+        # on a GPU with flash-linear-attention installed, the one-token one for decoding too (transformers runs
+        # fla's fused recurrent kernel there). Elsewhere decoding runs delta_rule_step: the torch reference.
+        self.chunk_rule = self.recurrent_rule = None
         if self.linear is not None:
             gated_norm = next(p.gated_norm for p in self.layers if p.kind == LINEAR)
-            self.chunk_rule = importlib.import_module(type(gated_norm).__module__).torch_chunk_gated_delta_rule
+            modeling = importlib.import_module(type(gated_norm).__module__)
+            self.chunk_rule = modeling.torch_chunk_gated_delta_rule
+            if lm.device.type == "cuda" and importlib.util.find_spec("fla") is not None:
+                self.recurrent_rule = modeling.torch_recurrent_gated_delta_rule
         self.decode_bucket = decode_bucket
         # once, for the engine's life: q/k/v and gate/up each become one matmul per decode step
         self.fused_groups = lay_out_projections(self.layers)
@@ -444,12 +450,17 @@ class EngineRollout(RolloutBackend):
         mixed = F.silu(F.conv1d(window.to(weight.dtype), weight, None, groups=weight.shape[0]))[:, :, 0].to(x.dtype)
         Hk, Hv, dk, dv = lin["k_heads"], lin["v_heads"], lin["k_dim"], lin["v_dim"]
         q, k, v = mixed.split([Hk * dk, Hk * dk, Hv * dv], dim=-1)
-        q, k = (l2norm(t.reshape(B, Hk, dk).float()).repeat_interleave(Hv // Hk, dim=1) for t in (q, k))
-        q = q * dk**-0.5
-        beta = b.sigmoid().float()
-        decay = (-lw.A_log.float().exp() * F.softplus(a.float() + lw.dt_bias)).exp()
-        o = delta_rule_step(recurrent.view(B * Hv, dk, dv), q.reshape(-1, dk), k.reshape(-1, dk),
-                            v.reshape(B * Hv, dv).float(), decay.reshape(-1), beta.reshape(-1))
+        g = -lw.A_log.float().exp() * F.softplus(a.float() + lw.dt_bias)  # the log of the decay, [B, Hv]
+        if self.recurrent_rule is not None:  # flash-linear-attention's fused kernel (GPU): a new state, copied in
+            o, new_state = self.recurrent_rule(q.view(B, 1, Hk, dk), k.view(B, 1, Hk, dk), v.view(B, 1, Hv, dv),
+                                               g=g[:, None], beta=b.sigmoid()[:, None], initial_state=recurrent,
+                                               output_final_state=True, use_qk_l2norm_in_kernel=True)
+            recurrent.copy_(new_state)
+            o = o.reshape(B * Hv, dv)
+        else:
+            q, k = (l2norm(t.reshape(B, Hk, dk).float()).repeat_interleave(Hv // Hk, dim=1) for t in (q, k))
+            o = delta_rule_step(recurrent.view(B * Hv, dk, dv), q.reshape(-1, dk) * dk**-0.5, k.reshape(-1, dk),
+                                v.reshape(B * Hv, dv).float(), g.exp().reshape(-1), b.sigmoid().float().reshape(-1))
         o = lw.gated_norm(o.to(x.dtype), z.reshape(B * Hv, dv))
         return o.view(B, Hv * dv)
 
