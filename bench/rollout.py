@@ -42,7 +42,8 @@ from lowmem_vt.inputs import PromptInputs, build_sequences
 from lowmem_vt.kernels.head import resolve_backend, token_logprobs
 from lowmem_vt.model import LoadedModel, image_embeddings, sequence_hidden
 from lowmem_vt.rollout import SamplingParams, make_rollout
-from lowmem_vt.rollout.engine import EngineRollout, engine_allocation_bytes
+from lowmem_vt.engine_memory import engine_allocation_bytes
+from lowmem_vt.rollout.engine import EngineRollout
 from lowmem_vt.families.qwen2_vl import qwen2_vl_2b_config
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -21,7 +21,8 @@ from lowmem_vt.data import examples_from_records, generate_sat_records
 from lowmem_vt.inputs import InputBuilder, build_sequences
 from lowmem_vt.model import image_embeddings, sequence_hidden
 from lowmem_vt.rollout import SamplingParams, make_rollout
-from lowmem_vt.rollout.engine import CacheLayout, EngineRollout, engine_allocation_bytes
+from lowmem_vt.engine_memory import CacheLayout, engine_allocation_bytes
+from lowmem_vt.rollout.engine import EngineRollout
 from lowmem_vt.rollout.sampling import sample_tokens
 from lowmem_vt.rollout.fused import rms_norm_reference
 from lowmem_vt.families.qwen2_vl import qwen2_vl_2b_config

@@ -291,7 +291,8 @@ def test_g_memory_weights_and_vision_calls(setup, full_rollout):
     64 x 1024 rollout <= its allocation + 1.5 GB; no growth over 3 rollouts; base weights unchanged; no
     vision-tower call."""
     from lowmem_vt.rollout import SamplingParams
-    from lowmem_vt.rollout.engine import EngineRollout, engine_allocation_bytes
+    from lowmem_vt.engine_memory import engine_allocation_bytes
+    from lowmem_vt.rollout.engine import EngineRollout
 
     lm, prompts, embeds, seeds = setup
     _, before, peak = full_rollout

@@ -56,8 +56,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from ..engine_memory import (DECODE_BUCKET, RECURRENT_STATE_DTYPE, CacheLayout, EngineBytes, check_engine_memory,
-                             engine_allocation_bytes, linear_attention_dims)
+from ..engine_memory import DECODE_BUCKET, RECURRENT_STATE_DTYPE, CacheLayout, check_engine_memory, linear_attention_dims
 from ..families import family_for
 from ..inputs import check_image_features
 from .base import RolloutBackend, RolloutResult, SamplingParams, finish
@@ -68,9 +67,6 @@ from .sampling import sample_tokens
 LINEAR = "linear_attention"  # a layer kind (families' layer_types): Gated DeltaNet, a conv and a recurrent state
 # Checking "every row has ended" is a host sync; on the GPU do it every few steps, not between every replay.
 STOP_CHECK_EVERY = 16
-
-__all__ = ["CacheLayout", "CudaGraphs", "DecodeState", "EngineBytes", "EngineRollout", "engine_allocation_bytes"]
-
 
 @dataclass
 class DecodeState:
@@ -183,7 +179,7 @@ class EngineRollout(RolloutBackend):
         self.family = family_for(model.config)
         self.text = self.family.text_model(model)  # embed_tokens, layers, norm, rotary_emb
         self.layers = [self.family.engine_layer(layer) for layer in self.text.layers]
-        self.lm_head = model.lm_head
+        self.lm_head = self.family.lm_head(model)
         cfg = self.text.config
         if getattr(cfg, "use_sliding_window", False):
             raise ValueError("rollout.backend: engine has no sliding-window attention; the model's config sets use_sliding_window")
