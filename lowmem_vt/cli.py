@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build-tiny", help="write a tiny offline model (model, tokenizer, processor config)")
     b.add_argument("out")
-    b.add_argument("--family", default="qwen2_vl", help="model_type of the family (qwen2_vl, qwen2_5_vl, qwen3_vl)")
+    b.add_argument("--family", default="qwen2_vl", help="model_type of the family (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_5)")
     b.set_defaults(func=cmd_build_tiny)
 
     for register in _extra_commands():

@@ -107,9 +107,11 @@ def check_lengths(cfg: RecipeConfig, config) -> None:
 
 
 def check_lora_rank(cfg: RecipeConfig, config) -> None:
-    """lora.r is at most the smaller side of every adapted linear (a larger rank adds nothing and costs memory)."""
-    shapes = family_for(config).decoder_linear_shapes(config.text_config)
-    sides = [min(shapes[t]) for t in cfg.lora.target_modules if t in shapes]
+    """lora.r is at most the smaller side of every adapted linear (a larger rank adds nothing and costs memory),
+    the family's per-head linears aside (``QwenVLFamily.rank_exempt``)."""
+    family = family_for(config)
+    shapes = family.decoder_linear_shapes(config.text_config)
+    sides = [min(shapes[t]) for t in cfg.lora.target_modules if t in shapes and t not in family.rank_exempt]
     if sides and cfg.lora.r > min(sides):
         raise PreflightError(f"{cfg.source_file}: key 'lora.r': {cfg.lora.r} exceeds the smallest side ({min(sides)}) of the "
                              "adapted layers; a LoRA rank is at most that (the paper's recipe uses 64)")

@@ -34,9 +34,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny35(tmp_path_factory):
-    from lowmem_vt.tiny import build_tiny_model
+    """``lowmem-vt build-tiny --family qwen3_5``."""
+    from lowmem_vt.cli import main
 
-    return build_tiny_model(tmp_path_factory.mktemp("qwen3_5") / "tiny", family=family_named("qwen3_5"))
+    out = tmp_path_factory.mktemp("qwen3_5") / "tiny"
+    assert main(["build-tiny", str(out), "--family", "qwen3_5"]) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +261,33 @@ def test_qwen3_5_moe_is_refused_in_one_line(tmp_path):
         with pytest.raises(PreflightError, match="Qwen3.5-MoE .* is not supported.*use a dense Qwen3.5") as err:
             check_model_source(name, "key 'model.name_or_path'")
         assert "\n" not in str(err.value)
+
+
+def test_the_step_runs_on_fake_tensors(tiny35):
+    """The memory simulator runs the tiny Qwen3.5's step (both layer kinds, LoRA on the linear-attention layers)
+    without values: the text model tests its padding mask for all ones, which a fake mask answers without a value
+    (the simulator makes the batch's mask one)."""
+    from test_simulate import simulate_fresh
+
+    sim = simulate_fresh("recipes/demo_tiny.yaml", [f"model.name_or_path={tiny35}", "train.micro_batch_size=2",
+                                                    "grpo.num_generations=2", "train.prompts_per_step=1",
+                                                    f"lora.target_modules=[{','.join(TARGETS)}]"])
+    assert sim["peaks"]["policy update"] > sim["resident"] > 0
+
+
+def test_tiny_names_build_qwen3_5():
+    from lowmem_vt.tiny import parse_tiny_name
+
+    family, base, folder = parse_tiny_name("tiny-base-qwen3_5:x/y")
+    assert (family.model_type, base, folder) == ("qwen3_5", True, "x/y")
+
+
+def test_lora_rank_check_skips_the_per_head_linears(lm):
+    """in_proj_a / in_proj_b have one output per value head (4 here, 32 in the published models): the paper's r 64
+    stays allowed with them targeted; a rank over a wide layer's side is still refused."""
+    from lowmem_vt.preflight import PreflightError, check_lora_rank
+
+    targets = f"lora.target_modules=[{','.join(TARGETS)}]"
+    check_lora_rank(load_config(None, ["lora.r=16", targets]), lm.config)
+    with pytest.raises(PreflightError, match=r"key 'lora.r': 65 exceeds the smallest side \(64\)"):
+        check_lora_rank(load_config(None, ["lora.r=65", targets]), lm.config)

@@ -73,6 +73,9 @@ class QwenVLFamily:
     image_placeholder: str = IMAGE_PLACEHOLDER  # one image in a prompt's text, before expansion
     # decoder-layer linears LoRA may adapt, and which of them carry a bias
     linear_names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # linears with one output per head (a handful): lora.r may exceed their side (their update's rank is capped at
+    # it, for a few parameters), so the rank check skips them
+    rank_exempt: tuple[str, ...] = ()
     # modules bitsandbytes must leave in 16 bit under QLoRA (the vision tower and the head)
     keep_unquantized = ("model.visual", "visual", "lm_head")
     # the offline tiny model: its tokenizer's special tokens, end and padding tokens

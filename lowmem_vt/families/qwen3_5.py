@@ -89,6 +89,8 @@ class Qwen35(QwenVLFamily):
     label = "Qwen3.5"
     class_name = "Qwen3_5ForConditionalGeneration"
     linear_names = (*QwenVLFamily.linear_names, "in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
+    # the decay (a) and write-strength (b) projections give one value per value head (32 in the published models)
+    rank_exempt = ("in_proj_a", "in_proj_b")
     tiny_special_tokens = SPECIAL_TOKENS
     tiny_eos_token = "<|im_end|>"
     norm_offset = 1.0
@@ -110,8 +112,8 @@ class Qwen35(QwenVLFamily):
         return list(text_config.layer_types)
 
     def engine_layer(self, layer) -> SimpleNamespace:
-        """Full attention: the base parts with the q/k norms and ``output_gate`` (q_proj's second half per head
-        gates the attention output through a sigmoid). Linear attention: its norms and MLP, and the Gated DeltaNet's
+        """Full attention: the base parts with the q/k norms and ``output_gate`` (each head's q_proj output is its
+        query then its gate, head_dim each; the attention output is multiplied by the gate's sigmoid). Linear attention: its norms and MLP, and the Gated DeltaNet's
         projections, conv, decay parameters (``A_log``, ``dt_bias``), gated norm and sizes."""
         if not hasattr(layer, "linear_attn"):
             parts = super().engine_layer(layer)
