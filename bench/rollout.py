@@ -42,7 +42,8 @@ from lowmem_vt.inputs import PromptInputs, build_sequences
 from lowmem_vt.kernels.head import resolve_backend, token_logprobs
 from lowmem_vt.model import LoadedModel, image_embeddings, sequence_hidden
 from lowmem_vt.rollout import SamplingParams, make_rollout
-from lowmem_vt.rollout.engine import EngineRollout, engine_allocation_bytes
+from lowmem_vt.engine_memory import engine_allocation_bytes
+from lowmem_vt.rollout.engine import EngineRollout
 from lowmem_vt.families.qwen2_vl import qwen2_vl_2b_config
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -199,7 +200,8 @@ def decode_step_ms(lm, prompts, embeds, params, repeats: int, width: int | None 
         eager = lambda: engine._decode_step(s, w, params, s.active, s.layout.span(0))  # noqa: E731
         ways = [("eager", eager)]
         if engine.graphs is not None:
-            ways.append(("CUDA graph (the engine's)", engine._capture(s, eager, engine.graphs.new_pool()).replay))
+            engine.graphs.warm_up(eager)  # as the engine does: one eager step on the capture stream, then capture
+            ways.append(("CUDA graph (the engine's)", engine.graphs.capture(eager, s.generators or [], engine.graphs.new_pool()).replay))
         saved = [t.clone() for t in s.advancing()]
         rows = []
         for name, step in ways:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from .errors import UserError
 from .config import RecipeConfig
+from .engine_memory import engine_allocation_bytes, is_linear_attention, linear_state_bytes_per_row
 from .families import family_for, published_config
 
 GIB = 2**30
@@ -49,6 +50,14 @@ class ModelShape:
     vision_mlp: int
     feature_levels: int  # image-feature levels per image token (1 + DeepStack layers)
     qkv_bias: bool
+    # hybrid decoders (Qwen3.5): how many layers are full attention (a KV cache) and how many Gated DeltaNet linear
+    # attention (a conv and a recurrent state per sequence instead); every layer is full attention elsewhere
+    attention_layers: int
+    linear_layers: int
+    linear_width: int  # a linear-attention layer's value heads x key dim (its delta rule's width), 0 without them
+    linear_heads: int  # its value heads
+    text_config: object  # the model's text config (the engine's memory arithmetic reads it)
+    linear_shapes: dict  # (in, out) of each decoder linear, the family's (Qwen3.5's q_proj carries its output gate)
 
 
 def model_shape(config, lora_r: int, target_modules: list[str]) -> ModelShape:
@@ -81,13 +90,17 @@ def model_shape(config, lora_r: int, target_modules: list[str]) -> ModelShape:
             lora += lora_r * (mod.in_features + mod.out_features)
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     vision_sizes = family.vision_shape(v)
+    linear_layers = sum(map(is_linear_attention, family.layer_types(t)))
     return ModelShape(
         vocab=t.vocab_size, hidden=t.hidden_size, intermediate=t.intermediate_size, layers=t.num_hidden_layers,
         heads=t.num_attention_heads, kv_heads=t.num_key_value_heads, head_dim=head_dim,
         tied=bool(config.tie_word_embeddings), params_text_linear=text_linear, params_other=other, params_vision=vision,
         lora_params=lora, merge=family.merge_size(config), patch=family.patch_size(config),
         vision_embed=vision_sizes["embed"], vision_mlp=vision_sizes["mlp"], feature_levels=family.feature_levels(config),
-        qkv_bias=family.qkv_bias(t),
+        qkv_bias=family.qkv_bias(t), attention_layers=t.num_hidden_layers - linear_layers, linear_layers=linear_layers,
+        linear_width=t.linear_num_value_heads * t.linear_key_head_dim if linear_layers else 0,
+        linear_heads=t.linear_num_value_heads if linear_layers else 0, text_config=t,
+        linear_shapes=family.decoder_linear_shapes(t),
     )
 
 
@@ -131,7 +144,7 @@ def prompt_tokens(cfg: RecipeConfig, shape: ModelShape, text_tokens: int = 82) -
 
 
 def kv_cache_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
-    return 2 * shape.layers * shape.kv_heads * shape.head_dim * dtype_bytes
+    return 2 * shape.attention_layers * shape.kv_heads * shape.head_dim * dtype_bytes
 
 
 # Activation bytes per token of one layer, calibrated against ``lowmem_vt.simulate`` (bench/memory.py
@@ -142,6 +155,16 @@ def kv_cache_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
 # (4H bytes) alive in the forward, two (8H bytes) in the backward.
 FORWARD_PER_TOKEN = (3, 2, 0, 4)  # (x intermediate, x hidden, x lora r: in the dtype's bytes; fp32 bytes x hidden)
 BACKWARD_PER_TOKEN = (6, 10, 6, 8)
+# A Gated DeltaNet layer (Qwen3.5's linear attention) as transformers runs it without flash-linear-attention (the
+# torch chunked delta rule, in float32, chunks of 64 tokens): its mixer holds per token (x, y) float32 vectors of
+# (value heads x key dim: q, k, v and their normalised, scaled, decayed and beta-weighted copies; value heads x
+# 64: the chunk's pairwise decays, its triangular system and attention), beside the hidden-size terms above;
+# fitted to ``lowmem_vt.simulate`` on Qwen3.5-4B (micro-batch 8) and the tiny Qwen3.5 (micro-batch 8, 256
+# tokens), whose proportions differ (key dim 128 and 16). With flash-linear-attention on a GPU the chunked kernel
+# holds less: for that path these are upper bounds.
+LINEAR_FORWARD_PER_TOKEN = (12.0, 3.2)
+LINEAR_BACKWARD_PER_TOKEN = (24.0, 5.9)
+DELTA_RULE_CHUNK = 64
 # bitsandbytes 8-bit AdamW: two uint8 moments + an fp32 absmax per 256-value block each; paged: the state
 # lives in CUDA managed memory, which the allocator does not count (listed as unmodelled)
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw_8bit": 2 + 2 * 4 / 256, "paged_adamw_8bit": 0.0}
@@ -163,8 +186,10 @@ def rollout_bytes(cfg: RecipeConfig, shape: ModelShape, prompt_len: int, complet
 
     ``hf`` generates one prompt's G samples per call (per-prompt seeds), growing a dynamic cache (one layer's
     K or V is copied as it grows); ``engine`` / ``vllm``: the engine's own accounting
-    (``rollout.engine_allocation_bytes``: each prompt's KV once, shared by its G samples, its state, the
-    adapter's decode copies, one decode step's workspace), plus one prompt's prefill.
+    (``engine_memory.engine_allocation_bytes``: each prompt's KV once, shared by its G samples, the
+    linear-attention layers' states per row, its state, the adapter's decode copies, one decode step's
+    workspace), plus one prompt's prefill. A hybrid model's cache holds K/V for its full-attention layers only,
+    and a conv and recurrent state per row for each linear-attention layer.
     """
     if cfg.rollout.backend == "auto":  # the self-check picks engine or hf before step 1: plan for the larger
         import dataclasses
@@ -175,31 +200,48 @@ def rollout_bytes(cfg: RecipeConfig, shape: ModelShape, prompt_len: int, complet
     G = cfg.grpo.num_generations
     prefill_one = prompt_len * layer_bytes_per_token(shape, cfg, backward=False)
     if cfg.rollout.backend != "hf":
-        from types import SimpleNamespace
-
-        from .rollout.engine import engine_allocation_bytes
-
-        text = SimpleNamespace(hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
-                               num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
-                               vocab_size=shape.vocab)
-        e = engine_allocation_bytes(text, cfg.model.dtype, cfg.train.prompts_per_step, prompt_len, G, completion_len,
-                                    lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules, top_k=cfg.rollout.top_k,
-                                    top_p=cfg.rollout.top_p, qkv_bias=shape.qkv_bias)
+        e = engine_allocation_bytes(shape.text_config, cfg.model.dtype, cfg.train.prompts_per_step, prompt_len, G,
+                                    completion_len, lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules,
+                                    top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, qkv_bias=shape.qkv_bias,
+                                    shapes=shape.linear_shapes)
         return int(e.allocated + max(prefill_one, e.step_workspace))
     per_token = kv_cache_bytes_per_token(shape, b)
     rows, slots = G, prompt_len + completion_len
-    growth = rows * slots * per_token // (2 * shape.layers)
+    growth = rows * slots * per_token // (2 * shape.attention_layers)
     prefill = G * prefill_one  # generate expands the prompt to its G rows before the prefill
     sampling = SAMPLING_BUFFERS * rows * shape.vocab * 4
-    return int(rows * slots * per_token + growth + max(prefill, sampling))
+    states = rows * shape.linear_layers * linear_state_bytes_per_row(shape.text_config, b) if shape.linear_layers else 0
+    return int(rows * slots * per_token + growth + states + max(prefill, sampling))
 
 
 def layer_bytes_per_token(s: ModelShape, cfg: RecipeConfig, backward: bool) -> float:
-    """Peak activation bytes per token of one decoder layer: a no-grad forward, or a recomputed backward."""
+    """Peak activation bytes per token of one decoder layer: a no-grad forward, or a recomputed backward. A hybrid
+    model's layers are of two kinds, held one at a time: the larger of the two."""
     b = DTYPE_BYTES[cfg.model.dtype]
     ci, ch, cr, norms = BACKWARD_PER_TOKEN if backward else FORWARD_PER_TOKEN
     fp32_norms = norms * s.hidden if b < 4 else 0
-    return (ci * s.intermediate + ch * s.hidden + cr * cfg.lora.r) * b + fp32_norms
+    attention = (ci * s.intermediate + ch * s.hidden + cr * cfg.lora.r) * b + fp32_norms
+    if not s.linear_layers:
+        return attention
+    linear = linear_mixer_bytes_per_token(s, backward) + (ch * s.hidden + cr * cfg.lora.r) * b + fp32_norms
+    return max(attention, linear) if s.attention_layers else linear
+
+
+def linear_mixer_bytes_per_token(s: ModelShape, backward: bool) -> float:
+    """A Gated DeltaNet layer's token mixer, bytes per token (see LINEAR_FORWARD_PER_TOKEN)."""
+    x, y = LINEAR_BACKWARD_PER_TOKEN if backward else LINEAR_FORWARD_PER_TOKEN
+    return (x * s.linear_width + y * s.linear_heads * DELTA_RULE_CHUNK) * 4
+
+
+def decoder_bytes_per_token(s: ModelShape, cfg: RecipeConfig) -> float:
+    """Activation bytes per token of every decoder layer's backward at once (no gradient checkpointing)."""
+    if not s.linear_layers:
+        return s.layers * layer_bytes_per_token(s, cfg, backward=True)
+    attention_only = ModelShape(**{**vars(s), "linear_layers": 0})
+    b = DTYPE_BYTES[cfg.model.dtype]
+    ci, ch, cr, norms = BACKWARD_PER_TOKEN
+    linear = linear_mixer_bytes_per_token(s, True) + (ch * s.hidden + cr * cfg.lora.r) * b + (norms * s.hidden if b < 4 else 0)
+    return s.attention_layers * layer_bytes_per_token(attention_only, cfg, backward=True) + s.linear_layers * linear
 
 
 def loss_head_bytes(cfg: RecipeConfig, s: ModelShape, rows: int, S: int, T: int, backward: bool) -> int:
@@ -278,7 +320,7 @@ def plan(cfg: RecipeConfig, config, prompt_len: int | None = None) -> Plan:
     if cfg.model.gradient_checkpointing:  # layer inputs live in host memory; one layer recomputed at a time
         acts = tokens * layer_bytes_per_token(s, cfg, backward=True) + mask
     else:
-        acts = s.layers * tokens * layer_bytes_per_token(s, cfg, backward=True) + mask
+        acts = tokens * decoder_bytes_per_token(s, cfg) + mask
     policy = max(acts, loss_head_bytes(cfg, s, rows, S, T, backward=True))
     p.phases[f"activations of one micro-batch ({rows} x {S} tokens)"] = policy / GIB
     p.peaks["policy update"] = (resident + grads + policy) / GIB

@@ -20,6 +20,7 @@ from .errors import UserError
 from . import checkpoint as ckpt
 from .config import ModelConfig, RecipeConfig, resolve_dtype
 from .data import GENERATED_TASKS, peek_records
+from .engine_memory import check_engine_memory
 from .families import FAMILIES, REFUSED, UnknownFamily, family_for, known_labels
 from .kernels.head import TRITON_BACKENDS, resolve_backend
 from .model import resolve_device
@@ -60,7 +61,8 @@ def check_recipe(cfg: RecipeConfig, *, check_model: bool = True, overwrite: bool
             # on a GPU the memory plan (planner.check_fits, which holds the engine's allocation) is checked
             check_engine_memory(config.text_config, cfg.model.dtype, cfg.train.prompts_per_step, cfg.grpo.max_prompt_length,
                                 cfg.grpo.num_generations, cfg.grpo.max_completion_length, device,
-                                f"{f}: key 'grpo.max_completion_length'")
+                                f"{f}: key 'grpo.max_completion_length'",
+                                shapes=family_for(config).decoder_linear_shapes(config.text_config))
     return config
 
 
@@ -114,41 +116,6 @@ def check_lora_rank(cfg: RecipeConfig, config) -> None:
     if sides and cfg.lora.r > min(sides):
         raise PreflightError(f"{cfg.source_file}: key 'lora.r': {cfg.lora.r} exceeds the smallest side ({min(sides)}) of the "
                              "adapted layers; a LoRA rank is at most that (the paper's recipe uses 64)")
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on ``device``: the GPU's free memory, or the host's MemAvailable."""
-    if device.type == "cuda":  # free, plus what the caching allocator holds unused
-        return int(torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-class AllocationError(PreflightError):
-    """An allocation that cannot fit the device, refused before it is attempted."""
-
-
-def check_engine_memory(text_config, dtype, prompts: int, prompt_length: int, num_generations: int, max_new_tokens: int,
-                        device: torch.device, where: str, available: int | None = None) -> None:
-    """AllocationError unless the engine rollout's allocation (its KV cache, state and buffers) fits ``device``."""
-    from .rollout.engine import engine_allocation_bytes
-
-    need = engine_allocation_bytes(text_config, dtype, prompts, prompt_length, num_generations, max_new_tokens).allocated
-    have = available_memory(device) if available is None else available
-    if have is not None and need > have:
-        raise AllocationError(
-            f"{where}: the engine rollout would allocate {need / 2**30:.1f} GiB ({prompts} prompts x {num_generations} "
-            f"samples x {prompt_length} + {max_new_tokens} tokens of KV cache and buffers) but {device} has "
-            f"{have / 2**30:.1f} GiB available; lower the completion length, the samples or the prompts per step"
-        )
 
 
 def check_resume(cfg: RecipeConfig, resume: str, config=None) -> Path:

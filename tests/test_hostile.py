@@ -312,13 +312,13 @@ def test_11_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
 def test_12_the_engines_allocation_is_checked_before_it_is_made(tiny_dir, tmp_path, capsys, monkeypatch, tiny_lm, no_model_load):
     assert train(tiny_dir, tmp_path / "out", "rollout.backend=engine", "grpo.max_completion_length=100000000") == 2
     one_line(capsys, "exceed the model's 4096 positions")
-    from lowmem_vt import preflight
+    from lowmem_vt import engine_memory
     from lowmem_vt.rollout import SamplingParams
     from lowmem_vt.rollout.engine import EngineRollout
 
-    monkeypatch.setattr(preflight, "available_memory", lambda device: 1 << 20)
+    monkeypatch.setattr(engine_memory, "available_memory", lambda device: 1 << 20)
     engine = EngineRollout(tiny_lm, graphs=None)
-    with pytest.raises(preflight.AllocationError, match=r"the engine rollout would allocate .* but cpu has 0.0 GiB"):
+    with pytest.raises(engine_memory.AllocationError, match=r"the engine rollout would allocate .* but cpu has 0.0 GiB"):
         engine.new_state([100] * 8, [100] * 8, SamplingParams(8, 4000))
 
 

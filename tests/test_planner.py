@@ -3,8 +3,8 @@
 import pytest
 
 from lowmem_vt.config import load_config
-from lowmem_vt.planner import (GIB, SAMPLING_BUFFERS, PlanError, check_fits, kv_cache_bytes_per_token, model_shape, plan,
-                               rollout_bytes)
+from lowmem_vt.planner import (GIB, SAMPLING_BUFFERS, PlanError, check_fits, kv_cache_bytes_per_token, layer_bytes_per_token,
+                               model_shape, plan, rollout_bytes)
 from lowmem_vt.families.qwen2_vl import qwen2_vl_2b_config
 
 
@@ -90,3 +90,60 @@ def test_plan_cli(tiny_dir, capsys):
     assert main(["plan", "recipes/demo_tiny.yaml", f"model.name_or_path={tiny_dir}", "--gpu-gib", "4"]) == 0
     out = capsys.readouterr().out
     assert "predicted peak" in out and "rollout KV cache" in out
+
+
+# ------------------------------------------------------------------------------ hybrid (Qwen3.5)
+
+
+@pytest.fixture(scope="module")
+def cfg35():
+    from lowmem_vt.families.qwen3_5 import qwen3_5_9b_config
+
+    return qwen3_5_9b_config()
+
+
+TARGETS35 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj_qkv", "in_proj_z",
+             "in_proj_a", "in_proj_b", "out_proj"]
+
+
+def test_qwen35_9b_shape_counts_both_layer_kinds(cfg35):
+    s = model_shape(cfg35, 64, TARGETS35)
+    assert s.params_text_linear + s.params_other == 9_409_813_744  # the count published for Qwen3.5-9B-Base
+    assert (s.attention_layers, s.linear_layers, s.linear_width, s.linear_heads) == (8, 24, 32 * 128, 32)
+    assert not s.tied and s.vocab == 248_320
+    # LoRA r 64: attention layers' q_proj (query and gate: 2 x 16 x 256 = 8192 out), k/v (1024), o (4096 in); the
+    # linear layers' in_proj_qkv (2 x 2048 + 4096 = 8192), z (4096), a and b (32), out_proj (4096 in); every MLP
+    H, I = 4096, 12288
+    attention = (H + 8192) + 2 * (H + 1024) + (4096 + H)
+    linear = (H + 8192) + (H + 4096) + 2 * (H + 32) + (4096 + H)
+    assert s.lora_params == 64 * (8 * attention + 24 * linear + 32 * 3 * (H + I))
+
+
+def test_qwen35_rollout_holds_kv_of_full_attention_layers_and_state_of_linear_ones(cfg35):
+    s = model_shape(cfg35, 64, TARGETS35)
+    # K and V of the 8 full-attention layers only: 2 x 8 x 4 kv heads x 256 x 2 bytes
+    assert kv_cache_bytes_per_token(s, 2) == 2 * 8 * 4 * 256 * 2
+    hf = load_config("recipes/sat_qlora_qwen35_9b.yaml", ["rollout.backend=hf"])
+    states = 8 * 24 * ((2 * 16 * 128 + 32 * 128) * 3 * 2 + 32 * 128 * 128 * 4)  # G rows x linear layers x (conv + recurrent)
+    kv = 8 * 1200 * 32768  # G rows x (prompt + completion) x K/V bytes per token
+    prefill = 8 * 500 * layer_bytes_per_token(s, hf, backward=False)  # generate expands the prompt to its G rows
+    assert prefill > SAMPLING_BUFFERS * 8 * 248_320 * 4
+    assert rollout_bytes(hf, s, 500, 700) == int(kv + kv // 16 + states + prefill)  # + one layer's K or V regrown
+    from lowmem_vt.engine_memory import engine_allocation_bytes
+    from lowmem_vt.families import family_named
+
+    e = engine_allocation_bytes(cfg35.text_config, "bfloat16", 8, 500, 8, 700, lora_r=64, lora_targets=TARGETS35,
+                                qkv_bias=False, shapes=family_named("qwen3_5").decoder_linear_shapes(cfg35.text_config))
+    assert e.kv_cache == 2 * 8 * 8 * 4 * (512 + 8 * 768) * 256 * 2  # 8 prompts' KV once: 512 prompt + G x 768 slots
+    assert e.linear_state == 64 * states // 8  # every one of the 64 rows
+    engine = load_config("recipes/sat_qlora_qwen35_9b.yaml", ["rollout.backend=engine"])
+    assert rollout_bytes(engine, s, 500, 700) > e.allocated
+
+
+def test_qwen35_recipes_fit_14_gib_in_the_plan():
+    from lowmem_vt.planner import config_for
+
+    for recipe in ("sat_lora_qwen35_4b", "sat_qlora_qwen35_9b"):
+        cfg = load_config(f"recipes/{recipe}.yaml")
+        assert (cfg.grpo.num_generations, cfg.grpo.max_completion_length, cfg.train.prompts_per_step) == (8, 700, 8)
+        assert plan(cfg, config_for(cfg)).peak <= 14.0, recipe

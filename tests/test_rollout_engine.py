@@ -21,7 +21,8 @@ from lowmem_vt.data import examples_from_records, generate_sat_records
 from lowmem_vt.inputs import InputBuilder, build_sequences
 from lowmem_vt.model import image_embeddings, sequence_hidden
 from lowmem_vt.rollout import SamplingParams, make_rollout
-from lowmem_vt.rollout.engine import CacheLayout, EngineRollout, engine_allocation_bytes
+from lowmem_vt.engine_memory import CacheLayout, engine_allocation_bytes
+from lowmem_vt.rollout.engine import EngineRollout
 from lowmem_vt.rollout.sampling import sample_tokens
 from lowmem_vt.rollout.fused import rms_norm_reference
 from lowmem_vt.families.qwen2_vl import qwen2_vl_2b_config
@@ -238,17 +239,18 @@ def test_vllm_backend_generates(tiny_dir, prompts):  # pragma: no cover - needs 
 
 @pytest.mark.parametrize("seeds", [[11, 22, 33], None], ids=["per-prompt-seeds", "global-rng"])
 def test_emulated_graph_capture_samples_what_eager_samples(lm, prompts, embeds, seeds):
-    """The capture path (warm-up, restore, capture, replay; one graph per bucket) on CPU with the CUDA calls
-    emulated: same tokens and log-probs as the eager path for the same seeds. The warm-up draws random numbers;
-    before the fix its draws shifted every replay's, so the graph path sampled differently from token 2 on."""
+    """The capture path (a bucket's first step eager on the capture stream, capture, replay; one graph per
+    bucket) on CPU with the CUDA calls emulated: same tokens and log-probs as the eager path for the same seeds.
+    (When the warm-up was an extra step undone afterwards, its draws once shifted every replay's.)"""
     params = SamplingParams(3, 14, seeds=seeds)
     torch.manual_seed(7)
     eager = EngineRollout(lm, decode_bucket=4).generate(prompts, embeds, params)
     graphs = EmulatedGraphs()
     torch.manual_seed(7)
     replayed = EngineRollout(lm, decode_bucket=4, graphs=graphs).generate(prompts, embeds, params)
-    # 13 decode steps: 0-3, 4-7, 8-11 are captured buckets; step 12 alone runs eagerly
-    assert [g.replays for g in graphs.captured] == [4, 4, 4] and graphs.warm_ups == 3
+    # 13 decode steps: 0-3, 4-7, 8-11 are captured buckets (the first step of each the warm-up, 3 replays);
+    # step 12 alone runs eagerly
+    assert [g.replays for g in graphs.captured] == [3, 3, 3] and graphs.warm_ups == 3
     assert torch.equal(replayed.completion_ids, eager.completion_ids)
     assert torch.equal(replayed.sampling_logprobs, eager.sampling_logprobs)
 
@@ -313,8 +315,8 @@ def test_finished_rows_leave_the_batch_without_changing_any_sample(lm, prompts, 
     batch = [active * width for active, width, _ in shapes]
     assert batch == sorted(batch, reverse=True)
     assert all(live <= active * width for active, width, live in shapes)
-    if graphs:  # 15 decode steps: 5 buckets of 3, each a graph captured at its batch size and replayed 3 times
-        assert [g.replays for g in emulated.captured] == [3] * len(shapes)
+    if graphs:  # 15 decode steps: 5 buckets of 3, each a warm-up step then a graph captured at its batch size
+        assert [g.replays for g in emulated.captured] == [2] * len(shapes)  # and replayed twice
 
 
 def test_cache_holds_each_prompt_once_and_attention_reads_the_filled_part(lm, prompts, embeds):
@@ -440,11 +442,16 @@ from lowmem_vt.rollout import fused
 torch.manual_seed(0)
 x, w = torch.randn(6, 40), torch.randn(40)
 assert (fused.rms_norm_triton(x, w, 1e-6) - fused.rms_norm_reference(x, w, 1e-6)).abs().max() < 1e-5
+# zero-centred (Qwen3.5): 1 + w
+z = fused.rms_norm_triton(x, w, 1e-6, True)
+assert (z - fused.rms_norm_reference(x, w, 1e-6, True)).abs().max() < 1e-5
+assert (z - fused.rms_norm_reference(x, w, 1e-6)).abs().max() > 0.1
 P, G, kvh, heads, d, C = 3, 4, 2, 6, 16, 60
-# all samples in order, then two rows per prompt decoding samples out of order (after rows left the batch)
-for W, sample in ((G, torch.arange(G).repeat(P)), (2, torch.tensor([3, 1, 0, 2, 2, 3]))):
+# all samples in order, then two rows per prompt decoding samples out of order (after rows left the batch); then
+# partial rotary (Qwen3.5: a quarter of the head rotates, the rest passes)
+for W, sample, rot in ((G, torch.arange(G).repeat(P), d), (2, torch.tensor([3, 1, 0, 2, 2, 3]), d), (2, torch.tensor([3, 1, 0, 2, 2, 3]), d // 4)):
     q, k, v = torch.randn(P * W, heads * d), torch.randn(P * W, kvh * d), torch.randn(P * W, kvh * d)
-    cos, sin = torch.randn(P * W, d), torch.randn(P * W, d)
+    cos, sin = torch.randn(P * W, rot), torch.randn(P * W, rot)
     kv = torch.randn(2, P + 1, kvh, C, d)  # a cache prompt more than the rows use
     kv_ref = kv.clone()
     slot = torch.tensor([7])
@@ -466,7 +473,7 @@ def test_fused_triton_kernels_compile_for_gpu_targets():
     """rms_norm and rope_into_cache compiled for sm_75 (T4, fp16) and sm_80/86/89/90 (bf16) on this CPU
     (kernels.resources.compile_jit: Triton's toolchain and ptxas, no GPU) at the 2B model's shapes (H 1536,
     12 query / 2 kv heads of 128), the rope kernel at width 8 and 1 (rows leaving the batch recompile it per
-    width): no spills, shared memory within the 48 KiB every target gives a block by default. A subprocess:
+    width), and at Qwen3.5-4B's (H 2560 zero-centred; 16 / 4 heads of 256, 64 of them rotating): no spills, shared memory within the 48 KiB every target gives a block by default. A subprocess:
     under TRITON_INTERPRET=1 (set by the kernel tests) triton.jit only interprets."""
     code = """
 import json
@@ -476,14 +483,20 @@ out = []
 for cap, dt in ((75, "fp16"), (80, "bf16"), (86, "bf16"), (89, "bf16"), (90, "bf16")):
     t = "*" + dt
     r = compile_jit(_rms_norm_kernel, dict(x_ptr=t, w_ptr=t, out_ptr=t, x_stride="i32", out_stride="i32", eps="fp32"),
-                    dict(H=1536, BLOCK=2048), cap)
+                    dict(H=1536, BLOCK=2048, ZERO_CENTRED=False), cap)
     out.append((cap, "rms_norm", r.registers, r.spill_bytes, r.shared_bytes))
     sig = dict(q_ptr=t, k_ptr=t, v_ptr=t, cos_ptr=t, sin_ptr=t, kc_ptr=t, vc_ptr=t, slot_ptr="*i64", sample_ptr="*i64",
                qo_ptr=t, **{n: "i32" for n in ("q_stride", "k_stride", "v_stride", "cs_stride", "kc_s0", "kc_s1", "kc_s2",
                                                "vc_s0", "vc_s1", "vc_s2")})
     for width in (8, 1):
-        r = compile_jit(_rope_into_cache_kernel, sig, dict(HEADS=12, KV_HEADS=2, W=width, D=128), cap)
+        r = compile_jit(_rope_into_cache_kernel, sig, dict(HEADS=12, KV_HEADS=2, W=width, D=128, ROT=128, PASS_BLOCK=0), cap)
         out.append((cap, f"rope_into_cache W{width}", r.registers, r.spill_bytes, r.shared_bytes))
+    # Qwen3.5-4B's full-attention layers: 16 query / 4 kv heads of 256, a quarter rotating; zero-centred norms
+    r = compile_jit(_rope_into_cache_kernel, sig, dict(HEADS=16, KV_HEADS=4, W=8, D=256, ROT=64, PASS_BLOCK=256), cap)
+    out.append((cap, "rope_into_cache Qwen3.5 W8", r.registers, r.spill_bytes, r.shared_bytes))
+    r = compile_jit(_rms_norm_kernel, dict(x_ptr=t, w_ptr=t, out_ptr=t, x_stride="i32", out_stride="i32", eps="fp32"),
+                    dict(H=2560, BLOCK=4096, ZERO_CENTRED=True), cap)
+    out.append((cap, "rms_norm zero-centred", r.registers, r.spill_bytes, r.shared_bytes))
 print("RESOURCES " + json.dumps(out))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -491,7 +504,7 @@ print("RESOURCES " + json.dumps(out))
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("RESOURCES "))[len("RESOURCES "):])
     print(rows)
-    assert len(rows) == 15
+    assert len(rows) == 25
     for cap, kernel, registers, spills, shared in rows:
         assert spills == 0 and shared <= 48 * 1024 and registers <= 255, (cap, kernel, registers, spills, shared)
 

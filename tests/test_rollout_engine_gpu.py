@@ -110,7 +110,8 @@ def test_b_greedy_graph_replay_equals_the_eager_path(setup):
 
 
 def test_b_seeded_sampling_graph_replay_equals_the_eager_path(setup):
-    """The RNG fix: the warm-up's draws are undone, so replays draw what eager steps draw for the same seeds."""
+    """The warm-up is a real step and the capture draws nothing, so replays draw what eager steps draw for the same
+    seeds."""
     from lowmem_vt.rollout import SamplingParams
     from lowmem_vt.rollout.engine import EngineRollout
 
@@ -290,7 +291,8 @@ def test_g_memory_weights_and_vision_calls(setup, full_rollout):
     64 x 1024 rollout <= its allocation + 1.5 GB; no growth over 3 rollouts; base weights unchanged; no
     vision-tower call."""
     from lowmem_vt.rollout import SamplingParams
-    from lowmem_vt.rollout.engine import EngineRollout, engine_allocation_bytes
+    from lowmem_vt.engine_memory import engine_allocation_bytes
+    from lowmem_vt.rollout.engine import EngineRollout
 
     lm, prompts, embeds, seeds = setup
     _, before, peak = full_rollout

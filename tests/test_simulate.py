@@ -79,6 +79,22 @@ def test_planner_matches_the_simulation_on_the_tiny_model(tiny_dir, micro, compl
     assert sim["peaks"]["policy update"] > 2 * sim["resident"]  # activations dominate at these sizes: really counted
 
 
+@pytest.mark.parametrize("backend", ["hf", "engine"])
+def test_planner_matches_the_simulation_on_the_tiny_qwen35(tmp_path_factory, backend):
+    """A hybrid model (a Gated DeltaNet layer and a gated full-attention layer, LoRA on both kinds): the planner's
+    linear-attention terms (activations, states instead of K/V in the rollout, the engine's states) within 5 %
+    of the simulation, whose linear-attention layers run transformers' torch chunked delta rule."""
+    from lowmem_vt.families import family_named
+    from lowmem_vt.tiny import build_tiny_model
+
+    tiny = build_tiny_model(tmp_path_factory.mktemp("qwen3_5") / "tiny", family=family_named("qwen3_5"))
+    targets = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,in_proj_qkv,in_proj_z,in_proj_a,in_proj_b,out_proj]"
+    sim = _check("recipes/demo_tiny.yaml", [f"model.name_or_path={tiny}", "train.micro_batch_size=8",
+                                            "grpo.max_completion_length=256", f"lora.target_modules={targets}",
+                                            f"rollout.backend={backend}"])
+    assert sim["peaks"]["policy update"] > 2 * sim["resident"]
+
+
 @pytest.mark.parametrize("recipe, micro, completion", [("sat_lora", 1, 256), ("sat_qlora", 4, 1024)])
 def test_planner_matches_the_simulation_on_the_2b_architecture(recipe, micro, completion):
     # the recipes name Qwen/Qwen2-VL-2B: offline, config_for gives the carried 2B config (families.qwen2_vl.qwen2_vl_2b_config)

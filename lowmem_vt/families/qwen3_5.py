@@ -48,6 +48,42 @@ def linear_attention_shapes(text_config) -> dict[str, tuple[int, int]]:
             "in_proj_b": (H, c.linear_num_value_heads), "out_proj": (values, H)}
 
 
+def _qwen3_5_config(text: dict, vision: dict, tie: bool):
+    """A published Qwen3.5 architecture: what every size shares (the 248,320-token vocabulary, 16 query / 4 kv heads
+    of 256 with a quarter rotating, 16 key / 32 value heads of 128 in the linear-attention layers with a kernel-4
+    conv, three linear-attention layers to one full-attention layer, 32 layers, interleaved M-RoPE [11, 11, 10] at
+    theta 1e7) and the vision tower's patch 16, 2x2 merge, no DeepStack; ``text`` and ``vision``: the sizes."""
+    from transformers import Qwen3_5Config
+
+    text = dict(text, vocab_size=248320, num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=4, head_dim=256,
+                linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+                linear_conv_kernel_dim=4, layer_types=[LINEAR_ATTENTION, LINEAR_ATTENTION, LINEAR_ATTENTION, FULL_ATTENTION] * 8,
+                rms_norm_eps=1e-6, max_position_embeddings=262144, attention_bias=False, hidden_act="silu",
+                eos_token_id=248044, tie_word_embeddings=tie,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                                 "mrope_section": [11, 11, 10], "mrope_interleaved": True})
+    vision = dict(vision, num_heads=16, in_channels=3, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                  num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh")
+    return Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=248056, video_token_id=248057,
+                         vision_start_token_id=248053, vision_end_token_id=248054, tie_word_embeddings=tie)
+
+
+def qwen3_5_9b_config():
+    """The real Qwen/Qwen3.5-9B(-Base) architecture, from its config.json (the values as copied into a public test
+    fixture of that file, "the real Qwen3.5-9B config"; hidden 4096, intermediate 12288, untied head; vision depth
+    27, width 1152, MLP 4304, out 4096): 9,409,813,744 parameters, the count published for Qwen3.5-9B-Base."""
+    return _qwen3_5_config(dict(hidden_size=4096, intermediate_size=12288),
+                           dict(depth=27, hidden_size=1152, intermediate_size=4304, out_hidden_size=4096), tie=False)
+
+
+def qwen3_5_4b_config():
+    """The real Qwen/Qwen3.5-4B(-Base) architecture, from its config.json (values as in a copy of that file in a
+    public fine-tune's parser tests, and a second project's pinned 4B text signature: hidden 2560, intermediate
+    9216, head tied to the embeddings; vision depth 24, width 1024, MLP 4096, out 2560): 4.54 B parameters."""
+    return _qwen3_5_config(dict(hidden_size=2560, intermediate_size=9216),
+                           dict(depth=24, hidden_size=1024, intermediate_size=4096, out_hidden_size=2560), tie=True)
+
+
 class Qwen35(QwenVLFamily):
     model_type = "qwen3_5"
     label = "Qwen3.5"
@@ -94,6 +130,10 @@ class Qwen35(QwenVLFamily):
 
     def vision_shape(self, vision_config) -> dict[str, int]:
         return {"embed": vision_config.hidden_size, "mlp": vision_config.intermediate_size}
+
+    def published_configs(self) -> dict:
+        return {"Qwen/Qwen3.5-9B-Base": qwen3_5_9b_config, "Qwen/Qwen3.5-9B": qwen3_5_9b_config,
+                "Qwen/Qwen3.5-4B-Base": qwen3_5_4b_config, "Qwen/Qwen3.5-4B": qwen3_5_4b_config}
 
     def tiny_config(self, tokenizer, hidden_size: int = 64, layers: int = 2):
         """Linear attention then full attention, alternating (the published 3:1 needs 4 layers per full one; 1:1

@@ -1,14 +1,14 @@
 """Rollout: G completions per prompt behind one small interface (``RolloutBackend.generate``).
 
 Backends: ``hf`` (Hugging Face ``generate``; the reference and fallback), ``engine`` (the in-process
-engine), ``vllm``; chosen by ``make_rollout``. ``engine_allocation_bytes`` is what the engine allocates for a
-rollout (the planner's rollout phase).
+engine), ``vllm``; chosen by ``make_rollout``. ``engine_allocation_bytes`` (``engine_memory``) is what the engine
+allocates for a rollout (the planner's rollout phase).
 """
 
 from __future__ import annotations
 
 from .base import RolloutBackend, RolloutResult, SamplingParams
-from .engine import EngineBytes, engine_allocation_bytes
+from ..engine_memory import EngineBytes, engine_allocation_bytes
 
 
 def make_rollout(backend: str, lm) -> RolloutBackend:

@@ -31,56 +31,42 @@ bucket's graph is captured at that batch size, and a long tail costs only the ro
 rows padding their prompts. M-RoPE positions are per row: completion token j of prompt p sits at
 ``next_position_p + j`` on all three axes. DeepStack image features (Qwen3-VL) are added to the prompt's image
 positions after the first decoder layers in the prefill; decoding never sees an image token.
+
+One CUDA graph per bucket: the bucket's first step runs eagerly on the capture stream (the warm-up a capture
+needs, and a real step), then the step is captured (recorded, not run) and replayed for the bucket's other steps.
+
+Hybrid models (Qwen3.5: three of every four layers Gated DeltaNet linear attention). Full-attention layers hold
+K/V as above, with the family's extras: q_proj also carries a sigmoid gate on the attention output, the rotary
+embedding covers the first quarter of each head, RMSNorms scale by 1 + weight. A linear-attention layer holds,
+per decoding row, a conv state (the last ``kernel - 1`` inputs of its causal conv) and a recurrent state
+[value heads, key dim, value dim] in float32, at fixed addresses beside the KV cache (``DecodeState``). The
+prefill computes a prompt's states once (the model's own chunked delta rule, flash-linear-attention's kernel
+where transformers finds it) and copies them to the prompt's G rows, the analogue of the shared prompt K/V; each
+decode step updates them in place (conv window, then the delta rule as batched matmuls, ``delta_rule_step``), so
+the same graphs capture them; rows that leave the batch take their states along (``_compact``). A row's state
+depends only on its prompt and its own tokens, so nothing pads it: prompts are never left-padded here.
 """
 
 from __future__ import annotations
 
-import math
+import importlib
+import importlib.util
 from dataclasses import dataclass, fields
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from ..engine_memory import DECODE_BUCKET, RECURRENT_STATE_DTYPE, CacheLayout, check_engine_memory, linear_attention_dims
 from ..families import family_for
-from ..families.base import decoder_linear_shapes
 from ..inputs import check_image_features
 from .base import RolloutBackend, RolloutResult, SamplingParams, finish
 from .fused import rms_norm, rope_into_cache, rotate
 from .linears import DecodeWeights, lay_out_projections
 from .sampling import sample_tokens
 
-# The prompt part of the cache is rounded up to this many slots (aligned attention masks, few distinct shapes).
-PROMPT_ALIGN = 64
-# Completion steps per attention bucket: step j attends over the slots of the steps up to the end of its bucket.
-# One graph per bucket; finished prompts leave the batch at bucket boundaries.
-DECODE_BUCKET = 128
+LINEAR = "linear_attention"  # a layer kind (families' layer_types): Gated DeltaNet, a conv and a recurrent state
 # Checking "every row has ended" is a host sync; on the GPU do it every few steps, not between every replay.
 STOP_CHECK_EVERY = 16
-
-
-@dataclass(frozen=True)
-class CacheLayout:
-    """Where each K/V lives: per prompt, ``prompt_slots`` then ``samples * steps`` completion slots."""
-
-    prompts: int
-    samples: int  # G
-    prompt_slots: int  # the longest prompt, rounded up to PROMPT_ALIGN; prompts are end-aligned here
-    steps: int  # completion steps held: max_new_tokens rounded up to the bucket
-    bucket: int
-
-    @classmethod
-    def of(cls, num_prompts: int, prompt_end: int, samples: int, max_new_tokens: int, bucket: int = DECODE_BUCKET):
-        return cls(num_prompts, samples, math.ceil(prompt_end / PROMPT_ALIGN) * PROMPT_ALIGN,
-                   math.ceil(max_new_tokens / bucket) * bucket, bucket)
-
-    @property
-    def slots(self) -> int:
-        return self.prompt_slots + self.samples * self.steps
-
-    def span(self, step: int) -> int:
-        """Slots attention reads at completion step ``step``: up to the end of its bucket."""
-        return self.prompt_slots + self.samples * (step // self.bucket + 1) * self.bucket
-
 
 @dataclass
 class DecodeState:
@@ -89,10 +75,12 @@ class DecodeState:
     P prompts, G samples each, B = P * G rows, C = layout.slots, T = max_new_tokens. The first ``active``
     prompts of the cache are decoding, with ``width`` rows each (row p * width + i decodes sample ``sample[row]``
     of cache prompt p); ``_compact`` moves the others out. The per-row tensors below are read up to
-    ``active * width``.
+    ``active * width``. A linear-attention layer's states are per row (a row's state is its sample's alone).
     """
 
-    kv: torch.Tensor  # [layers, 2, P, kv_heads, C, head_dim] model dtype: keys, values
+    kv: torch.Tensor  # [attention layers, 2, P, kv_heads, C, head_dim] model dtype: keys, values
+    conv: torch.Tensor  # [linear layers, B, conv channels, kernel - 1] model dtype: the conv's last inputs
+    recurrent: torch.Tensor  # [linear layers, B, value heads, key dim, value dim] float32: the delta rule's state
     token: torch.Tensor  # [B] long: the token this step feeds
     offset: torch.Tensor  # [1] long: its completion index j
     slot: torch.Tensor  # [1] long: the cache slot sample 0 writes, prompt_slots + j * G
@@ -115,68 +103,29 @@ class DecodeState:
         return [v for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)]
 
     def advancing(self) -> list[torch.Tensor]:
-        """What a step changes besides the slots it writes (undone after a warm-up or a capture)."""
-        return [self.token, self.offset, self.slot, self.done]
+        """What a step changes besides the cache slots it writes, the linear-attention states included (what a
+        benchmark restores to time the same step again)."""
+        return [self.token, self.offset, self.slot, self.done, self.conv, self.recurrent]
 
 
-@dataclass
-class EngineBytes:
-    """What the engine allocates for one rollout, in bytes."""
-
-    kv_cache: int
-    state: int  # DecodeState's other tensors (ids, log-probs, indices)
-    adapter: int  # the adapter's decode copies in the base dtype (concatenated A, block-diagonal B, bias)
-    step_workspace: int  # estimate: the largest transients of one decode step (logits and sampling, mask)
-
-    @property
-    def allocated(self) -> int:
-        """Held for the whole rollout (the tensors ``tests/test_rollout_engine.py`` measures)."""
-        return self.kv_cache + self.state + self.adapter
-
-    @property
-    def peak(self) -> int:
-        return self.allocated + self.step_workspace
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / |x| over the last dim (Gated DeltaNet's q and k normalisation, the eps inside the root as fla's)."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
-ATTENTION = ("q_proj", "k_proj", "v_proj")
-GROUPS = (ATTENTION, ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+def delta_rule_step(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+                    beta: torch.Tensor) -> torch.Tensor:
+    """One token of the gated delta rule, in place on ``state`` [N, dk, dv] float32 (N = rows x value heads).
 
-
-def engine_allocation_bytes(text_config, dtype: torch.dtype | str, num_prompts: int, prompt_length: int, num_generations: int,
-                            max_new_tokens: int, lora_r: int = 0, lora_targets=(), decode_bucket: int = DECODE_BUCKET,
-                            top_k: int = 0, top_p: float = 1.0, qkv_bias: bool = True) -> EngineBytes:
-    """The engine's allocation for a rollout of ``num_prompts`` prompts of at most ``prompt_length`` tokens.
-
-    ``text_config``: the model's text config (``config.text_config``); ``lora_targets``: the adapted linears'
-    names (``q_proj`` ...); ``top_k`` / ``top_p``: the sampling truncation, whose buffers the step holds;
-    ``qkv_bias``: q/k/v carry a bias (the family's ``qkv_bias``). For the planner: call it with the worst-case
-    prompt length.
+    q, k [N, dk] float32 (l2-normalised, q scaled by dk^-0.5), v [N, dv], decay [N] (exp of the gate), beta [N].
+    S <- decay * S;  S <- S + k (beta (v - k^T S))^T;  out = q^T S. The state is read and updated by batched
+    matmuls with no state-sized temporary (baddbmm_ accumulates the outer product in place). Returns out [N, dv].
     """
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    b = torch.empty((), dtype=dtype).element_size()
-    c = text_config
-    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    lay = CacheLayout.of(num_prompts, prompt_length, num_generations, max_new_tokens, decode_bucket)
-    P, G, C, B, T = num_prompts, num_generations, lay.slots, num_prompts * num_generations, max_new_tokens
-    kv = c.num_hidden_layers * 2 * P * c.num_key_value_heads * C * d * b
-    state = 8 * (B + 1 + 1 + P + B + B + B + B + C) + B + G * C + B * T * (8 + 4)
-    shapes = decoder_linear_shapes(c)
-    adapter = 0
-    for group in GROUPS:
-        adapted = [n for n in group if n in lora_targets]
-        if lora_r and adapted:
-            # B covers every output of the group (zero rows for linears without an adapter)
-            R, outs = lora_r * len(adapted), sum(shapes[n][1] for n in group)
-            bias = outs if group == ATTENTION and qkv_bias else 0  # q/k/v's bias is folded into the B matmul
-            adapter += (R * shapes[adapted[0]][0] + outs * R + bias) * b
-    adapter *= c.num_hidden_layers
-    # logits in the model dtype, then float32 scaled logits, probabilities and the race; top-k's masked copy;
-    # top-p's sorted values, their order (int64), probabilities and cumulative sum; the mask. Measured on fake
-    # tensors (``plan --simulate`` runs the step): 14 / 18 / 31 / 34 bytes per row and token for none / top-k /
-    # top-p / both, where this counts 14 / 18 / 31 / 35.
-    per_logit = b + 3 * 4 + (4 if 0 < top_k < c.vocab_size else 0) + (17 if top_p < 1.0 else 0)
-    workspace = B * c.vocab_size * per_logit + P * G * (c.num_attention_heads // c.num_key_value_heads) * C * b
-    return EngineBytes(kv, state, adapter, workspace)
+    state.mul_(decay[:, None, None])
+    remembered = torch.bmm(k[:, None], state)  # [N, 1, dv]
+    delta = (v[:, None] - remembered) * beta[:, None, None]
+    state.baddbmm_(k[:, :, None], delta)
+    return torch.bmm(q[:, None], state)[:, 0]
 
 
 class CudaGraphs:
@@ -227,16 +176,30 @@ class EngineRollout(RolloutBackend):
         self.lm = lm
         self.eos_token_id, self.pad_token_id = lm.eos_token_id, lm.pad_token_id
         model = lm.hf_model
-        family = family_for(model.config)
-        self.text = family.text_model(model)  # embed_tokens, layers, norm, rotary_emb
-        self.layers = [family.engine_layer(layer) for layer in self.text.layers]
-        self.lm_head = model.lm_head
+        self.family = family_for(model.config)
+        self.text = self.family.text_model(model)  # embed_tokens, layers, norm, rotary_emb
+        self.layers = [self.family.engine_layer(layer) for layer in self.text.layers]
+        self.lm_head = self.family.lm_head(model)
         cfg = self.text.config
         if getattr(cfg, "use_sliding_window", False):
             raise ValueError("rollout.backend: engine has no sliding-window attention; the model's config sets use_sliding_window")
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # each layer's index among the layers of its kind: into the KV cache, or into the linear-attention states
+        kinds = [layer.kind for layer in self.layers]
+        self.state_index = [kinds[:i].count(kind) for i, kind in enumerate(kinds)]
+        self.linear = linear_attention_dims(cfg) if LINEAR in kinds else None
+        # the model's own delta rules, from the module that defines its layers: the chunked one for the prefill;
+        # on a GPU with flash-linear-attention installed, the one-token one for decoding too (transformers runs
+        # fla's fused recurrent kernel there). Elsewhere decoding runs delta_rule_step: the torch reference.
+        self.chunk_rule = self.recurrent_rule = None
+        if self.linear is not None:
+            gated_norm = next(p.gated_norm for p in self.layers if p.kind == LINEAR)
+            modeling = importlib.import_module(type(gated_norm).__module__)
+            self.chunk_rule = modeling.torch_chunk_gated_delta_rule
+            if lm.device.type == "cuda" and importlib.util.find_spec("fla") is not None:
+                self.recurrent_rule = modeling.torch_recurrent_gated_delta_rule
         self.decode_bucket = decode_bucket
         # once, for the engine's life: q/k/v and gate/up each become one matmul per decode step
         self.fused_groups = lay_out_projections(self.layers)
@@ -282,15 +245,21 @@ class EngineRollout(RolloutBackend):
         from ..preflight import check_engine_memory
 
         if not isinstance(self.text.embed_tokens.weight, FakeTensor):  # the memory simulation measures, not allocates
-            check_engine_memory(self.text.config, dtype, P, max(prompt_lengths), G, T, dev, "rollout (engine)")
+            check_engine_memory(self.text.config, dtype, P, max(prompt_lengths), G, T, dev, "rollout (engine)",
+                                shapes=self.family.decoder_linear_shapes(self.text.config))
         lay = CacheLayout.of(P, max(prompt_lengths), G, T, self.decode_bucket)
         B, C = P * G, lay.slots
         long = dict(dtype=torch.long, device=dev)
         slots = torch.arange(C, **long)
         completion = (slots - lay.prompt_slots).clamp_min(0)
         is_prompt = slots < lay.prompt_slots
+        linear_layers = sum(layer.kind == LINEAR for layer in self.layers)
+        lin = self.linear or dict(conv_channels=0, kernel=1, v_heads=0, k_dim=0, v_dim=0)
         return DecodeState(
-            kv=torch.zeros(len(self.text.layers), 2, P, self.num_kv_heads, C, self.head_dim, dtype=dtype, device=dev),
+            kv=torch.zeros(len(self.layers) - linear_layers, 2, P, self.num_kv_heads, C, self.head_dim, dtype=dtype, device=dev),
+            conv=torch.zeros(linear_layers, B, lin["conv_channels"], lin["kernel"] - 1, dtype=dtype, device=dev),
+            recurrent=torch.zeros(linear_layers, B, lin["v_heads"], lin["k_dim"], lin["v_dim"], dtype=RECURRENT_STATE_DTYPE,
+                                  device=dev),
             token=torch.zeros(B, **long),
             offset=torch.zeros(1, **long),
             slot=torch.full((1,), lay.prompt_slots, **long),
@@ -311,7 +280,8 @@ class EngineRollout(RolloutBackend):
         )
 
     def _prefill(self, prompts, image_embeds, params: SamplingParams) -> DecodeState:
-        """Allocate the state, run each prompt once into its cache slots, sample token 0 of every row."""
+        """Allocate the state, run each prompt once into its cache slots and its rows' linear-attention states,
+        sample token 0 of every row."""
         G = params.num_generations
         s = self.new_state([p.length for p in prompts], [p.next_position for p in prompts], params)
         dev, end = self.lm.device, s.layout.prompt_slots
@@ -320,12 +290,25 @@ class EngineRollout(RolloutBackend):
             image = prompt.mm_token_type_ids.to(dev).bool()[None, :, None]
             h = self._prompt_embeds(prompt, image, feats, i)
             cos, sin = self.text.rotary_emb(h, prompt.position_ids.to(dev)[:, None])
-            for j, (layer, kv) in enumerate(zip(self.layers, s.kv)):
-                q, k, v = self._qkv(layer, h, cos, sin)
-                kv[0, i, :, end - prompt.length : end] = k[0]  # held once, read by the prompt's G samples
-                kv[1, i, :, end - prompt.length : end] = v[0]
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scaling, enable_gqa=True)
-                h = h + layer.o(o.transpose(1, 2).reshape(1, prompt.length, -1))
+            rows = slice(i * G, (i + 1) * G)
+            for j, (layer, at) in enumerate(zip(self.layers, self.state_index)):
+                x = layer.norm1(h)
+                if layer.kind == LINEAR:
+                    # the prompt's state once, copied to its G rows (the analogue of the shared prompt KV)
+                    o, conv, recurrent = self._linear_attention_prefill(layer, x)
+                    s.conv[at, rows] = conv
+                    s.recurrent[at, rows] = recurrent
+                else:
+                    q, k, v, gate = self._qkv(layer, x, cos, sin)
+                    kv = s.kv[at]
+                    kv[0, i, :, end - prompt.length : end] = k[0]  # held once, read by the prompt's G samples
+                    kv[1, i, :, end - prompt.length : end] = v[0]
+                    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scaling, enable_gqa=True)
+                    o = o.transpose(1, 2).reshape(1, prompt.length, -1)
+                    if gate is not None:
+                        o = o * torch.sigmoid(gate)
+                    o = layer.o(o)
+                h = h + o
                 x = layer.norm2(h)
                 h = h + layer.down(layer.act(layer.gate(x)) * layer.up(x))
                 if j + 1 < feats.shape[0]:  # DeepStack: level j + 1 joins the image positions after layer j
@@ -344,18 +327,52 @@ class EngineRollout(RolloutBackend):
         check_image_features(image, feats[0], f"prompt {index}")
         return h.masked_scatter(image, feats[0].to(device=h.device, dtype=h.dtype))
 
-    def _qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Prefill: rotated q [1, heads, L, d], k and v [1, kv_heads, L, d] through the model's own modules."""
-        x = layer.norm1(h)
+    def _qkv(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Prefill: rotated q [1, heads, L, d], k and v [1, kv_heads, L, d] of the normed hidden states x through the
+        model's own modules, and the output gate [1, L, heads * d] (None where the family has none)."""
         B, S, _ = x.shape
-        q = layer.q(x).view(B, S, self.num_heads, self.head_dim)
+        gate = None
+        if layer.output_gate:  # q_proj's output: per head, the query then its gate
+            q, gate = layer.q(x).view(B, S, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            gate = gate.reshape(B, S, -1)
+        else:
+            q = layer.q(x).view(B, S, self.num_heads, self.head_dim)
         k = layer.k(x).view(B, S, self.num_kv_heads, self.head_dim)
         if layer.q_norm is not None:
             q, k = layer.q_norm(q), layer.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = layer.v(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos[:, None], sin[:, None]
-        return rotate(q, cos, sin), rotate(k, cos, sin), v
+        return rotate(q, cos, sin), rotate(k, cos, sin), v, gate
+
+    def _linear_attention_prefill(self, layer, x: torch.Tensor):
+        """Prefill of a Gated DeltaNet layer over one prompt's normed hidden states x [1, L, H]: its output
+        [1, L, H], the conv state [conv channels, kernel - 1] (the last inputs, zeros before the prompt) and the
+        recurrent state [value heads, key dim, value dim] float32 after the prompt.
+
+        The projections are the model's modules; the chunked delta rule is the model's own
+        (``self.chunk_rule``: transformers runs flash-linear-attention's kernel there when it is installed and
+        the tensors are on a GPU, its torch implementation otherwise), so the prompt's state is the trainer's.
+        """
+        lin, L = self.linear, x.shape[1]
+        mixed = layer.in_qkv(x).transpose(1, 2)  # [1, channels, L]
+        K = lin["kernel"]
+        conv_state = F.pad(mixed, (K - 1, 0))[0, :, -(K - 1):]
+        weight = layer.conv.weight  # [channels, 1, K]
+        mixed = F.silu(F.conv1d(mixed.to(weight.dtype), weight, None, padding=K - 1, groups=weight.shape[0])[..., :L])
+        mixed = mixed.to(x.dtype).transpose(1, 2)
+        kd, vd = lin["k_heads"] * lin["k_dim"], lin["v_heads"] * lin["v_dim"]
+        q, k, v = mixed.split([kd, kd, vd], dim=-1)
+        q = q.reshape(1, L, lin["k_heads"], lin["k_dim"])
+        k = k.reshape(1, L, lin["k_heads"], lin["k_dim"])
+        v = v.reshape(1, L, lin["v_heads"], lin["v_dim"])
+        beta = layer.in_b(x).sigmoid()
+        g = -layer.A_log.float().exp() * F.softplus(layer.in_a(x).float() + layer.dt_bias)
+        o, recurrent = self.chunk_rule(q, k, v, g=g, beta=beta, initial_state=None, output_final_state=True,
+                                        use_qk_l2norm_in_kernel=True)
+        z = layer.in_z(x)
+        o = layer.gated_norm(o.reshape(-1, lin["v_dim"]), z.reshape(-1, lin["v_dim"])).reshape(1, L, -1)
+        return layer.out(o), conv_state, recurrent[0]
 
     # -------------------------------------------------------------------------------------- decode
 
@@ -378,20 +395,32 @@ class EngineRollout(RolloutBackend):
         visible = visible[:, None, :, None].expand(prompts, 1, W, group, span).reshape(prompts, 1, W * group, span)
         mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
         h = x
-        for lw, kv in zip(w.layers, s.kv):
-            q, k, v = lw.qkv(rms_norm(h, lw.norm1.weight, lw.norm1.variance_epsilon))
-            if lw.q_norm is not None:  # per head, as one [rows x heads, d] RMSNorm each
-                q = rms_norm(q.reshape(-1, self.head_dim), lw.q_norm.weight, lw.q_norm.variance_epsilon).view(B, -1)
-                k = rms_norm(k.reshape(-1, self.head_dim), lw.k_norm.weight, lw.k_norm.variance_epsilon).view(B, -1)
-            q = rope_into_cache(q, k, v, cos, sin, kv[0, :prompts], kv[1, :prompts], s.slot, sample, W)
-            o = F.scaled_dot_product_attention(q, kv[0, :prompts, :, :span], kv[1, :prompts, :, :span], attn_mask=mask,
-                                               scale=lw.scaling)
-            o = o.unflatten(2, (W, group)).transpose(1, 2).reshape(B, -1)
-            (h,) = lw.o(o, residual=h)
-            gate, up = lw.gate_up(rms_norm(h, lw.norm2.weight, lw.norm2.variance_epsilon))
-            (h,) = lw.down(lw.act(gate) * up, residual=h)
+        for lw, at in zip(w.layers, self.state_index):
+            x = rms_norm(h, lw.norm1.weight, _eps(lw.norm1), lw.norm_offset != 0)
+            if lw.kind == LINEAR:
+                o = self._linear_attention_step(lw, x, s.conv[at, :B], s.recurrent[at, :B])
+                (h,) = lw.out(o, residual=h)
+            else:
+                kv = s.kv[at]
+                q, k, v = lw.qkv(x)
+                gate = None
+                if lw.output_gate:
+                    q, gate = q.view(B, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+                    q, gate = q.reshape(B, -1), gate.reshape(B, -1)
+                if lw.q_norm is not None:  # per head, as one [rows x heads, d] RMSNorm each
+                    q = rms_norm(q.reshape(-1, self.head_dim), lw.q_norm.weight, _eps(lw.q_norm), lw.norm_offset != 0).view(B, -1)
+                    k = rms_norm(k.reshape(-1, self.head_dim), lw.k_norm.weight, _eps(lw.k_norm), lw.norm_offset != 0).view(B, -1)
+                q = rope_into_cache(q, k, v, cos, sin, kv[0, :prompts], kv[1, :prompts], s.slot, sample, W)
+                o = F.scaled_dot_product_attention(q, kv[0, :prompts, :, :span], kv[1, :prompts, :, :span], attn_mask=mask,
+                                                   scale=lw.scaling)
+                o = o.unflatten(2, (W, group)).transpose(1, 2).reshape(B, -1)
+                if gate is not None:
+                    o = o * torch.sigmoid(gate)
+                (h,) = lw.o(o, residual=h)
+            gate_, up = lw.gate_up(rms_norm(h, lw.norm2.weight, _eps(lw.norm2), lw.norm_offset != 0))
+            (h,) = lw.down(lw.act(gate_) * up, residual=h)
         norm = self.text.norm
-        logits = self.lm_head(rms_norm(h, norm.weight, norm.variance_epsilon))
+        logits = self.lm_head(rms_norm(h, norm.weight, _eps(norm), self.layers[0].norm_offset != 0))
         # with rows gone from some prompt, each prompt's generator still draws for all G samples (see sample_tokens)
         picks = s.draw[:B] if s.generators is not None and W < G else None
         token_next, logp = sample_tokens(logits, params, s.generators, picks, G)
@@ -404,6 +433,32 @@ class EngineRollout(RolloutBackend):
         token.copy_(token_next)
         s.offset.add_(1)
         s.slot.add_(G)
+
+    def _linear_attention_step(self, lw, x: torch.Tensor, conv: torch.Tensor, recurrent: torch.Tensor) -> torch.Tensor:
+        """One token of a Gated DeltaNet layer for rows x [B, H] (normed): updates the rows' conv state
+        [B, channels, kernel - 1] and recurrent state [B, value heads, key dim, value dim] in place and returns
+        the gated-normed output [B, value heads * value dim], before out_proj."""
+        lin, B = self.linear, x.shape[0]
+        qkv, z, b, a = lw.in_proj(x)
+        window = torch.cat((conv, qkv[:, :, None].to(conv.dtype)), dim=-1)  # [B, channels, kernel]
+        conv.copy_(window[:, :, 1:])
+        weight = lw.conv.weight
+        mixed = F.silu(F.conv1d(window.to(weight.dtype), weight, None, groups=weight.shape[0]))[:, :, 0].to(x.dtype)
+        Hk, Hv, dk, dv = lin["k_heads"], lin["v_heads"], lin["k_dim"], lin["v_dim"]
+        q, k, v = mixed.split([Hk * dk, Hk * dk, Hv * dv], dim=-1)
+        g = -lw.A_log.float().exp() * F.softplus(a.float() + lw.dt_bias)  # the log of the decay, [B, Hv]
+        if self.recurrent_rule is not None:  # flash-linear-attention's fused kernel (GPU): a new state, copied in
+            o, new_state = self.recurrent_rule(q.view(B, 1, Hk, dk), k.view(B, 1, Hk, dk), v.view(B, 1, Hv, dv),
+                                               g=g[:, None], beta=b.sigmoid()[:, None], initial_state=recurrent,
+                                               output_final_state=True, use_qk_l2norm_in_kernel=True)
+            recurrent.copy_(new_state)
+            o = o.reshape(B * Hv, dv)
+        else:
+            q, k = (l2norm(t.reshape(B, Hk, dk).float()).repeat_interleave(Hv // Hk, dim=1) for t in (q, k))
+            o = delta_rule_step(recurrent.view(B * Hv, dk, dv), q.reshape(-1, dk) * dk**-0.5, k.reshape(-1, dk),
+                                v.reshape(B * Hv, dv).float(), g.exp().reshape(-1), b.sigmoid().float().reshape(-1))
+        o = lw.gated_norm(o.to(x.dtype), z.reshape(B * Hv, dv))
+        return o.view(B, Hv * dv)
 
     def _compact(self, s: DecodeState) -> None:
         """Let finished rows leave the batch (a host sync): prompts whose samples have all ended move out of the
@@ -441,6 +496,8 @@ class EngineRollout(RolloutBackend):
         sample_t = torch.tensor(samples, dtype=torch.long, device=dev)
         for t in (s.token, s.next_position):
             t[:B_new] = t[:B].index_select(0, src_t)
+        for t in (s.conv, s.recurrent):  # a row's linear-attention state moves with it
+            t[:, :B_new] = t[:, :B].index_select(1, src_t)
         s.done[:B_new] = torch.tensor(padding, dtype=torch.bool, device=dev)
         s.rows[:B_new] = prompt_of * G + sample_t
         s.sample[:B_new] = sample_t
@@ -464,7 +521,12 @@ class EngineRollout(RolloutBackend):
                 steps = min((j // lay.bucket + 1) * lay.bucket, T - 1) - j
                 step = partial(self._decode_step, s, w, params, s.active, lay.span(j))
                 if self.graphs is not None and steps > 2:
-                    step = self._capture(s, step, pool).replay
+                    # the bucket's first step runs eagerly on the capture stream (cuBLAS handles, lazy inits, the
+                    # allocator's blocks), then the graph records the step without running it
+                    self.graphs.warm_up(step)
+                    filled += 1
+                    steps -= 1
+                    step = self.graphs.capture(step, s.generators or [], pool).replay
                 for i in range(steps):
                     if i and i % check_every == 0 and bool(s.done[: s.active * s.width].all()):
                         return filled
@@ -475,26 +537,7 @@ class EngineRollout(RolloutBackend):
             if self.graphs is not None:
                 self.graphs.synchronize()
 
-    def _capture(self, s: DecodeState, step, pool):
-        """``step`` recorded as a CUDA graph over ``s``. The graph lives until the rollout returns: a kept graph
-        would pin the KV cache and its memory pool through the policy update, which needs that memory.
 
-        The warm-up runs a real step: it draws random numbers and advances the state, so both are restored
-        before capture, and a replay then samples what the eager step would have (same seeds, same tokens).
-        """
-        generators = s.generators or []
-        saved = [t.clone() for t in s.advancing()]
-        rng = [g.get_state() for g in generators] if generators else [self.graphs.get_rng_state()]
-        self.graphs.warm_up(step)
-        for t, v in zip(s.advancing(), saved):
-            t.copy_(v)
-        if generators:
-            for g, state in zip(generators, rng):
-                g.set_state(state)
-        else:
-            self.graphs.set_rng_state(rng[0])
-        graph = self.graphs.capture(step, generators, pool)
-        # what the warm-up wrote to the cache slot and the next ids column is overwritten by the first replay
-        for t, v in zip(s.advancing(), saved):
-            t.copy_(v)
-        return graph
+def _eps(norm) -> float:
+    """An RMSNorm module's epsilon (Qwen2RMSNorm names it variance_epsilon, Qwen3.5's RMSNorm eps)."""
+    return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps

@@ -1,6 +1,7 @@
 """The decoder's linears as a decode step applies them: LoRA on the training weights in few, larger matmuls.
 
-``FusedLinears`` runs the linears that read one input (q/k/v, gate/up, or one alone) with their peft LoRA
+``FusedLinears`` runs the linears that read one input (q/k/v, a linear-attention layer's in_proj_qkv/z/b/a,
+gate/up, or one alone) with their peft LoRA
 adapters: the adapters' A matrices in one matmul, their B matrices (block-diagonal, scaled, biases folded in)
 in another, then the base weights. ``lay_out_adjacent`` gives a group's base weights one storage, so the base
 is one matmul over a view as well. ``DecodeWeights``: every layer's, built at the start of each rollout.
@@ -146,21 +147,35 @@ class FusedLinears:
         return [self._base(i, x, part, bias=False) for i, part in enumerate(lora.split(self.outs, dim=1))]
 
 
+def _input_groups(p) -> list[list]:
+    """The linears of one layer that read one input: the token mixer's (q/k/v, or a linear-attention layer's
+    in_proj_qkv/z/b/a), and gate/up."""
+    mixer = [p.in_qkv, p.in_z, p.in_b, p.in_a] if p.kind == "linear_attention" else [p.q, p.k, p.v]
+    return [mixer, [p.gate, p.up]]
+
+
 def lay_out_projections(layers) -> int:
-    """``lay_out_adjacent`` for every decoder layer's q/k/v and gate/up; returns how many groups are adjacent."""
-    return sum(lay_out_adjacent([p.q, p.k, p.v]) + lay_out_adjacent([p.gate, p.up]) for p in layers)
+    """``lay_out_adjacent`` for every decoder layer's input groups; returns how many groups are adjacent."""
+    return sum(lay_out_adjacent(group) for p in layers for group in _input_groups(p))
 
 
 class DecodeWeights:
-    """Per layer: the norms' weights and the fused linears, built at the start of each rollout. ``layers``: each
-    decoder layer's parts (``engine_layer``); ``dtype``: the model's (the adapter's decode copies take it)."""
+    """Per layer: its parts, with the linears fused (``FusedLinears``), built at the start of each rollout.
+    ``layers``: each decoder layer's parts (``engine_layer``): an attention layer's ``qkv`` and ``o``, or a
+    linear-attention layer's ``in_proj`` (qkv, z, b, a) and ``out``; both have ``gate_up`` and ``down``.
+    ``dtype``: the model's (the adapter's decode copies take it)."""
 
     def __init__(self, layers, dtype: torch.dtype):
-        self.layers = [SimpleNamespace(
-            norm1=p.norm1, norm2=p.norm2, q_norm=p.q_norm, k_norm=p.k_norm,
-            qkv=FusedLinears([p.q, p.k, p.v], dtype), o=FusedLinears([p.o], dtype),
-            gate_up=FusedLinears([p.gate, p.up], dtype), down=FusedLinears([p.down], dtype),
-            act=p.act, scaling=p.scaling) for p in layers]
+        self.layers = []
+        for p in layers:
+            (mixer, gate_up) = _input_groups(p)
+            w = SimpleNamespace(**vars(p))  # the norms, activation, scaling, ...; the linears replaced by fused ones
+            w.gate_up, w.down = FusedLinears(gate_up, dtype), FusedLinears([p.down], dtype)
+            if p.kind == "linear_attention":
+                w.in_proj, w.out = FusedLinears(mixer, dtype), FusedLinears([p.out], dtype)
+            else:
+                w.qkv, w.o = FusedLinears(mixer, dtype), FusedLinears([p.o], dtype)
+            self.layers.append(w)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for w in self.layers for f in (w.qkv, w.o, w.gate_up, w.down) for t in f.tensors()]
+        return [t for w in self.layers for f in vars(w).values() if isinstance(f, FusedLinears) for t in f.tensors()]
