@@ -126,12 +126,6 @@ def hf_takes_the_features(lm) -> bool:
     return hf_takes_features(lm.family, lm.config)
 
 
-def engine_decodes(family, config) -> bool:
-    """Whether the in-process engine decodes this family: every layer full attention. Qwen3.5's linear-attention
-    decode (conv and recurrent state) is issue 28's engine part, on its own branch until merged."""
-    return all(kind == "full_attention" for kind in family.layer_types(config.text_config))
-
-
 def every_linear(family) -> str:
     """The override putting LoRA on every linear the family's decoder layers have (Qwen3.5: linear attention too)."""
     return f"lora.target_modules=[{','.join(family.linear_names)}]"
@@ -156,8 +150,6 @@ def test_sampling_logprobs_equal_the_trainers(lm, prompts, embeds, backend):
     backends agrees token for token."""
     if backend == "hf" and not hf_takes_the_features(lm):
         pytest.skip("hf with DeepStack needs transformers >= 5.18 (refused below: see the test above)")
-    if backend == "engine" and not engine_decodes(lm.family, lm.config):
-        pytest.skip(f"the engine's linear-attention decode ({lm.family.label}) is issue 28's engine part")
     torch.manual_seed(0)
     roll = make_rollout(backend, lm).generate(prompts, embeds, SamplingParams(2, 10, temperature=0.7))
     with torch.no_grad():
@@ -212,7 +204,7 @@ def test_multi_image_question_equals_the_models_forward(lm, prompts, two_image_p
     ours = _trainer_logprobs(lm, batch, embeds, [0, 1], comp, torch.ones(2, 5))
     for i, q in enumerate(batch):
         torch.testing.assert_close(ours[i], hf_single_logprobs(lm, q, comp[i]), rtol=1e-4, atol=1e-5)
-    backends = [b for b, runs in (("hf", hf_takes_the_features(lm)), ("engine", engine_decodes(lm.family, lm.config))) if runs]
+    backends = [b for b, runs in (("hf", hf_takes_the_features(lm)), ("engine", True)) if runs]
     assert backends
     for backend in backends:
         torch.manual_seed(1)
@@ -236,7 +228,7 @@ def test_whole_recipe_train_resume_eval_merge_plot(family_dir, tmp_path):
     over = [f"model.name_or_path={path}", f"log.output_dir={tmp_path / 'run'}", "log.progress_bar=false",
             "data.generated_samples=16", "grpo.num_generations=2", "grpo.max_completion_length=4", "train.prompts_per_step=2",
             "train.micro_batch_size=4", "train.max_steps=3", "log.save_steps=1",
-            f"rollout.backend={'engine' if engine_decodes(family, _config(path)) else 'hf'}", f"data.max_pixels={MAX_PIXELS}",
+            "rollout.backend=engine", f"data.max_pixels={MAX_PIXELS}",
             every_linear(family)]
     cfg = load_config("recipes/demo_tiny.yaml", over)
     Trainer(cfg).train(until_step=2)
