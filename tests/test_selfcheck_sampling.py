@@ -24,8 +24,8 @@ from lowmem_vt.selfcheck.distribution import DRAWS, FALSE_ALARM, judge_draws, sa
 
 FAST = dict(**{"train.prompts_per_step": 2, "grpo.num_generations": 4, "train.micro_batch_size": 8,
                "grpo.max_completion_length": 6, "data.generated_samples": 16, "log.sample_every": 0})
-# a check of 2 positions runs each of its 2 tests at this level
-ALPHA = FALSE_ALARM / 4
+# a check of 2 positions runs each of its tests at this level
+ALPHA = FALSE_ALARM / (distribution.TESTS_PER_POSITION * 2)
 
 
 @pytest.fixture
@@ -175,12 +175,18 @@ def test_correct_samplers_pass_with_their_power_stated(recipe_factory, tiny_lm, 
     for name in ("hf", "engine"):
         p = paths[name]
         assert p.ok, p.reason
-        positions = p.figures["distribution_positions"]
-        assert len(positions) == 2 and all(q["draws"] == DRAWS and q["outside_support"] == 0 for q in positions)
-        assert all(q["prefix_tokens"] >= 1 for q in positions)  # a prompt + already-decoded tokens
+        judged = p.figures["distribution_positions"]
+        firsts = [q for q in judged if q["token"] == "first"]
+        assert len(firsts) == 2 and all(q["draws"] == DRAWS for q in firsts)
+        assert all(q["prefix_tokens"] >= 1 for q in firsts)  # a prompt + already-decoded tokens
+        assert all(q["outside_support"] == 0 for q in judged)
         # the tiny model is spread enough that a colder sampler would move z far past its threshold
-        assert all(q["colder_z"] > 2 * q["z_threshold"] for q in positions), positions
+        assert all(q["colder_z"] > 2 * q["z_threshold"] for q in judged), judged
         assert "distribution: 2 positions x 2048 draws" in p.figures["distribution"]
+    # the engine's draws also come from its decode step: second tokens judged given the first (hf has one path)
+    seconds = [q for q in paths["engine"].figures["distribution_positions"] if q["token"] == "second"]
+    assert len(seconds) == 2 and all(q["draws"] >= distribution.GROUP_MIN and q["df"] > 0 for q in seconds), seconds
+    assert "second tokens given the first" in paths["engine"].figures["distribution"]
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
@@ -194,6 +200,26 @@ def test_a_wrong_engine_sampler_fails_the_rollout_check(recipe_factory, tiny_lm,
     # what the old check compared still agrees: the engine reports the right log-probs of what it drew
     assert engine.figures["logprob_diff_max"] < 1e-4 and engine.figures["greedy"] == "2/2 rows identical"
     assert engine.ok is False and "sampling distribution differs from the trainer's" in engine.reason, engine.reason
+
+
+def test_a_fault_in_the_engines_decode_step_alone_fails_on_the_second_token(recipe_factory, tiny_lm, monkeypatch, cache,
+                                                                          one_thread):
+    """The engine's decode step samples colder than it reports, its prefill (the first token) does not: the second
+    tokens, judged given the first, fail."""
+    prompts, embeds = _prompts(recipe_factory, tiny_lm)
+    prefill_and_decode = engine_module.sample_tokens
+
+    def decode_step_wrong(logits, params, generators=None, picks=None, draws=0):
+        if params.greedy or draws == 0:  # the prefill's call (the decode step always passes its G as draws)
+            return prefill_and_decode(logits, params, generators, picks, draws)
+        token, _ = prefill_and_decode(logits, dataclasses.replace(params, temperature=0.8), generators, picks, draws)
+        scaled = logits.float() / params.temperature
+        return token, scaled.gather(-1, token[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
+
+    monkeypatch.setattr(engine_module, "sample_tokens", decode_step_wrong)
+    engine = _check(tiny_lm, prompts, embeds, (1.0, 0, 1.0), ["engine"])["engine"]
+    assert engine.ok is False and "second token: draws favour likely tokens" in engine.reason, engine.reason
+    assert "first token" not in engine.reason
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))

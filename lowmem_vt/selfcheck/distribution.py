@@ -8,7 +8,11 @@ counts are judged against the target the trainer defines: ``softmax(logits / T)`
 (``model.sequence_hidden`` and the LM head in fp32), restricted to the top-k / top-p support and renormalised
 (``sampling_target``, a float64 reference written apart from the samplers' code).
 
-Per position, three tests:
+Backends drawn through ``generate`` (engine, vLLM) decode ``DECODE_STEPS`` tokens per row, so the engine's decode
+step samples too (a CUDA graph's replay on a GPU): their second tokens, grouped by the first, are judged the same
+way against the policy's distribution after each first token (``judge_groups``).
+
+Per position and token, three tests:
 
 * support: a draw clearly outside the top-k / top-p support fails (probability 0 under the target; "clearly":
   beyond the logit rounding of the run's dtype, ``LOGIT_SLACK``, so a token at the cut that rounding can move in
@@ -19,16 +23,16 @@ Per position, three tests:
   score test for a temperature change: a colder sampler draws likely tokens too often, z > 0; a hotter one, or a
   sampler ignoring top-k / top-p, z < 0).
 
-False alarms: the chi-square and temperature tests each run at ``FALSE_ALARM / (2 x positions)`` (Bonferroni),
-so a correct sampler fails the whole check with probability at most ``FALSE_ALARM`` = 1e-4 (the support test
-cannot fail it). The seeds are fixed, so one machine's verdict repeats; ``tests/test_selfcheck_sampling.py``
+False alarms: the chi-square and temperature tests (first and second token) each run at ``FALSE_ALARM /
+(TESTS_PER_POSITION x positions)`` (Bonferroni), so a correct sampler fails the whole check with probability at
+most ``FALSE_ALARM`` = 1e-4 (the support test cannot fail it). The seeds are fixed, so one machine's verdict repeats; ``tests/test_selfcheck_sampling.py``
 measures the rate over many seeds (the p-values of a correct sampler are uniform) and the power: with
 ``DRAWS`` = 2048 per position, temperature x0.8 or x1.25, top-k ignored or off by 3, top-p ignored all fail.
 Each position's figures state the power against a colder sampler (T x0.8) at that position: how far its
 temperature z would move, against the threshold.
 
-Draws go through each backend's own sampling path: the engine and vLLM through ``generate`` on the prefix
-(one prefill, then ``DRAWS`` rows sampled from it); ``hf`` through ``HFRollout.draw_next`` (generate's own
+Draws go through each backend's own sampling path: the engine and vLLM through ``generate`` on copies of the
+prefix as prompts (``SAMPLES_PER_PROMPT`` rows each); ``hf`` through ``HFRollout.draw_next`` (generate's own
 warpers and multinomial on the policy's logits at the prefix: n prefills of the prompt would cost far more).
 """
 
@@ -60,6 +64,15 @@ COLDER = 0.8
 SEED = 2026_1126
 # rows of [rows, V] float32 sampling buffers one draw call holds (~1 GiB at V = 151,936 with top-p)
 BUFFER_BYTES = 2**30
+# tokens each generate call of the check decodes: the second comes from the engine's decode step, and with 4 its
+# 3 decode steps are captured as a CUDA graph on a GPU (the engine captures a bucket of more than 2 steps)
+DECODE_STEPS = 4
+# samples per prompt copy in the check's generate calls (the engine attends over a prompt's samples x 128 slots)
+SAMPLES_PER_PROMPT = 64
+# the second token is judged given the first: for the most frequent first tokens, drawn at least this often
+DECODE_GROUPS, GROUP_MIN = 8, 64
+# chi-square and temperature, on the first token and on the second: Bonferroni over these x positions
+TESTS_PER_POSITION = 4
 
 
 @dataclass
@@ -125,45 +138,71 @@ class Judgement:
     figures: dict
 
 
-def judge_draws(draws: torch.Tensor, target: Target, alpha: float) -> Judgement:
-    """Draws [n] long of one position against ``target``; each of the two statistical tests at ``alpha``."""
-    draws = draws.cpu().long()
-    n = draws.numel()
-    q, allowed, inside = target.probs.cpu(), target.allowed.cpu(), target.inside.cpu()
-    counts = torch.bincount(draws, minlength=q.numel()).double()
-    outside = int(counts[~allowed].sum())
-    expected = n * q
-    cells = inside & (expected >= MIN_EXPECTED)
+def _cells(counts: torch.Tensor, n: int, target: Target) -> tuple[list[float], list[float]]:
+    """Observed and expected counts of the chi-square's cells: each token of the narrowed support expected at
+    least MIN_EXPECTED times, then one cell for the rest (pooled with the smallest cell when it expects less)."""
+    expected = n * target.probs.cpu()
+    cells = target.inside.cpu() & (expected >= MIN_EXPECTED)
     observed, wanted = counts[cells].tolist(), expected[cells].tolist()
     other_o, other_e = n - sum(observed), max(n - sum(wanted), 0.0)
     if other_e >= MIN_EXPECTED or not wanted:
         observed.append(other_o)
         wanted.append(other_e)
-    elif wanted:  # too little left for a cell of its own: pooled with the smallest cell
+    else:
         i = int(np.argmin(wanted))
         observed[i] += other_o
         wanted[i] += other_e
-    df = len(wanted) - 1
-    chi2 = sum((o - e) ** 2 / e for o, e in zip(observed, wanted)) if df > 0 else 0.0
+    return observed, wanted
+
+
+def judge_groups(groups: list[tuple[torch.Tensor, Target]], alpha: float) -> Judgement:
+    """Independent groups of draws, each [n_g] long from its own ``Target``, judged together: the support of each,
+    one chi-square summed over the groups (degrees of freedom added) and one temperature z over all draws; each
+    statistical test at ``alpha``."""
+    chi2, df, score, var_total, colder, n_total, outside, worst = 0.0, 0, 0.0, 0.0, 0.0, 0, 0, None
+    for draws, target in groups:
+        draws = draws.cpu().long()
+        n = draws.numel()
+        if n == 0:
+            continue
+        q, lp = target.probs.cpu(), target.logprobs.cpu()
+        counts = torch.bincount(draws, minlength=q.numel()).double()
+        off = torch.where(target.allowed.cpu(), 0.0, counts)
+        if off.sum() > 0:
+            outside += int(off.sum())
+            worst = worst or (int(off.argmax()), int(off.max()))
+        observed, wanted = _cells(counts, n, target)
+        if len(wanted) > 1:
+            chi2 += sum((o - e) ** 2 / e for o, e in zip(observed, wanted))
+            df += len(wanted) - 1
+        live_lp = torch.where(q > 0, lp, 0.0)
+        mean = float((q * live_lp).sum())
+        var = float((q * (live_lp - mean) ** 2).sum())
+        score += float(lp[draws].sum()) - n * mean
+        var_total += n * var
+        colder += n * math.sqrt(var) * _colder_shift(target)
+        n_total += n
     p_chi2 = _chi2_sf(chi2, df) if df > 0 else 1.0
-    mean = float((q * torch.where(q > 0, target.logprobs.cpu(), 0.0)).sum())
-    var = float((q * torch.where(q > 0, target.logprobs.cpu() - mean, 0.0) ** 2).sum())
-    drawn = target.logprobs.cpu()[draws]
-    z = float((drawn.sum() - n * mean) / math.sqrt(n * var)) if var > 1e-12 else 0.0
+    z = score / math.sqrt(var_total) if var_total > 1e-12 else 0.0
     z_max = _z_threshold(alpha)
-    colder_z = _colder_shift(target) * math.sqrt(n)  # the power figure: the mean z a colder sampler would give here
-    figures = {"draws": n, "outside_support": outside, "chi2": round(chi2, 2), "cells": len(wanted), "p_chi2": p_chi2,
+    # the power figure: the mean z a sampler at COLDER x the temperature would give on these draws
+    colder_z = colder / math.sqrt(var_total) if var_total > 1e-12 else 0.0
+    figures = {"draws": n_total, "outside_support": outside, "chi2": round(chi2, 2), "df": df, "p_chi2": p_chi2,
                "temperature_z": round(z, 2), "z_threshold": round(z_max, 2), "colder_z": round(colder_z, 1)}
     problems = []
     if outside:
-        worst = int(torch.where(allowed, 0.0, counts).argmax())
-        problems.append(f"{outside} of {n} draws outside the top-k/top-p support (token {worst} {int(counts[worst])} times)")
+        problems.append(f"{outside} of {n_total} draws outside the top-k/top-p support (token {worst[0]} {worst[1]} times)")
     if p_chi2 < alpha:
         problems.append(f"counts differ from the target: chi-square {chi2:.1f} on {df} degrees of freedom, p {p_chi2:.1e} < {alpha:.1e}")
     if abs(z) > z_max:
         problems.append(f"draws {'favour likely' if z > 0 else 'favour unlikely'} tokens: temperature z {z:+.1f} "
                         f"(|z| <= {z_max:.1f}): sampled {'colder' if z > 0 else 'hotter or wider'} than the target")
     return Judgement(not problems, problems, figures)
+
+
+def judge_draws(draws: torch.Tensor, target: Target, alpha: float) -> Judgement:
+    """Draws [n] long of one position against ``target``; each of the two statistical tests at ``alpha``."""
+    return judge_groups([(draws, target)], alpha)
 
 
 @dataclass
@@ -227,42 +266,89 @@ def _colder_shift(target: Target) -> float:
     return (float((colder * lp).sum()) - mean) / math.sqrt(var)
 
 
-def _draw(backend, lm, prompts, embeds, position: Position, params: SamplingParams, seed: int) -> torch.Tensor:
-    """DRAWS next tokens [n] long at ``position`` through ``backend``'s own sampling, in calls of bounded memory."""
+@torch.no_grad()
+def _next_logits(lm, prompts, embeds, prompt: int, sequences: list[list[int]]) -> torch.Tensor:
+    """The policy's logits [len(sequences), V] (float32, CPU) of the token after prompt ``prompt`` + each sequence
+    (all of one length m): the trainer's forward over rows of m + 1 tokens, read where token m is predicted."""
+    m = len(sequences[0])
+    ids = torch.tensor([seq + [lm.pad_token_id] for seq in sequences], dtype=torch.long)
+    seqs = build_sequences(prompts, [prompt] * len(sequences), ids, torch.ones(ids.shape), lm.pad_token_id).to(lm.device)
+    hidden = sequence_hidden(lm, seqs, embeds)[:, m]
+    return (hidden.float() @ lm.lm_head_weight.float().T).cpu()
+
+
+def _draw(backend, prompts, embeds, position: Position, params: SamplingParams, seed: int):
+    """DRAWS next tokens at ``position`` through ``backend``'s own sampling, in calls of bounded memory: (first [n]
+    long, second [n] long or None). ``second``: for backends drawn through ``generate``, the token each row sampled
+    after its first, from the engine's decode step (a CUDA graph's replay on a GPU), -1 where the row had ended."""
     V = position.logits.numel()
-    rows = int(min(DRAWS, max(64, BUFFER_BYTES // (V * 32))))
-    out = []
-    for c, start in enumerate(range(0, DRAWS, rows)):
-        n = min(rows, DRAWS - start)
-        call = SamplingParams(n, 1, params.temperature, params.top_p, params.top_k, seeds=[seed + c])
-        if hasattr(backend, "draw_next"):  # hf: generate's sampling on the policy's logits at the prefix
-            out.append(backend.draw_next(position.logits, call, seed + c))
-        else:  # engine, vllm: generate on the prefix as a prompt, n samples of its first token
-            prompt = extend_prompt(prompts[position.prompt], position.prefix)
-            roll = backend.generate([prompt], [embeds[position.prompt]], call)
-            out.append(roll.completion_ids[:, 0].cpu())
-    return torch.cat(out)
+    rows = int(min(DRAWS, max(SAMPLES_PER_PROMPT, BUFFER_BYTES // (V * 32))))
+    first, second = [], []
+    if hasattr(backend, "draw_next"):  # hf: generate's sampling on the policy's logits at the prefix
+        for c, start in enumerate(range(0, DRAWS, rows)):
+            call = SamplingParams(min(rows, DRAWS - start), 1, params.temperature, params.top_p, params.top_k)
+            first.append(backend.draw_next(position.logits, call, seed + c))
+        return torch.cat(first), None
+    # engine, vllm: generate on copies of the prefix as prompts, SAMPLES_PER_PROMPT samples each (the engine's
+    # decode attention grows with the square of a prompt's samples); DECODE_STEPS tokens, so that the engine's
+    # decode step runs as in training (captured as a CUDA graph on a GPU)
+    prompt, feats = extend_prompt(prompts[position.prompt], position.prefix), embeds[position.prompt]
+    copies = max(1, rows // SAMPLES_PER_PROMPT)
+    for c, start in enumerate(range(0, DRAWS, copies * SAMPLES_PER_PROMPT)):
+        k = math.ceil(min(copies * SAMPLES_PER_PROMPT, DRAWS - start) / SAMPLES_PER_PROMPT)
+        call = SamplingParams(SAMPLES_PER_PROMPT, DECODE_STEPS, params.temperature, params.top_p, params.top_k,
+                              seeds=[seed + 1009 * c + i for i in range(k)])
+        roll = backend.generate([prompt] * k, [feats] * k, call)
+        ids, mask = roll.completion_ids.cpu(), roll.completion_mask.cpu()
+        first.append(ids[:, 0])
+        second.append(torch.where(mask[:, 1] > 0, ids[:, 1], -1) if ids.shape[1] > 1 else torch.full_like(ids[:, 0], -1))
+    return torch.cat(first)[:DRAWS], torch.cat(second)[:DRAWS]
 
 
-def check_sampler(backend, lm, prompts, embeds, positions: list[Position], params: SamplingParams) -> Judgement:
-    """``backend``'s draws at every position against their targets; one Judgement (problems name the position)."""
-    alpha = FALSE_ALARM / (2 * max(len(positions), 1))
+def _second_groups(lm, prompts, embeds, position: Position, first, second, temperature, top_k, top_p, slack):
+    """(draws, target) of the second token for the DECODE_GROUPS most frequent first tokens drawn at least
+    GROUP_MIN times: given its first token, a row's second is a draw from the policy's distribution after it."""
+    valid = second >= 0
+    tokens, counts = first[valid].unique(return_counts=True)
+    chosen = [int(t) for t, c in sorted(zip(tokens.tolist(), counts.tolist()), key=lambda x: -x[1])
+              if c >= GROUP_MIN][:DECODE_GROUPS]
+    if not chosen:
+        return []
+    logits = _next_logits(lm, prompts, embeds, position.prompt, [position.prefix + [t] for t in chosen])
+    return [(second[valid & (first == t)], sampling_target(logits[i], temperature, top_k, top_p, slack))
+            for i, t in enumerate(chosen)]
+
+
+def check_sampler(backend, lm, prompts, embeds, positions: list[Position], params: SamplingParams, dtype: str) -> Judgement:
+    """``backend``'s draws at every position against their targets; one Judgement (problems name the position and
+    the step: the first token after the prefix, or the second, drawn by the engine's decode step)."""
+    alpha = FALSE_ALARM / (TESTS_PER_POSITION * max(len(positions), 1))
+    slack = LOGIT_SLACK.get(dtype, 0.1)
     problems, per_position = [], []
     for i, pos in enumerate(positions):
-        draws = _draw(backend, lm, prompts, embeds, pos, params, SEED + 1000 * i)
-        j = judge_draws(draws, pos.target, alpha)
-        per_position.append({"prompt": pos.prompt, "prefix_tokens": len(pos.prefix), **j.figures})
-        problems += [f"prompt {pos.prompt} + {len(pos.prefix)} tokens: {p}" for p in j.problems]
+        first, second = _draw(backend, prompts, embeds, pos, params, SEED + 1000 * i)
+        judged = [("first", judge_draws(first, pos.target, alpha))]
+        if second is not None:
+            groups = _second_groups(lm, prompts, embeds, pos, first, second, params.temperature, params.top_k,
+                                    params.top_p, slack)
+            if groups:
+                judged.append(("second", judge_groups(groups, alpha)))
+        for step, j in judged:
+            per_position.append({"prompt": pos.prompt, "prefix_tokens": len(pos.prefix), "token": step, **j.figures})
+            problems += [f"prompt {pos.prompt} + {len(pos.prefix)} tokens, {step} token: {p}" for p in j.problems]
     figures = {"positions": per_position, "false_alarm": FALSE_ALARM, "alpha_per_test": alpha}
     return Judgement(not problems, problems, figures)
 
 
 def describe(j: Judgement) -> str:
     """One line for the table: draws, the worst p and z, and the power against a colder sampler."""
-    ps = j.figures["positions"]
-    if not ps:
+    firsts = [p for p in j.figures["positions"] if p["token"] == "first"]
+    seconds = [p for p in j.figures["positions"] if p["token"] == "second"]
+    if not firsts:
         return "distribution: no position to check"
-    return (f"distribution: {len(ps)} positions x {ps[0]['draws']} draws, chi-square p >= "
-            f"{min(p['p_chi2'] for p in ps):.2g}, |temperature z| <= {max(abs(p['temperature_z']) for p in ps):.1f} "
-            f"(threshold {ps[0]['z_threshold']:.1f}; T x{COLDER} would give >= {min(p['colder_z'] for p in ps):.1f}), "
-            f"{sum(p['outside_support'] for p in ps)} outside the support")
+    every = firsts + seconds
+    then = f" + {sum(p['draws'] for p in seconds)} second tokens given the first" if seconds else ""
+    return (f"distribution: {len(firsts)} positions x {firsts[0]['draws']} draws{then}, chi-square p >= "
+            f"{min(p['p_chi2'] for p in every):.2g}, |temperature z| <= {max(abs(p['temperature_z']) for p in every):.1f} "
+            f"(threshold {firsts[0]['z_threshold']:.1f}; T x{COLDER} would give >= {min(p['colder_z'] for p in firsts):.1f}), "
+            f"{sum(p['outside_support'] for p in every)} outside the support")

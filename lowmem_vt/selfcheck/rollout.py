@@ -174,7 +174,7 @@ def check_rollout(lm, prompts, embeds, candidates: list[str], *, num_generations
                         for c in candidates], built
     try:
         positions = distribution.pick_positions(lm, prompts, embeds, ref_greedy, temperature, top_k, top_p, dtype_name)
-        drawn = distribution.check_sampler(hf, lm, prompts, embeds, positions, sample)
+        drawn = distribution.check_sampler(hf, lm, prompts, embeds, positions, sample, dtype_name)
     except Exception as exc:  # noqa: BLE001
         ref.ok, ref.reason = False, f"distribution check raised {type(exc).__name__}: {_one_line(exc)}"
         return [ref] + [PathResult("rollout", c, ok=None, reason="the hf reference itself failed: " + ref.reason)
@@ -198,7 +198,6 @@ def check_rollout(lm, prompts, embeds, candidates: list[str], *, num_generations
             roll, seconds = _timed_generate(backend, prompts, embeds, sample, device)
             tokens = float(roll.completion_mask.sum())
             mean, largest = _logprob_figures(lm, prompts, embeds, roll, temperature)
-            drawn = distribution.check_sampler(backend, lm, prompts, embeds, positions, sample)
         except Exception as exc:  # noqa: BLE001 -- capture failures, kernel errors...: a verdict
             p.ok, p.reason = False, f"raised {type(exc).__name__}: {_one_line(exc)}"
             results.append(p)
@@ -206,6 +205,12 @@ def check_rollout(lm, prompts, embeds, candidates: list[str], *, num_generations
         finally:
             if counting is not None:
                 built[name].graphs = counting.inner
+        try:  # after the counted calls: its own generate calls capture graphs too
+            drawn = distribution.check_sampler(backend, lm, prompts, embeds, positions, sample, dtype_name)
+        except Exception as exc:  # noqa: BLE001
+            p.ok, p.reason = False, f"distribution check raised {type(exc).__name__}: {_one_line(exc)}"
+            results.append(p)
+            continue
         p.cost = seconds / max(tokens, 1.0)
         p.figures.update(tokens_per_s=tokens / max(seconds, 1e-9), greedy=greedy_text, greedy_rows=greedy_fig,
                          logprob_diff_mean=mean, logprob_diff_max=largest, logprob_max_bound=max_bound,
