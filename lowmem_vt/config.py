@@ -213,7 +213,8 @@ class RolloutConfig:
     backend: Literal["auto", "hf", "engine", "vllm"] = "hf"
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    # with engine / vllm: sampler_logprob_diff above 0.05 for this many steps in a row switches the run to hf
+    # with engine / vllm: sampler_logprob_diff above 0.05 (or sampler_logprob_diff_max above the dtype's per-token
+    # bound, selfcheck/rollout.py LOGPROB_MAX_BOUND) for this many steps in a row switches the run to hf
     # (a warning and the metric rollout_switched_to_hf); 0 = never
     fallback_after: int = 3
 

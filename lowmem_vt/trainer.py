@@ -35,6 +35,7 @@ from .rewards import compute_rewards, reflection_rate
 from .rollout import RolloutResult, SamplingParams, make_rollout
 from .selfcheck import SelfCheckError, run_selfcheck
 from .selfcheck.head import HeadSettings, recheck
+from .selfcheck.rollout import LOGPROB_MAX_BOUND
 from .tiny import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ class Trainer:
         if self.device.type == "cuda" and lm is None:
             self._check_fallback_fits()
         self.rollout = self.selfcheck.rollout_backend or make_rollout(self.rollout_backend, self.lm)
-        self._drift_steps = 0  # consecutive steps with sampler_logprob_diff above SAMPLER_DIFF_WARN
+        self._drift_steps = 0  # consecutive steps whose sampler log-probs drift (_sampler_drifts)
         self._logged_backends: tuple[str, str] | None = None
         self.policy = wrap_policy(self.lm, self.dist)  # DDP all-reduces LoRA gradients when several ranks run
         self.params = trainable_parameters(self.lm.peft_model)
@@ -438,10 +439,12 @@ class Trainer:
             "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None,
         }
         self._bad_total = m["bad_steps_total"]
-        if (m["sampler_logprob_diff"] or 0.0) > SAMPLER_DIFF_WARN and self.dist.is_main:
+        if self._sampler_drifts(m) and self.dist.is_main:
             log.warning("step %d: the rollout's log-probs differ from the policy's by %.3f per token on average (bf16 "
-                        "rounding gives < 0.01): the sampler (rollout.backend: %s) is not the policy the trainer scores; "
-                        "see docs/rollout.md", self.step_count, m["sampler_logprob_diff"], roll.backend)
+                        "rounding gives < 0.01; bound %.2f), %.3f on the worst token (bound %.2g): the sampler "
+                        "(rollout.backend: %s) is not the policy the trainer scores; see docs/rollout.md", self.step_count,
+                        m["sampler_logprob_diff"], SAMPLER_DIFF_WARN, m["sampler_logprob_diff_max"],
+                        self._sampler_max_bound, roll.backend)
         if u.recheck is not None:
             m["kernel_recheck_grad_err"] = u.recheck["grad"]
             m["kernel_recheck_ok"] = u.recheck["ok"]
@@ -455,20 +458,32 @@ class Trainer:
         self._last_texts = (scored.texts, scored.answers, rewards.tolist())
         return m
 
+    @property
+    def _sampler_max_bound(self) -> float:
+        """The largest per-token sampler log-prob difference a clean sampler shows in this run's dtype."""
+        return LOGPROB_MAX_BOUND.get(str(self.lm.lm_head_weight.dtype).removeprefix("torch."), 0.5)
+
+    def _sampler_drifts(self, m: dict) -> bool:
+        """The step's sampler log-probs are not the policy's: the mean over tokens above SAMPLER_DIFF_WARN, or the
+        worst token above the dtype's bound (a fault on a few tokens averages out of the mean)."""
+        if m["sampler_logprob_diff"] is None:
+            return False
+        return m["sampler_logprob_diff"] > SAMPLER_DIFF_WARN or m["sampler_logprob_diff_max"] > self._sampler_max_bound
+
     def _watch_sampler(self, m: dict) -> None:
-        """With the engine (or vllm): ``rollout.fallback_after`` steps in a row whose sampler_logprob_diff is above
-        SAMPLER_DIFF_WARN switch the run to hf (the metric rollout_switched_to_hf marks the step). The diff is
-        summed over all ranks, so every rank switches at the same step."""
+        """With the engine (or vllm): ``rollout.fallback_after`` steps in a row whose sampler log-probs drift
+        (``_sampler_drifts``: the mean or the worst token) switch the run to hf (the metric rollout_switched_to_hf
+        marks the step). Both figures are over all ranks, so every rank switches at the same step."""
         n = self.cfg.rollout.fallback_after
-        diff = m["sampler_logprob_diff"]
-        if not n or self.rollout_backend == "hf" or diff is None:
+        if not n or self.rollout_backend == "hf" or m["sampler_logprob_diff"] is None:
             return
-        self._drift_steps = self._drift_steps + 1 if diff > SAMPLER_DIFF_WARN else 0
+        self._drift_steps = self._drift_steps + 1 if self._sampler_drifts(m) else 0
         if self._drift_steps >= n:
             if self.dist.is_main:
-                log.warning("step %d: sampler_logprob_diff above %.2f for %d steps in a row with rollout.backend %s: the "
-                            "run switches to hf (the reference) from the next step on; see docs/selfcheck.md",
-                            self.step_count, SAMPLER_DIFF_WARN, n, self.rollout_backend)
+                log.warning("step %d: sampler log-probs off the policy's (mean above %.2f or worst token above %.2g) for "
+                            "%d steps in a row with rollout.backend %s: the run switches to hf (the reference) from the "
+                            "next step on; see docs/selfcheck.md", self.step_count, SAMPLER_DIFF_WARN,
+                            self._sampler_max_bound, n, self.rollout_backend)
             self.rollout = make_rollout("hf", self.lm)
             self.rollout_backend = "hf"
             self._drift_steps = 0

@@ -109,9 +109,51 @@ def generate_inputs(lm, prompts, image_embeds: list[torch.Tensor], samples: int)
     return {**batch, "inputs_embeds": embeds.masked_scatter(image_mask, feats), "num_return_sequences": 1}
 
 
+def sampling_settings(params: SamplingParams) -> dict:
+    """generate's sampling keywords for ``params``, all of them explicit (top_k 0 and top_p 1.0 are "off"): the one
+    place the recipe's sampling reaches generate, for rollouts and for the distribution check alike."""
+    if params.greedy:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
+
+
+class FixedScores(LogitsProcessor):
+    """Replaces every row's scores with one logits row [V] (the distribution check's: see HFRollout.draw_next)."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.logits.to(scores.device, scores.dtype).expand_as(scores).clone()
+
+
 class HFRollout(RolloutBackend):
     def __init__(self, lm):
         self.lm = lm
+
+    @torch.no_grad()
+    def draw_next(self, logits: torch.Tensor, params: SamplingParams, seed: int) -> torch.Tensor:
+        """``params.num_generations`` draws [n] long of one next token from ``logits`` [V] (the policy's, at some
+        prefix) through generate's own sampling: the warpers ``sampling_settings`` builds, then its multinomial.
+
+        For the rollout's distribution check (``selfcheck/distribution.py``): generate runs on n one-token rows whose
+        scores are replaced by ``logits`` before its warpers, so the check costs n one-token forwards instead of n
+        prefills of the prompt (the prompt path itself is checked by the sampling log-probs)."""
+        lm, model = self.lm, self.lm.hf_model
+        n = params.num_generations
+        start = torch.full((n, 1), lm.eos_token_id, dtype=torch.long, device=model.device)
+        was_training = model.training
+        model.eval()
+        torch.manual_seed(seed)
+        try:
+            with only_these_generation_settings(model):
+                out = model.generate(input_ids=start, attention_mask=torch.ones_like(start), **sampling_settings(params),
+                                     max_new_tokens=1, eos_token_id=lm.eos_token_id,
+                                     pad_token_id=lm.pad_token_id, use_cache=False,
+                                     logits_processor=LogitsProcessorList([FixedScores(logits)]))
+        finally:
+            model.train(was_training)
+        return out[:, -1].cpu()
 
     @torch.no_grad()
     def generate(self, prompts, image_embeds, params: SamplingParams) -> RolloutResult:
@@ -136,16 +178,12 @@ class HFRollout(RolloutBackend):
         inputs = generate_inputs(lm, prompts, image_embeds, params.num_generations)
         was_training = model.training
         model.eval()  # gradient checkpointing in train mode would turn the KV cache off
-        sample = not params.greedy
-        recorder = SamplingLogprobs(params.temperature) if sample else None
-        # the recipe's sampling, all of it explicit: top_k 0 and top_p 1.0 are "off"
-        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k) if sample else {}
+        recorder = SamplingLogprobs(params.temperature) if not params.greedy else None
         try:
             with only_these_generation_settings(model):
                 out = model.generate(
                     **inputs,
-                    do_sample=sample,
-                    **sampling,
+                    **sampling_settings(params),
                     max_new_tokens=params.max_new_tokens,
                     eos_token_id=lm.eos_token_id,
                     pad_token_id=lm.pad_token_id,

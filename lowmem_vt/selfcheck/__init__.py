@@ -9,7 +9,8 @@ Groups (each a module here):
   timed apart; 3 repeats bit-identical;
   peak extra memory);
 * ``rollout`` (``rollout.py``): ``engine`` (or a named ``vllm``) against ``hf`` on 2 prompts of the run's data
-  x G samples x a short length: greedy ids, sampling log-probs against the trainer's, CUDA-graph capture and
+  x G samples x a short length: greedy ids, sampling log-probs against the trainer's (mean and worst token), what
+  each sampler draws against the trainer's softmax(logits / T) with top-k / top-p (``distribution.py``), CUDA-graph capture and
   replay, tokens/s;
 * ``levers`` (``levers.py``): the offload round trips, an NF4 linear against its dequantized weight, finite
   fp16 logits.

@@ -119,6 +119,8 @@ def decide(group: GroupResult, mode: str = "on") -> Decision:
     timed = [p for p in candidates if p.cost is not None]
     best = min(timed, key=lambda p: p.cost) if timed else candidates[0]
     d = Decision(best.name)
+    if ref is not None and ref.ok is False:  # the reference is the fallback: say what is wrong with it
+        d.warnings.append(f"{key}: {ref_name} (the reference) failed its self-check: {ref.reason}")
     for p in group.paths:
         if p.reference or p.name == best.name:
             continue
@@ -192,6 +194,8 @@ def _figures_text(p: PathResult) -> str:
             parts.append(f"log-prob diff vs trainer mean {f['logprob_diff_mean']:.1e}, max {f['logprob_diff_max']:.1e}")
         if f.get("graphs"):
             parts.append(f["graphs"])
+        if f.get("distribution"):
+            parts.append(f["distribution"])
     else:
         parts += [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()]
     if not parts and p.reference:

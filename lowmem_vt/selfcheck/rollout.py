@@ -5,7 +5,11 @@ run's own data x G samples x a short length, seeded.
   tokens must be within ``TIE_TOLERANCE``; what follows a tie legitimately diverges and is not compared);
 * sampling (the recipe's temperature / top-k / top-p, per-prompt seeds, as in training): the sampling
   log-probs the backend reports against the trainer's own log-probs of the same tokens (mean over tokens
-  within ``LOGPROB_BOUND``, or twice what ``hf`` itself shows, whichever is larger);
+  within ``LOGPROB_BOUND``, or twice what ``hf`` itself shows, whichever is larger; the worst token within
+  ``LOGPROB_MAX_BOUND`` or twice hf's worst, so a fault on a few tokens does not average out);
+* distribution (``distribution.py``), ``hf`` included: what each backend draws, not what it reports: many draws
+  of the next token at a few prefixes against the trainer's ``softmax(logits / T)`` with top-k / top-p (a wrong
+  temperature, top-k or top-p fails; false-alarm rate ``distribution.FALSE_ALARM``);
 * CUDA graphs: the engine's capture and replay run inside the sampling call (one graph per 128-step bucket);
   their count is recorded (on CPU the engine decodes eagerly unless given an emulation);
 * speed: decode tokens per second of each backend over the same sampling call (wall time, capture included).
@@ -21,12 +25,19 @@ from ..inputs import build_sequences
 from ..kernels.chunked_logprobs import chunked_logprobs_reference
 from ..model import sequence_hidden
 from ..rollout import SamplingParams, make_rollout
+from . import distribution
 from .head import _one_line
 from .report import PathResult
 
 # mean |sampling log-prob - trainer log-prob| per token a backend may show (bf16 rounding alone stays below
 # 0.01; the trainer warns at 0.05)
 LOGPROB_BOUND = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 2e-2}
+# the largest |sampling log-prob - trainer log-prob| one token may show, here and in the trainer's drift watcher.
+# fp32: clean samplers stay below 1e-5 (tests/test_selfcheck_sampling.py); 16 bits: the engine's LM head writes
+# logits in the model dtype, whose rounding moves a logit by up to |logit| x 2^-9 (0.08 at 40) and the log-prob by
+# twice that with the log-sum-exp, plus the decode path's own rounding through the layers: 0.5 leaves ~3x (the
+# tiny model in bf16 on CPU: 3.9e-2 over 2,763 engine tokens, its logits within +-6). Derived, not measured on a GPU
+LOGPROB_MAX_BOUND = {"float32": 5e-2, "bfloat16": 0.5, "float16": 0.5}
 # a greedy token that differs from hf's is a tie when the trainer's log-probs of the two are this close
 TIE_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
 SEEDS = (1234, 4321)
@@ -161,7 +172,18 @@ def check_rollout(lm, prompts, embeds, candidates: list[str], *, num_generations
         ref.ok, ref.reason = False, f"raised {type(exc).__name__}: {_one_line(exc)}"
         return [ref] + [PathResult("rollout", c, ok=None, reason="the hf reference itself failed: " + ref.reason)
                         for c in candidates], built
+    try:
+        positions = distribution.pick_positions(lm, prompts, embeds, ref_greedy, temperature, top_k, top_p, dtype_name)
+        drawn = distribution.check_sampler(hf, lm, prompts, embeds, positions, sample, dtype_name)
+    except Exception as exc:  # noqa: BLE001
+        ref.ok, ref.reason = False, f"distribution check raised {type(exc).__name__}: {_one_line(exc)}"
+        return [ref] + [PathResult("rollout", c, ok=None, reason="the hf reference itself failed: " + ref.reason)
+                        for c in candidates], built
+    ref.figures.update(distribution=distribution.describe(drawn), distribution_positions=drawn.figures["positions"])
+    if not drawn.ok:
+        ref.ok, ref.reason = False, "sampling distribution differs from the trainer's: " + "; ".join(drawn.problems)
     bound = max(LOGPROB_BOUND.get(dtype_name, 2e-2), 2 * (ref.figures["logprob_diff_mean"] or 0.0))
+    max_bound = max(LOGPROB_MAX_BOUND.get(dtype_name, 0.5), 2 * (ref.figures["logprob_diff_max"] or 0.0))
     results = [ref]
     for name in candidates:
         p = PathResult("rollout", name, figures={**common, "logprob_bound": bound})
@@ -183,9 +205,16 @@ def check_rollout(lm, prompts, embeds, candidates: list[str], *, num_generations
         finally:
             if counting is not None:
                 built[name].graphs = counting.inner
+        try:  # after the counted calls: its own generate calls capture graphs too
+            drawn = distribution.check_sampler(backend, lm, prompts, embeds, positions, sample, dtype_name)
+        except Exception as exc:  # noqa: BLE001
+            p.ok, p.reason = False, f"distribution check raised {type(exc).__name__}: {_one_line(exc)}"
+            results.append(p)
+            continue
         p.cost = seconds / max(tokens, 1.0)
         p.figures.update(tokens_per_s=tokens / max(seconds, 1e-9), greedy=greedy_text, greedy_rows=greedy_fig,
-                         logprob_diff_mean=mean, logprob_diff_max=largest)
+                         logprob_diff_mean=mean, logprob_diff_max=largest, logprob_max_bound=max_bound,
+                         distribution=distribution.describe(drawn), distribution_positions=drawn.figures["positions"])
         if counting is not None:
             p.figures["graphs"] = f"{counting.captures} graph(s) captured, {counting.replays} replays"
             p.figures["captures"], p.figures["replays"] = counting.captures, counting.replays
@@ -199,6 +228,11 @@ def check_rollout(lm, prompts, embeds, candidates: list[str], *, num_generations
         elif not mean <= bound:
             problems.append(f"sampling log-probs differ from the trainer's by {mean:.3g} per token on average "
                             f"(max {largest:.3g}) > {bound:.0e}")
+        elif not largest <= max_bound:
+            problems.append(f"sampling log-probs differ from the trainer's by {largest:.3g} on the worst token > {max_bound:g} "
+                            f"(mean {mean:.3g})")
+        if not drawn.ok:
+            problems.append("sampling distribution differs from the trainer's: " + "; ".join(drawn.problems))
         if counting is not None and length - 1 > 2 and counting.captures == 0:
             problems.append("no CUDA graph was captured")
         p.ok = not problems
