@@ -86,14 +86,14 @@ def test_make_installs_the_lock():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-def _ci_with_make_failing(tmp_path, failing: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+def _ci_with_make_failing(tmp_path, failing: str, **extra_env) -> tuple[subprocess.CompletedProcess, list[str]]:
     """.ci/run with a stand-in `make` on PATH that logs each target and fails on ``failing``."""
     calls = tmp_path / "calls"
     fake = tmp_path / "bin" / "make"
     fake.parent.mkdir()
     fake.write_text(f'#!/bin/sh\necho "$1" >> {calls}\n[ "$1" != "{failing}" ]\n')
     fake.chmod(0o755)
-    env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}", **extra_env)
     run = subprocess.run(["bash", str(ROOT / ".ci" / "run")], env=env, capture_output=True, text=True, timeout=60)
     return run, calls.read_text().split()
 
@@ -106,6 +106,13 @@ def test_ci_gates_on_what_this_repository_controls_and_reports_test_latest(tmp_p
     gates_red = failing in ("test", "test-min", "gpu-rehearsal")
     assert run.returncode == (1 if gates_red else 0), run.stdout
     assert ("test-latest RED" in run.stdout) == (failing == "test-latest"), run.stdout
+
+
+def test_ci_skips_the_test_latest_report_when_the_gates_used_most_of_its_time(tmp_path):
+    """CI has 90 minutes: past LATEST_AFTER_S (60 min) the report is not run, and the last line says so."""
+    run, calls = _ci_with_make_failing(tmp_path, "none", LATEST_AFTER_S="-1")
+    assert calls == ["test", "test-min", "gpu-rehearsal"] and run.returncode == 0, (calls, run.stdout)
+    assert "test-latest not run: the gates took" in run.stdout
 
 
 def _names(path: Path) -> set[str]:
