@@ -397,7 +397,7 @@ def grpo_loss(
     logp itself, detached.
 
     stats (``loss_stats``): ``kl_sum`` (sum of per-sequence mean k3), ``clipped_tokens`` and ``tokens`` for the
-    logs, and the sums behind TRL's metrics.
+    logs, and, beyond the paper's loss (or with entropy given), the sums behind TRL's metrics.
     """
     if correction.on and sampling_logp is None:
         raise ValueError(f"sampler correction {correction.mode!r} needs the rollout's sampling log-probs; this backend "
@@ -419,7 +419,9 @@ def grpo_loss(
         ratio, masked = sampler_correction_ratio(behaviour, sampling_logp, mask_t, correction)
     per_tok, terms = per_token_loss(logp, advantages, old_logp, ref_logp, beta, epsilon_low, epsilon_high, mask,
                                     loss_type=loss_type, variant=variant, token_weight=weight, sampler_ratio=ratio)
-    stats = loss_stats(terms.k3, terms.clipped, mask, loss_type=loss_type, terms=terms, advantages=advantages_col,
+    # the paper's loss logs what it always did (the fused heads compute no more); the rest of the menu TRL's metrics
+    full = not is_paper_loss(loss_type, variant, correction) or entropy is not None
+    stats = loss_stats(terms.k3, terms.clipped, mask, loss_type=loss_type, terms=terms if full else None, advantages=advantages_col,
                        epsilon_low=epsilon_low, epsilon_high=epsilon_high, entropy=entropy,
                        sampler=None if ratio is None else (ratio, masked))
     return aggregate(per_tok, mask, loss_type, counts), stats
