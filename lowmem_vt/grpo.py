@@ -29,6 +29,7 @@ backend reported, truncated or masked to [clip_min, clip_max]).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -160,6 +161,11 @@ class LossVariant:
     top_entropy_quantile: float = 1.0
     off_policy_mask_threshold: float | None = None
     bias_corrected_kl: bool = False
+
+    @classmethod
+    def of(cls, grpo_config) -> "LossVariant":
+        """The knobs of a recipe's ``grpo`` section (``config.GRPOConfig``: the same field names)."""
+        return cls(**{f.name: getattr(grpo_config, f.name) for f in dataclasses.fields(cls)})
 
     @property
     def needs_entropy(self) -> bool:

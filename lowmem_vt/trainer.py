@@ -117,18 +117,6 @@ class Refill:
     cap_hit: bool = False
 
 
-def loss_variant(cfg: RecipeConfig) -> LossVariant:
-    """The recipe's policy-loss knobs beyond loss_type / beta / epsilon (``lowmem_vt.grpo.LossVariant``)."""
-    g = cfg.grpo
-    return LossVariant(
-        importance_sampling_level=g.importance_sampling_level, delta=g.delta,
-        sapo_temperature_pos=g.sapo_temperature_pos, sapo_temperature_neg=g.sapo_temperature_neg,
-        vespo_k_pos=g.vespo_k_pos, vespo_lambda_pos=g.vespo_lambda_pos, vespo_k_neg=g.vespo_k_neg,
-        vespo_lambda_neg=g.vespo_lambda_neg, top_entropy_quantile=g.top_entropy_quantile,
-        off_policy_mask_threshold=g.off_policy_mask_threshold, bias_corrected_kl=g.bias_corrected_kl,
-    )
-
-
 _LOGGED = ("kl_sum", "clipped_tokens", "tokens")  # summed by Update's own fields
 
 
@@ -216,7 +204,7 @@ class Trainer:
 
     def _setup(self, cfg: RecipeConfig, resume: str | None, resumed_from: Path | None, lm: LoadedModel | None,
                selfcheck_force: bool) -> None:
-        self.loss_variant = loss_variant(cfg)
+        self.loss_variant = LossVariant.of(cfg.grpo)
         # Data before the model: a broken dataset fails fast, before minutes of loading.
         self.examples, self.data_report = load_examples(cfg.data)
         self.steps_per_epoch = len(self.examples) // cfg.train.prompts_per_step

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..grpo import LossCounts
+from ..grpo import PAPER, LossCounts, LossVariant
 from ..kernels.fused_linear import rows_per_chunk
 from ..kernels.head import fused_grpo_loss, token_logprobs
 from .report import PathResult
@@ -83,13 +83,14 @@ class HeadSettings:
     loss_type: str = "grpo"
     temperature: float = 1.0
     with_old: bool = False
+    variant: LossVariant = PAPER  # the recipe's loss beyond loss_type (level, delta, masks; lowmem_vt.grpo)
 
     @classmethod
     def from_recipe(cls, cfg) -> "HeadSettings":
         g = cfg.grpo
         return cls(beta=g.beta if g.beta > 0 else 0.04, epsilon_low=g.epsilon,
                    epsilon_high=g.epsilon if g.epsilon_high is None else g.epsilon_high, loss_type=g.loss_type,
-                   temperature=g.temperature, with_old=g.num_iterations > 1)
+                   temperature=g.temperature, with_old=g.num_iterations > 1, variant=LossVariant.of(g))
 
 
 def fast_path_device(device: torch.device | str) -> bool:
@@ -169,7 +170,8 @@ def _run_once(name: str, x: dict, settings: HeadSettings, device: torch.device) 
     loss, stats, logp = fused_grpo_loss(
         h, x["weight"], x["targets"], x["mask"], x["advantages"], x["old_logp"], x["ref_logp"],
         beta=settings.beta, epsilon_low=settings.epsilon_low, epsilon_high=settings.epsilon_high,
-        loss_type=settings.loss_type, counts=x["counts"], temperature=settings.temperature, backend=name)
+        loss_type=settings.loss_type, counts=x["counts"], temperature=settings.temperature, backend=name,
+        variant=settings.variant)
     timer.mark()
     loss.backward()
     timer.mark()
