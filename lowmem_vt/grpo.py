@@ -478,17 +478,14 @@ def loss_stats(k3: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor, *, l
         stats["phi_sum"] = terms.phi.float().sum()
     if entropy is not None:
         stats["entropy_sum"] = (entropy.float() * mask).sum()
-    if sampler is not None:
+    if sampler is not None:  # no boolean indexing: the stats run on fake tensors too (memory simulation)
         ratio_is, masked = sampler
-        if ratio_is.shape[1] == 1:
-            flat, flat_masked = ratio_is.float().flatten(), masked.flatten()
-        else:
-            flat, flat_masked = ratio_is.float()[mask.bool()], masked[mask.bool()]
-        empty = flat.numel() == 0
+        ratio_is = ratio_is.float()
+        keep = torch.ones_like(ratio_is, dtype=torch.bool) if ratio_is.shape[1] == 1 else mask != 0
         stats.update(
-            is_ratio_sum=flat.sum(), is_units=torch.tensor(float(flat.numel()), device=mask.device),
-            is_ratio_min=flat.new_tensor(math.inf) if empty else flat.min(),
-            is_ratio_max=flat.new_tensor(-math.inf) if empty else flat.max(),
-            is_masked=flat_masked.float().sum(),
+            is_ratio_sum=torch.where(keep, ratio_is, 0.0).sum(), is_units=keep.float().sum(),
+            is_ratio_min=torch.where(keep, ratio_is, math.inf).min(),
+            is_ratio_max=torch.where(keep, ratio_is, -math.inf).max(),
+            is_masked=(masked & keep).float().sum(),
         )
     return stats
