@@ -347,6 +347,13 @@ def test_menu_through_the_heads_matches_reference(seed, head, loss_type, level, 
                             weight_grad)
 
 
+@pytest.mark.parametrize("vocab", [151_936, 248_320, 262_144])  # Qwen2-VL; the newest Qwen and Gemma vocabularies
+def test_fused_linear_scratch_within_budget(vocab):
+    from lowmem_vt.kernels.fused_linear import SCRATCH_BYTES, rows_per_chunk
+
+    assert SCRATCH_BYTES <= 2**28 and rows_per_chunk(vocab) * vocab * 4 <= SCRATCH_BYTES
+
+
 def test_the_paper_loss_runs_fused_and_the_menu_through_the_log_prob_heads(monkeypatch):
     """The split of kernels/head.py is explicit: the paper's loss (and dapo, its aggregation alone) in the fused
     kernels, everything else through ``head_logprobs``; never a silent switch."""
