@@ -580,7 +580,7 @@ class Trainer:
             m["dynamic_groups_dropped"] = int(dropped)
             m["dynamic_rounds"] = int(rounds / self.dist.world_size)
             # rollouts (completions) sampled per group the update kept
-            m["dynamic_rollouts_per_kept_group"] = rounds / self.dist.world_size * n_prompts * G / max(kept, 1) / G
+            m["dynamic_rollouts_per_kept_group"] = rounds / self.dist.world_size * n_prompts * G / max(kept, 1)
         self._bad_total = m["bad_steps_total"]
         if (m["sampler_logprob_diff"] or 0.0) > SAMPLER_DIFF_WARN and self.dist.is_main:
             log.warning("step %d: the rollout's log-probs differ from the policy's by %.3f per token on average (bf16 "
