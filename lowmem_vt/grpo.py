@@ -38,7 +38,6 @@ import torch
 LOSS_TYPES = ("grpo", "dr_grpo", "bnpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 # the loss types whose per-token term is the clipped surrogate (and whose clip metrics are the clip fractions)
 CLIPPED_SURROGATE = ("grpo", "dr_grpo", "bnpo", "dapo", "luspo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SAMPLER_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 SCALE_REWARDS = ("group", "batch", "none")
 
