@@ -9,6 +9,8 @@ LOCK := requirements/lock.txt
 MIN_LOCK := requirements/min-lock.txt
 GPU_LOCK := requirements/gpu-machine-lock.txt
 PIP_VERSION := 26.3
+# setup.cfg's peers extra (the oracles of the loss tests), without their dependencies: see setup.cfg
+PEERS := trl==1.16.0 liger-kernel==0.8.5
 
 .PHONY: demo test test-other-cpu test-min test-latest gpu-rehearsal rehearsal-wheels lock ci setup clean
 
@@ -22,6 +24,7 @@ define make_venv
 	$(1)/bin/python -m pip install -q pip==$(PIP_VERSION)
 	$(1)/bin/python -m pip install -q torch==2.13.0
 	$(1)/bin/python -m pip install -q $(2)
+	$(1)/bin/python -m pip install -q --no-deps $(PEERS)
 	touch $(1)/.installed
 endef
 

@@ -98,6 +98,26 @@ def chunked_logprobs_reference(
     return torch.cat(pieces)
 
 
+@torch.no_grad()
+def chunked_entropy(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 4096) -> torch.Tensor:
+    """Entropy (nats) of softmax(hidden @ weight.T / temperature) per row, ``chunk_rows`` rows of fp32 logits at a time.
+
+    hidden: [N, H]; weight: [V, H]. Returns [N] float32 (float64 for float64 inputs), no gradient (the entropy mask
+    of ``top_entropy_quantile`` selects tokens, it is not differentiated). The Triton heads call it with the rows
+    that fit their scratch budget (``fused_linear.rows_per_chunk``): one more logits matmul over the micro-batch.
+    """
+    compute_dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+    w = weight.to(compute_dtype)
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        logits = (hidden[start : start + chunk_rows].to(compute_dtype) @ w.T) / temperature
+        logp = torch.log_softmax(logits, dim=-1)
+        pieces.append(-(logp.exp() * logp).sum(-1))
+    if not pieces:
+        return hidden.new_zeros(0, dtype=compute_dtype)
+    return torch.cat(pieces)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------

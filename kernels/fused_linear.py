@@ -19,6 +19,15 @@ to the backward, which only scales them by the incoming gradient (the loss scale
 
 The reference-model pass (``fused_linear_logprobs``) runs step 1 and the first half of step 2 only.
 
+The rest of the loss menu (``lowmem_vt.grpo``: cispo, sapo, luspo, vespo, the sequence level, the masks, the
+sampler correction) runs this op as a log-prob head (``head._FusedLinearLogprobs``): advantage -1, weight 1, one
+"token" per row, so its dh is d logp / d hidden; the loss terms then run on the [B, T] log-probs and the backward
+scales that dh by d loss / d logp (no matmul), a trained head's dW by a second pass once d loss / d logp is known.
+The sequence level's whole-sequence ratio is therefore formed after the forward pass, from every token's logp.
+
+Scratch (``SCRATCH_BYTES`` = 0.25 GiB, the same on both paths): 432 rows x V 151,936 (Qwen2-VL, 0.245 GiB), 256
+rows x 248,320 (0.237 GiB), 256 rows x 262,144 (0.250 GiB); tests/test_kernels.py checks the three.
+
 Memory beyond the outputs: the scratch (``rows_per_chunk(V) x V`` fp32, <= SCRATCH_BYTES) and [rows, H]
 temporaries, freed on return. Allocations inside a custom op are invisible to a memory tracker running on
 fake tensors (``torch.distributed._tools.mem_tracker.MemTracker`` sees only the outputs), so a simulated

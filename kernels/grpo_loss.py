@@ -16,6 +16,11 @@ loss, this derivative, k3 and the clip flags (``grpo_token_terms``, which the fu
 calls too). Autograd never sees the [B, T] GRPO graph, and the backward is a single more streaming pass
 over W: recompute each logits tile, scale (onehot - softmax) by the saved per-token derivative times the
 incoming gradient, and accumulate dh (and dW when the head is trained).
+
+This closed form is the paper's loss (``lowmem_vt.grpo.is_paper_loss``). The rest of the menu runs the streaming
+head as a log-prob head (``streaming_logprobs_op``): the forward gives every token's logp, the loss terms run on
+the [B, T] log-probs (so the sequence level sees each sequence's whole ratio before any gradient), and the same
+streaming backward pass takes d loss / d logp from autograd: no extra pass over W (``head.py``).
 """
 
 from __future__ import annotations

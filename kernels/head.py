@@ -10,6 +10,26 @@ Backends (``kernels:`` in a recipe):
 * ``triton``: whichever Triton head ``TRITON_HEAD`` names; ``auto``: in a run, what the self-check picks
   (``lowmem_vt/selfcheck``: the fastest head that passes against ``torch`` on that GPU, else ``torch``);
   ``resolve_backend`` alone, which measures nothing (pre-flight, the planner), maps it to ``triton`` on CUDA.
+
+Which loss runs where. The paper's loss (``lowmem_vt.grpo.is_paper_loss``: the token-level clipped surrogate +
+k3 of grpo / dr_grpo / bnpo / dapo, nothing else of the menu) is fused whole: its d loss / d logp is formed inside
+the heads' kernels (``grpo_loss.grpo_token_terms``). Every other configuration of the menu (cispo, sapo, luspo,
+vespo, the sequence level, delta, the masks, the sampler correction, the bias-corrected KL) runs the heads as
+*log-prob heads with a custom backward* (``head_logprobs``): the vocabulary-sized work (logits, log-sum-exp,
+d logp / d logits, the matmuls into dh and dW) stays in the Triton head and within its scratch budget, and the
+loss terms run in plain PyTorch on the [B, T] log-probs (``lowmem_vt.grpo.grpo_loss``, the reference itself), whose
+autograd hands the head d loss / d logp per token. That is how the sequence level gets each sequence's whole
+ratio before any token's gradient: the forward pass produces every token's log-prob first, the [B, T] loss sees
+whole sequences, and the head's backward runs after it. Cost, against the fused paper loss:
+
+* streaming head: none in matmuls (its backward always recomputed the logits tile by tile: 3 streaming passes);
+  a [B, T] autograd graph of a few fp32 vectors (kilobytes);
+* fused-linear head: the forward saves d logp / d hidden per row ([N, H] fp32, what the fused loss saves as
+  dh) from the same 2 matmuls; the backward scales it by d loss / d logp (no matmul). Only a *trained* head
+  (dW) pays a recompute: a second chunked pass (2 more matmuls) once d loss / d logp is known;
+* the entropy mask (``top_entropy_quantile < 1``) needs each token's entropy: ``chunked_entropy`` in chunks of
+  ``rows_per_chunk(V)`` rows (inside the same 0.25 GiB scratch budget), one more logits matmul over the
+  micro-batch, no gradient. Not fused into the kernels (yet).
 """
 
 from __future__ import annotations
@@ -19,9 +39,28 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem_vt.grpo import LOSS_TYPES, LossCounts, aggregation_weights, grpo_loss, loss_stats
+from lowmem_vt.grpo import (
+    LOSS_TYPES,
+    NO_CORRECTION,
+    PAPER,
+    LossCounts,
+    LossVariant,
+    SamplerCorrection,
+    aggregation_weights,
+    grpo_loss,
+    is_paper_loss,
+    loss_stats,
+)
 
-from .chunked_logprobs import BACKWARD_TILES, FORWARD_TILES, Tiles, _prepare, chunked_logprobs_reference, streaming_logprobs_op
+from .chunked_logprobs import (
+    BACKWARD_TILES,
+    FORWARD_TILES,
+    Tiles,
+    _prepare,
+    chunked_entropy,
+    chunked_logprobs_reference,
+    streaming_logprobs_op,
+)
 from .fused_linear import ROW_TILES, RowTiles, fused_linear_grpo_loss_op, fused_linear_logprobs_op, rows_per_chunk
 from .grpo_loss import streaming_grpo_loss_op
 
@@ -164,6 +203,86 @@ def token_logprobs(
     return logp.view(B, T)
 
 
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """logp [N] of the fused-linear head, differentiable in hidden (and in weight, by a recompute pass).
+
+    Runs ``fused_linear_grpo_loss_op`` as a log-prob head: one "token" per row (seq_len 1), no old / reference
+    log-probs, advantage -1 and weight 1 on the active rows, so that its per-row d loss / d logp is exactly 1 and
+    its dh is d logp / d hidden. The backward scales that by the incoming d loss / d logp; dW, which sums over rows
+    after the per-row factor, runs the op once more with advantage -grad (its d loss / d logp = grad).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, active, temperature, chunk_rows, tiles):
+        n = hidden.shape[0]
+        unit = -torch.ones(n, device=hidden.device, dtype=torch.float32)
+        _loss, logp, _k3, _clipped, dh_unit, _dw = fused_linear_grpo_loss_op(
+            hidden, weight, targets, unit, None, None, active, 1, 0.0, 0.5, 2.0, temperature, chunk_rows, tiles,
+            ctx.needs_input_grad[0], False,
+        )
+        ctx.save_for_backward(hidden, weight, targets, active, dh_unit)
+        ctx.settings = (temperature, chunk_rows, tiles)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, targets, active, dh_unit = ctx.saved_tensors
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = (dh_unit * grad_logp.float().unsqueeze(1)).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            temperature, chunk_rows, tiles = ctx.settings
+            _, _, _, _, _, dw = fused_linear_grpo_loss_op(
+                hidden, weight, targets, -grad_logp.float().contiguous(), None, None, active, 1, 0.0, 0.5, 2.0,
+                temperature, chunk_rows, tiles, False, True,
+            )
+            grad_w = dw.to(weight.dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def head_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    backend: str = "triton",
+    *,
+    with_entropy: bool = False,
+    forward_tiles: Tiles | None = None,
+    backward_tiles: Tiles | None = None,
+    row_tiles: RowTiles | None = None,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs differentiable in hidden and weight, by the named head, and optionally each token's entropy.
+
+    hidden: [B, T, H]; weight: [V, H]; targets, mask: [B, T]. Returns (logp [B, T] float32, entropy [B, T] float32
+    or None). The fused-linear head skips rows whose mask is 0 (their logp is 0); see the module docstring for what
+    each head costs here.
+    """
+    B, T, H = hidden.shape
+    head = _triton_head(backend)
+    flat_hidden, flat_targets = hidden.reshape(B * T, H), targets.reshape(B * T)
+    entropy = None
+    if head == "torch":
+        logp = chunked_logprobs_reference(flat_hidden, weight, flat_targets, temperature)
+        if with_entropy:
+            entropy = chunked_entropy(flat_hidden, weight, temperature).view(B, T)
+        return logp.view(B, T), entropy
+    flat_hidden, flat_targets = _prepare(flat_hidden, weight, flat_targets)
+    config = _device_launch_config(weight)
+    if head == "triton_streaming":
+        logp, _ = streaming_logprobs_op(flat_hidden, weight, flat_targets, float(temperature),
+                                        (forward_tiles or config.forward).as_list(), (backward_tiles or config.backward).as_list())
+    else:
+        active = (mask.reshape(B * T) != 0).float().contiguous()
+        logp = _FusedLinearLogprobs.apply(flat_hidden, weight, flat_targets, active, float(temperature),
+                                          chunk_rows or rows_per_chunk(weight.shape[0]), (row_tiles or config.rows).as_list())
+    if with_entropy:
+        entropy = chunked_entropy(flat_hidden.detach(), weight.detach(), temperature, rows_per_chunk(weight.shape[0])).float().view(B, T)
+    return logp.view(B, T), entropy
+
+
 def fused_grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -180,6 +299,9 @@ def fused_grpo_loss(
     counts: LossCounts,
     temperature: float = 1.0,
     backend: str = "triton",
+    variant: LossVariant = PAPER,
+    correction: SamplerCorrection = NO_CORRECTION,
+    sampling_logp: torch.Tensor | None = None,
     forward_tiles: Tiles | None = None,
     backward_tiles: Tiles | None = None,
     row_tiles: RowTiles | None = None,
@@ -190,27 +312,32 @@ def fused_grpo_loss(
     hidden: [B, T, H] (cast to weight's dtype); weight: [V, H]; targets: [B, T] long in [0, V), the sampled
     tokens; mask: [B, T] float; advantages: [B]; old_logp, ref_logp: [B, T] float32 or None (None old_logp:
     one update per rollout, ratio exp(logp - logp.detach())). Same meaning of beta, epsilon_low/high,
-    loss_type and counts as ``lowmem_vt.grpo.grpo_loss``.
+    loss_type, counts, variant, correction and sampling_logp ([B, T]) as ``lowmem_vt.grpo.grpo_loss``.
 
     Returns (loss: scalar fp32 tensor differentiable in hidden and weight, stats: the dict of 0-dim tensors of
     ``lowmem_vt.grpo.grpo_loss``, logp: [B, T] float32 detached; the fused-linear head leaves it 0 on padded
     tokens, which it skips). forward/backward_tiles (streaming head), row_tiles and chunk_rows (fused-linear
-    head) default to the launch table's choice (``launch_config``; on CPU the package defaults).
+    head) default to the launch table's choice (``launch_config``; on CPU the package defaults). The paper's loss
+    runs fused in the kernels, the rest of the menu through ``head_logprobs`` (module docstring).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     B, T, H = hidden.shape
-    for name, x in (("targets", targets), ("mask", mask), ("old_logp", old_logp), ("ref_logp", ref_logp)):
+    for name, x in (("targets", targets), ("mask", mask), ("old_logp", old_logp), ("ref_logp", ref_logp),
+                    ("sampling_logp", sampling_logp)):
         if x is not None and tuple(x.shape) != (B, T):
             raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [B, T] = {[B, T]} like hidden {tuple(hidden.shape)}")
     if tuple(advantages.shape) != (B,):
         raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected [B] = [{B}]")
     head = _triton_head(backend)
-    if head == "torch":
-        logp = chunked_logprobs_reference(hidden.reshape(B * T, H), weight, targets.reshape(B * T), temperature).view(B, T)
+    if head == "torch" or not is_paper_loss(loss_type, variant, correction):
+        logp, entropy = head_logprobs(hidden, weight, targets, mask, temperature, head, with_entropy=variant.needs_entropy,
+                                      forward_tiles=forward_tiles, backward_tiles=backward_tiles, row_tiles=row_tiles,
+                                      chunk_rows=chunk_rows)
         loss, stats = grpo_loss(
             logp, mask, advantages, old_logp, ref_logp,
             beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type, counts=counts,
+            variant=variant, correction=correction, sampling_logp=sampling_logp, entropy=entropy,
         )
         return loss, stats, logp.detach()
 

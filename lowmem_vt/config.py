@@ -190,6 +190,10 @@ class RewardsConfig:
     reflection_words: list[str] = field(
         default_factory=lambda: ["wait", "re-check", "recheck", "verify", "however", "re-examine", "double-check", "but"]
     )
+    # DAPO's soft overlong punishment (2503.14476, eq. 13): a completion longer than max_completion_length - buffer
+    # tokens earns up to -overlong_penalty, linearly over the buffer; 0 = off
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
 
 
 @dataclass
@@ -201,9 +205,35 @@ class GRPOConfig:
     beta: float = 0.04
     epsilon: float = 0.2  # clip range; inactive with num_iterations 1 (ratio is exactly 1)
     epsilon_high: float | None = None  # defaults to epsilon
-    loss_type: Literal["grpo", "dr_grpo", "bnpo"] = "grpo"
-    scale_rewards: bool = True
+    # the policy loss: grpo (the paper), dr_grpo (Dr. GRPO, arXiv 2503.20783), bnpo, dapo (DAPO, 2503.14476), cispo
+    # (MiniMax-M1, 2506.13585), sapo (SAPO, 2511.20347), luspo (LUSPO, 2602.05261), vespo (VESPO, 2602.10693); the
+    # table in README.md and lowmem_vt/grpo.py. Semantics TRL 1.16's loss_type of the same name.
+    loss_type: Literal["grpo", "dr_grpo", "bnpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = "grpo"
+    # std that divides the centred rewards: group (the paper; true), batch (PPO Lite, 2508.08221), none (Dr. GRPO; false)
+    scale_rewards: Literal["group", "batch", "none"] | bool = "group"
     num_iterations: int = 1  # policy updates per rollout; > 1 uses the clipped ratio
+    # token: one importance ratio per token; sequence: exp(mean log-ratio of the completion) (GSPO, 2507.18071)
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    delta: float | None = None  # two-sided clip: the ratio capped at delta (INTELLECT-2, 2505.07291); > 1 + epsilon_high
+    sapo_temperature_pos: float = 1.0  # SAPO's gate temperature for positive advantages
+    sapo_temperature_neg: float = 1.05  # ... for the others
+    vespo_k_pos: float = 2.0  # VESPO's Gamma shape k for advantages >= 0
+    vespo_lambda_pos: float = 3.0  # ... and its rate lambda
+    vespo_k_neg: float = 3.0  # ... for negative advantages
+    vespo_lambda_neg: float = 2.0
+    mask_truncated_completions: bool = False  # completions without an EOS leave the loss (DAPO)
+    top_entropy_quantile: float = 1.0  # train only on this top share of tokens by entropy (2506.01939; 0.2 there)
+    off_policy_mask_threshold: float | None = None  # drop negative-advantage completions this far off-policy (DeepSeek-V3.2)
+    bias_corrected_kl: bool = False  # k3 times the importance ratio (DeepSeek-V3.2; TRL's use_bias_correction_kl)
+    # sampler-mismatch importance sampling from the rollout backend's log-probs (TRL's vllm_importance_sampling_*):
+    # auto = none with hf (the sampler is the policy), token_truncate with engine; none with vllm (no tempered log-probs)
+    sampler_correction: Literal["auto", "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "auto"
+    sampler_correction_clip_min: float | None = None
+    sampler_correction_clip_max: float | None = 3.0
+    # DAPO's dynamic sampling: groups whose G rewards are all equal are dropped and the step refilled from the next
+    # prompts, in more rollout rounds of prompts_per_step prompts (never a bigger batch), at most this many extra
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 3
 
 
 @dataclass
@@ -560,6 +590,27 @@ def validate(cfg: RecipeConfig) -> None:
     need(0 <= g.epsilon < 1, "grpo.epsilon", f"must be in [0, 1), got {g.epsilon}")
     need(g.epsilon_high is None or 0 <= g.epsilon_high <= 10, "grpo.epsilon_high", f"must be in [0, 10], got {g.epsilon_high}")
     within(g.num_iterations, 1, 64, "grpo.num_iterations")
+    need(g.delta is None or g.delta > 1 + (g.epsilon if g.epsilon_high is None else g.epsilon_high), "grpo.delta",
+         f"must be > 1 + epsilon_high (it caps the ratio above the clip range), got {g.delta}")
+    for key in ("sapo_temperature_pos", "sapo_temperature_neg"):
+        need(getattr(g, key) > 0, f"grpo.{key}", f"must be > 0, got {getattr(g, key)}")
+    for key in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+        need(getattr(g, key) >= 0, f"grpo.{key}", f"must be >= 0, got {getattr(g, key)}")
+    within(g.top_entropy_quantile, 0.0, 1.0, "grpo.top_entropy_quantile", " (1 keeps every token)")
+    need(g.off_policy_mask_threshold is None or g.off_policy_mask_threshold >= 0, "grpo.off_policy_mask_threshold",
+         f"must be >= 0 (a KL threshold, e.g. 0.5), got {g.off_policy_mask_threshold}")
+    lo, hi = g.sampler_correction_clip_min, g.sampler_correction_clip_max
+    need(lo is None or lo >= 0, "grpo.sampler_correction_clip_min", f"must be >= 0, got {lo}")
+    need(hi is None or hi > (lo or 0), "grpo.sampler_correction_clip_max", f"must be > clip_min ({lo or 0}), got {hi}")
+    need(not (g.loss_type == "vespo" and g.sampler_correction.startswith("sequence")), "grpo.sampler_correction",
+         "vespo folds a token correction into its sequence weight: use token_truncate or token_mask (or none)")
+    need(not (g.sampler_correction not in ("auto", "none") and cfg.rollout.backend == "vllm"), "grpo.sampler_correction",
+         "rollout.backend vllm reports no tempered log-probs to correct with; use none (or auto)")
+    within(g.dynamic_sampling_max_rounds, 0, 64, "grpo.dynamic_sampling_max_rounds", " extra rollout rounds")
+    need(cfg.rewards.overlong_buffer >= 0, "rewards.overlong_buffer", "must be >= 0 (0 = off)")
+    need(cfg.rewards.overlong_buffer < g.max_completion_length, "rewards.overlong_buffer",
+         f"must be < grpo.max_completion_length ({g.max_completion_length}), got {cfg.rewards.overlong_buffer}")
+    need(cfg.rewards.overlong_penalty >= 0, "rewards.overlong_penalty", "must be >= 0")
     need(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
     need(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
     per_step = cfg.completions_per_step

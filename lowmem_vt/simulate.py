@@ -367,7 +367,7 @@ def _phase(sim: Simulation, tracker: LiveBytes, name: str, fn):
 
 def _run_step(cfg: RecipeConfig, lm, optimizer, prompt, n_image: int, T: int, tracker: LiveBytes, sim: Simulation) -> None:
     """Trainer.step's phases in its order; every prompt of the step is ``prompt`` (every micro-batch the same)."""
-    from .grpo import LossCounts
+    from .grpo import LossCounts, LossVariant, SamplerCorrection
     from .inputs import build_sequences
     from .kernels.head import fused_grpo_loss, token_logprobs
     from .model import sequence_hidden, vision_on_device
@@ -414,6 +414,12 @@ def _run_step(cfg: RecipeConfig, lm, optimizer, prompt, n_image: int, T: int, tr
 
     ref = _phase(sim, tracker, "reference pass", reference)
     counts = LossCounts(float(G * n_prompts), float(G * n_prompts * T), T)
+    # the recipe's loss as the trainer runs it (auto: the correction of the engine, the larger graph)
+    correction = SamplerCorrection("token_truncate" if g.sampler_correction == "auto" else g.sampler_correction,
+                                   g.sampler_correction_clip_min, g.sampler_correction_clip_max)
+
+    def ref_like():
+        return torch.zeros(completion.shape, dtype=torch.float32, device=completion.device)
 
     def update():
         # two micro-steps: the second runs with the first's gradients resident, as every later one does
@@ -422,7 +428,9 @@ def _run_step(cfg: RecipeConfig, lm, optimizer, prompt, n_image: int, T: int, tr
             loss, _, _ = fused_grpo_loss(hidden, head, completion, mask, advantages, None,
                                          ref if g.beta > 0 else None, beta=g.beta, epsilon_low=g.epsilon,
                                          epsilon_high=g.epsilon if g.epsilon_high is None else g.epsilon_high,
-                                         loss_type=g.loss_type, counts=counts, temperature=g.temperature, backend=backend)
+                                         loss_type=g.loss_type, counts=counts, temperature=g.temperature, backend=backend,
+                                         variant=LossVariant.of(g), correction=correction,
+                                         sampling_logp=ref_like() if correction.on else None)
             loss.backward()
             del hidden, loss
 

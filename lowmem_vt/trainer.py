@@ -25,7 +25,16 @@ from . import preflight
 from .config import RecipeConfig, to_dict
 from .data import DataError, Example, load_examples
 from .distributed import init_from_env, wrap_policy
-from .grpo import LossCounts, group_advantages, loss_scale
+from .grpo import (
+    LossCounts,
+    LossVariant,
+    SamplerCorrection,
+    group_advantages,
+    loss_scale,
+    overlong_penalty,
+    truncated_rows,
+    zero_variance_groups,
+)
 from .inputs import InputBuilder, PromptInputs, build_sequences
 from .kernels.head import TRITON_HEAD, fused_grpo_loss, token_logprobs
 from .metrics import MetricsWriter, format_summary, run_summary
@@ -95,6 +104,39 @@ class Update:
     drift_max: float = 0.0
     lr: float = 0.0
     recheck: dict | None = None  # the loss head's periodic re-check against the reference (kernels_recheck_every)
+    sums: dict | None = None  # the loss's other sums for the logs (lowmem_vt.grpo.loss_stats), first update
+    mins: dict | None = None
+
+
+@dataclass
+class Refill:
+    """What DAPO's dynamic sampling did in one step (``Trainer._dynamic_sampling``)."""
+
+    rounds: int = 1  # rollout rounds the step ran (1 = none extra)
+    groups_dropped: int = 0  # zero-variance groups left out
+    groups_kept: int = 0
+    cap_hit: bool = False
+
+
+_LOGGED = ("kl_sum", "clipped_tokens", "tokens")  # summed by Update's own fields
+
+
+def _accumulate_stats(u: Update, stats: dict) -> None:
+    """Add one micro-batch's loss stats to the step's (sums; min / max for the extremes). One host sync."""
+    keys = [k for k in stats if k not in _LOGGED]
+    if not keys:
+        return
+    values = torch.stack([stats[k].float() for k in keys]).tolist()
+    u.sums, u.mins = u.sums or {}, u.mins or {}
+    for k, v in zip(keys, values):
+        if k == "is_ratio_min":
+            u.mins[k] = min(u.mins.get(k, math.inf), v)
+        elif k == "is_ratio_max":
+            u.mins[k] = max(u.mins.get(k, -math.inf), v)
+        else:
+            u.sums[k] = u.sums.get(k, 0.0) + v
+    u.sums.setdefault("tokens", 0.0)
+    u.sums["tokens"] += float(stats["tokens"])
 
 
 def seed_everything(seed: int) -> None:
@@ -163,6 +205,7 @@ class Trainer:
 
     def _setup(self, cfg: RecipeConfig, resume: str | None, resumed_from: Path | None, lm: LoadedModel | None,
                selfcheck_force: bool) -> None:
+        self.loss_variant = LossVariant.of(cfg.grpo)
         # Data before the model: a broken dataset fails fast, before minutes of loading.
         self.examples, self.data_report = load_examples(cfg.data)
         self.steps_per_epoch = len(self.examples) // cfg.train.prompts_per_step
@@ -208,6 +251,9 @@ class Trainer:
         self.optimizer = make_optimizer(self.params, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, self.total_steps)
         self.step_count = 0  # completed optimizer steps
+        # prompt batches drawn so far: the step's own, plus dynamic sampling's extra rounds (equal to step_count
+        # without it); the data order and the sampling seeds follow it, and checkpoints keep it (exact resume)
+        self.data_cursor = 0
         self.bad_steps = 0  # consecutive non-finite steps
         self.skipped_records = 0
         self._interrupt: int | None = None
@@ -280,13 +326,17 @@ class Trainer:
         self._updated = False
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        batch = self._encode(*self._batch_indices(self.step_count))
+        batch = self._encode(*self._batch_indices(self.data_cursor))
+        self.data_cursor += 1
         vision_before = self.lm.vision_calls[0]
         roll = self._rollout(batch)
         scored = self._rewards(batch, roll)
-        ref = self._reference(batch, roll)
-        update = self._update(batch, roll, scored, ref)
-        return self._metrics(batch, roll, scored, update, vision_before, time.perf_counter() - t0)
+        train_batch, train_roll, train_scored, refill = batch, roll, scored, None
+        if self.cfg.grpo.dynamic_sampling:
+            train_batch, train_roll, train_scored, refill = self._dynamic_sampling(batch, roll, scored)
+        ref = self._reference(train_batch, train_roll)
+        update = self._update(train_batch, train_roll, train_scored, ref)
+        return self._metrics(batch, roll, scored, update, vision_before, time.perf_counter() - t0, refill)
 
     def _rollout(self, batch: StepBatch) -> Rollout:
         """1. G samples per prompt, the image encoded once per prompt and reused by every pass of the step."""
@@ -308,9 +358,75 @@ class Trainer:
         answers = [batch.examples[i].answer for i in r.prompt_rows]
         choices = [batch.examples[i].choices for i in r.prompt_rows]
         per_func = compute_rewards(texts, answers, choices, cfg.rewards.funcs, cfg.rewards.accuracy_mode)
+        if cfg.rewards.overlong_buffer > 0:  # DAPO's soft overlong punishment, a reward of its own in the logs
+            per_func["overlong"] = overlong_penalty(r.completion_mask.sum(1), cfg.grpo.max_completion_length,
+                                                    cfg.rewards.overlong_buffer, cfg.rewards.overlong_penalty).tolist()
         rewards = torch.tensor([sum(v) for v in zip(*per_func.values())], dtype=torch.float32)
         advantages = group_advantages(rewards, cfg.grpo.num_generations, cfg.grpo.scale_rewards)
         return Scored(texts, answers, per_func, rewards, advantages)
+
+    def _dynamic_sampling(self, batch: StepBatch, roll: Rollout, scored: Scored) -> tuple[StepBatch, Rollout, Scored, Refill]:
+        """DAPO's dynamic sampling (arXiv 2503.14476, sec. 3.2): groups whose G rewards are all equal carry no
+        signal and are dropped; more rounds of ``prompts_per_step`` prompts (the next ones in the data order, each
+        round the same size as the first: never a bigger rollout) refill the step until it holds as many groups as
+        it drew, or ``dynamic_sampling_max_rounds`` extra rounds are spent (one line in the log; the step trains on
+        what it has). Every rank runs the same number of rounds (the decision is a collective). The extra rounds
+        move ``data_cursor``, which checkpoints keep: a resumed run draws the same prompts and samples."""
+        g = self.cfg.grpo
+        G, wanted = g.num_generations, len(batch.prompts)
+        rounds, refill = [(batch, roll, scored)], Refill()
+        kept = [(0, p) for p in (~zero_variance_groups(scored.rewards, G)).nonzero().flatten().tolist()]
+        while self.dist.any(len(kept) < wanted) and len(rounds) <= g.dynamic_sampling_max_rounds:
+            more = self._encode(*self._batch_indices(self.data_cursor))
+            self.data_cursor += 1
+            more_roll = self._rollout(more)
+            more_scored = self._rewards(more, more_roll)
+            kept += [(len(rounds), p) for p in (~zero_variance_groups(more_scored.rewards, G)).nonzero().flatten().tolist()]
+            rounds.append((more, more_roll, more_scored))
+        refill.rounds = len(rounds)
+        refill.groups_dropped = sum(len(b.prompts) for b, _, _ in rounds) - min(len(kept), wanted)
+        refill.cap_hit = len(kept) < wanted
+        if refill.cap_hit and self.dist.is_main:
+            log.info("step %d: dynamic sampling kept %d of %d groups after %d extra rollout rounds "
+                     "(grpo.dynamic_sampling_max_rounds); the step trains on those", self.step_count + 1, len(kept),
+                     wanted, refill.rounds - 1)
+        if not kept:  # nothing carries signal: train on the first round as it is (zero advantages, KL only)
+            kept = [(0, p) for p in range(wanted)]
+        kept = kept[:wanted]
+        refill.groups_kept = len(kept)
+        return (*self._select_groups(rounds, kept), refill)
+
+    def _select_groups(self, rounds: list, kept: list[tuple[int, int]]) -> tuple[StepBatch, Rollout, Scored]:
+        """One batch of the groups ``kept`` ((round, prompt) pairs) of several rollout rounds."""
+        G = self.cfg.grpo.num_generations
+        examples, prompts, seeds, embeds, rows, texts, answers = [], [], [], [], [], [], []
+        per_func: dict[str, list[float]] = {k: [] for k in rounds[0][2].per_func}
+        T = max(int(r.result.completion_ids.shape[1]) for _, r, _ in rounds)
+        ids, masks, sampled, seconds = [], [], [], 0.0
+        for _, r, _ in rounds:
+            seconds += r.seconds
+        for i, (k, p) in enumerate(kept):
+            b, r, sc = rounds[k]
+            examples.append(b.examples[p])
+            prompts.append(b.prompts[p])
+            seeds.append(b.seeds[p])
+            embeds.append(r.embeds[p])
+            sl = slice(p * G, (p + 1) * G)
+            pad = T - r.result.completion_ids.shape[1]
+            ids.append(torch.nn.functional.pad(r.result.completion_ids[sl], (0, pad), value=self.lm.pad_token_id))
+            masks.append(torch.nn.functional.pad(r.result.completion_mask[sl], (0, pad)))
+            if r.result.sampling_logprobs is not None:
+                sampled.append(torch.nn.functional.pad(r.result.sampling_logprobs[sl], (0, pad)))
+            rows += [i] * G
+            texts += sc.texts[sl]
+            answers += sc.answers[sl]
+            for key in per_func:
+                per_func[key] += sc.per_func[key][sl]
+        result = RolloutResult(torch.cat(ids), torch.cat(masks), rows, torch.cat(sampled) if len(sampled) == len(kept) else None)
+        rewards = torch.tensor([sum(v) for v in zip(*per_func.values())], dtype=torch.float32)
+        advantages = group_advantages(rewards, G, self.cfg.grpo.scale_rewards)  # "batch" scale: over the kept batch
+        return (StepBatch(examples, prompts, seeds), Rollout(embeds, result, seconds, rounds[0][1].backend),
+                Scored(texts, answers, per_func, rewards, advantages))
 
     def _reference(self, batch: StepBatch, roll: Rollout) -> Reference:
         """4. reference log-probs (adapter off) and, for several updates per rollout, the old policy's."""
@@ -329,7 +445,11 @@ class Trainer:
         far the sampler's log-probs are from the policy's (0 up to rounding when the sampler is the policy)."""
         cfg, g = self.cfg, self.cfg.grpo
         r = roll.result
-        tokens_all, seqs_all = self.dist.sum([float(r.completion_mask.sum()), float(r.completion_ids.shape[0])])
+        loss_mask = r.completion_mask
+        if g.mask_truncated_completions:  # DAPO: a completion cut at max_completion_length leaves the loss
+            loss_mask = loss_mask * (~truncated_rows(r.completion_ids, loss_mask, self.lm.eos_token_id)).unsqueeze(1).float()
+        correction = self.sampler_correction(roll.backend)
+        tokens_all, seqs_all = self.dist.sum([float(loss_mask.sum()), float(r.completion_ids.shape[0])])
         W = self.dist.world_size
         counts = LossCounts(seqs_all / W, tokens_all / W, g.max_completion_length)
         eps_high = g.epsilon if g.epsilon_high is None else g.epsilon_high
@@ -346,7 +466,7 @@ class Trainer:
                 sync = j == len(ref.slices) - 1 or not self.dist.enabled  # all-reduce once, after the last micro-batch
                 with (contextlib.nullcontext() if sync else self.policy.no_sync()):
                     hidden = self.policy(seqs, roll.embeds)
-                    head_inputs = (r.completion_ids[s, :T].to(self.device), r.completion_mask[s, :T].to(self.device),
+                    head_inputs = (r.completion_ids[s, :T].to(self.device), loss_mask[s, :T].to(self.device),
                                    scored.advantages[s].to(self.device),
                                    None if ref.old_logp is None else ref.old_logp[s, :T].to(self.device),
                                    None if ref.ref_logp is None else ref.ref_logp[s, :T].to(self.device))
@@ -355,7 +475,9 @@ class Trainer:
                     loss, stats, logp = fused_grpo_loss(
                         hidden, self.lm.lm_head_weight, *head_inputs,
                         beta=g.beta, epsilon_low=g.epsilon, epsilon_high=eps_high, loss_type=g.loss_type, counts=counts,
-                        temperature=g.temperature, backend=self.kernel_backend,
+                        temperature=g.temperature, backend=self.kernel_backend, variant=self.loss_variant,
+                        correction=correction,
+                        sampling_logp=None if not correction.on else sampled[s, :T].to(self.device),
                     )
                     (loss * scale).backward()
                 if it == 0 and sampled is not None:
@@ -365,6 +487,8 @@ class Trainer:
                 u.loss += float(loss.detach())
                 u.kl_sum += float(stats["kl_sum"])
                 u.clipped += float(stats["clipped_tokens"])
+                if it == 0:
+                    _accumulate_stats(u, stats)
                 self._check_interrupt()
             if scale != 1.0:
                 for p in self.params:
@@ -393,9 +517,22 @@ class Trainer:
         self.step_count += 1
         return u
 
+    def sampler_correction(self, backend: str) -> SamplerCorrection:
+        """The recipe's sampler correction for this rollout backend: ``auto`` is none with hf (the sampler is the
+        policy itself: the ratio is 1 up to rounding) and with vllm (it reports no tempered log-probs), and
+        token_truncate with the engine (its kernels differ from the trainer's: a bounded per-token weight, which
+        never drops a whole completion for rounding noise summed over hundreds of tokens)."""
+        g = self.cfg.grpo
+        mode = g.sampler_correction
+        if mode == "auto":
+            mode = "token_truncate" if backend == "engine" else "none"
+        return SamplerCorrection(mode, g.sampler_correction_clip_min, g.sampler_correction_clip_max)
+
     def _metrics(self, batch: StepBatch, roll: Rollout, scored: Scored, u: Update, vision_before: int,
-                 elapsed: float) -> dict:
-        """6. the step's metrics, over all ranks (every rank holds whole groups)."""
+                 elapsed: float, refill: Refill | None = None) -> dict:
+        """6. the step's metrics, over all ranks (every rank holds whole groups). Rewards, lengths and rates are
+        those of the step's first rollout round (what the policy writes for fresh prompts, before dynamic sampling
+        keeps the groups that carry signal)."""
         cfg, r = self.cfg, roll.result
         G, B = cfg.grpo.num_generations, r.completion_ids.shape[0]
         lengths = self.dist.gather(r.completion_mask.sum(1))
@@ -438,6 +575,13 @@ class Trainer:
             "data_skipped": self.data_report.as_metrics()["data_skipped"] + self.skipped_records,
             "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None,
         }
+        m.update(self._loss_metrics(u))
+        if refill is not None:
+            dropped, kept, rounds = self.dist.sum([refill.groups_dropped, refill.groups_kept, refill.rounds])
+            m["dynamic_groups_dropped"] = int(dropped)
+            m["dynamic_rounds"] = int(rounds / self.dist.world_size)
+            # rollouts (completions) sampled per group the update kept
+            m["dynamic_rollouts_per_kept_group"] = rounds / self.dist.world_size * n_prompts * G / max(kept, 1)
         self._bad_total = m["bad_steps_total"]
         if self._sampler_drifts(m) and self.dist.is_main:
             log.warning("step %d: the rollout's log-probs differ from the policy's by %.3f per token on average (bf16 "
@@ -469,6 +613,32 @@ class Trainer:
         if m["sampler_logprob_diff"] is None:
             return False
         return m["sampler_logprob_diff"] > SAMPLER_DIFF_WARN or m["sampler_logprob_diff_max"] > self._sampler_max_bound
+
+    def _loss_metrics(self, u: Update) -> dict:
+        """TRL 1.16's loss metrics from the summed stats of the first update (only those the loss produced)."""
+        if not u.sums:
+            return {}
+        keys = sorted(u.sums)
+        sums = dict(zip(keys, self.dist.sum([u.sums[k] for k in keys])))
+        m = {}
+
+        def ratio(name: str, num: str, den: str) -> None:
+            if num in sums and den in sums:
+                m[name] = sums[num] / max(sums[den], 1.0)
+
+        ratio("kl_token_mean", "kl_token_sum", "tokens")
+        ratio("entropy", "entropy_sum", "tokens")
+        for side in ("low", "high", "region"):
+            ratio(f"clip_ratio/{side}_mean", f"clip_{side}", "clip_units")
+        ratio("cispo_clip_ratio", "cispo_clipped", "tokens")
+        ratio("sampler_is_ratio_mean", "is_ratio_sum", "is_units")
+        ratio("sampler_is_masked_fraction", "is_masked", "is_units")
+        if "phi_sum" in sums:
+            m["vespo/phi_seq_mean"] = sums["phi_sum"] / max(u.seqs_all, 1.0)
+        if "is_ratio_min" in (u.mins or {}):
+            m["sampler_is_ratio_min"] = float(self.dist.gather(torch.tensor([u.mins["is_ratio_min"]])).min())
+            m["sampler_is_ratio_max"] = float(self.dist.gather(torch.tensor([u.mins["is_ratio_max"]])).max())
+        return m
 
     def _watch_sampler(self, m: dict) -> None:
         """With the engine (or vllm): ``rollout.fallback_after`` steps in a row whose sampler log-probs drift
@@ -552,6 +722,7 @@ class Trainer:
             "bad_steps": self.bad_steps,
             "bad_total": self._bad_total,
             "skipped_records": self.skipped_records,
+            "data_cursor": self.data_cursor,
         }
 
     def save(self, rng: dict | None = None) -> Path | None:
@@ -589,6 +760,7 @@ class Trainer:
                                        "use a checkpoint of this recipe") from None
         self._bad_total = state.get("bad_total", 0)
         self.skipped_records = state.get("skipped_records", 0)
+        self.data_cursor = int(state.get("data_cursor", self.step_count))  # before dynamic sampling: one batch a step
         lr = self.cfg.train.learning_rate
         if any(b != lr for b in self.scheduler.base_lrs):  # train.learning_rate changed on resume: applied from here
             log.warning("resuming with train.learning_rate %g (the checkpoint's run used %g)", lr, self.scheduler.base_lrs[0])
@@ -640,12 +812,13 @@ class Trainer:
         try:
             stop_at = self.total_steps if until_step is None else min(until_step, self.total_steps)
             while self.step_count < stop_at:
-                rng_before = ckpt.rng_state()
+                rng_before, cursor_before = ckpt.rng_state(), self.data_cursor
                 try:
                     m = self.step()
                 except StepInterrupted:
                     # the interrupted step made no optimizer update: save the state from before it
                     self.optimizer.zero_grad(set_to_none=True)
+                    self.data_cursor = cursor_before
                     self.save(rng=rng_before)
                     bar.write(f"interrupted: checkpoint of step {self.step_count} saved in {self.out}")
                     return last

@@ -118,9 +118,12 @@ def test_exact_head_matches_autograd_in_float64():
     loss.backward()
     rows = torch.tensor([0, 7, 299])
     out = compare.exact_head(hidden, weight, targets, mask, adv, None, ref, temperature=0.7, rows=rows, block_v=64,
-                             loss_fn=lambda lp, m, a, o, r: grpo_loss(lp, m, a, o, r, **kw))
+                             loss_fn=lambda lp, m, a, o, r, e: grpo_loss(lp, m, a, o, r, **kw))
     torch.testing.assert_close(out["loss"], loss.detach(), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(out["logp"], logp.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out["dh"], h.grad, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(out["dw"], w.grad[rows], rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(out["kl"], stats["kl_sum"].double(), rtol=1e-12, atol=1e-14)
+    probs = torch.softmax(hidden.view(-1, H) @ weight.T / 0.7, dim=-1)
+    entropy = -(probs * torch.log(probs)).sum(-1).view(B, T)
+    torch.testing.assert_close(out["entropy"], entropy, rtol=1e-12, atol=1e-12)

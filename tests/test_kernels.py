@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lowmem_vt.grpo import LOSS_TYPES, LossCounts, grpo_loss  # noqa: E402
+from lowmem_vt.grpo import LOSS_TYPES, LossCounts, LossVariant, SamplerCorrection, grpo_loss  # noqa: E402
 from lowmem_vt.kernels.chunked_logprobs import Tiles, chunked_logprobs, chunked_logprobs_reference  # noqa: E402
 from lowmem_vt.kernels.fused_linear import RowTiles  # noqa: E402
 from lowmem_vt.kernels.head import TRITON_HEAD, fused_grpo_loss, resolve_backend, token_logprobs  # noqa: E402
@@ -301,8 +301,77 @@ def test_fused_grpo_loss_rejects_unknown_loss_type():
 
 
 def test_loss_types_are_all_covered():
-    covered = {"grpo", "dr_grpo", "bnpo"}
-    assert covered == set(LOSS_TYPES), "add the new loss type to test_fused_grpo_loss_matches_reference"
+    covered = {"grpo", "dr_grpo", "bnpo"} | {case[0] for case in MENU_CASES}
+    assert covered == set(LOSS_TYPES), "add the new loss type to test_fused_grpo_loss_matches_reference / MENU_CASES"
+
+
+# issue 27: the rest of the menu through both heads (the heads as log-prob heads, the loss terms in torch on
+# [B, T]); each loss type at both levels, the correction modes and the masks spread over the cases
+_MASKS = LossVariant(delta=1.6, top_entropy_quantile=0.6, off_policy_mask_threshold=0.1, bias_corrected_kl=True)
+MENU_CASES = [
+    # loss_type, level, correction, masks, weight_grad
+    ("dapo", "token", "none", False, False),
+    ("dapo", "sequence", "token_truncate", True, True),
+    ("cispo", "token", "token_mask", False, False),
+    ("cispo", "sequence", "sequence_truncate", True, False),
+    ("sapo", "token", "sequence_mask", True, False),
+    ("sapo", "sequence", "none", False, True),
+    ("luspo", "token", "token_truncate", False, False),
+    ("luspo", "sequence", "sequence_mask", True, False),
+    ("vespo", "token", "token_mask", True, True),
+    ("vespo", "sequence", "none", False, False),
+    ("grpo", "sequence", "sequence_truncate", False, False),
+    ("grpo", "token", "token_mask", True, False),
+    ("dr_grpo", "sequence", "token_truncate", True, False),
+    ("bnpo", "token", "sequence_mask", False, False),
+]
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("loss_type, level, correction, masks, weight_grad", MENU_CASES)
+def test_menu_through_the_heads_matches_reference(seed, head, loss_type, level, correction, masks, weight_grad):
+    B, T, H, V = 4, 11, 32, 150
+    inputs = grpo_inputs(B, T, H, V, with_old=True, with_ref=True, temperature=0.9)
+    inputs["sampling_logp"] = inputs["old_logp"] + 0.3 * torch.randn(B, T, device=DEVICE)
+    variant = replace(_MASKS, importance_sampling_level=level) if masks else LossVariant(importance_sampling_level=level)
+    counts = LossCounts(num_sequences=B, num_tokens=float(inputs["mask"].sum()), max_completion_length=T)
+    kwargs = dict(beta=0.04, epsilon_low=0.2, epsilon_high=5.0 if loss_type == "cispo" else 0.28, loss_type=loss_type,
+                  counts=counts, temperature=0.9, variant=variant,
+                  correction=SamplerCorrection(correction, clip_min=0.5 if "mask" in correction else None, clip_max=2.0))
+    result = run_loss(inputs, head, weight_grad, **kwargs)
+    reference = run_loss(inputs, "torch", weight_grad, **kwargs)
+    for key in reference[1]:  # TRL's metrics' sums: the same from the head's log-probs
+        assert abs(float(result[1][key]) - float(reference[1][key])) <= 1e-4 * max(1.0, abs(float(reference[1][key]))) + 1.0 * (
+            key in ("clip_low", "clip_high", "clip_region", "cispo_clipped", "clipped_tokens", "is_masked")), (key, seed)
+    check_against_reference(f"seed={seed} {head} {loss_type} {level} {correction} masks={masks}", inputs, result, reference,
+                            weight_grad)
+
+
+@pytest.mark.parametrize("vocab", [151_936, 248_320, 262_144])  # Qwen2-VL; the newest Qwen and Gemma vocabularies
+def test_fused_linear_scratch_within_budget(vocab):
+    from lowmem_vt.kernels.fused_linear import SCRATCH_BYTES, rows_per_chunk
+
+    assert SCRATCH_BYTES <= 2**28 and rows_per_chunk(vocab) * vocab * 4 <= SCRATCH_BYTES
+
+
+def test_the_paper_loss_runs_fused_and_the_menu_through_the_log_prob_heads(monkeypatch):
+    """The split of kernels/head.py is explicit: the paper's loss (and dapo, its aggregation alone) in the fused
+    kernels, everything else through ``head_logprobs``; never a silent switch."""
+    import lowmem_vt.kernels.head as head_module
+
+    calls = []
+    real = head_module.head_logprobs
+    monkeypatch.setattr(head_module, "head_logprobs", lambda *a, **k: calls.append(k) or real(*a, **k))
+    inputs = grpo_inputs(2, 5, 16, 40, with_old=True, with_ref=True)
+    counts = LossCounts(num_sequences=2, num_tokens=float(inputs["mask"].sum()), max_completion_length=5)
+    base = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, counts=counts, backend="triton_fused_linear",
+                **head_kwargs("triton_fused_linear"))
+    for loss_type in ("grpo", "dr_grpo", "bnpo", "dapo"):
+        fused_grpo_loss(**inputs, loss_type=loss_type, **base)
+    assert calls == []
+    fused_grpo_loss(**inputs, loss_type="cispo", **base)
+    fused_grpo_loss(**inputs, loss_type="grpo", variant=LossVariant(importance_sampling_level="sequence"), **base)
+    assert len(calls) == 2
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -95,10 +95,12 @@ def exact_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     """The loss head in float64 on the given (16-bit or fp32) inputs, as ``fused_grpo_loss`` defines it.
 
     hidden: [B, T, H]; weight: [V, H]; targets, mask: [B, T]; advantages: [B]; old_logp, ref_logp: [B, T] or None.
-    ``loss_fn(logp, mask, advantages, old_logp, ref_logp) -> (loss, stats)``: the per-token loss and its
-    aggregation (``lowmem_vt.grpo.grpo_loss`` with the recipe's settings), run in float64 on [B, T] tensors.
+    ``loss_fn(logp, mask, advantages, old_logp, ref_logp, entropy) -> (loss, stats)``: the per-token loss and its
+    aggregation (``lowmem_vt.grpo.grpo_loss`` with the recipe's settings), run in float64 on [B, T] tensors;
+    ``entropy``: each token's entropy (detached, as the entropy mask takes it).
     ``rows``: vocabulary ids of dW to return (``dw_rows``); None: no dW.
-    Returns float64 tensors: loss (0-dim), kl (0-dim, ``kl_sum``), logp [B, T], dh [B, T, H], dw [len(rows), H].
+    Returns float64 tensors: loss (0-dim), kl (0-dim, ``kl_sum``), logp [B, T], entropy [B, T], dh [B, T, H],
+    dw [len(rows), H].
 
     Two streams over W in blocks of ``block_v`` rows: log-sum-exp and the target logits; then, with
     g = d loss / d logp from autograd on the [B, T] loss, dlogits = g (onehot - softmax) / temperature per block,
@@ -111,24 +113,29 @@ def exact_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     inv_t = 1.0 / float(temperature)
     running_max = torch.full((B * T,), -math.inf, dtype=torch.float64, device=h.device)
     running_sum = torch.zeros(B * T, dtype=torch.float64, device=h.device)
+    running_dot = torch.zeros(B * T, dtype=torch.float64, device=h.device)  # sum of exp(l - max) * l: the entropy
     target_logit = torch.zeros(B * T, dtype=torch.float64, device=h.device)
     for v0 in range(0, V, block_v):
         logits = (h @ weight[v0 : v0 + block_v].detach().double().T) * inv_t
         block_max = logits.max(dim=1).values
         new_max = torch.maximum(running_max, block_max)
-        running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(logits - new_max[:, None]).sum(1)
+        rescale = torch.exp(running_max - new_max)
+        weights = torch.exp(logits - new_max[:, None])
+        running_sum = running_sum * rescale + weights.sum(1)
+        running_dot = running_dot * rescale + (weights * logits).sum(1)
         running_max = new_max
         inside = (tgt >= v0) & (tgt < v0 + logits.shape[1])
         picked = logits.gather(1, (tgt - v0).clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
         target_logit = torch.where(inside, picked, target_logit)
     lse = running_max + torch.log(running_sum)
+    entropy = (lse - running_dot / running_sum).view(B, T)
     logp = (target_logit - lse).view(B, T).requires_grad_(True)
 
     def d(x):
         return None if x is None else x.detach().double()
 
     with torch.enable_grad():
-        loss, stats = loss_fn(logp, mask.double(), advantages.detach().double(), d(old_logp), d(ref_logp))
+        loss, stats = loss_fn(logp, mask.double(), advantages.detach().double(), d(old_logp), d(ref_logp), entropy)
         (g,) = torch.autograd.grad(loss, logp, allow_unused=True)
     g = torch.zeros(B * T, dtype=torch.float64, device=h.device) if g is None else g.reshape(B * T)
     dh = torch.zeros(B * T, H, dtype=torch.float64, device=h.device)
@@ -144,5 +151,5 @@ def exact_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
             sel = (rows >= v0) & (rows < v0 + w.shape[0])
             if bool(sel.any()):
                 dw[sel] = dlogits[:, rows[sel] - v0].T @ h
-    return {"loss": loss.detach(), "kl": stats["kl_sum"].detach().double(), "logp": logp.detach(),
+    return {"loss": loss.detach(), "kl": stats["kl_sum"].detach().double(), "logp": logp.detach(), "entropy": entropy,
             "dh": dh.view(B, T, H), "dw": dw}

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..grpo import LossCounts, grpo_loss
+from ..grpo import PAPER, LossCounts, LossVariant, grpo_loss
 from ..kernels.fused_linear import rows_per_chunk
 from ..kernels.head import fused_grpo_loss, token_logprobs
 from .compare import MULTIPLE, dw_rows, exact_head, fp32_minimum, judge, rel_err
@@ -69,17 +69,19 @@ class HeadSettings:
     loss_type: str = "grpo"
     temperature: float = 1.0
     with_old: bool = False
+    variant: LossVariant = PAPER  # the recipe's loss beyond loss_type (level, delta, masks; lowmem_vt.grpo)
 
     @classmethod
     def from_recipe(cls, cfg) -> "HeadSettings":
         g = cfg.grpo
         return cls(beta=g.beta if g.beta > 0 else 0.04, epsilon_low=g.epsilon,
                    epsilon_high=g.epsilon if g.epsilon_high is None else g.epsilon_high, loss_type=g.loss_type,
-                   temperature=g.temperature, with_old=g.num_iterations > 1)
+                   temperature=g.temperature, with_old=g.num_iterations > 1, variant=LossVariant.of(g))
 
     def loss_kwargs(self) -> dict:
         """What ``grpo_loss`` / ``fused_grpo_loss`` take of these settings (counts and temperature apart)."""
-        return dict(beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, loss_type=self.loss_type)
+        return dict(beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
+                    variant=self.variant)
 
 
 # the temperature of the extra case when the recipe samples at 1 (where a head ignoring it is exact)
@@ -143,13 +145,14 @@ def minimums(hidden: int, vocab: int, rows: int) -> dict[str, float]:
 
 def exact(x: dict, settings: HeadSettings, rows: torch.Tensor | None = None) -> dict:
     """The float64 head on the case's inputs (``compare.exact_head``), with the no-grad pass's log-probs."""
-    def loss_fn(logp, mask, advantages, old_logp, ref_logp):
-        return grpo_loss(logp, mask, advantages, old_logp, ref_logp, counts=x["counts"], **settings.loss_kwargs())
+    def loss_fn(logp, mask, advantages, old_logp, ref_logp, entropy=None):
+        entropy = entropy if settings.variant.needs_entropy else None
+        return grpo_loss(logp, mask, advantages, old_logp, ref_logp, counts=x["counts"], entropy=entropy, **settings.loss_kwargs())
 
     out = exact_head(x["hidden"], x["weight"], x["targets"], x["mask"], x["advantages"], x["old_logp"], x["ref_logp"],
                      temperature=settings.temperature, loss_fn=loss_fn, rows=rows)
     out["ref_pass"] = out["logp"]
-    out["sensitivity"] = _scalar_sensitivity(x, loss_fn, out["logp"])
+    out["sensitivity"] = _scalar_sensitivity({**x, "entropy": out["entropy"]}, loss_fn, out["logp"])
     return out
 
 
@@ -165,8 +168,11 @@ def _scalar_sensitivity(x: dict, loss_fn, logp: torch.Tensor, step: float = 1e-7
     def d(v):
         return None if v is None else v.detach().double()
 
+    entropy = x.get("entropy")
+
     def f(lp):
-        loss, stats = loss_fn(lp, x["mask"].double(), x["advantages"].detach().double(), d(x["old_logp"]), d(x["ref_logp"]))
+        loss, stats = loss_fn(lp, x["mask"].double(), x["advantages"].detach().double(), d(x["old_logp"]), d(x["ref_logp"]),
+                              entropy)
         return loss, stats["kl_sum"].double()
 
     lp = logp.detach().double().clone().requires_grad_(True)
