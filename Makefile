@@ -47,7 +47,7 @@ test: $(STAMP)
 # versions in range, and that CI runs elsewhere: the wheel's install (tests/test_install.py, in `make test`) and the
 # GPU check's smoke runs (tests/test_gpu_check.py, in `make test`; `make gpu-rehearsal` runs every bench script on
 # the GPU machine's stack, transformers 5.17 and triton 3.6 as in the minimums). Several minutes each on 2 cores.
-RANGE_SUITE := --ignore=tests/test_install.py --ignore=tests/test_gpu_check.py
+RANGE_SUITE := --ignore=tests/test_install.py --ignore=tests/test_gpu_check.py -m "not slow"
 
 test-min: .venv-min/.installed
 	.venv-min/bin/python -m pytest -q $(RANGE_SUITE) tests

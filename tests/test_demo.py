@@ -55,6 +55,7 @@ _LOSS_KEYS = ("beta", "loss_type", "epsilon", "epsilon_high", "scale_rewards", "
               "sampler_correction_clip_max")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["recipes/sat_dapo.yaml", "recipes/sat_gspo.yaml"])
 def test_new_recipes_learn_in_the_demo(recipe, tiny_base_dir, tmp_path):
     """Issue 27: the demo learns under DAPO's and GSPO's loss settings as under the paper's (same thresholds)."""

@@ -5,6 +5,7 @@ the extra rounds and checkpoints keep it, so an interrupted and resumed run equa
 import os
 import signal
 
+import pytest
 import torch
 
 from lowmem_vt import checkpoint as ckpt
@@ -34,6 +35,7 @@ def test_zero_variance_groups_overlong_penalty_and_truncation():
     assert truncated_rows(ids, mask, 0).tolist() == [False, True, False]
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_refills_and_resumes_exactly(recipe_factory, tmp_path):
     over = {**DAPO, "train.max_steps": 4}
     full = Trainer(recipe_factory(**over))
@@ -60,6 +62,7 @@ def test_dynamic_sampling_refills_and_resumes_exactly(recipe_factory, tmp_path):
         assert torch.equal(v, _adapter(resumed)[k]), k
 
 
+@pytest.mark.slow
 def test_sigterm_in_an_extra_round_resumes_exactly(recipe_factory, tmp_path):
     """A signal during a step's extra rollout round: the checkpoint is the state before the step, data cursor
     included, and the resumed run replays the step as an uninterrupted run does."""

@@ -254,7 +254,7 @@ def test_whole_recipe_train_resume_eval_merge_plot(family_dir, tmp_path):
     assert answers[0] == answers[1]
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("model_type", [f if f != "qwen3_5" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
 def test_demo_recipe_learns_format_and_accuracy(model_type, tmp_path):
     """The R1-Zero story of ``make demo`` on the family's tiny base model: the format and answers read from the
     image become a habit (format rate and accuracy from < 0.3 at step 1 to >= 0.8, mean of the last 5 steps)."""
