@@ -49,8 +49,8 @@ depends only on its prompt and its own tokens, so nothing pads it: prompts are n
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
+import sys
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -196,7 +196,7 @@ class EngineRollout(RolloutBackend):
         self.chunk_rule = self.recurrent_rule = None
         if self.linear is not None:
             gated_norm = next(p.gated_norm for p in self.layers if p.kind == LINEAR)
-            modeling = importlib.import_module(type(gated_norm).__module__)
+            modeling = sys.modules[type(gated_norm).__module__]  # loaded: the layer's own class lives there
             self.chunk_rule = modeling.torch_chunk_gated_delta_rule
             if lm.device.type == "cuda" and importlib.util.find_spec("fla") is not None:
                 self.recurrent_rule = modeling.torch_recurrent_gated_delta_rule

@@ -179,8 +179,8 @@ def fingerprinted_files(root: Path | None = None, entries: tuple[str, ...] = ENT
             continue
         files.add(source)
         modules, data, dynamic = _imports(root, name, source)
-        if dynamic:
-            return sorted(f for f in root.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+        if dynamic:  # rglob does not enter the kernels link: WHOLE_FOLDERS' files are added as they are
+            return sorted(files | {f for f in root.rglob("*") if f.is_file() and "__pycache__" not in f.parts})
         files |= data
         todo += sorted(modules - seen)
     return sorted(files)
