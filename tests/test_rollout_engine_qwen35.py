@@ -117,8 +117,17 @@ def test_prompt_state_is_computed_once_and_is_the_models_own(lm, prompts, embeds
             out = inner.language_model(inputs_embeds=h, position_ids=prompt.position_ids[:, None], use_cache=True)
         cache = out.past_key_values if hasattr(out, "past_key_values") and out.past_key_values is not None else out.cache
         K = s.conv.shape[-1]
-        torch.testing.assert_close(s.conv[0, i * G], cache.get_conv_state(0)[0, :, -K:], atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(s.recurrent[0, i * G], cache.get_recurrent_state(0)[0].float(), atol=1e-5, rtol=1e-4)
+        conv, recurrent = _linear_states(cache, 0)
+        torch.testing.assert_close(s.conv[0, i * G], conv[0, :, -K:], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(s.recurrent[0, i * G], recurrent[0].float(), atol=1e-5, rtol=1e-4)
+
+
+def _linear_states(cache, layer: int):
+    """(conv, recurrent) state of a linear-attention layer in transformers' cache: get_conv_state /
+    get_recurrent_state from 5.18 on; the layer's conv_states / recurrent_states on 5.17."""
+    if hasattr(cache, "get_conv_state"):
+        return cache.get_conv_state(layer), cache.get_recurrent_state(layer)
+    return cache.layers[layer].conv_states[0], cache.layers[layer].recurrent_states[0]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

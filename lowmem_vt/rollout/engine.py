@@ -363,8 +363,10 @@ class EngineRollout(RolloutBackend):
         mixed = mixed.to(x.dtype).transpose(1, 2)
         kd, vd = lin["k_heads"] * lin["k_dim"], lin["v_heads"] * lin["v_dim"]
         q, k, v = mixed.split([kd, kd, vd], dim=-1)
-        q = q.reshape(1, L, lin["k_heads"], lin["k_dim"])
-        k = k.reshape(1, L, lin["k_heads"], lin["k_dim"])
+        # q / k repeated to the value heads here: transformers >= 5.18's rules repeat them inside, 5.17's expect it done
+        rep = lin["v_heads"] // lin["k_heads"]
+        q = q.reshape(1, L, lin["k_heads"], lin["k_dim"]).repeat_interleave(rep, dim=2)
+        k = k.reshape(1, L, lin["k_heads"], lin["k_dim"]).repeat_interleave(rep, dim=2)
         v = v.reshape(1, L, lin["v_heads"], lin["v_dim"])
         beta = layer.in_b(x).sigmoid()
         g = -layer.A_log.float().exp() * F.softplus(layer.in_a(x).float() + layer.dt_bias)
@@ -448,7 +450,9 @@ class EngineRollout(RolloutBackend):
         q, k, v = mixed.split([Hk * dk, Hk * dk, Hv * dv], dim=-1)
         g = -lw.A_log.float().exp() * F.softplus(a.float() + lw.dt_bias)  # the log of the decay, [B, Hv]
         if self.recurrent_rule is not None:  # flash-linear-attention's fused kernel (GPU): a new state, copied in
-            o, new_state = self.recurrent_rule(q.view(B, 1, Hk, dk), k.view(B, 1, Hk, dk), v.view(B, 1, Hv, dv),
+            rep = Hv // Hk  # repeated here for transformers 5.17's rule (5.18+ repeats inside: then a no-op)
+            o, new_state = self.recurrent_rule(q.view(B, 1, Hk, dk).repeat_interleave(rep, dim=2),
+                                               k.view(B, 1, Hk, dk).repeat_interleave(rep, dim=2), v.view(B, 1, Hv, dv),
                                                g=g[:, None], beta=b.sigmoid()[:, None], initial_state=recurrent,
                                                output_final_state=True, use_qk_l2norm_in_kernel=True)
             recurrent.copy_(new_state)
