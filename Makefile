@@ -35,8 +35,14 @@ $(STAMP): setup.cfg pyproject.toml $(LOCK)
 demo: $(STAMP)
 	$(BIN)/python train.py recipes/demo_tiny.yaml --overwrite
 
+# The suite runs in pytest-xdist workers, one per core up to 4 (each worker one torch thread: tests/conftest.py);
+# worksteal: an idle worker takes tests queued on a busy one, so a few minute-long tests do not leave a core idle.
+# `make test PYTEST_JOBS=0` runs it in one process.
+PYTEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST := -m pytest -q -n $(PYTEST_JOBS) --dist worksteal
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python $(PYTEST) tests
 
 # The suite on the declared minimums (requirements/min.txt, resolved into min-lock.txt): the floors of setup.cfg,
 # the GPU machine's transformers 5.17.0 and triton 3.6.0 among them.
@@ -47,16 +53,18 @@ test: $(STAMP)
 # versions in range, and that CI runs elsewhere: the wheel's install (tests/test_install.py, in `make test`) and the
 # GPU check's smoke runs (tests/test_gpu_check.py, in `make test`; `make gpu-rehearsal` runs every bench script on
 # the GPU machine's stack, transformers 5.17 and triton 3.6 as in the minimums). Several minutes each on 2 cores.
-RANGE_SUITE := --ignore=tests/test_install.py --ignore=tests/test_gpu_check.py -m "not slow"
+# They also leave out two markers (setup.cfg): `slow`, whole training runs of the newest recipes, and `scale`, the
+# simulations of the full-size 2B-8B architectures, whose operators the tiny models' simulations run on each version.
+RANGE_SUITE := --ignore=tests/test_install.py --ignore=tests/test_gpu_check.py -m "not slow and not scale"
 
 test-min: .venv-min/.installed
-	.venv-min/bin/python -m pytest -q $(RANGE_SUITE) tests
+	.venv-min/bin/python $(PYTEST) $(RANGE_SUITE) tests
 
 # The suite on the newest releases in the declared ranges, resolved afresh each time: what `pip install .` gets
 # today. Red here, green in `make test`: an upstream release broke us; fix, then `make lock`.
 test-latest:
 	$(call make_venv,.venv-latest,-e '.[dev]')
-	.venv-latest/bin/python -m pytest -q $(RANGE_SUITE) tests
+	.venv-latest/bin/python $(PYTEST) $(RANGE_SUITE) tests
 
 # `make gpu-check` rehearsed on CPU: a venv holding what the GPU machine has (requirements/gpu-machine.txt, its
 # published package list, locked in gpu-machine-lock.txt: torch, transformers 5.17, triton 3.6, peft, accelerate,
@@ -77,9 +85,9 @@ gpu-rehearsal: .venv-gpu/.installed rehearsal-wheels
 # only when it passed. A lock is what CI last passed with, never an untested resolution.
 lock:
 	$(call make_venv,.venv-latest,-e '.[dev]')
-	.venv-latest/bin/python -m pytest -q tests
+	.venv-latest/bin/python $(PYTEST) tests
 	$(call make_venv,.venv-min,-c requirements/min.txt -e '.[dev]')
-	.venv-min/bin/python -m pytest -q tests
+	.venv-min/bin/python $(PYTEST) tests
 	$(call make_venv,.venv-gpu,-r requirements/gpu-machine.txt)
 	$(MAKE) rehearsal-wheels
 	.venv-gpu/bin/python bench/gpu_check.py --install --wheels out/rehearsal-wheels --smoke --out out/gpu_rehearsal
@@ -94,7 +102,7 @@ ci:
 # the suite as on an x86 CPU without AVX-512/AMX: torch's kernels and oneDNN capped at AVX2 (results must not
 # depend on the CPU a test runs on; CI machines differ)
 test-other-cpu: $(STAMP)
-	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q tests
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python $(PYTEST) tests
 
 clean:
 	rm -rf $(VENV) .venv-min .venv-latest .venv-gpu out artifacts

@@ -12,7 +12,9 @@ import torch
 warnings.filterwarnings("ignore", category=FutureWarning)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# `make test` runs the suite in pytest-xdist workers, one per core (setup.cfg's addopts): each worker takes one thread
+# (two workers of two threads each on 2 cores would fight over them); run alone (-p no:xdist, -n 0) a test takes two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 # Triton kernels run in the interpreter on CPU; triton.jit reads this when a kernel module is imported, which any
 # test module importing the trainer does at collection, so it is set here, before all of them. Where CUDA exists it
 # is 0 whatever the environment says: one interpreted kernel would make the GPU tests test the interpreter.

@@ -3,6 +3,7 @@ process with the same global batch, and a 2-rank run resumed by 1 rank."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,16 +28,31 @@ def _run(launcher, dump, overrides, resume=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if resume:
         env["LOWMEM_RESUME"] = "latest"
-    cmd = [*launcher, str(WORKER), "recipes/demo_tiny.yaml", str(dump), *overrides]
+    cmd = [*launcher(), str(WORKER), "recipes/demo_tiny.yaml", str(dump), *overrides]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
+def _free_port() -> int:
+    """A port no one listens on now: the suite runs in parallel workers (make test), so two launches in flight
+    must not share a fixed rendezvous port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun():
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+
+
 # --multi_gpu selects accelerate's torch-elastic launcher; without CUDA the trainer uses gloo
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534"]
-SINGLE = [sys.executable]
+def accelerate_launch():
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+
+
+def one_process():
+    return [sys.executable]
 
 
 def _metrics(out):
@@ -46,13 +62,13 @@ def _metrics(out):
 @pytest.fixture(scope="module")
 def single_run(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
-    _run(SINGLE, tmp / "dump", _overrides(tiny_dir, tmp / "out", 2))
+    _run(one_process, tmp / "dump", _overrides(tiny_dir, tmp / "out", 2))
     one = torch.load(tmp / "dump.rank0.pt")
     assert one["world"] == 1
     return one, _metrics(tmp / "out")
 
 
-@pytest.mark.parametrize("launcher", [TORCHRUN, ACCELERATE], ids=["torchrun", "accelerate"])
+@pytest.mark.parametrize("launcher", [torchrun, accelerate_launch], ids=["torchrun", "accelerate"])
 def test_two_ranks_match_one_process(launcher, single_run, tiny_dir, tmp_path):
     one, one_m = single_run
     _run(launcher, tmp_path / "dump", _overrides(tiny_dir, tmp_path / "out", 2))
@@ -79,8 +95,8 @@ def test_two_ranks_match_one_process(launcher, single_run, tiny_dir, tmp_path):
 def test_two_rank_checkpoint_resumed_by_one_rank(single_run, tiny_dir, tmp_path):
     """A different number of ranks re-shards the data deterministically: same prompts, same samples."""
     one, one_m = single_run
-    _run(TORCHRUN, tmp_path / "dump", _overrides(tiny_dir, tmp_path / "out", 1))
-    _run(SINGLE, tmp_path / "dump", _overrides(tiny_dir, tmp_path / "out", 2), resume=True)
+    _run(torchrun, tmp_path / "dump", _overrides(tiny_dir, tmp_path / "out", 1))
+    _run(one_process, tmp_path / "dump", _overrides(tiny_dir, tmp_path / "out", 2), resume=True)
     resumed = torch.load(tmp_path / "dump.rank0.pt")
     assert resumed["world"] == 1
     for k, v in resumed["adapter"].items():
@@ -94,8 +110,8 @@ def test_two_ranks_with_the_engine_rollout_match_one_process(tiny_dir, tmp_path)
     """rollout.backend: engine under torchrun: each rank's engine lays out its own copy of the weights and samples
     its prompts with their own seeds, so 2 ranks train the adapter one process trains; the sampler is the policy."""
     engine = ["rollout.backend=engine"]
-    _run(SINGLE, tmp_path / "one", _overrides(tiny_dir, tmp_path / "one_out", 2) + engine)
-    _run(TORCHRUN, tmp_path / "two", _overrides(tiny_dir, tmp_path / "two_out", 2) + engine)
+    _run(one_process, tmp_path / "one", _overrides(tiny_dir, tmp_path / "one_out", 2) + engine)
+    _run(torchrun, tmp_path / "two", _overrides(tiny_dir, tmp_path / "two_out", 2) + engine)
     one, r0, r1 = (torch.load(tmp_path / f"{n}.rank{r}.pt") for n, r in (("one", 0), ("two", 0), ("two", 1)))
     for k, v in r0["adapter"].items():
         assert torch.equal(v, r1["adapter"][k]), f"ranks differ on {k}"

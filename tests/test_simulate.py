@@ -103,12 +103,14 @@ def test_planner_matches_the_simulation_on_the_tiny_qwen35(tmp_path_factory, bac
     assert sim["peaks"]["policy update"] > 2 * sim["resident"]
 
 
+@pytest.mark.scale
 @pytest.mark.parametrize("recipe, micro, completion", [("sat_lora", 1, 256), ("sat_qlora", 4, 1024)])
 def test_planner_matches_the_simulation_on_the_2b_architecture(recipe, micro, completion):
     # the recipes name Qwen/Qwen2-VL-2B: offline, config_for gives the carried 2B config (families.qwen2_vl.qwen2_vl_2b_config)
     _check(f"recipes/{recipe}.yaml", [f"train.micro_batch_size={micro}", f"grpo.max_completion_length={completion}"])
 
 
+@pytest.mark.scale
 @pytest.mark.parametrize("sampling", [[], ["rollout.top_k=50", "rollout.top_p=0.9"]], ids=["plain", "top-k+top-p"])
 def test_engine_rollout_phase_is_simulated_and_the_planner_matches_it(sampling):
     """rollout.backend: engine: the engine's own code runs on fake tensors (state, prefill of every prompt, the
@@ -125,6 +127,7 @@ def test_engine_rollout_phase_is_simulated_and_the_planner_matches_it(sampling):
     assert sim["peaks"]["rollout"] - sim["resident"] > 1.45
 
 
+@pytest.mark.scale
 @pytest.mark.parametrize("recipe, goal", [("sat_lora", 6.5), ("sat_qlora", 3.5)])
 def test_both_recipes_inside_the_memory_goals_at_their_own_settings(recipe, goal):
     cfg = load_config(f"recipes/{recipe}.yaml")
@@ -182,6 +185,7 @@ print("SIMULATION " + json.dumps(out))
 """
 
 
+@pytest.mark.scale
 def test_7b_and_8b_qlora_and_4b_lora_fit_a_16gb_card_at_the_papers_settings():
     """The published Qwen3-VL-8B / Qwen2.5-VL-7B (QLoRA) and Qwen3-VL-4B (LoRA) architectures, from the configs
     their families carry (no hub), at the paper's settings (8 prompts x 8 x 700, micro-batch 8): the simulated
