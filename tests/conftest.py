@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,11 +52,25 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(lowmem_vt.model, "load_plain_model", refuse)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` run once per test session, its folder shared by every xdist worker (``make test`` runs the
+    suite in workers; each has its own temporary root, whose parent is the session's). The builders of
+    lowmem_vt.tiny reuse a complete folder, so the first worker builds under the lock and the others reuse it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / "built-once" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return build(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     from lowmem_vt.tiny import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen2vl")
+    return built_once(tmp_path_factory, "tiny-qwen2vl", build_tiny_model)
 
 
 @pytest.fixture(scope="session")

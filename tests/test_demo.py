@@ -12,9 +12,11 @@ from lowmem_vt.trainer import Trainer
 
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory):
+    from conftest import built_once
+
     from lowmem_vt.tiny import build_tiny_base_model
 
-    return build_tiny_base_model(tmp_path_factory.mktemp("tiny-base") / "tiny-base-qwen2vl")
+    return built_once(tmp_path_factory, "tiny-base-qwen2vl", build_tiny_base_model)
 
 
 def test_tiny_base_model_is_a_base_model(tiny_base_dir):

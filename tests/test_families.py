@@ -16,6 +16,7 @@ from lowmem_vt.families import family_named
 from lowmem_vt.inputs import InputBuilder, build_sequences
 from lowmem_vt.model import image_embeddings, load_model, sequence_hidden
 from lowmem_vt.rollout import SamplingParams, make_rollout
+from conftest import built_once
 from test_inputs import hf_single_logprobs  # the model's own unpadded forward, pixels in
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen3_5"]
@@ -35,7 +36,7 @@ def family_dir(request, tmp_path_factory):
     from lowmem_vt.tiny import build_tiny_model
 
     family = family_named(request.param)
-    return family, build_tiny_model(tmp_path_factory.mktemp(request.param) / "tiny", family=family)
+    return family, built_once(tmp_path_factory, f"tiny-{request.param}", lambda folder: build_tiny_model(folder, family=family))
 
 
 @pytest.fixture(scope="module")
