@@ -63,6 +63,7 @@ from .chunked_logprobs import (
 )
 from .fused_linear import ROW_TILES, RowTiles, fused_linear_grpo_loss_op, fused_linear_logprobs_op, rows_per_chunk
 from .grpo_loss import streaming_grpo_loss_op
+from .policy_terms import policy_loss
 
 BACKENDS = ("auto", "triton", "triton_fused_linear", "triton_streaming", "torch")
 TRITON_BACKENDS = ("triton", "triton_fused_linear", "triton_streaming")
@@ -334,7 +335,9 @@ def fused_grpo_loss(
         logp, entropy = head_logprobs(hidden, weight, targets, mask, temperature, head, with_entropy=variant.needs_entropy,
                                       forward_tiles=forward_tiles, backward_tiles=backward_tiles, row_tiles=row_tiles,
                                       chunk_rows=chunk_rows)
-        loss, stats = grpo_loss(
+        # torch: the reference itself; a Triton head: the same loss by the terms kernel, no autograd over [B, T]
+        loss_fn = grpo_loss if head == "torch" else policy_loss
+        loss, stats = loss_fn(
             logp, mask, advantages, old_logp, ref_logp,
             beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type, counts=counts,
             variant=variant, correction=correction, sampling_logp=sampling_logp, entropy=entropy,
