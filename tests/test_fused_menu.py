@@ -325,3 +325,37 @@ def test_policy_loss_runs_on_fake_tensors():
             sampling_logp=torch.randn(B, T))
         loss.backward()
         assert loss.shape == () and logp.grad.shape == (B, T) and "phi_sum" in stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# the self-check judges the recipe's own loss, through the terms kernel
+# ----------------------------------------------------------------------------------------------------
+
+RECIPE_FAULTS = {"recipes/sat_gspo.yaml": ("triton_streaming", "the sequence's share of d loss / d rho dropped"),
+                 "recipes/sat_dapo.yaml": ("triton_fused_linear", "the KL's gradient dropped")}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPE_FAULTS))
+def test_the_selfcheck_judges_the_recipes_loss_through_the_terms_kernel(monkeypatch, tmp_path, recipe):
+    """The head check with a recipe's settings (sat_gspo: sequence level + sequence_mask; sat_dapo: dapo +
+    token_truncate) runs the terms kernel and passes; the same head with a wrong kernel fails it."""
+    import lowmem_vt.kernels.head as head_module
+    from lowmem_vt.config import load_config
+    from lowmem_vt.grpo import is_paper_loss
+    from lowmem_vt.selfcheck import head as selfcheck_head
+
+    root = Path(__file__).resolve().parents[1]
+    settings = selfcheck_head.HeadSettings.from_recipe(load_config(root / recipe))
+    assert not is_paper_loss(settings.loss_type, settings.variant, settings.correction) and settings.correction.on
+    name, fault = RECIPE_FAULTS[recipe]
+    weight = torch.randn(64, 16, generator=torch.Generator().manual_seed(0)) * 0.2
+    calls = []
+    real = head_module.policy_loss
+    monkeypatch.setattr(head_module, "policy_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch_ref, good = selfcheck_head.check_heads(weight, [name], settings, rows=16, repeats=1, interpreted=False)
+    assert torch_ref.ok and good.ok, good.reason
+    assert calls, "the head check never reached the terms kernel"
+
+    monkeypatch.setattr(head_module, "policy_loss", faulty_policy_loss(tmp_path, fault, FAULTS[fault][0]))
+    _, bad = selfcheck_head.check_heads(weight, [name], settings, rows=16, repeats=1, interpreted=False)
+    assert bad.ok is False and "error" in bad.reason, bad.reason
