@@ -359,3 +359,4 @@ def test_the_selfcheck_judges_the_recipes_loss_through_the_terms_kernel(monkeypa
     monkeypatch.setattr(head_module, "policy_loss", faulty_policy_loss(tmp_path, fault, FAULTS[fault][0]))
     _, bad = selfcheck_head.check_heads(weight, [name], settings, rows=16, repeats=1, interpreted=False)
     assert bad.ok is False and "error" in bad.reason, bad.reason
+
