@@ -27,10 +27,11 @@ of BLOCK_T: (1) reduce the sums the sequence needs (tokens, the log-ratio for GS
 sequence correction, the behaviour-policy KL for the off-policy mask, VESPO's clamped log-ratio); (2) per token:
 the loss, the direct derivative, the stats' terms, and the sum G_b above; (3) at sequence level only, add each
 token's share of G_b. All on [N] fp32 vectors the head already wrote: it reads the log-probs (logp, old, ref,
-sampling), the mask, the aggregation weight and the entropy mask, about 7 x 4 bytes per token per pass, and
-writes 8 fp32 vectors (loss, d loss / d logp, k3, clip flag, ratio, sampler ratio and mask flag; phi per
-completion): ~100 bytes a token, 0.8 MB for 8 x 1024 tokens, nothing of size V, no extra pass over W. B
-programs only, each a short sequential loop: microseconds beside the head's matmuls.
+sampling), the mask, the aggregation weight and the entropy mask (at most 7 x 4 bytes per token in a pass), and
+writes 7 fp32 vectors per token (loss, d loss / d logp, k3, clip flag, ratio, sampler ratio and mask flag) and phi
+per completion: ~90 bytes a token over the three passes, 0.7 MB for 8 x 1024 tokens, nothing of size V, no extra
+pass over W. B programs only, each a short sequential loop: microseconds beside the head's matmuls (not timed:
+no GPU here).
 
 The entropy mask (``top_entropy_quantile``) is a batch-level order statistic (the quantile of the micro-batch's
 token entropies): it is computed in torch on the [B, T] entropy (``lowmem_vt.grpo.high_entropy_mask``) and
