@@ -312,19 +312,22 @@ def test_the_kernel_is_the_heads_path_beyond_the_paper_loss(monkeypatch):
     assert calls == ["kernel", "kernel", "torch"]
 
 
-def test_policy_loss_runs_on_fake_tensors():
-    """The memory simulation runs the loss head on fake tensors: the op's fake implementation gives the shapes."""
+@pytest.mark.parametrize("head", HEADS)
+def test_the_menu_runs_on_fake_tensors(head):
+    """The memory simulation runs the loss head on fake tensors: the terms op's fake implementation gives the
+    shapes, forward and backward, through either head."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        B, T = 2, 6
-        logp = torch.randn(B, T).requires_grad_(True)
-        loss, stats = policy_terms.policy_loss(
-            logp, torch.ones(B, T), torch.randn(B), None, torch.randn(B, T), beta=0.04, epsilon_low=0.2, epsilon_high=0.28,
-            loss_type="vespo", counts=LossCounts(B, 12.0, T), correction=SamplerCorrection("sequence_mask", 0.5, 2.0),
+        B, T, H, V = 2, 6, 16, 64
+        hidden = torch.randn(B, T, H).requires_grad_(True)
+        loss, stats, logp = fused_grpo_loss(
+            hidden, torch.randn(V, H), torch.randint(0, V, (B, T)), torch.ones(B, T), torch.randn(B), None, torch.randn(B, T),
+            beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="vespo", counts=LossCounts(B, 12.0, T), backend=head,
+            variant=LossVariant(importance_sampling_level="sequence"), correction=SamplerCorrection("token_mask", 0.5, 2.0),
             sampling_logp=torch.randn(B, T))
         loss.backward()
-        assert loss.shape == () and logp.grad.shape == (B, T) and "phi_sum" in stats
+        assert loss.shape == () and hidden.grad.shape == (B, T, H) and logp.shape == (B, T) and "phi_sum" in stats
 
 
 # ----------------------------------------------------------------------------------------------------
