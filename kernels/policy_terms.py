@@ -112,7 +112,7 @@ def _correct(ratio, clip_min, clip_max, MASK: tl.constexpr):
     if MASK:
         masked = (ratio < clip_min) | (ratio > clip_max)
         return tl.where(masked, 0.0, ratio), tl.where(masked, 1.0, 0.0)
-    return tl.minimum(tl.maximum(ratio, clip_min), clip_max), ratio * 0.0
+    return tl.minimum(tl.maximum(ratio, clip_min), clip_max), tl.zeros_like(ratio)
 
 
 @triton.jit

@@ -130,8 +130,9 @@ def launches(cap: int) -> list[Launch]:
 
 def policy_terms_launches() -> list[Launch]:
     """The terms kernel (fp32 [N] vectors whatever the model's dtype): each policy form x level x correction level with
-    every other option on (the most code and registers), and the one with every option off. Not every combination
-    of the 11 constexprs (thousands): the options only add straight-line code to the same loops."""
+    every other option on (the most code and registers; truncate or mask alternating, so each correction level meets
+    both), and the one with every option off. Not every combination of the 11 constexprs (thousands): the options
+    only add straight-line code to the same loops."""
     out = []
     off = dict(LOSS=0, SEQUENCE=False, HAS_OLD=False, HAS_KL=False, HAS_DELTA=False, BIAS_KL=False, HAS_TOKEN_WEIGHT=False,
                OFF_POLICY_MASK=False, HAS_SAMPLING=False, CORRECTION=0, CORRECTION_MASKS=False, BLOCK_T=BLOCK_T)
@@ -141,7 +142,7 @@ def policy_terms_launches() -> list[Launch]:
             for correction in (1, 2):
                 consts = {**off, "LOSS": loss, "SEQUENCE": sequence, "HAS_OLD": True, "HAS_KL": True, "HAS_DELTA": True,
                           "BIAS_KL": True, "HAS_TOKEN_WEIGHT": True, "OFF_POLICY_MASK": True, "HAS_SAMPLING": True,
-                          "CORRECTION": correction, "CORRECTION_MASKS": correction == 2}
+                          "CORRECTION": correction, "CORRECTION_MASKS": (loss + correction) % 2 == 0}
                 out.append(Launch("policy_terms", torch.float32, tuple(consts.items()), _DEFAULT_WARPS, _DEFAULT_STAGES))
     return out
 
