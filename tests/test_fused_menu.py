@@ -358,6 +358,11 @@ def test_the_selfcheck_judges_the_recipes_loss_through_the_terms_kernel(monkeypa
     torch_ref, good = selfcheck_head.check_heads(weight, [name], settings, rows=16, repeats=1, interpreted=False)
     assert torch_ref.ok and good.ok, good.reason
     assert calls, "the head check never reached the terms kernel"
+    if recipe.endswith("sat_gspo.yaml"):  # once (time): the in-training re-check on a micro-batch, no sampler log-probs
+        x = selfcheck_head.make_inputs(weight, 16, settings, seed=1)  # passed: it draws its own around the policy's
+        again = selfcheck_head.recheck(x["hidden"], weight, x["targets"], x["mask"], x["advantages"], x["old_logp"],
+                                       x["ref_logp"], x["counts"], settings, name)
+        assert again["ok"], again["problems"]
 
     monkeypatch.setattr(head_module, "policy_loss", faulty_policy_loss(tmp_path, fault, FAULTS[fault][0]))
     _, bad = selfcheck_head.check_heads(weight, [name], settings, rows=16, repeats=1, interpreted=False)
