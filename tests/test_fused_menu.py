@@ -12,7 +12,8 @@ all five modes and each mode meets every loss type. 96 configurations; padded to
 old, ref and sampling log-probs, one active token a NaN sampling log-prob (TRL: no mismatch).
 
 Both heads end to end (``test_heads_match_the_torch_backend``): each loss type once, the heads and levels
-alternating (each head meets both levels), corrections and masks spread, dW on some; loss and stats against
+alternating (each head meets both levels), corrections and masks spread, dW on some, garbage log-probs on the
+padding; loss and stats against
 ``grpo_loss`` on the head's own log-probs (1e-5), log-probs against the reference head (1e-5), dh and dW against
 the torch backend (1e-4, as tests/test_kernels.py: summation order and atomics). The heads' loss against the torch
 backend's is held to 1e-4 only: VESPO's weight exp(lambda + k log w - lambda w) of the summed log-ratio multiplies
@@ -161,6 +162,7 @@ HEAD_CASES = [
 ]
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the interpreter's numpy warns of any inf / NaN it makes
 @pytest.mark.parametrize("loss_type, head, level, correction, row_index, weight_grad", HEAD_CASES)
 def test_heads_match_the_torch_backend(seed, loss_type, head, level, correction, row_index, weight_grad):
     B, T, H, V = 3, 9, 16, 72
@@ -174,6 +176,11 @@ def test_heads_match_the_torch_backend(seed, loss_type, head, level, correction,
     sampling = (logp if old is None else old) + 0.3 * torch.randn(B, T, device=DEVICE)
     inputs = dict(hidden=hidden.view(B, T, H), weight=weight, targets=targets.view(B, T), mask=mask,
                   advantages=torch.randn(B, device=DEVICE), old_logp=old, ref_logp=logp + 0.3 * torch.randn(B, T, device=DEVICE))
+    pad = mask == 0
+    garbage = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e30], device=DEVICE)
+    for x in (old, inputs["ref_logp"], sampling):  # padding's log-probs may be anything
+        if x is not None:
+            x[pad] = garbage[torch.randint(0, 4, (int(pad.sum()),))]
     counts = LossCounts(num_sequences=B, num_tokens=float(mask.sum()), max_completion_length=T)
     kwargs = dict(**loss_kw, loss_type=loss_type, counts=counts, variant=variant, correction=sampler, sampling_logp=sampling)
     runs = {}
