@@ -24,7 +24,7 @@ completion's tokens three times (reduce, per token, the sequence's share), and t
 with that d loss / d logp. Cost, against the fused paper loss:
 
 * streaming head: none in matmuls (its backward always recomputed the logits tile by tile: 3 streaming passes);
-  the terms kernel reads and writes ~100 bytes per token (0.8 MB at 8 x 1024 tokens);
+  the terms kernel reads and writes ~90 bytes per token (0.7 MB at 8 x 1024 tokens);
 * fused-linear head: the forward saves d logp / d hidden per row ([N, H] fp32, what the fused loss saves as
   dh) from the same 2 matmuls; the backward scales it by d loss / d logp (no matmul). Only a *trained* head
   (dW) pays a recompute: a second chunked pass (2 more matmuls) once d loss / d logp is known. The token-level

@@ -70,13 +70,16 @@ class HeadSettings:
     temperature: float = 1.0
     with_old: bool = False
     variant: LossVariant = PAPER  # the recipe's loss beyond loss_type (level, delta, masks; lowmem_vt.grpo)
-    correction: SamplerCorrection = NO_CORRECTION  # the recipe's sampler correction (auto: the engine's, token_truncate)
+    correction: SamplerCorrection = NO_CORRECTION  # the recipe's sampler correction (``from_recipe`` resolves auto)
 
     @classmethod
     def from_recipe(cls, cfg) -> "HeadSettings":
         g = cfg.grpo
-        # auto is token_truncate with the engine or vllm (the trainer's sampler_correction): the larger graph is checked
-        mode = "token_truncate" if g.sampler_correction == "auto" else g.sampler_correction
+        # auto is token_truncate with the engine, none with hf or vllm (Trainer.sampler_correction); rollout auto on a
+        # GPU is the engine when it passes its check: the correction's graph is the one checked then
+        mode = g.sampler_correction
+        if mode == "auto":
+            mode = "token_truncate" if cfg.rollout.backend in ("auto", "engine") else "none"
         return cls(beta=g.beta if g.beta > 0 else 0.04, epsilon_low=g.epsilon,
                    epsilon_high=g.epsilon if g.epsilon_high is None else g.epsilon_high, loss_type=g.loss_type,
                    temperature=g.temperature, with_old=g.num_iterations > 1, variant=LossVariant.of(g),
