@@ -69,8 +69,6 @@ LOSS_KIND = {**{name: 0 for name in CLIPPED_SURROGATE}, "cispo": 1, "sapo": 2, "
 # the sampler correction's level (constexpr CORRECTION: none, per token, per sequence; CORRECTION_MASKS: mask or truncate)
 CORRECTION_LEVEL = {"none": 0, "token": 1, "sequence": 2}
 BLOCK_T = 256
-_FLT_MAX = 3.4028234663852886e38
-_LOG_FLOOR = math.log(1e-8)  # VESPO's floor of the sequence ratio (lowmem_vt.grpo.vespo_weights)
 
 
 @triton.jit
@@ -149,7 +147,7 @@ def _policy_terms_kernel(
             sampler_sum += tl.sum(sampler_diff, axis=0)
         if OFF_POLICY_MASK:
             behaviour_kl_sum += tl.sum(_nan_to_num(sampling - logp) * m, axis=0)
-        if LOSS == 3:
+        if LOSS == 3:  # -18.42...: log(1e-8), VESPO's floor of the ratio (lowmem_vt.grpo.vespo_weights)
             vespo_sum += tl.sum(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0) * m, axis=0)
             if CORRECTION == 1:
                 c, _ = _correct(tl.exp(sampler_diff), clip_min, clip_max, CORRECTION_MASKS)

@@ -24,7 +24,6 @@ import importlib.util
 import itertools
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
