@@ -21,7 +21,8 @@ The reference-model pass (``fused_linear_logprobs``) runs step 1 and the first h
 
 The rest of the loss menu (``lowmem_vt.grpo``: cispo, sapo, luspo, vespo, the sequence level, the masks, the
 sampler correction) runs this op as a log-prob head (``head._FusedLinearLogprobs``): advantage -1, weight 1, one
-"token" per row, so its dh is d logp / d hidden; the loss terms then run on the [B, T] log-probs and the backward
+"token" per row, so its dh is d logp / d hidden; the terms kernel (``policy_terms.py``) then computes the loss and
+d loss / d logp from the [B, T] log-probs and the backward
 scales that dh by d loss / d logp (no matmul), a trained head's dW by a second pass once d loss / d logp is known.
 The sequence level's whole-sequence ratio is therefore formed after the forward pass, from every token's logp.
 

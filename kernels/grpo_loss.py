@@ -18,9 +18,10 @@ over W: recompute each logits tile, scale (onehot - softmax) by the saved per-to
 incoming gradient, and accumulate dh (and dW when the head is trained).
 
 This closed form is the paper's loss (``lowmem_vt.grpo.is_paper_loss``). The rest of the menu runs the streaming
-head as a log-prob head (``streaming_logprobs_op``): the forward gives every token's logp, the loss terms run on
-the [B, T] log-probs (so the sequence level sees each sequence's whole ratio before any gradient), and the same
-streaming backward pass takes d loss / d logp from autograd: no extra pass over W (``head.py``).
+head as a log-prob head (``streaming_logprobs_op``): the forward gives every token's logp, the terms kernel
+(``policy_terms.py``) computes the loss and its closed-form d loss / d logp from them (so the sequence level sees
+each sequence's whole ratio before any gradient), and the same streaming backward pass takes that d loss / d logp:
+no extra pass over W, no autograd graph over the [B, T] terms (``head.py``).
 """
 
 from __future__ import annotations

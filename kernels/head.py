@@ -14,22 +14,24 @@ Backends (``kernels:`` in a recipe):
 Which loss runs where. The paper's loss (``lowmem_vt.grpo.is_paper_loss``: the token-level clipped surrogate +
 k3 of grpo / dr_grpo / bnpo / dapo, nothing else of the menu) is fused whole: its d loss / d logp is formed inside
 the heads' kernels (``grpo_loss.grpo_token_terms``). Every other configuration of the menu (cispo, sapo, luspo,
-vespo, the sequence level, delta, the masks, the sampler correction, the bias-corrected KL) runs the heads as
-*log-prob heads with a custom backward* (``head_logprobs``): the vocabulary-sized work (logits, log-sum-exp,
-d logp / d logits, the matmuls into dh and dW) stays in the Triton head and within its scratch budget, and the
-loss terms run in plain PyTorch on the [B, T] log-probs (``lowmem_vt.grpo.grpo_loss``, the reference itself), whose
-autograd hands the head d loss / d logp per token. That is how the sequence level gets each sequence's whole
-ratio before any token's gradient: the forward pass produces every token's log-prob first, the [B, T] loss sees
-whole sequences, and the head's backward runs after it. Cost, against the fused paper loss:
+vespo, the sequence level, delta, the masks, the sampler correction, the bias-corrected KL) runs the head as a
+*log-prob head with a custom backward* (``head_logprobs``) followed by the Triton terms kernel
+(``policy_terms.policy_loss``): one program per completion computes every token's loss, its closed-form d loss /
+d logp and the stats' terms from the [B, T] log-probs, so torch autograd sees two nodes (the terms op over the
+head's op), never the [B, T] loss terms. The sequence level gets each sequence's whole ratio before any token's
+gradient because the head's forward produces every token's log-prob first; the terms kernel then loops over each
+completion's tokens three times (reduce, per token, the sequence's share), and the head's backward runs after it
+with that d loss / d logp. Cost, against the fused paper loss:
 
 * streaming head: none in matmuls (its backward always recomputed the logits tile by tile: 3 streaming passes);
-  a [B, T] autograd graph of a few fp32 vectors (kilobytes);
+  the terms kernel reads and writes ~90 bytes per token (0.7 MB at 8 x 1024 tokens);
 * fused-linear head: the forward saves d logp / d hidden per row ([N, H] fp32, what the fused loss saves as
   dh) from the same 2 matmuls; the backward scales it by d loss / d logp (no matmul). Only a *trained* head
-  (dW) pays a recompute: a second chunked pass (2 more matmuls) once d loss / d logp is known;
-* the entropy mask (``top_entropy_quantile < 1``) needs each token's entropy: ``chunked_entropy`` in chunks of
-  ``rows_per_chunk(V)`` rows (inside the same 0.25 GiB scratch budget), one more logits matmul over the
-  micro-batch, no gradient. Not fused into the kernels (yet).
+  (dW) pays a recompute: a second chunked pass (2 more matmuls) once d loss / d logp is known. The token-level
+  variants are not fused into the row kernel (which would spare that recompute): under LoRA the head is frozen;
+* the entropy mask (``top_entropy_quantile < 1``) needs each token's entropy (``head_logprobs``' ``with_entropy``);
+  its threshold, a quantile over the micro-batch's tokens, is taken in torch and enters the terms kernel as a 0/1
+  token weight.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from .chunked_logprobs import (
 )
 from .fused_linear import ROW_TILES, RowTiles, fused_linear_grpo_loss_op, fused_linear_logprobs_op, rows_per_chunk
 from .grpo_loss import streaming_grpo_loss_op
+from .policy_terms import policy_loss
 
 BACKENDS = ("auto", "triton", "triton_fused_linear", "triton_streaming", "torch")
 TRITON_BACKENDS = ("triton", "triton_fused_linear", "triton_streaming")
@@ -318,7 +321,7 @@ def fused_grpo_loss(
     ``lowmem_vt.grpo.grpo_loss``, logp: [B, T] float32 detached; the fused-linear head leaves it 0 on padded
     tokens, which it skips). forward/backward_tiles (streaming head), row_tiles and chunk_rows (fused-linear
     head) default to the launch table's choice (``launch_config``; on CPU the package defaults). The paper's loss
-    runs fused in the kernels, the rest of the menu through ``head_logprobs`` (module docstring).
+    runs fused in the kernels, the rest of the menu through ``head_logprobs`` and the terms kernel (module docstring).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
@@ -334,7 +337,9 @@ def fused_grpo_loss(
         logp, entropy = head_logprobs(hidden, weight, targets, mask, temperature, head, with_entropy=variant.needs_entropy,
                                       forward_tiles=forward_tiles, backward_tiles=backward_tiles, row_tiles=row_tiles,
                                       chunk_rows=chunk_rows)
-        loss, stats = grpo_loss(
+        # torch: the reference itself; a Triton head: the same loss by the terms kernel, no autograd over [B, T]
+        loss_fn = grpo_loss if head == "torch" else policy_loss
+        loss, stats = loss_fn(
             logp, mask, advantages, old_logp, ref_logp,
             beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type, counts=counts,
             variant=variant, correction=correction, sampling_logp=sampling_logp, entropy=entropy,

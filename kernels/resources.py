@@ -33,6 +33,7 @@ from triton.compiler import ASTSource
 from .chunked_logprobs import _FINISH_BLOCK, _logprobs_backward_kernel, _logprobs_finish_kernel, _lse_partial_kernel
 from .fused_linear import _grpo_rows_kernel
 from .grpo_loss import _grpo_finish_kernel
+from .policy_terms import BLOCK_T, _policy_terms_kernel
 from .chunked_logprobs import Tiles
 from .head import ARCHS, launch_config
 
@@ -89,10 +90,18 @@ def _signature(kernel: str, dtype: torch.dtype) -> tuple[object, dict[str, str],
         sig.update(V="i32", stride_logits="i32", stride_dlogits="i32", inv_temperature="fp32", dlogits_scale="fp32", beta="fp32",
                    ratio_low="fp32", ratio_high="fp32")
         return _grpo_rows_kernel, sig, {"V", "stride_logits", "stride_dlogits"}
+    if kernel == "policy_terms":
+        sig = {name: f32 for name in ("logp_ptr", "old_ptr", "ref_ptr", "sampling_ptr", "mask_ptr", "weights_ptr",
+                                      "token_weight_ptr", "adv_ptr", "loss_ptr", "dlogp_ptr", "k3_ptr", "clipped_ptr",
+                                      "ratio_ptr", "is_ratio_ptr", "is_masked_ptr", "phi_ptr")}
+        sig["T"] = "i32"
+        sig.update({name: "fp32" for name in ("beta", "ratio_low", "ratio_high", "eps_high", "delta", "tau_pos", "tau_neg",
+                                              "k_pos", "lam_pos", "k_neg", "lam_neg", "opm_threshold", "clip_min", "clip_max")})
+        return _policy_terms_kernel, sig, set()
     raise KeyError(kernel)
 
 
-KERNELS = ("lse_partial", "logprobs_finish", "logprobs_backward", "grpo_finish", "grpo_rows")
+KERNELS = ("lse_partial", "logprobs_finish", "logprobs_backward", "grpo_finish", "grpo_rows", "policy_terms")
 
 
 def dtypes_for(cap: int) -> tuple[torch.dtype, ...]:
@@ -116,6 +125,25 @@ def launches(cap: int) -> list[Launch]:
         for has_kl in (False, True):
             out.append(Launch("grpo_finish", torch.float32, (("HAS_OLD", has_old), ("HAS_KL", has_kl), ("BLOCK", block)),
                               _DEFAULT_WARPS, _DEFAULT_STAGES))
+    return out + policy_terms_launches()
+
+
+def policy_terms_launches() -> list[Launch]:
+    """The terms kernel (fp32 [N] vectors whatever the model's dtype): each policy form x level x correction level with
+    every other option on (the most code and registers; truncate or mask alternating, so each correction level meets
+    both), and the one with every option off. Not every combination of the 11 constexprs (thousands): the options
+    only add straight-line code to the same loops."""
+    out = []
+    off = dict(LOSS=0, SEQUENCE=False, HAS_OLD=False, HAS_KL=False, HAS_DELTA=False, BIAS_KL=False, HAS_TOKEN_WEIGHT=False,
+               OFF_POLICY_MASK=False, HAS_SAMPLING=False, CORRECTION=0, CORRECTION_MASKS=False, BLOCK_T=BLOCK_T)
+    out.append(Launch("policy_terms", torch.float32, tuple(off.items()), _DEFAULT_WARPS, _DEFAULT_STAGES))
+    for loss in range(4):
+        for sequence in (False, True):
+            for correction in (1, 2):
+                consts = {**off, "LOSS": loss, "SEQUENCE": sequence, "HAS_OLD": True, "HAS_KL": True, "HAS_DELTA": True,
+                          "BIAS_KL": True, "HAS_TOKEN_WEIGHT": True, "OFF_POLICY_MASK": True, "HAS_SAMPLING": True,
+                          "CORRECTION": correction, "CORRECTION_MASKS": (loss + correction) % 2 == 0}
+                out.append(Launch("policy_terms", torch.float32, tuple(consts.items()), _DEFAULT_WARPS, _DEFAULT_STAGES))
     return out
 
 
@@ -168,7 +196,7 @@ def launch_ptx(launch: Launch, cap: int) -> str:
 # the source files each kernel's code comes from: its own and those of the @triton.jit helpers it calls
 _KERNEL_FILES = {"lse_partial": ("chunked_logprobs.py",), "logprobs_backward": ("chunked_logprobs.py",),
                  "logprobs_finish": ("chunked_logprobs.py",), "grpo_finish": ("grpo_loss.py", "chunked_logprobs.py"),
-                 "grpo_rows": ("fused_linear.py", "grpo_loss.py")}
+                 "grpo_rows": ("fused_linear.py", "grpo_loss.py"), "policy_terms": ("policy_terms.py",)}
 
 
 def _cache_key(launch: Launch, cap: int) -> str:

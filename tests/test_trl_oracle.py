@@ -130,13 +130,13 @@ def _trl_loss(x: dict, loss_type: str, variant: LossVariant, correction: Sampler
     return loss.detach(), dh, dw, metrics
 
 
-def _our_loss(x: dict, loss_type: str, variant: LossVariant, correction: SamplerCorrection, beta: float):
+def _our_loss(x: dict, loss_type: str, variant: LossVariant, correction: SamplerCorrection, beta: float, loss_fn=grpo_loss):
     hidden = x["hidden"].clone().requires_grad_()
     weight = x["weight"].clone().requires_grad_()
     logp = chunked_logprobs_reference(hidden.reshape(-1, H), weight, x["targets"].reshape(-1), TEMPERATURE).view(B, T)
     entropy = chunked_entropy(hidden.detach().reshape(-1, H), weight.detach(), TEMPERATURE).view(B, T)
     counts = LossCounts(B, float(x["mask"].sum()), T)
-    loss, stats = grpo_loss(logp, x["mask"], x["advantages"], x["old"], x["ref"] if beta else None, beta=beta,
+    loss, stats = loss_fn(logp, x["mask"], x["advantages"], x["old"], x["ref"] if beta else None, beta=beta,
                             epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, loss_type=loss_type, counts=counts, variant=variant,
                             correction=correction, sampling_logp=x["sampling"] if correction.on else None,
                             entropy=entropy)
@@ -181,6 +181,34 @@ def test_loss_gradients_and_metrics_match_trl(loss_type, level, beta, correction
         compared = {k for k in t_metrics if not k.endswith(("_min", "_max"))}  # per-sequence extremes: not logged here
         assert compared <= set(o_metrics), (where, compared - set(o_metrics))
         assert t_loss.abs() > 0 or beta == 0.0
+
+
+# the Triton terms kernel (kernels/policy_terms.py, fp32 like the heads' terms) against TRL: each loss type at both
+# levels, a correction mode each (vespo: token modes only), TRL's masks, old log-probs, beta 0.04
+KERNEL_CASES = [(lt, lv, SAMPLER_CORRECTIONS[(i + j) % 5]) for i, lt in enumerate(LOSS_TYPES) for j, lv in enumerate(("token", "sequence"))]
+KERNEL_CASES = [(lt, lv, m) if not (lt == "vespo" and m.startswith("sequence")) else (lt, lv, "token_mask") for lt, lv, m in KERNEL_CASES]
+
+
+def test_the_terms_kernel_matches_trl():
+    """The kernel's loss, the log-probs' dh and dW through it and TRL's logged metrics from its stats, against TRL's
+    float64 numbers within 1e-5 (the kernel computes in fp32, as the heads do; vespo 1e-4, see below)."""
+    from lowmem_vt.kernels.policy_terms import policy_loss
+
+    for loss_type, level, mode in KERNEL_CASES:
+        correction = SamplerCorrection(mode, clip_min=0.5 if "mask" in mode else None, clip_max=2.0)
+        x = _inputs(zlib.crc32(f"kernel {loss_type} {level} {mode}".encode()), True, True)
+        variant = _variant(True, level)
+        t_loss, t_dh, t_dw, t_metrics = _trl_loss(x, loss_type, variant, correction, 0.04)
+        o_loss, o_dh, o_dw, o_metrics = _our_loss(x, loss_type, variant, correction, 0.04, loss_fn=policy_loss)
+        where = f"kernel {loss_type} {level} {mode}"
+        # VESPO's weight exp(lambda + k log w - lambda w) of the summed log-ratio turns fp32's rounding of each
+        # log-prob (~2e-7 nat) into up to |k - lambda w| x T times that: 1e-4 there
+        tol = dict(rtol=1e-4 if loss_type == "vespo" else 1e-5, atol=1e-7)
+        torch.testing.assert_close(o_loss.double(), t_loss, **tol, msg=lambda m: f"{where}: loss\n{m}")
+        torch.testing.assert_close(o_dh, t_dh, **tol, msg=lambda m: f"{where}: d loss / d hidden\n{m}")
+        torch.testing.assert_close(o_dw, t_dw, **tol, msg=lambda m: f"{where}: d loss / d weight\n{m}")
+        for key, ours in o_metrics.items():
+            assert math.isclose(ours, t_metrics[key], rel_tol=tol["rtol"], abs_tol=1e-7), (where, key, ours, t_metrics[key])
 
 
 def test_the_oracle_sees_a_wrong_loss():

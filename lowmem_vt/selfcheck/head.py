@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..grpo import PAPER, LossCounts, LossVariant, grpo_loss
+from ..grpo import NO_CORRECTION, PAPER, LossCounts, LossVariant, SamplerCorrection, grpo_loss
 from ..kernels.fused_linear import rows_per_chunk
 from ..kernels.head import fused_grpo_loss, token_logprobs
 from .compare import MULTIPLE, dw_rows, exact_head, fp32_minimum, judge, rel_err
@@ -70,18 +70,25 @@ class HeadSettings:
     temperature: float = 1.0
     with_old: bool = False
     variant: LossVariant = PAPER  # the recipe's loss beyond loss_type (level, delta, masks; lowmem_vt.grpo)
+    correction: SamplerCorrection = NO_CORRECTION  # the recipe's sampler correction (``from_recipe`` resolves auto)
 
     @classmethod
     def from_recipe(cls, cfg) -> "HeadSettings":
         g = cfg.grpo
+        # auto is token_truncate with the engine, none with hf or vllm (Trainer.sampler_correction); rollout auto on a
+        # GPU is the engine when it passes its check: the correction's graph is the one checked then
+        mode = g.sampler_correction
+        if mode == "auto":
+            mode = "token_truncate" if cfg.rollout.backend in ("auto", "engine") else "none"
         return cls(beta=g.beta if g.beta > 0 else 0.04, epsilon_low=g.epsilon,
                    epsilon_high=g.epsilon if g.epsilon_high is None else g.epsilon_high, loss_type=g.loss_type,
-                   temperature=g.temperature, with_old=g.num_iterations > 1, variant=LossVariant.of(g))
+                   temperature=g.temperature, with_old=g.num_iterations > 1, variant=LossVariant.of(g),
+                   correction=SamplerCorrection(mode, g.sampler_correction_clip_min, g.sampler_correction_clip_max))
 
     def loss_kwargs(self) -> dict:
         """What ``grpo_loss`` / ``fused_grpo_loss`` take of these settings (counts and temperature apart)."""
         return dict(beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
-                    variant=self.variant)
+                    variant=self.variant, correction=self.correction)
 
 
 # the temperature of the extra case when the recipe samples at 1 (where a head ignoring it is exact)
@@ -133,7 +140,8 @@ def _rebased(x: dict, settings: HeadSettings, weight: torch.Tensor, targets: tor
     shift = now - was
     return {**x, "weight": weight, "targets": targets,
             "ref_logp": None if x["ref_logp"] is None else x["ref_logp"] + shift,
-            "old_logp": None if x["old_logp"] is None else x["old_logp"] + shift}
+            "old_logp": None if x["old_logp"] is None else x["old_logp"] + shift,
+            "sampling_logp": None if x.get("sampling_logp") is None else x["sampling_logp"] + shift}
 
 
 def minimums(hidden: int, vocab: int, rows: int) -> dict[str, float]:
@@ -147,7 +155,10 @@ def exact(x: dict, settings: HeadSettings, rows: torch.Tensor | None = None) -> 
     """The float64 head on the case's inputs (``compare.exact_head``), with the no-grad pass's log-probs."""
     def loss_fn(logp, mask, advantages, old_logp, ref_logp, entropy=None):
         entropy = entropy if settings.variant.needs_entropy else None
-        return grpo_loss(logp, mask, advantages, old_logp, ref_logp, counts=x["counts"], entropy=entropy, **settings.loss_kwargs())
+        sampling = x.get("sampling_logp")
+        sampling = None if sampling is None else sampling.to(logp.dtype)
+        return grpo_loss(logp, mask, advantages, old_logp, ref_logp, counts=x["counts"], entropy=entropy,
+                         sampling_logp=sampling, **settings.loss_kwargs())
 
     out = exact_head(x["hidden"], x["weight"], x["targets"], x["mask"], x["advantages"], x["old_logp"], x["ref_logp"],
                      temperature=settings.temperature, loss_fn=loss_fn, rows=rows)
@@ -219,6 +230,13 @@ def available_heads(device: torch.device, dtype: torch.dtype) -> tuple[list[str]
     return heads, ""
 
 
+def sampler_noise(settings: HeadSettings, seq_len: int) -> float:
+    """The std (nats) of the check's sampler log-probs around the policy's: 0.3 per token, so that a token correction
+    truncates or masks some tokens; 0.3 per sequence for a sequence correction (whose ratio sums the tokens'), so
+    that not every completion is masked."""
+    return 0.3 if settings.correction.mode.startswith("token") else 0.3 / max(seq_len, 1) ** 0.5
+
+
 def make_inputs(weight: torch.Tensor, rows: int, settings: HeadSettings, seed: int = 0) -> dict:
     """The check's inputs on the weight's device, from a private generator (the global RNG is not touched)."""
     V, H = weight.shape
@@ -239,8 +257,11 @@ def make_inputs(weight: torch.Tensor, rows: int, settings: HeadSettings, seed: i
         ref_logp = logp + 0.1 * torch.randn(B, T, device=dev, generator=g)
         old_logp = logp + 0.05 * torch.randn(B, T, device=dev, generator=g) if settings.with_old else None
         advantages = torch.randn(B, device=dev, generator=g)
+        sampling_logp = ((old_logp if settings.with_old else logp) + sampler_noise(settings, T) * torch.randn(B, T, device=dev, generator=g)
+                         if settings.correction.on else None)
     counts = LossCounts(num_sequences=float(B), num_tokens=float(mask.sum()), max_completion_length=T)
     return dict(hidden=hidden, weight=weight, targets=targets, mask=mask, advantages=advantages, old_logp=old_logp,
+                sampling_logp=sampling_logp,
                 ref_logp=ref_logp, counts=counts)
 
 
@@ -277,7 +298,8 @@ def _run_once(name: str, x: dict, settings: HeadSettings, device: torch.device, 
     timer.mark()
     loss, stats, logp = fused_grpo_loss(
         h, w, x["targets"], x["mask"], x["advantages"], x["old_logp"], x["ref_logp"],
-        counts=x["counts"], temperature=settings.temperature, backend=name, **settings.loss_kwargs())
+        counts=x["counts"], temperature=settings.temperature, backend=name, sampling_logp=x.get("sampling_logp"),
+        **settings.loss_kwargs())
     timer.mark()
     loss.backward()
     timer.mark()
@@ -469,11 +491,13 @@ def check_heads(weight: torch.Tensor, heads: list[str], settings: HeadSettings, 
 
 def recheck(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
             old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, counts: LossCounts, settings: HeadSettings,
-            backend: str, max_rows: int | None = None) -> dict:
+            backend: str, max_rows: int | None = None, sampling_logp: torch.Tensor | None = None) -> dict:
     """During training: head ``backend`` against the float64 head on (the first rows of) one real micro-batch,
     every case of ``cases``, bounded by the torch reference's error as in the pre-run check (``judge_cases``).
 
-    ``hidden``: [B, T, H] (detached here); the others as ``fused_grpo_loss`` takes them. At most ``max_rows``
+    ``hidden``: [B, T, H] (detached here); the others as ``fused_grpo_loss`` takes them (with the recipe's sampler
+    correction and no ``sampling_logp`` given, the policy's own fp32 log-probs ``sampler_noise`` apart stand for the sampler's:
+    the check judges the head's arithmetic, not the sampler). At most ``max_rows``
     tokens (``check_rows``) are compared, whole completions first. Returns {"ok", "problems", "worst_margin",
     "errors": figures by case} and, for the metrics, the recipe case's "grad" (dh), "loss" and "logp" errors.
     """
@@ -486,7 +510,16 @@ def recheck(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, m
         return None if v is None else v[:b, :t]
 
     x = dict(hidden=hidden.detach()[:b, :t], weight=weight, targets=targets[:b, :t], mask=mask[:b, :t],
-             advantages=advantages[:b], old_logp=cut(old_logp), ref_logp=cut(ref_logp), counts=counts)
+             advantages=advantages[:b], old_logp=cut(old_logp), ref_logp=cut(ref_logp), counts=counts,
+             sampling_logp=cut(sampling_logp))
+    if settings.correction.on and x["sampling_logp"] is None:
+        from ..kernels.chunked_logprobs import chunked_logprobs_reference
+
+        with torch.no_grad():
+            h = x["hidden"]
+            own = chunked_logprobs_reference(h.reshape(-1, h.shape[-1]), weight, x["targets"].reshape(-1), settings.temperature)
+            g = torch.Generator(device=h.device).manual_seed(0)
+            x["sampling_logp"] = own.float().view(b, t) + sampler_noise(settings, t) * torch.randn(b, t, device=h.device, generator=g)
     first = _run_once(backend, x, settings, hidden.device)
     figures, problems, _ = judge_cases(x, settings, backend, first, hidden.device)
     recipe = figures.get("recipe", {})
