@@ -97,16 +97,17 @@ class LiveBytes(TorchDispatchMode):
 
 def op_workspace_bytes(func, args) -> int:
     """Bytes a custom op allocates and frees inside itself, which its fake implementation does not: the
-    fused-linear loss head's fp32 logits scratch (``min(chunk_rows, N)`` rows of V) and, in the GRPO op,
-    one chunk's ``dlogits @ W`` product and its fp32 copy."""
+    fused-linear loss head's fp32 logits scratch (``min(chunk_rows, N)`` rows of V) and, where the op forms dh (the
+    GRPO op; the log-prob op with ``compute_dh``), one chunk's gathered hidden rows and ``dlogits @ W`` in fp32."""
     name = getattr(func, "name", lambda: "")()
     if name not in ("lowmem_vt::fused_linear_logprobs", "lowmem_vt::fused_linear_grpo_loss"):
         return 0
     hidden, weight = args[0], args[1]
-    chunk_rows = args[4] if name == "lowmem_vt::fused_linear_logprobs" else args[12]
+    logprobs_op = name == "lowmem_vt::fused_linear_logprobs"
+    chunk_rows = args[4] if logprobs_op else args[12]
     rows = min(chunk_rows, hidden.shape[0])
     scratch = rows * weight.shape[0] * 4
-    if name == "lowmem_vt::fused_linear_logprobs":
+    if logprobs_op and not (len(args) > 8 and args[8]):  # compute_dh
         return scratch
     return scratch + rows * hidden.shape[1] * (hidden.element_size() + 4)
 
