@@ -8,7 +8,11 @@ at most a [BLOCK_N, BLOCK_V] tile of them, in registers.
 * Forward: programs on a grid (row blocks, vocabulary splits) stream their vocabulary range of ``weight``
   tile by tile, keeping an online log-sum-exp in fp32 and picking the target logit on the way; a tiny
   finishing kernel merges the per-split log-sum-exps into ``lse`` and ``logp``. Splitting the vocabulary
-  gives the GPU enough programs when the micro-batch has few row blocks.
+  gives the GPU enough programs when the micro-batch has few row blocks. With ``with_entropy`` (the entropy
+  mask of ``grpo.top_entropy_quantile``; an ``ENTROPY`` constexpr, so the plain pass compiles without it) the
+  same loop also carries sum exp(z - max) * (z - max) and each split's entropy, max and log-sum go to a
+  [3, splits, N] buffer, which the finishing kernel merges into each row's entropy (the chain rule,
+  ``_online_entropy_step``): per tile one more multiply-add and row sum, no further pass over W.
 * Backward: one program per (row block, vocabulary tile) recomputes its logits tile, forms
   ``dlogits = g * (onehot(target) - softmax) / temperature`` and adds ``dlogits @ W_tile`` into an fp32
   ``dh`` with atomics (and ``dlogits.T @ h`` into ``dW`` when the head is trained). A row block cannot

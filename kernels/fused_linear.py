@@ -20,10 +20,13 @@ to the backward, which only scales them by the incoming gradient (the loss scale
 The reference-model pass (``fused_linear_logprobs``) runs step 1 and the first half of step 2 only.
 
 The rest of the loss menu (``lowmem_vt.grpo``: cispo, sapo, luspo, vespo, the sequence level, the masks, the
-sampler correction) runs this op as a log-prob head (``head._FusedLinearLogprobs``): advantage -1, weight 1, one
-"token" per row, so its dh is d logp / d hidden; the loss terms then run on the [B, T] log-probs and the backward
-scales that dh by d loss / d logp (no matmul), a trained head's dW by a second pass once d loss / d logp is known.
-The sequence level's whole-sequence ratio is therefore formed after the forward pass, from every token's logp.
+sampler correction) runs ``fused_linear_logprobs`` as a log-prob head (``head._FusedLinearLogprobs``): steps 1-3
+without the loss terms (the row kernel's ``DLOGITS`` alone), so its dh is d logp / d hidden; the loss terms then run
+on the [B, T] log-probs and the backward scales that dh by d loss / d logp (no matmul), a trained head's dW by a
+second pass of the GRPO op once d loss / d logp is known. The sequence level's whole-sequence ratio is therefore
+formed after the forward pass, from every token's logp. With ``with_entropy`` the row kernel's log-sum-exp loop also
+sums exp(z - max) * (z - max) (``ENTROPY``: one multiply-add per logit in a loop bound by reading the row) and
+stores each row's entropy: no further matmul, no further scratch.
 
 Scratch (``SCRATCH_BYTES`` = 0.25 GiB, the same on both paths): 432 rows x V 151,936 (Qwen2-VL, 0.245 GiB), 256
 rows x 248,320 (0.237 GiB), 256 rows x 262,144 (0.250 GiB); tests/test_kernels.py checks the three.
