@@ -27,9 +27,16 @@ whole sequences, and the head's backward runs after it. Cost, against the fused 
 * fused-linear head: the forward saves d logp / d hidden per row ([N, H] fp32, what the fused loss saves as
   dh) from the same 2 matmuls; the backward scales it by d loss / d logp (no matmul). Only a *trained* head
   (dW) pays a recompute: a second chunked pass (2 more matmuls) once d loss / d logp is known;
-* the entropy mask (``top_entropy_quantile < 1``) needs each token's entropy: ``chunked_entropy`` in chunks of
-  ``rows_per_chunk(V)`` rows (inside the same 0.25 GiB scratch budget), one more logits matmul over the
-  micro-batch, no gradient. Not fused into the kernels (yet).
+* the entropy mask (``top_entropy_quantile < 1``) needs each token's entropy (at the sampling temperature, no
+  gradient): both heads compute it in the forward pass that computes the log-sum-exp (``head_logprobs(...,
+  with_entropy=True)``; an ``ENTROPY`` constexpr, so the plain passes compile without it). Streaming head: per
+  logits tile one more multiply-add and row sum in registers; each vocabulary split's entropy, max and log-sum go to
+  a [3, splits, N] fp32 buffer that the finishing kernel merges (the chain rule). Fused-linear head: one multiply-add
+  per logit in the row kernel's log-sum-exp loop, which reads the row anyway. No further matmul, kernel launch or
+  scratch (tests/test_head_entropy.py counts them; tests/test_head_scratch.py measures the memory); its time only a
+  GPU can show. The torch backend's entropy is ``chunked_entropy``, the reference. This replaced a separate
+  ``chunked_entropy`` pass over the micro-batch: one more logits matmul and 2.2 GiB at V 151,936 (W's fp32 copy and
+  fp32 [rows, V] temporaries, simulated), past the 0.25 GiB budget it was said to keep.
 """
 
 from __future__ import annotations
