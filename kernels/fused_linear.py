@@ -239,15 +239,17 @@ def fused_linear_logprobs_op(
     n = N if rows is None else rows.numel()
     if n == 0:
         return logp, lse, entropy, dh
-    t_rows = targets if rows is None else targets[rows]
-    lse_rows, logp_rows = torch.empty(n, **f32), torch.empty(n, **f32)
-    entropy_rows = torch.empty(n, **f32) if with_entropy else None
+    if rows is None:  # every row: straight into the outputs
+        t_rows, lse_rows, logp_rows, entropy_rows = targets, lse, logp, (entropy if with_entropy else None)
+    else:  # the active rows: compact [n] vectors, scattered at the end
+        t_rows, lse_rows, logp_rows = targets[rows], torch.empty(n, **f32), torch.empty(n, **f32)
+        entropy_rows = torch.empty(n, **f32) if with_entropy else None
     scratch = hidden.new_empty(min(chunk_rows, n), V, dtype=torch.float32)
     row_tiles = RowTiles.from_list(tiles)
     for r0 in range(0, n, chunk_rows):
         r1 = min(r0 + chunk_rows, n)
-        h = hidden[r0:r1] if rows is None else hidden.index_select(0, rows[r0:r1])
-        logits = _logits_into(scratch[: r1 - r0], h, weight)
+        idx = slice(r0, r1) if rows is None else rows[r0:r1]
+        logits = _logits_into(scratch[: r1 - r0], hidden[idx], weight)
         dlogits = _dlogits_view(logits, weight.dtype) if compute_dh else logits
         sl = slice(r0, r1)
         outs = (lse_rows[sl], logp_rows[sl]) + (lse_rows[sl],) * 4  # GRPO outputs unused
@@ -255,16 +257,11 @@ def fused_linear_logprobs_op(
                      grpo=False, tiles=row_tiles, write_dlogits=compute_dh,
                      entropy=None if entropy_rows is None else entropy_rows[sl])
         if compute_dh:  # d logp / d hidden = (onehot - softmax) / temperature @ W
-            dh_rows = _mm_fp32(dlogits, weight) * (1.0 / dlogits_scale(dlogits.dtype))
-            if rows is None:
-                dh[r0:r1] = dh_rows
-            else:
-                dh.index_copy_(0, rows[r0:r1], dh_rows)
-    if rows is None:
-        return logp_rows, lse_rows, (entropy_rows if with_entropy else entropy), dh
-    logp[rows], lse[rows] = logp_rows, lse_rows
-    if with_entropy:
-        entropy[rows] = entropy_rows
+            dh[idx] = _mm_fp32(dlogits, weight) * (1.0 / dlogits_scale(dlogits.dtype))
+    if rows is not None:
+        logp[rows], lse[rows] = logp_rows, lse_rows
+        if with_entropy:
+            entropy[rows] = entropy_rows
     return logp, lse, entropy, dh
 
 
