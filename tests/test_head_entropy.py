@@ -77,11 +77,12 @@ def _error(entropy: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -
 
 
 def _entropy(head, hidden, weight, targets, mask, temperature, grad=True, **kwargs):
+    """(logp, entropy) [B, T] from ``head``; with ``grad`` the hidden states require a gradient, so the forward runs
+    as in training (the fused-linear head's row kernel writes dlogits too). The backward is the count test's."""
     h = hidden.clone().requires_grad_(grad)
     logp, entropy = head_logprobs(h, weight, targets, mask, temperature, head, with_entropy=True, **kwargs)
     assert entropy.shape == targets.shape and entropy.dtype == torch.float32 and not entropy.requires_grad
-    if grad:
-        (logp * mask).sum().backward()
+    assert logp.requires_grad == grad
     return logp.detach(), entropy
 
 
