@@ -243,3 +243,19 @@ def test_no_further_logits_pass_for_the_entropy(seed, head, monkeypatch):
     else:
         assert inside == 0 and launches == {"_lse_partial_kernel": 1, "_logprobs_finish_kernel": 1,
                                              "_logprobs_backward_kernel": 1}, counts
+
+
+def test_entropy_ops_opcheck(seed):
+    """torch.library.opcheck of the ops with the entropy on: schema, fake implementation against the real one (the
+    shapes of entropy and dh), autograd registration."""
+    N, H, V = 20, 16, 40
+    hidden = torch.randn(N, H, device=DEVICE)
+    weight = torch.randn(V, H, device=DEVICE) / H**0.5
+    targets = torch.randint(0, V, (N,), device=DEVICE)
+    tiles = Tiles(block_n=16, block_v=32, block_h=16, num_warps=4, num_stages=1, v_splits=2).as_list()
+    h = hidden.clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.lowmem_vt.streaming_logprobs, (h, weight, targets, 0.9, tiles, tiles, True))
+    active = (torch.rand(N, device=DEVICE) > 0.3).float()
+    rows = RowTiles(block_v=32, num_warps=4).as_list()
+    for args in ((active, True, True), (active, True, False), (None, True, False), (None, False, True)):
+        torch.library.opcheck(torch.ops.lowmem_vt.fused_linear_logprobs, (hidden, weight, targets, 0.9, 8, rows, *args))
