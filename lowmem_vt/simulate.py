@@ -166,17 +166,18 @@ def head_memory(path: str, backend: str, vocab: int, hidden_size: int, B: int = 
     """Simulated memory of one loss-head path (``HEAD_PATHS``) of ``backend`` on a [B, T] micro-batch, on fake tensors
     (no Triton launch; the custom ops' workspace by ``op_workspace_bytes``): the LM head frozen, as under LoRA, every
     token active. "paper loss, fused": grpo with beta 0.04; "log-prob head": the sequence-level ratio (GSPO), whose
-    loss runs on the [B, T] log-probs; "+ entropy": with each token's entropy from the head; "reference pass":
-    ``token_logprobs``, no gradient."""
+    loss runs on the [B, T] log-probs; "+ entropy": the entropy mask (``top_entropy_quantile`` 0.2), each token's
+    entropy from the head; "reference pass": ``token_logprobs``, no gradient."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .grpo import LossCounts, LossVariant, grpo_loss
-    from .kernels.head import fused_grpo_loss, head_logprobs, token_logprobs
+    from .grpo import LossCounts, LossVariant
+    from .kernels.head import fused_grpo_loss, token_logprobs
 
     if path not in HEAD_PATHS:
         raise ValueError(f"unknown head path {path!r}; expected one of {HEAD_PATHS}")
     N = B * T
-    gspo = LossVariant(importance_sampling_level="sequence")
+    variant = {"log-prob head (rest of the menu)": LossVariant(importance_sampling_level="sequence"),
+               "log-prob head + entropy": LossVariant(top_entropy_quantile=0.2)}.get(path, LossVariant())
     loss_args = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="grpo",
                      counts=LossCounts(num_sequences=B, num_tokens=float(N), max_completion_length=T))
     with FakeTensorMode():
@@ -190,12 +191,7 @@ def head_memory(path: str, backend: str, vocab: int, hidden_size: int, B: int = 
         with tracker:
             if path == "reference pass":
                 token_logprobs(hidden, weight, targets, backend=backend)
-            elif path == "log-prob head + entropy":
-                logp, entropy = head_logprobs(hidden, weight, targets, mask, 1.0, backend, with_entropy=True)
-                loss, _ = grpo_loss(logp, mask, advantages, old, ref, variant=gspo, entropy=entropy, **loss_args)
-                loss.backward()
             else:
-                variant = gspo if path.startswith("log-prob head") else LossVariant()
                 loss, _, _ = fused_grpo_loss(hidden, weight, targets, mask, advantages, old, ref, backend=backend,
                                              variant=variant, **loss_args)
                 loss.backward()
