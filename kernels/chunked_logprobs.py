@@ -8,7 +8,11 @@ at most a [BLOCK_N, BLOCK_V] tile of them, in registers.
 * Forward: programs on a grid (row blocks, vocabulary splits) stream their vocabulary range of ``weight``
   tile by tile, keeping an online log-sum-exp in fp32 and picking the target logit on the way; a tiny
   finishing kernel merges the per-split log-sum-exps into ``lse`` and ``logp``. Splitting the vocabulary
-  gives the GPU enough programs when the micro-batch has few row blocks.
+  gives the GPU enough programs when the micro-batch has few row blocks. With ``with_entropy`` (the entropy
+  mask of ``grpo.top_entropy_quantile``; an ``ENTROPY`` constexpr, so the plain pass compiles without it) the
+  same loop also carries sum exp(z - max) * (z - max) and each split's entropy, max and log-sum go to a
+  [3, splits, N] buffer, which the finishing kernel merges into each row's entropy (the chain rule,
+  ``_online_entropy_step``): per tile one more multiply-add and row sum, no further pass over W.
 * Backward: one program per (row block, vocabulary tile) recomputes its logits tile, forms
   ``dlogits = g * (onehot(target) - softmax) / temperature`` and adds ``dlogits @ W_tile`` into an fp32
   ``dh`` with atomics (and ``dlogits.T @ h`` into ``dW`` when the head is trained). A row block cannot
@@ -103,8 +107,8 @@ def chunked_entropy(hidden: torch.Tensor, weight: torch.Tensor, temperature: flo
     """Entropy (nats) of softmax(hidden @ weight.T / temperature) per row, ``chunk_rows`` rows of fp32 logits at a time.
 
     hidden: [N, H]; weight: [V, H]. Returns [N] float32 (float64 for float64 inputs), no gradient (the entropy mask
-    of ``top_entropy_quantile`` selects tokens, it is not differentiated). The Triton heads call it with the rows
-    that fit their scratch budget (``fused_linear.rows_per_chunk``): one more logits matmul over the micro-batch.
+    of ``top_entropy_quantile`` selects tokens, it is not differentiated). The torch backend's entropy and the
+    reference the Triton heads' fused entropy is tested against; a -inf logit (probability 0) adds nothing.
     """
     compute_dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
     w = weight.to(compute_dtype)
@@ -112,7 +116,8 @@ def chunked_entropy(hidden: torch.Tensor, weight: torch.Tensor, temperature: flo
     for start in range(0, hidden.shape[0], chunk_rows):
         logits = (hidden[start : start + chunk_rows].to(compute_dtype) @ w.T) / temperature
         logp = torch.log_softmax(logits, dim=-1)
-        pieces.append(-(logp.exp() * logp).sum(-1))
+        probs = logp.exp()
+        pieces.append(-torch.where(probs > 0, probs * logp, 0.0).sum(-1))
     if not pieces:
         return hidden.new_zeros(0, dtype=compute_dtype)
     return torch.cat(pieces)
@@ -149,11 +154,15 @@ def _logits_tile(
 
 @triton.jit
 def _lse_partial_kernel(
-    h_ptr, w_ptr, targets_ptr, part_lse_ptr, target_logit_ptr,
+    h_ptr, w_ptr, targets_ptr, part_lse_ptr, target_logit_ptr, part_entropy_ptr,
     N, V, H, stride_hn, stride_wv, tiles_per_split, inv_temperature,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ENTROPY: tl.constexpr,
 ):
-    """Log-sum-exp of one row block over one vocabulary split; the target logit from the split holding it.
+    """Log-sum-exp of one row block over one vocabulary split; the target logit from the split holding it;
+    with ENTROPY, into part_entropy_ptr [3, splits, N]: the entropy of the softmax restricted to the split
+    (``_online_entropy_step``), the split's max logit and the log of its sum of exp(z - max), kept apart so that
+    the merge sees differences of log-sum-exps exactly where fp32 rounds their sum (ulp 5e-4 at |z| ~ 6000).
 
     Grid (row blocks, splits) with row blocks fastest, so programs running together walk the same tiles
     of W and share them through L2.
@@ -172,6 +181,7 @@ def _lse_partial_kernel(
 
     running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    running_dot = tl.zeros((BLOCK_N,), dtype=tl.float32)  # ENTROPY: sum of exp(z - max) * (z - max)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
     w_block = w_ptr + v_begin.to(tl.int64) * stride_wv
     for v0 in range(v_begin, v_end, BLOCK_V):
@@ -181,13 +191,42 @@ def _lse_partial_kernel(
         logits = tl.where((offs_v < v_end - v0)[None, :], logits, float("-inf"))
         # every tile holds at least one real column, so new_max is finite and exp(-inf - finite) = 0
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        exps = tl.exp(logits - new_max[:, None])
+        if ENTROPY:
+            running_dot = _online_entropy_step(running_max, running_sum, running_dot, new_max,
+                                               tl.sum(exps * tl.where(exps > 0.0, logits - new_max[:, None], 0.0), axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(exps, axis=1)
         running_max = new_max
         target_logit += tl.sum(tl.where(offs_v[None, :] == (targets - v0)[:, None], logits, 0.0), axis=1)
 
     tl.store(part_lse_ptr + pid_s * N + rows, running_max + tl.log(running_sum), mask=row_mask)
+    if ENTROPY:
+        log_sum = tl.log(running_sum)
+        part = part_entropy_ptr + pid_s * N + rows
+        split_stride = tl.num_programs(1) * N
+        tl.store(part, log_sum - running_dot / running_sum, mask=row_mask)
+        tl.store(part + split_stride, running_max, mask=row_mask)
+        tl.store(part + 2 * split_stride, log_sum, mask=row_mask)
     holds_target = (targets >= v_begin) & (targets < v_end)
     tl.store(target_logit_ptr + rows, target_logit, mask=row_mask & holds_target)
+
+
+@triton.jit
+def _online_entropy_step(running_max, running_sum, running_dot, new_max, new_dot):
+    """The entropy's running sum, ``dot = sum_i exp(a_i - max) * (a_i - max - h_i)``, after the running max moves
+    to ``new_max`` and terms ``new_dot`` (already relative to new_max) join it.
+
+    With ``s = sum_i exp(a_i - max)`` (the log-sum-exp's running sum) the entropy of softmax(a) is
+    ``log(s) - dot / s``. The logits of a row are terms with h_i = 0: H = lse - sum(p * z), z = logits / T. Vocabulary
+    splits are terms with a_s their log-sum-exp and h_s their own entropy: H = sum_s w_s * h_s + H(w), the chain rule,
+    w the splits' shares of the mass. Relative to the running max every term is of the order of log V whatever |z|,
+    where lse - sum(p * z) in fp32 subtracts two numbers of the size of z (at |z| ~ 6000, ulp 5e-4). Callers zero
+    (a - max) where exp(a - max) is 0 (masked columns, -inf logits) before multiplying: no 0 * -inf. Moving the max,
+    ``a - max_old = (a - new_max) + (max_old - new_max)``: the old terms shift by s * (max_old - new_max) and scale by
+    exp(max_old - new_max), as the log-sum-exp's sum does (s = 0 at the start, when max_old is -inf: no shift).
+    """
+    shift = running_sum * tl.where(running_sum > 0.0, running_max - new_max, 0.0)
+    return (running_dot + shift) * tl.exp(running_max - new_max) + new_dot
 
 
 @triton.jit
@@ -204,13 +243,40 @@ def _merge_splits(part_lse_ptr, offs, mask, N, num_splits):
 
 
 @triton.jit
-def _logprobs_finish_kernel(part_lse_ptr, target_logit_ptr, lse_ptr, logp_ptr, N, num_splits, BLOCK: tl.constexpr):
+def _merge_split_entropies(part_entropy_ptr, offs, mask, N, num_splits):
+    """Entropy over the vocabulary splits at rows ``offs``, merged online as the log-sum-exp is (``_merge_splits``),
+    from each split's entropy h, max m and log-sum ls (``_lse_partial_kernel``): the split is a term of log-weight
+    a = m + ls, taken relative to the running max of the m (a - max <= log V: exp cannot overflow) and summed with
+    ``_online_entropy_step`` (the chain rule)."""
+    running_max = tl.full(offs.shape, float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros(offs.shape, dtype=tl.float32)
+    running_dot = tl.zeros(offs.shape, dtype=tl.float32)
+    for s in range(0, num_splits):
+        part = part_entropy_ptr + s * N + offs
+        h = tl.load(part, mask=mask, other=0.0)
+        split_max = tl.load(part + num_splits * N, mask=mask, other=0.0)
+        log_sum = tl.load(part + 2 * num_splits * N, mask=mask, other=0.0)
+        new_max = tl.maximum(running_max, split_max)
+        a = (split_max - new_max) + log_sum  # the split's log-sum-exp relative to new_max
+        share = tl.exp(a)
+        running_dot = _online_entropy_step(running_max, running_sum, running_dot, new_max,
+                                           share * tl.where(share > 0.0, a - h, 0.0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + share
+        running_max = new_max
+    return tl.log(running_sum) - running_dot / running_sum
+
+
+@triton.jit
+def _logprobs_finish_kernel(part_lse_ptr, target_logit_ptr, part_entropy_ptr, lse_ptr, logp_ptr, entropy_ptr, N, num_splits,
+                            BLOCK: tl.constexpr, ENTROPY: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     lse = _merge_splits(part_lse_ptr, offs, mask, N, num_splits)
     target_logit = tl.load(target_logit_ptr + offs, mask=mask, other=0.0)
     tl.store(lse_ptr + offs, lse, mask=mask)
     tl.store(logp_ptr + offs, target_logit - lse, mask=mask)
+    if ENTROPY:
+        tl.store(entropy_ptr + offs, _merge_split_entropies(part_entropy_ptr, offs, mask, N, num_splits), mask=mask)
 
 
 @triton.jit
@@ -328,9 +394,11 @@ def _num_v_splits(row_blocks: int, v_tiles: int, tiles: Tiles, device: torch.dev
 
 
 def lse_and_target_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, tiles: Tiles
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Streaming forward pass. Returns (per-split lse [splits, N] fp32, target logit / temperature [N] fp32, splits)."""
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, tiles: Tiles,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+    """Streaming forward pass. Returns (per-split lse [splits, N] fp32, target logit / temperature [N] fp32, splits,
+    with ``with_entropy`` the per-split entropy, max logit and log-sum [3, splits, N] fp32, else None)."""
     block_h = _check_inputs(hidden, weight, targets, tiles)
     N, H = hidden.shape
     V = weight.shape[0]
@@ -340,30 +408,37 @@ def lse_and_target_logits(
     tiles_per_split = triton.cdiv(v_tiles, splits)
     splits = triton.cdiv(v_tiles, tiles_per_split)  # no empty split
     part_lse = torch.empty(splits, N, device=hidden.device, dtype=torch.float32)
+    part_entropy = torch.empty(3, splits, N, device=hidden.device, dtype=torch.float32) if with_entropy else None
     target_logit = torch.zeros(N, device=hidden.device, dtype=torch.float32)
     if N == 0:
-        return part_lse, target_logit, splits
+        return part_lse, target_logit, splits, part_entropy
     _lse_partial_kernel[(row_blocks, splits)](
-        hidden, weight, targets, part_lse, target_logit,
+        hidden, weight, targets, part_lse, target_logit, part_lse if part_entropy is None else part_entropy,
         N, V, H, hidden.stride(0), weight.stride(0), tiles_per_split, 1.0 / temperature,
         BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_H=block_h, DOT_PRECISION=_dot_precision(hidden.dtype),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        ENTROPY=with_entropy, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
-    return part_lse, target_logit, splits
+    return part_lse, target_logit, splits, part_entropy
 
 
 def logprobs_forward(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, tiles: Tiles
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (logp [N] fp32, lse [N] fp32) of hidden [N, H] @ weight [V, H].T / temperature."""
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, tiles: Tiles,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Returns (logp [N] fp32, lse [N] fp32, entropy [N] fp32 or None) of softmax(hidden [N, H] @ weight [V, H].T /
+    temperature); the entropy (nats) from the same streaming pass, with ``with_entropy``."""
     N = hidden.shape[0]
-    part_lse, target_logit, splits = lse_and_target_logits(hidden, weight, targets, temperature, tiles)
+    part_lse, target_logit, splits, part_entropy = lse_and_target_logits(hidden, weight, targets, temperature, tiles, with_entropy)
     lse = torch.empty_like(target_logit)
     logp = torch.empty_like(target_logit)
+    entropy = torch.empty_like(target_logit) if with_entropy else None
     if N == 0:
-        return logp, lse
-    _logprobs_finish_kernel[(triton.cdiv(N, _FINISH_BLOCK),)](part_lse, target_logit, lse, logp, N, splits, BLOCK=_FINISH_BLOCK)
-    return logp, lse
+        return logp, lse, entropy
+    _logprobs_finish_kernel[(triton.cdiv(N, _FINISH_BLOCK),)](
+        part_lse, target_logit, part_lse if part_entropy is None else part_entropy, lse, logp,
+        lse if entropy is None else entropy, N, splits, BLOCK=_FINISH_BLOCK, ENTROPY=with_entropy,
+    )
+    return logp, lse, entropy
 
 
 def logprobs_backward(
@@ -429,18 +504,21 @@ def _empty_like_rows(hidden: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("lowmem_vt::streaming_logprobs", mutates_args=())
 def streaming_logprobs_op(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-    forward_tiles: list[int], backward_tiles: list[int],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp [N] fp32, lse [N] fp32) by the streaming forward kernels. Differentiable in hidden and weight
-    (backward_tiles is for that pass). Tiles are passed as ``Tiles.as_list()``: custom ops take no dataclasses."""
+    forward_tiles: list[int], backward_tiles: list[int], with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp [N] fp32, lse [N] fp32, entropy [N] fp32 with ``with_entropy``, else [0]) by the streaming forward
+    kernels. logp is differentiable in hidden and weight (backward_tiles is for that pass); the entropy is not (it
+    selects tokens). Tiles are passed as ``Tiles.as_list()``: custom ops take no dataclasses."""
     check_targets(targets, weight.shape[0])
-    return logprobs_forward(hidden, weight, targets, temperature, Tiles.from_list(forward_tiles))
+    logp, lse, entropy = logprobs_forward(hidden, weight, targets, temperature, Tiles.from_list(forward_tiles), with_entropy)
+    return logp, lse, (hidden.new_empty(0, dtype=torch.float32) if entropy is None else entropy)
 
 
 @streaming_logprobs_op.register_fake
-def _(hidden, weight, targets, temperature, forward_tiles, backward_tiles):
+def _(hidden, weight, targets, temperature, forward_tiles, backward_tiles, with_entropy=False):
     _check_inputs(hidden, weight, targets, Tiles.from_list(forward_tiles))
-    return _empty_like_rows(hidden), _empty_like_rows(hidden)
+    entropy = _empty_like_rows(hidden) if with_entropy else hidden.new_empty(0, dtype=torch.float32)
+    return _empty_like_rows(hidden), _empty_like_rows(hidden), entropy
 
 
 @torch.library.custom_op("lowmem_vt::streaming_logprobs_backward", mutates_args=())
@@ -471,17 +549,17 @@ def streaming_input_grads(ctx, grad_logp: torch.Tensor) -> tuple[torch.Tensor | 
 
 
 def _streaming_logprobs_setup(ctx, inputs, output):
-    hidden, weight, targets, temperature, _forward_tiles, backward_tiles = inputs
-    _logp, lse = output
+    hidden, weight, targets, temperature, _forward_tiles, backward_tiles, _with_entropy = inputs
+    _logp, lse, entropy = output
     ctx.save_for_backward(hidden, weight, targets, lse)
     ctx.temperature = temperature
     ctx.backward_tiles = backward_tiles
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, entropy)
 
 
-def _streaming_logprobs_backward(ctx, grad_logp, _grad_lse):
+def _streaming_logprobs_backward(ctx, grad_logp, _grad_lse, _grad_entropy):
     dh, dw = streaming_input_grads(ctx, grad_logp)
-    return dh, dw, None, None, None, None
+    return dh, dw, None, None, None, None, None
 
 
 streaming_logprobs_op.register_autograd(_streaming_logprobs_backward, setup_context=_streaming_logprobs_setup)
@@ -523,5 +601,5 @@ def chunked_logprobs(
     if backend not in ("triton", "triton_streaming"):
         raise ValueError(f"unknown backend {backend!r} for chunked_logprobs; expected 'triton', 'triton_streaming' or 'torch'")
     hidden, targets = _prepare(hidden, weight, targets)
-    logp, _ = streaming_logprobs_op(hidden, weight, targets, float(temperature), forward_tiles.as_list(), backward_tiles.as_list())
+    logp, _, _ = streaming_logprobs_op(hidden, weight, targets, float(temperature), forward_tiles.as_list(), backward_tiles.as_list())
     return logp

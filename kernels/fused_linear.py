@@ -20,11 +20,14 @@ to the backward, which only scales them by the incoming gradient (the loss scale
 The reference-model pass (``fused_linear_logprobs``) runs step 1 and the first half of step 2 only.
 
 The rest of the loss menu (``lowmem_vt.grpo``: cispo, sapo, luspo, vespo, the sequence level, the masks, the
-sampler correction) runs this op as a log-prob head (``head._FusedLinearLogprobs``): advantage -1, weight 1, one
-"token" per row, so its dh is d logp / d hidden; the terms kernel (``policy_terms.py``) then computes the loss and
-d loss / d logp from the [B, T] log-probs and the backward
-scales that dh by d loss / d logp (no matmul), a trained head's dW by a second pass once d loss / d logp is known.
-The sequence level's whole-sequence ratio is therefore formed after the forward pass, from every token's logp.
+sampler correction) runs ``fused_linear_logprobs`` as a log-prob head (``head._FusedLinearLogprobs``): steps 1-3
+without the loss terms (the row kernel's ``DLOGITS`` alone), so its dh is d logp / d hidden; the terms kernel
+(``policy_terms.py``) then computes the loss and d loss / d logp from the [B, T] log-probs and the backward scales
+that dh by d loss / d logp (no matmul), a trained head's dW by a second pass of the GRPO op once d loss / d logp is
+known. The sequence level's whole-sequence ratio is therefore formed after the forward pass, from every token's logp.
+With ``with_entropy`` the row kernel's log-sum-exp loop also sums exp(z - max) * (z - max) (``ENTROPY``: one
+multiply-add per logit in a loop bound by reading the row) and stores each row's entropy: no further matmul, no
+further scratch.
 
 Scratch (``SCRATCH_BYTES`` = 0.25 GiB, the same on both paths): 432 rows x V 151,936 (Qwen2-VL, 0.245 GiB), 256
 rows x 248,320 (0.237 GiB), 256 rows x 262,144 (0.250 GiB); tests/test_kernels.py checks the three.
@@ -43,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked_logprobs import check_shapes, check_targets, dlogits_scale
+from .chunked_logprobs import _online_entropy_step, check_shapes, check_targets, dlogits_scale
 from .grpo_loss import grpo_token_terms
 
 # Scratch for one chunk's fp32 logits (the bf16 / fp16 dlogits are written over them): 0.25 GiB gives
@@ -84,15 +87,17 @@ def rows_per_chunk(vocab_size: int, scratch_bytes: int = SCRATCH_BYTES) -> int:
 @triton.jit
 def _grpo_rows_kernel(
     logits_ptr, dlogits_ptr, targets_ptr, adv_ptr, old_logp_ptr, ref_logp_ptr, weights_ptr,
-    lse_ptr, logp_ptr, loss_ptr, dlogp_ptr, k3_ptr, clipped_ptr,
+    lse_ptr, logp_ptr, loss_ptr, dlogp_ptr, k3_ptr, clipped_ptr, entropy_ptr,
     V, stride_logits, stride_dlogits, inv_temperature, dlogits_scale, beta, ratio_low, ratio_high,
     GRPO: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BLOCK_V: tl.constexpr,
+    DLOGITS: tl.constexpr, ENTROPY: tl.constexpr,
 ):
     """One program per row of a chunk of fp32 logits [rows, V] (raw h @ W.T; the temperature is applied here).
 
-    Always: lse and logp of the row's target. GRPO: also the weighted loss, weighted d loss / d logp, k3,
-    clip flag, and dlogits = (onehot(target) - softmax) / temperature * dlogits_scale in dlogits_ptr's dtype
-    (see ``dlogits_scale``), written over
+    Always: lse and logp of the row's target. ENTROPY: the row's entropy (nats) from the same pass as the lse
+    (``chunked_logprobs._online_entropy_step``). GRPO: the weighted loss, weighted d loss / d logp, k3, clip flag.
+    DLOGITS (with GRPO, or alone for the log-prob head): dlogits = (onehot(target) - softmax) / temperature *
+    dlogits_scale in dlogits_ptr's dtype (see ``dlogits_scale``), written over
     the same row (dlogits_ptr aliases logits_ptr: element v of dlogits ends at byte (v + 1) * size <= 4 v + 4,
     inside the fp32 elements already read, and later loads start past it). All other rows are [rows] fp32.
     """
@@ -103,16 +108,23 @@ def _grpo_rows_kernel(
 
     running_max = float("-inf")
     running_sum = 0.0
+    running_dot = 0.0  # ENTROPY: sum of exp(z - max) * (z - max)
     for v0 in range(0, V, BLOCK_V):
         x = tl.load(logits_row + v0 + offs, mask=offs < V - v0, other=float("-inf")) * inv_temperature
         # every block holds at least one real column, so new_max is finite and exp(-inf - finite) = 0
         new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        exps = tl.exp(x - new_max)
+        if ENTROPY:
+            running_dot = _online_entropy_step(running_max, running_sum, running_dot, new_max,
+                                               tl.sum(exps * tl.where(exps > 0.0, x - new_max, 0.0), axis=0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(exps, axis=0)
         running_max = new_max
     lse = running_max + tl.log(running_sum)
     logp = tl.load(logits_row + target) * inv_temperature - lse
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, logp)
+    if ENTROPY:
+        tl.store(entropy_ptr + row, tl.log(running_sum) - running_dot / running_sum)
 
     if GRPO:
         # rows reach this kernel only with a nonzero aggregation weight (padding is dropped on the host)
@@ -132,6 +144,7 @@ def _grpo_rows_kernel(
             tl.store(k3_ptr + row, k3)
         tl.store(clipped_ptr + row, is_clipped.to(tl.float32))
 
+    if DLOGITS:
         # dlogits (bf16 / fp16: 2 bytes) is written over this row's fp32 logits (4 bytes), which other warps of
         # this program read: block j's store covers bytes [2 j B, 2 (j + 1) B), the fp32 columns [j B / 2,
         # (j + 1) B / 2) that block floor(j / 2) loads (B = BLOCK_V). Loop 1 synchronises every block (its
@@ -181,15 +194,18 @@ def _addmm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factor: tor
 
 
 def _launch_rows(logits, dlogits, targets, adv, old_logp, ref_logp, weights, outs, temperature, beta, ratio_low,
-                 ratio_high, grpo: bool, tiles: RowTiles):
+                 ratio_high, grpo: bool, tiles: RowTiles, write_dlogits: bool | None = None, entropy: torch.Tensor | None = None):
+    """The row kernel over one chunk; dlogits written with the GRPO terms unless ``write_dlogits`` says otherwise;
+    each row's entropy into ``entropy`` when given."""
     lse, logp, loss, dlogp, k3, clipped = outs
     rows, V = logits.shape
     has_kl = grpo and ref_logp is not None and beta != 0.0
     _grpo_rows_kernel[(rows,)](
         logits, dlogits, targets, adv, old_logp if old_logp is not None else lse, ref_logp if has_kl else lse, weights,
-        lse, logp, loss, dlogp, k3, clipped,
+        lse, logp, loss, dlogp, k3, clipped, lse if entropy is None else entropy,
         V, logits.stride(0), dlogits.stride(0), 1.0 / temperature, dlogits_scale(dlogits.dtype), float(beta), ratio_low, ratio_high,
-        GRPO=grpo, HAS_OLD=old_logp is not None, HAS_KL=has_kl, BLOCK_V=tiles.block_v, num_warps=tiles.num_warps,
+        GRPO=grpo, HAS_OLD=old_logp is not None, HAS_KL=has_kl, BLOCK_V=tiles.block_v,
+        DLOGITS=grpo if write_dlogits is None else write_dlogits, ENTROPY=entropy is not None, num_warps=tiles.num_warps,
     )
 
 
@@ -201,30 +217,62 @@ def _launch_rows(logits, dlogits, targets, adv, old_logp, ref_logp, weights, out
 @torch.library.custom_op("lowmem_vt::fused_linear_logprobs", mutates_args=())
 def fused_linear_logprobs_op(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_rows: int, tiles: list[int],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp [N] fp32, lse [N] fp32) of targets under softmax(hidden @ weight.T / temperature); no gradient."""
+    active: torch.Tensor | None = None, with_entropy: bool = False, compute_dh: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probs of targets under softmax(hidden @ weight.T / temperature), as the no-grad reference pass and as the
+    forward of the differentiable log-prob head (``head._FusedLinearLogprobs``).
+
+    hidden [N, H], weight [V, H] (same dtype), targets [N]; active [N] (0 / 1) or None: rows where it is 0 (the
+    completion padding) are skipped, not computed and masked. Returns (logp [N] fp32, lse [N] fp32, entropy [N] fp32
+    with ``with_entropy`` else [0], dh [N, H] fp32 = d logp / d hidden with ``compute_dh`` else [0]); 0 on skipped
+    rows. The entropy comes from the row kernel's log-sum-exp pass (no further matmul); dh from dlogits written over
+    the chunk's logits and one more matmul per chunk (what the GRPO op does for its loss). No autograd of its own.
+    """
     check_shapes(hidden, weight, targets)
     check_targets(targets, weight.shape[0])
-    N, V = hidden.shape[0], weight.shape[0]
-    logp = hidden.new_empty(N, dtype=torch.float32)
-    lse = torch.empty_like(logp)
-    if N == 0:
-        return logp, lse
-    scratch = hidden.new_empty(min(chunk_rows, N), V, dtype=torch.float32)
+    N, H = hidden.shape
+    V = weight.shape[0]
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    logp, lse = torch.zeros(N, **f32), torch.zeros(N, **f32)
+    entropy = torch.zeros(N, **f32) if with_entropy else hidden.new_empty(0, dtype=torch.float32)
+    dh = torch.zeros(N, H, **f32) if compute_dh else hidden.new_empty(0, dtype=torch.float32)
+    rows = None if active is None else (active != 0).nonzero().squeeze(1)  # host sync: the padding is skipped
+    n = N if rows is None else rows.numel()
+    if n == 0:
+        return logp, lse, entropy, dh
+    if rows is None:  # every row: straight into the outputs
+        t_rows, lse_rows, logp_rows, entropy_rows = targets, lse, logp, (entropy if with_entropy else None)
+    else:  # the active rows: compact [n] vectors, scattered at the end
+        t_rows, lse_rows, logp_rows = targets[rows], torch.empty(n, **f32), torch.empty(n, **f32)
+        entropy_rows = torch.empty(n, **f32) if with_entropy else None
+    scratch = hidden.new_empty(min(chunk_rows, n), V, dtype=torch.float32)
     row_tiles = RowTiles.from_list(tiles)
-    for r0 in range(0, N, chunk_rows):
-        r1 = min(r0 + chunk_rows, N)
-        logits = _logits_into(scratch[: r1 - r0], hidden[r0:r1], weight)
-        outs = (lse[r0:r1], logp[r0:r1]) + (lse[r0:r1],) * 4  # GRPO outputs unused
-        _launch_rows(logits, logits, targets[r0:r1], lse, None, None, lse, outs, temperature, 0.0, 1.0, 1.0,
-                     grpo=False, tiles=row_tiles)
-    return logp, lse
+    for r0 in range(0, n, chunk_rows):
+        r1 = min(r0 + chunk_rows, n)
+        idx = slice(r0, r1) if rows is None else rows[r0:r1]
+        logits = _logits_into(scratch[: r1 - r0], hidden[idx], weight)
+        dlogits = _dlogits_view(logits, weight.dtype) if compute_dh else logits
+        sl = slice(r0, r1)
+        outs = (lse_rows[sl], logp_rows[sl]) + (lse_rows[sl],) * 4  # GRPO outputs unused
+        _launch_rows(logits, dlogits, t_rows[sl], lse_rows, None, None, lse_rows, outs, temperature, 0.0, 1.0, 1.0,
+                     grpo=False, tiles=row_tiles, write_dlogits=compute_dh,
+                     entropy=None if entropy_rows is None else entropy_rows[sl])
+        if compute_dh:  # d logp / d hidden = (onehot - softmax) / temperature @ W
+            dh[idx] = _mm_fp32(dlogits, weight) * (1.0 / dlogits_scale(dlogits.dtype))
+    if rows is not None:
+        logp[rows], lse[rows] = logp_rows, lse_rows
+        if with_entropy:
+            entropy[rows] = entropy_rows
+    return logp, lse, entropy, dh
 
 
 @fused_linear_logprobs_op.register_fake
-def _(hidden, weight, targets, temperature, chunk_rows, tiles):
+def _(hidden, weight, targets, temperature, chunk_rows, tiles, active=None, with_entropy=False, compute_dh=False):
     check_shapes(hidden, weight, targets)
-    return hidden.new_empty(hidden.shape[0], dtype=torch.float32), hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+    N, H = hidden.shape
+    entropy = hidden.new_empty(N if with_entropy else 0, dtype=torch.float32)
+    dh = hidden.new_empty((N, H) if compute_dh else (0,), dtype=torch.float32)
+    return hidden.new_empty(N, dtype=torch.float32), hidden.new_empty(N, dtype=torch.float32), entropy, dh
 
 
 @torch.library.custom_op("lowmem_vt::fused_linear_grpo_loss", mutates_args=())

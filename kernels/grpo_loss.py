@@ -123,7 +123,7 @@ def streaming_grpo_loss_op(
     """
     check_targets(targets, weight.shape[0])
     N = hidden.shape[0]
-    part_lse, target_logit, splits = lse_and_target_logits(hidden, weight, targets, temperature, Tiles.from_list(forward_tiles))
+    part_lse, target_logit, splits, _ = lse_and_target_logits(hidden, weight, targets, temperature, Tiles.from_list(forward_tiles))
     lse, logp, token_loss, dlogp, k3, clipped = (torch.zeros_like(target_logit) for _ in range(6))
     has_kl = ref_logp is not None and beta != 0.0
     if N > 0:

@@ -29,9 +29,17 @@ with that d loss / d logp. Cost, against the fused paper loss:
   dh) from the same 2 matmuls; the backward scales it by d loss / d logp (no matmul). Only a *trained* head
   (dW) pays a recompute: a second chunked pass (2 more matmuls) once d loss / d logp is known. The token-level
   variants are not fused into the row kernel (which would spare that recompute): under LoRA the head is frozen;
-* the entropy mask (``top_entropy_quantile < 1``) needs each token's entropy (``head_logprobs``' ``with_entropy``);
-  its threshold, a quantile over the micro-batch's tokens, is taken in torch and enters the terms kernel as a 0/1
-  token weight.
+* the entropy mask (``top_entropy_quantile < 1``) needs each token's entropy (at the sampling temperature, no
+  gradient): both heads compute it in the forward pass that computes the log-sum-exp (``head_logprobs(...,
+  with_entropy=True)``; an ``ENTROPY`` constexpr, so the plain passes compile without it). Streaming head: per
+  logits tile one more multiply-add and row sum in registers; each vocabulary split's entropy, max and log-sum go to
+  a [3, splits, N] fp32 buffer that the finishing kernel merges (the chain rule). Fused-linear head: one multiply-add
+  per logit in the row kernel's log-sum-exp loop, which reads the row anyway. No further matmul, kernel launch or
+  scratch (tests/test_head_entropy.py counts them; tests/test_head_scratch.py measures the memory); its time only a
+  GPU can show. The torch backend's entropy is ``chunked_entropy``, the reference. This replaced a separate
+  ``chunked_entropy`` pass over the micro-batch: one more logits matmul and 2.2 GiB at V 151,936 (W's fp32 copy and
+  fp32 [rows, V] temporaries, simulated), past the 0.25 GiB budget it was said to keep. The mask's threshold, a
+  quantile over the micro-batch's tokens, is taken in torch and enters the terms kernel as a 0/1 token weight.
 """
 
 from __future__ import annotations
@@ -197,9 +205,9 @@ def token_logprobs(
     config = _device_launch_config(weight)
     if head == "triton_streaming":
         tiles = (forward_tiles or config.forward).as_list()
-        logp, _ = streaming_logprobs_op(flat_hidden, weight, flat_targets, float(temperature), tiles, tiles)
+        logp, _, _ = streaming_logprobs_op(flat_hidden, weight, flat_targets, float(temperature), tiles, tiles)
     else:
-        logp, _ = fused_linear_logprobs_op(
+        logp, _, _, _ = fused_linear_logprobs_op(
             flat_hidden, weight, flat_targets, float(temperature),
             chunk_rows or rows_per_chunk(weight.shape[0]), (row_tiles or config.rows).as_list(),
         )
@@ -207,28 +215,28 @@ def token_logprobs(
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
-    """logp [N] of the fused-linear head, differentiable in hidden (and in weight, by a recompute pass).
+    """(logp [N], entropy [N] or [0]) of the fused-linear head, logp differentiable in hidden (and in weight, by a
+    recompute pass); the entropy is not (it selects tokens).
 
-    Runs ``fused_linear_grpo_loss_op`` as a log-prob head: one "token" per row (seq_len 1), no old / reference
-    log-probs, advantage -1 and weight 1 on the active rows, so that its per-row d loss / d logp is exactly 1 and
-    its dh is d logp / d hidden. The backward scales that by the incoming d loss / d logp; dW, which sums over rows
-    after the per-row factor, runs the op once more with advantage -grad (its d loss / d logp = grad).
+    The forward is ``fused_linear_logprobs_op`` on the active rows with dh: d logp / d hidden per row ([N, H] fp32,
+    saved) and, with ``with_entropy``, each row's entropy from the row kernel's log-sum-exp pass. The backward scales
+    dh by the incoming d loss / d logp; dW, which sums over rows after the per-row factor, runs
+    ``fused_linear_grpo_loss_op`` once more as a log-prob head: one "token" per row, advantage -grad and weight 1 on
+    the active rows, so that its per-row d loss / d logp is grad.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, active, temperature, chunk_rows, tiles):
-        n = hidden.shape[0]
-        unit = -torch.ones(n, device=hidden.device, dtype=torch.float32)
-        _loss, logp, _k3, _clipped, dh_unit, _dw = fused_linear_grpo_loss_op(
-            hidden, weight, targets, unit, None, None, active, 1, 0.0, 0.5, 2.0, temperature, chunk_rows, tiles,
-            ctx.needs_input_grad[0], False,
+    def forward(ctx, hidden, weight, targets, active, temperature, chunk_rows, tiles, with_entropy):
+        logp, _lse, entropy, dh_unit = fused_linear_logprobs_op(
+            hidden, weight, targets, temperature, chunk_rows, tiles, active, with_entropy, ctx.needs_input_grad[0],
         )
         ctx.save_for_backward(hidden, weight, targets, active, dh_unit)
         ctx.settings = (temperature, chunk_rows, tiles)
-        return logp
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp):
+    def backward(ctx, grad_logp, _grad_entropy):
         hidden, weight, targets, active, dh_unit = ctx.saved_tensors
         grad_h = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -240,7 +248,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 temperature, chunk_rows, tiles, False, True,
             )
             grad_w = dw.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def head_logprobs(
@@ -260,8 +268,9 @@ def head_logprobs(
     """Per-token log-probs differentiable in hidden and weight, by the named head, and optionally each token's entropy.
 
     hidden: [B, T, H]; weight: [V, H]; targets, mask: [B, T]. Returns (logp [B, T] float32, entropy [B, T] float32
-    or None). The fused-linear head skips rows whose mask is 0 (their logp is 0); see the module docstring for what
-    each head costs here.
+    (nats, at ``temperature``, no gradient) or None). The Triton heads compute the entropy in their forward pass
+    (no further matmul); the torch backend by ``chunked_entropy``, the reference. The fused-linear head skips rows
+    whose mask is 0 (their logp and entropy are 0); see the module docstring for what each head costs here.
     """
     B, T, H = hidden.shape
     head = _triton_head(backend)
@@ -275,15 +284,15 @@ def head_logprobs(
     flat_hidden, flat_targets = _prepare(flat_hidden, weight, flat_targets)
     config = _device_launch_config(weight)
     if head == "triton_streaming":
-        logp, _ = streaming_logprobs_op(flat_hidden, weight, flat_targets, float(temperature),
-                                        (forward_tiles or config.forward).as_list(), (backward_tiles or config.backward).as_list())
+        logp, _, entropy = streaming_logprobs_op(flat_hidden, weight, flat_targets, float(temperature),
+                                                 (forward_tiles or config.forward).as_list(),
+                                                 (backward_tiles or config.backward).as_list(), with_entropy)
     else:
         active = (mask.reshape(B * T) != 0).float().contiguous()
-        logp = _FusedLinearLogprobs.apply(flat_hidden, weight, flat_targets, active, float(temperature),
-                                          chunk_rows or rows_per_chunk(weight.shape[0]), (row_tiles or config.rows).as_list())
-    if with_entropy:
-        entropy = chunked_entropy(flat_hidden.detach(), weight.detach(), temperature, rows_per_chunk(weight.shape[0])).float().view(B, T)
-    return logp.view(B, T), entropy
+        logp, entropy = _FusedLinearLogprobs.apply(flat_hidden, weight, flat_targets, active, float(temperature),
+                                                   chunk_rows or rows_per_chunk(weight.shape[0]),
+                                                   (row_tiles or config.rows).as_list(), with_entropy)
+    return logp.view(B, T), (entropy.view(B, T) if with_entropy else None)
 
 
 def fused_grpo_loss(

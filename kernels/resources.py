@@ -68,15 +68,16 @@ def _signature(kernel: str, dtype: torch.dtype) -> tuple[object, dict[str, str],
     t = "*" + _TRITON_DTYPE[dtype]
     f32, i64 = "*fp32", "*i64"
     if kernel == "lse_partial":
-        sig = dict(h_ptr=t, w_ptr=t, targets_ptr=i64, part_lse_ptr=f32, target_logit_ptr=f32, N="i32", V="i32",
-                   H="i32", stride_hn="i32", stride_wv="i32", tiles_per_split="i32", inv_temperature="fp32")
+        sig = dict(h_ptr=t, w_ptr=t, targets_ptr=i64, part_lse_ptr=f32, target_logit_ptr=f32, part_entropy_ptr=f32,
+                   N="i32", V="i32", H="i32", stride_hn="i32", stride_wv="i32", tiles_per_split="i32", inv_temperature="fp32")
         return _lse_partial_kernel, sig, {"H", "stride_hn", "stride_wv"}
     if kernel == "logprobs_backward":
         sig = dict(h_ptr=t, w_ptr=t, targets_ptr=i64, lse_ptr=f32, grad_ptr=f32, dh_ptr=f32, dw_ptr=f32, N="i32",
                    V="i32", H="i32", stride_hn="i32", stride_wv="i32", inv_temperature="fp32", dlogits_scale="fp32")
         return _logprobs_backward_kernel, sig, {"H", "stride_hn", "stride_wv"}
     if kernel == "logprobs_finish":
-        sig = dict(part_lse_ptr=f32, target_logit_ptr=f32, lse_ptr=f32, logp_ptr=f32, N="i32", num_splits="i32")
+        sig = dict(part_lse_ptr=f32, target_logit_ptr=f32, part_entropy_ptr=f32, lse_ptr=f32, logp_ptr=f32, entropy_ptr=f32,
+                   N="i32", num_splits="i32")
         return _logprobs_finish_kernel, sig, set()
     if kernel == "grpo_finish":
         sig = {name: f32 for name in ("part_lse_ptr", "target_logit_ptr", "advantages_ptr", "old_logp_ptr", "ref_logp_ptr",
@@ -86,7 +87,7 @@ def _signature(kernel: str, dtype: torch.dtype) -> tuple[object, dict[str, str],
     if kernel == "grpo_rows":
         sig = dict(logits_ptr=f32, dlogits_ptr=t, targets_ptr=i64)
         sig.update({name: f32 for name in ("adv_ptr", "old_logp_ptr", "ref_logp_ptr", "weights_ptr", "lse_ptr", "logp_ptr",
-                                            "loss_ptr", "dlogp_ptr", "k3_ptr", "clipped_ptr")})
+                                            "loss_ptr", "dlogp_ptr", "k3_ptr", "clipped_ptr", "entropy_ptr")})
         sig.update(V="i32", stride_logits="i32", stride_dlogits="i32", inv_temperature="fp32", dlogits_scale="fp32", beta="fp32",
                    ratio_low="fp32", ratio_high="fp32")
         return _grpo_rows_kernel, sig, {"V", "stride_logits", "stride_dlogits"}
@@ -115,12 +116,11 @@ def launches(cap: int) -> list[Launch]:
     for dtype in dtypes_for(cap):
         config = launch_config(cap, dtype)
         out += streaming_launches(config.forward, config.backward, dtype)
-        for grpo, has_old, has_kl in ((False, False, False), (True, False, False), (True, True, False), (True, False, True), (True, True, True)):
-            consts = dict(GRPO=grpo, HAS_OLD=has_old, HAS_KL=has_kl, BLOCK_V=config.rows.block_v)
-            out.append(Launch("grpo_rows", dtype, tuple(consts.items()), config.rows.num_warps, _DEFAULT_STAGES))
+        out += row_launches(config.rows.block_v, config.rows.num_warps, dtype)
     # the finishing kernels see only fp32 [N] vectors: one launch shape whatever the model's dtype
     block = _FINISH_BLOCK
-    out.append(Launch("logprobs_finish", torch.float32, (("BLOCK", block),), _DEFAULT_WARPS, _DEFAULT_STAGES))
+    for entropy in (False, True):
+        out.append(Launch("logprobs_finish", torch.float32, (("BLOCK", block), ("ENTROPY", entropy)), _DEFAULT_WARPS, _DEFAULT_STAGES))
     for has_old in (False, True):
         for has_kl in (False, True):
             out.append(Launch("grpo_finish", torch.float32, (("HAS_OLD", has_old), ("HAS_KL", has_kl), ("BLOCK", block)),
@@ -144,6 +144,23 @@ def policy_terms_launches() -> list[Launch]:
                           "BIAS_KL": True, "HAS_TOKEN_WEIGHT": True, "OFF_POLICY_MASK": True, "HAS_SAMPLING": True,
                           "CORRECTION": correction, "CORRECTION_MASKS": (loss + correction) % 2 == 0}
                 out.append(Launch("policy_terms", torch.float32, tuple(consts.items()), _DEFAULT_WARPS, _DEFAULT_STAGES))
+    return out
+
+
+# the fused-linear row kernel's flag sets: (GRPO, HAS_OLD, HAS_KL, DLOGITS, ENTROPY). The reference pass; the paper
+# loss fused (dlogits with its terms); the log-prob head of the rest of the menu (dlogits alone, with or without the
+# entropy; the entropy alone when no dh is wanted)
+ROW_FLAGS = ((False, False, False, False, False), (True, False, False, True, False), (True, True, False, True, False),
+             (True, False, True, True, False), (True, True, True, True, False), (False, False, False, True, False),
+             (False, False, False, True, True), (False, False, False, False, True))
+
+
+def row_launches(block_v: int, num_warps: int, dtype: torch.dtype) -> list[Launch]:
+    """The fused-linear row kernel's launches at one row tile, every flag set ``head.py`` uses (ROW_FLAGS)."""
+    out = []
+    for grpo, has_old, has_kl, dlogits, entropy in ROW_FLAGS:
+        consts = dict(GRPO=grpo, HAS_OLD=has_old, HAS_KL=has_kl, BLOCK_V=block_v, DLOGITS=dlogits, ENTROPY=entropy)
+        out.append(Launch("grpo_rows", dtype, tuple(consts.items()), num_warps, _DEFAULT_STAGES))
     return out
 
 
@@ -196,7 +213,8 @@ def launch_ptx(launch: Launch, cap: int) -> str:
 # the source files each kernel's code comes from: its own and those of the @triton.jit helpers it calls
 _KERNEL_FILES = {"lse_partial": ("chunked_logprobs.py",), "logprobs_backward": ("chunked_logprobs.py",),
                  "logprobs_finish": ("chunked_logprobs.py",), "grpo_finish": ("grpo_loss.py", "chunked_logprobs.py"),
-                 "grpo_rows": ("fused_linear.py", "grpo_loss.py"), "policy_terms": ("policy_terms.py",)}
+                 "grpo_rows": ("fused_linear.py", "grpo_loss.py", "chunked_logprobs.py"),
+                 "policy_terms": ("policy_terms.py",)}
 
 
 def _cache_key(launch: Launch, cap: int) -> str:
@@ -267,8 +285,9 @@ def load_cache() -> dict:
 def streaming_launches(forward: Tiles, backward: Tiles, dtype: torch.dtype) -> list[Launch]:
     """The streaming kernels' launches at the given tiles (what the bench checks before timing a tile)."""
     dot = "ieee" if dtype == torch.float32 else "tf32"
-    out = [Launch("lse_partial", dtype, (("BLOCK_N", forward.block_n), ("BLOCK_V", forward.block_v),
-                                         ("BLOCK_H", forward.block_h), ("DOT_PRECISION", dot)), forward.num_warps, forward.num_stages)]
+    out = [Launch("lse_partial", dtype, (("BLOCK_N", forward.block_n), ("BLOCK_V", forward.block_v), ("BLOCK_H", forward.block_h),
+                                         ("DOT_PRECISION", dot), ("ENTROPY", entropy)), forward.num_warps, forward.num_stages)
+           for entropy in (False, True)]
     for dh, dw in ((True, False), (True, True), (False, True)):
         consts = (("BLOCK_N", backward.block_n), ("BLOCK_V", backward.block_v), ("BLOCK_H", backward.block_h),
                   ("DOT_PRECISION", dot), ("COMPUTE_DH", dh), ("COMPUTE_DW", dw))

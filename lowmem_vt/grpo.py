@@ -219,10 +219,10 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: f
     """[B, T] bool: the tokens whose entropy is at or above the (1 - top_quantile) quantile of this micro-batch's
     completion tokens (Beyond the 80/20 Rule, arXiv 2506.01939); padding is always False. entropy, mask: [B, T]."""
     with torch.no_grad():
-        active = entropy[mask.bool()].float()
-        if active.numel() == 0:
-            return torch.zeros_like(entropy, dtype=torch.bool)
-        threshold = torch.quantile(active, 1.0 - top_quantile)
+        # padding as NaN, which nanquantile leaves out: no boolean indexing (a data-dependent shape, which fake
+        # tensors, the memory simulator's, cannot run); no completion token at all gives a NaN threshold, no token
+        active = torch.where(mask.bool(), entropy.float(), float("nan"))
+        threshold = torch.nanquantile(active.flatten(), 1.0 - top_quantile)
         return ((entropy * mask) >= threshold) & mask.bool()
 
 

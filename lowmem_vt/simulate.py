@@ -97,18 +97,105 @@ class LiveBytes(TorchDispatchMode):
 
 def op_workspace_bytes(func, args) -> int:
     """Bytes a custom op allocates and frees inside itself, which its fake implementation does not: the
-    fused-linear loss head's fp32 logits scratch (``min(chunk_rows, N)`` rows of V) and, in the GRPO op,
-    one chunk's ``dlogits @ W`` product and its fp32 copy."""
+    fused-linear loss head's fp32 logits scratch (``min(chunk_rows, N)`` rows of V) and, where the op forms dh (the
+    GRPO op; the log-prob op with ``compute_dh``), one chunk's gathered hidden rows and ``dlogits @ W`` in fp32; the
+    streaming backward's fp32 accumulators of dh [N, H] (and dW [V, H]), which it returns cast to the inputs' dtype."""
+    return sum(_op_workspace_parts(func, args))
+
+
+def _op_workspace_parts(func, args) -> tuple[int, int]:
+    """``op_workspace_bytes`` as (its vocabulary-sized part: the [rows, V] logits scratch or dW's [V, H]; the rest)."""
     name = getattr(func, "name", lambda: "")()
+    if name == "lowmem_vt::streaming_logprobs_backward":
+        hidden, weight, compute_dh, compute_dw = args[0], args[1], args[7], args[8]
+        return (weight.numel() * 4 if compute_dw else 0), (hidden.numel() * 4 if compute_dh else 0)
     if name not in ("lowmem_vt::fused_linear_logprobs", "lowmem_vt::fused_linear_grpo_loss"):
-        return 0
+        return 0, 0
     hidden, weight = args[0], args[1]
-    chunk_rows = args[4] if name == "lowmem_vt::fused_linear_logprobs" else args[12]
+    logprobs_op = name == "lowmem_vt::fused_linear_logprobs"
+    chunk_rows = args[4] if logprobs_op else args[12]
     rows = min(chunk_rows, hidden.shape[0])
     scratch = rows * weight.shape[0] * 4
-    if name == "lowmem_vt::fused_linear_logprobs":
-        return scratch
-    return scratch + rows * hidden.shape[1] * (hidden.element_size() + 4)
+    if logprobs_op and not (len(args) > 8 and args[8]):  # compute_dh
+        return scratch, 0
+    return scratch, rows * hidden.shape[1] * (hidden.element_size() + 4)
+
+
+class _HeadBytes(LiveBytes):
+    """LiveBytes that also keeps the peak of the vocabulary-sized part: storages of tensors with a dimension of
+    ``vocab`` and the fused-linear head's logits scratch."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.vocab_current = 0
+        self.vocab_peak = 0
+
+    def _free_vocab(self, nbytes: int, _ref) -> None:
+        self.vocab_current -= nbytes
+
+    def track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        fresh = st not in self._seen and st not in self._host
+        super().track(t)
+        if fresh and self.vocab in t.shape:
+            nbytes = math.ceil(st.nbytes() / BLOCK) * BLOCK
+            weakref.finalize(st, self._free_vocab, nbytes, None)
+            self.vocab_current += nbytes
+            self.vocab_peak = max(self.vocab_peak, self.vocab_current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        scratch, _ = _op_workspace_parts(func, args)
+        self.vocab_peak = max(self.vocab_peak, self.vocab_current + math.ceil(scratch / BLOCK) * BLOCK)
+        return out
+
+
+# the loss head's paths, as ``kernels/head.py`` dispatches them
+HEAD_PATHS = ("paper loss, fused", "log-prob head (rest of the menu)", "log-prob head + entropy", "reference pass")
+
+
+@dataclass(frozen=True)
+class HeadMemory:
+    held: int  # peak bytes above the inputs (hidden, weight, targets, ...), forward and backward
+    vocab: int  # peak of its vocabulary-sized part: the [rows, V] logits scratch and any tensor with a V dimension
+
+
+def head_memory(path: str, backend: str, vocab: int, hidden_size: int, B: int = 8, T: int = 1024,
+                dtype: torch.dtype = torch.bfloat16) -> HeadMemory:
+    """Simulated memory of one loss-head path (``HEAD_PATHS``) of ``backend`` on a [B, T] micro-batch, on fake tensors
+    (no Triton launch; the custom ops' workspace by ``op_workspace_bytes``): the LM head frozen, as under LoRA, every
+    token active. "paper loss, fused": grpo with beta 0.04; "log-prob head": the sequence-level ratio (GSPO), whose
+    loss runs on the [B, T] log-probs; "+ entropy": the entropy mask (``top_entropy_quantile`` 0.2), each token's
+    entropy from the head; "reference pass": ``token_logprobs``, no gradient."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .grpo import LossCounts, LossVariant
+    from .kernels.head import fused_grpo_loss, token_logprobs
+
+    if path not in HEAD_PATHS:
+        raise ValueError(f"unknown head path {path!r}; expected one of {HEAD_PATHS}")
+    N = B * T
+    variant = {"log-prob head (rest of the menu)": LossVariant(importance_sampling_level="sequence"),
+               "log-prob head + entropy": LossVariant(top_entropy_quantile=0.2)}.get(path, LossVariant())
+    loss_args = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="grpo",
+                     counts=LossCounts(num_sequences=B, num_tokens=float(N), max_completion_length=T))
+    with FakeTensorMode():
+        hidden = torch.empty(B, T, hidden_size, dtype=dtype, requires_grad=path != "reference pass")
+        weight = torch.empty(vocab, hidden_size, dtype=dtype)
+        targets = torch.zeros(B, T, dtype=torch.long)
+        mask, old, ref, advantages = torch.ones(B, T), torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B)
+        tracker = _HeadBytes(vocab)
+        for t in (hidden, weight, targets, mask, old, ref, advantages):
+            tracker.exclude(t)  # the inputs: views of them (hidden.view(N, H)) are not new memory
+        with tracker:
+            if path == "reference pass":
+                token_logprobs(hidden, weight, targets, backend=backend)
+            else:
+                loss, _, _ = fused_grpo_loss(hidden, weight, targets, mask, advantages, old, ref, backend=backend,
+                                             variant=variant, **loss_args)
+                loss.backward()
+    return HeadMemory(tracker.peak, tracker.vocab_peak)
 
 
 @dataclass

@@ -86,3 +86,25 @@ def test_clipped_ratio_stops_gradient_beyond_epsilon():
     assert logp.grad[0, 0] == 0.0  # clipped: positive advantage, ratio above 1 + epsilon
     assert logp.grad[0, 1] != 0.0
     assert stats["clipped_tokens"] == 1.0
+
+
+def test_high_entropy_mask_is_the_quantile_of_the_completion_tokens_and_runs_on_fake_tensors():
+    """The tokens at or above the (1 - q) quantile of the active tokens' entropies (torch.quantile over them, as TRL's
+    get_high_entropy_mask; tests/test_trl_oracle.py compares with TRL itself), none without an active token; and it runs
+    under FakeTensorMode, where the memory simulator runs the loss (no data-dependent shape)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lowmem_vt.grpo import high_entropy_mask
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        entropy = torch.rand(3, 7, generator=g)
+        mask = (torch.rand(3, 7, generator=g) > 0.4).float()
+        q = float(torch.rand(1, generator=g))
+        active = entropy[mask.bool()]
+        expected = ((entropy * mask) >= torch.quantile(active, 1 - q)) & mask.bool() if active.numel() else mask.bool()
+        assert torch.equal(high_entropy_mask(entropy, mask, q), expected)
+    assert not high_entropy_mask(torch.rand(2, 4), torch.zeros(2, 4), 0.2).any()
+    with FakeTensorMode():
+        out = high_entropy_mask(torch.empty(8, 1024), torch.ones(8, 1024), 0.2)
+    assert out.shape == (8, 1024) and out.dtype == torch.bool
