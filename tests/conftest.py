@@ -58,17 +58,10 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_dir):
     """The tiny model with a LoRA adapter whose B is non-zero, so policy != reference."""
-    from lowmem_vt.config import LoraConfig, ModelConfig
-    from lowmem_vt.model import load_model
+    from helpers.tiny_models import lora_model
+    from lowmem_vt.config import LoraConfig
 
-    torch.manual_seed(0)
-    lm = load_model(ModelConfig(name_or_path=str(tiny_dir), dtype="float32"), LoraConfig(r=4, alpha=8),
-                    torch.device("cpu"), min_pixels=3136, max_pixels=112 * 112)
-    with torch.no_grad():
-        for name, p in lm.peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    return lm
+    return lora_model(tiny_dir, LoraConfig(r=4, alpha=8), max_pixels=112 * 112)
 
 
 def tiny_recipe(tiny_dir, out_dir, **over):
@@ -91,3 +84,52 @@ def recipe_factory(tiny_dir, tmp_path):
 
 
 logging.getLogger("lowmem_vt").setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------- the tiny models of each family
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread while a test runs (a whole module's: ``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    the tiny models' matmuls gain nothing from threads, and lose a lot when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dir(tmp_path_factory):
+    """``tiny_family_dir(name)``: the folder of family ``name``'s tiny random model, built once per session by
+    ``lowmem-vt build-tiny --family name``. Shared: no test writes into it."""
+    from lowmem_vt.cli import main
+
+    built = {}
+
+    def build(name: str):
+        if name not in built:
+            out = tmp_path_factory.mktemp(name) / "tiny"
+            assert main(["build-tiny", str(out), "--family", name]) == 0
+            built[name] = out
+        return built[name]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny35_dir(tiny_family_dir):
+    """The tiny Qwen3.5: a Gated DeltaNet layer, then a gated full-attention layer."""
+    return tiny_family_dir("qwen3_5")
+
+
+@pytest.fixture(scope="session")
+def tiny35_lm(tiny35_dir):
+    """The tiny Qwen3.5 with LoRA (r 4) on every linear of both layer kinds, B non-zero (policy != reference), in eval
+    mode, images up to 128 x 128 px. Shared by several modules: tests read it and never change its weights."""
+    from helpers.tiny_models import QWEN35_TARGETS, lora_model
+    from lowmem_vt.config import LoraConfig
+
+    lm = lora_model(tiny35_dir, LoraConfig(r=4, alpha=8, target_modules=QWEN35_TARGETS), max_pixels=128 * 128)
+    lm.peft_model.eval()
+    return lm

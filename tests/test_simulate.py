@@ -80,19 +80,17 @@ def test_planner_matches_the_simulation_on_the_tiny_model(tiny_dir, micro, compl
 
 
 @pytest.mark.parametrize("backend", ["hf", "engine"])
-def test_planner_matches_the_simulation_on_the_tiny_qwen35(tmp_path_factory, backend):
+def test_planner_matches_the_simulation_on_the_tiny_qwen35(tiny35_dir, backend):
     """A hybrid model (a Gated DeltaNet layer and a gated full-attention layer, LoRA on both kinds): the planner's
     linear-attention terms (activations, states instead of K/V in the rollout, the engine's states) within 5 %
     of the simulation, whose linear-attention layers run transformers' torch chunked delta rule. On transformers
     5.17 (the GPU machine's) the layer holds q / k repeated to the value heads while the rule runs (5.18+ repeats
     them inside the rule): the reference pass and hf's prefill hold 1.3 MiB more there (5.3 % of the reference
     pass), which the planner counts where the installed transformers does so."""
-    from lowmem_vt.families import family_named
-    from lowmem_vt.tiny import build_tiny_model
+    from helpers.tiny_models import QWEN35_TARGETS
 
-    tiny = build_tiny_model(tmp_path_factory.mktemp("qwen3_5") / "tiny", family=family_named("qwen3_5"))
-    targets = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,in_proj_qkv,in_proj_z,in_proj_a,in_proj_b,out_proj]"
-    sim = _check("recipes/demo_tiny.yaml", [f"model.name_or_path={tiny}", "train.micro_batch_size=8",
+    targets = f"[{','.join(QWEN35_TARGETS)}]"
+    sim = _check("recipes/demo_tiny.yaml", [f"model.name_or_path={tiny35_dir}", "train.micro_batch_size=8",
                                             "grpo.max_completion_length=256", f"lora.target_modules={targets}",
                                             f"rollout.backend={backend}"])
     assert sim["peaks"]["policy update"] > 2 * sim["resident"]
