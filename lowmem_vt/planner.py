@@ -204,11 +204,10 @@ def rollout_bytes(cfg: RecipeConfig, shape: ModelShape, prompt_len: int, complet
                                  prompt_len, completion_len) for name in ("engine", "hf"))
     b = DTYPE_BYTES[cfg.model.dtype]
     G = cfg.grpo.num_generations
-    prefill_one = prompt_len * layer_bytes_per_token(shape, cfg, backward=False)
+    # the engine's prefill repeats q / k to the value heads itself, on every transformers, before the model's rule
+    prefill_shape = shape if cfg.rollout.backend == "hf" else replace(shape, linear_repeated_qk_width=shape.linear_width)
+    prefill_one = prompt_len * layer_bytes_per_token(prefill_shape, cfg, backward=False)
     if cfg.rollout.backend != "hf":
-        # the engine's prefill repeats q / k to the value heads itself, on every transformers, before the model's rule
-        engine_shape = replace(shape, linear_repeated_qk_width=shape.linear_width)
-        prefill_one = prompt_len * layer_bytes_per_token(engine_shape, cfg, backward=False)
         e = engine_allocation_bytes(shape.text_config, cfg.model.dtype, cfg.train.prompts_per_step, prompt_len, G,
                                     completion_len, lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules,
                                     top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, qkv_bias=shape.qkv_bias,

@@ -26,6 +26,7 @@ given the 2-D mask; ``inputs.completion_hidden`` gives it).
 from __future__ import annotations
 
 import functools
+import importlib
 from types import SimpleNamespace
 
 import torch
@@ -130,8 +131,6 @@ class Qwen35(QwenVLFamily):
         return list(text_config.layer_types)
 
     def mixer_holds_repeated_qk(self) -> bool:
-        import importlib
-
         return not _delta_rule_takes_grouped_heads(importlib.import_module(self.model_class().__module__))
 
     def engine_layer(self, layer) -> SimpleNamespace:
