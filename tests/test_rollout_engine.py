@@ -28,7 +28,7 @@ from lowmem_vt.families.qwen2_vl import qwen2_vl_2b_config
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from graph_emulation import EmulatedGraphs  # noqa: E402
 from nf4 import nf4_on_cpu  # noqa: E402
-from helpers.rope_cache import check_rope_into_cache  # noqa: E402
+from helpers.engine_checks import check_rope_into_cache, rollout_storages  # noqa: E402
 from helpers.tiny_models import prompt_embeddings, sat_prompts, with_eos  # noqa: E402
 
 
@@ -320,14 +320,10 @@ def test_cache_holds_each_prompt_once_and_attention_reads_the_filled_part(lm, pr
 def test_allocation_function_equals_what_the_engine_allocates(lm, prompts):
     """engine_allocation_bytes (what the planner calls) against the storages of the state and the adapter
     copies the engine allocates for a rollout, on the tiny model (fp32, LoRA r 4 on every linear)."""
-    engine = EngineRollout(lm)
-    params = SamplingParams(num_generations=3, max_new_tokens=40)
-    lengths = [p.length for p in prompts]
-    s = engine.new_state(lengths, [p.next_position for p in prompts], params)
-    weights = engine.decode_weights()
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in s.tensors() + weights.tensors()}
-    predicted = engine_allocation_bytes(lm.config.text_config, torch.float32, len(prompts), max(lengths), 3, 40,
-                                        lora_r=4, lora_targets=_targets(lm))
+    s, storages = rollout_storages(lm, prompts, num_generations=3, max_new_tokens=40)
+    longest = max(p.length for p in prompts)
+    predicted = engine_allocation_bytes(lm.config.text_config, torch.float32, len(prompts), longest, 3, 40, lora_r=4,
+                                        lora_targets=_targets(lm))
     assert sum(storages.values()) == predicted.allocated
     assert s.kv.untyped_storage().nbytes() == predicted.kv_cache
 

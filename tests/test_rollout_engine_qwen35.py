@@ -20,7 +20,7 @@ from lowmem_vt.rollout.fused import rms_norm_reference
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from graph_emulation import EmulatedGraphs  # noqa: E402
-from helpers.rope_cache import check_rope_into_cache  # noqa: E402
+from helpers.engine_checks import check_rope_into_cache, rollout_storages  # noqa: E402
 from helpers.tiny_models import QWEN35_TARGETS as TARGETS, prompt_embeddings, sat_prompts, with_eos  # noqa: E402
 
 MAX_PIXELS = 128 * 128  # tiny35_lm's (conftest)
@@ -145,14 +145,10 @@ def test_allocation_function_equals_what_the_engine_allocates(lm, prompts):
     """engine_allocation_bytes with the family's shapes (q_proj twice as wide, the linear-attention projections)
     against the storages the engine allocates: the full-attention layer's KV, the linear layer's states per row,
     the adapter's decode copies of both kinds."""
-    engine = EngineRollout(lm)
-    params = SamplingParams(num_generations=3, max_new_tokens=40)
-    lengths = [p.length for p in prompts]
-    s = engine.new_state(lengths, [p.next_position for p in prompts], params)
-    weights = engine.decode_weights()
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in s.tensors() + weights.tensors()}
+    s, storages = rollout_storages(lm, prompts, num_generations=3, max_new_tokens=40)
     text = lm.config.text_config
-    predicted = engine_allocation_bytes(text, torch.float32, len(prompts), max(lengths), 3, 40, lora_r=4,
+    longest = max(p.length for p in prompts)
+    predicted = engine_allocation_bytes(text, torch.float32, len(prompts), longest, 3, 40, lora_r=4,
                                         lora_targets=TARGETS, qkv_bias=False,
                                         shapes=family_named("qwen3_5").decoder_linear_shapes(text))
     assert sum(storages.values()) == predicted.allocated

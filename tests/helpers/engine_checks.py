@@ -1,10 +1,12 @@
-"""The engine's rope-into-cache reference (``rollout.fused.rope_into_cache_reference``) against the model's own
-rotary embedding and ``apply_rotary_pos_emb``, for any family's decoder."""
+"""Checks of the rollout engine that every family's engine tests run: its rope-into-cache reference against the
+model's own rotary embedding, and the storages a rollout allocates (what ``engine_memory`` predicts)."""
 
 from __future__ import annotations
 
 import torch
 
+from lowmem_vt.rollout import SamplingParams
+from lowmem_vt.rollout.engine import EngineRollout
 from lowmem_vt.rollout.fused import rope_into_cache_reference
 
 
@@ -32,3 +34,13 @@ def check_rope_into_cache(text, apply_rotary_pos_emb, P: int, W: int, d: int, sa
             assert torch.equal(kv[0, p, :, start + sample[r]], k_hf[r, :, 0])
             assert torch.equal(kv[1, p, :, start + sample[r]], v.view(P * W, kvh, d)[r])
     return cos
+
+
+def rollout_storages(lm, prompts: list, num_generations: int, max_new_tokens: int):
+    """The engine's decode state for ``prompts`` and its adapter's decode copies, as a rollout allocates them: (the
+    state, {storage address: bytes} over both, each storage once)."""
+    engine = EngineRollout(lm)
+    params = SamplingParams(num_generations=num_generations, max_new_tokens=max_new_tokens)
+    state = engine.new_state([p.length for p in prompts], [p.next_position for p in prompts], params)
+    held = state.tensors() + engine.decode_weights().tensors()
+    return state, {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
