@@ -228,34 +228,24 @@ def install_fault(kind: str) -> None:
         module.fused_grpo_loss = faulty(module.fused_grpo_loss, kind)
 
 
-def floor_runs(x: dict, args: argparse.Namespace) -> tuple[dict, dict]:
-    """The float64 head on the recipe case and the torch head's run there (the noise floor)."""
-    from lowmem_vt.selfcheck import head
-
-    settings = settings_for(args)
-    exact = head.exact(x, settings)
-    ref = head._run_once("torch", x, settings, x["hidden"].device)
-    return exact, ref
-
-
-def disagreement(r: dict, exact: dict, ref: dict, mask) -> tuple[dict, list[str]]:
-    """One row's errors against the float64 head and the problems beyond the bound (``head.judge_run``)."""
+def disagreement(r: dict, x: dict, args: argparse.Namespace, torch_runs: dict) -> tuple[dict, list[str]]:
+    """One row's errors against the float64 head and the problems beyond the bound: the self-check's own rule on its
+    recipe case (``head.judge_cases``; the float64 and torch runs there taken from ``torch_runs``, or added to it)."""
     from lowmem_vt.selfcheck import head
 
     run = {"loss": r["loss"], "dh": r["grad"], "logp": r.get("logp")}
-    H, V = ref["dh"].shape[-1], exact["dw"].shape[0] if exact.get("dw") is not None else 0
-    floor_min = head.minimums(H, V or 1, int(mask.numel()))
-    verdicts = head.judge_run(run, ref, exact, mask != 0, floor_min)
-    return {v.quantity: v.error for v in verdicts}, [v.describe() for v in verdicts if not v.ok]
+    figures, problems, _ = head.judge_cases(x, settings_for(args), "row", run, x["hidden"].device, torch_runs, only=("recipe",))
+    return {q: v["error"] for q, v in figures.get("recipe", {}).items()}, [p.removeprefix("recipe: ") for p in problems]
 
 
-def cases_table(x: dict, args: argparse.Namespace, names: list[str]) -> tuple[list[dict], list[str]]:
-    """Each of our heads at its default launch on every case of the self-check: rows and failures."""
+def cases_table(x: dict, args: argparse.Namespace, names: list[str], torch_runs: dict) -> tuple[list[dict], list[str]]:
+    """Each of our heads at its default launch on every case of the self-check: rows and failures (the float64 and
+    torch runs of each case added to ``torch_runs``)."""
     from lowmem_vt.selfcheck import head
 
     settings = settings_for(args)
     device = x["hidden"].device
-    rows, failures, torch_runs = [], [], None
+    rows, failures = [], []
     for name in names:
         try:
             first = head._run_once(name, x, settings, device)
@@ -370,10 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         install_fault(fault)
     from lowmem_vt.selfcheck.compare import MULTIPLE
 
-    exact, floor = floor_runs(x, args)
     report.header["bound"] = f"{MULTIPLE:g} x the torch head's own error against float64"
     failures = []
-    case_rows, case_failures = cases_table(x, args, [m for m in OURS if m not in args.skip])
+    torch_runs: dict = {}  # the float64 head's and the torch head's runs by case, shared by the table and the rows
+    case_rows, case_failures = cases_table(x, args, [m for m in OURS if m not in args.skip], torch_runs)
     report.header["cases"] = case_rows
     failures += case_failures
     if args.skip_timing:  # one row per method, one untimed run each
@@ -408,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{key} ({launch}): {note}")
             report.add(method=key, launch=launch, note=note)
             continue
-        err, over = disagreement(r, exact, floor, x["mask"])
+        err, over = disagreement(r, x, args, torch_runs)
         agreement = ", ".join(f"{k} {v:.1e}" for k, v in err.items())
         note = ""
         if key == "torch":

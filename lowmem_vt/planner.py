@@ -12,7 +12,7 @@ is listed in ``simulate.UNMODELLED``; ``bench/RESULTS.md`` keeps simulated and G
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import UserError
 from .config import RecipeConfig
@@ -56,6 +56,10 @@ class ModelShape:
     linear_layers: int
     linear_width: int  # a linear-attention layer's value heads x key dim (its delta rule's width), 0 without them
     linear_heads: int  # its value heads
+    # q / k repeated to the value heads (value heads x key dim each) that the installed transformers' linear-attention
+    # layer holds while its delta rule runs: 5.17's layer repeats them before the call; 0 when the rule repeats them
+    # itself (5.18+) or every value head has its own key head
+    linear_repeated_qk_width: int
     text_config: object  # the model's text config (the engine's memory arithmetic reads it)
     linear_shapes: dict  # (in, out) of each decoder linear, the family's (Qwen3.5's q_proj carries its output gate)
 
@@ -91,6 +95,8 @@ def model_shape(config, lora_r: int, target_modules: list[str]) -> ModelShape:
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     vision_sizes = family.vision_shape(v)
     linear_layers = sum(map(is_linear_attention, family.layer_types(t)))
+    grouped = linear_layers and t.linear_num_value_heads > t.linear_num_key_heads
+    repeated_qk = t.linear_num_value_heads * t.linear_key_head_dim if grouped and family.mixer_holds_repeated_qk() else 0
     return ModelShape(
         vocab=t.vocab_size, hidden=t.hidden_size, intermediate=t.intermediate_size, layers=t.num_hidden_layers,
         heads=t.num_attention_heads, kv_heads=t.num_key_value_heads, head_dim=head_dim,
@@ -99,7 +105,7 @@ def model_shape(config, lora_r: int, target_modules: list[str]) -> ModelShape:
         vision_embed=vision_sizes["embed"], vision_mlp=vision_sizes["mlp"], feature_levels=family.feature_levels(config),
         qkv_bias=family.qkv_bias(t), attention_layers=t.num_hidden_layers - linear_layers, linear_layers=linear_layers,
         linear_width=t.linear_num_value_heads * t.linear_key_head_dim if linear_layers else 0,
-        linear_heads=t.linear_num_value_heads if linear_layers else 0, text_config=t,
+        linear_heads=t.linear_num_value_heads if linear_layers else 0, linear_repeated_qk_width=repeated_qk, text_config=t,
         linear_shapes=family.decoder_linear_shapes(t),
     )
 
@@ -198,7 +204,9 @@ def rollout_bytes(cfg: RecipeConfig, shape: ModelShape, prompt_len: int, complet
                                  prompt_len, completion_len) for name in ("engine", "hf"))
     b = DTYPE_BYTES[cfg.model.dtype]
     G = cfg.grpo.num_generations
-    prefill_one = prompt_len * layer_bytes_per_token(shape, cfg, backward=False)
+    # the engine's prefill repeats q / k to the value heads itself, on every transformers, before the model's rule
+    prefill_shape = shape if cfg.rollout.backend == "hf" else replace(shape, linear_repeated_qk_width=shape.linear_width)
+    prefill_one = prompt_len * layer_bytes_per_token(prefill_shape, cfg, backward=False)
     if cfg.rollout.backend != "hf":
         e = engine_allocation_bytes(shape.text_config, cfg.model.dtype, cfg.train.prompts_per_step, prompt_len, G,
                                     completion_len, lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules,
@@ -223,7 +231,10 @@ def layer_bytes_per_token(s: ModelShape, cfg: RecipeConfig, backward: bool) -> f
     attention = (ci * s.intermediate + ch * s.hidden + cr * cfg.lora.r) * b + fp32_norms
     if not s.linear_layers:
         return attention
-    linear = linear_mixer_bytes_per_token(s, backward) + (ch * s.hidden + cr * cfg.lora.r) * b + fp32_norms
+    # the layer's repeated q / k, held beside the rule's float32 work; in a recomputed backward they are gone before
+    # the gradients' peak
+    repeated_qk = 0 if backward else 2 * s.linear_repeated_qk_width * b
+    linear = linear_mixer_bytes_per_token(s, backward) + repeated_qk + (ch * s.hidden + cr * cfg.lora.r) * b + fp32_norms
     return max(attention, linear) if s.attention_layers else linear
 
 

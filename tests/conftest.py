@@ -54,16 +54,20 @@ def no_model_load(monkeypatch):
 
 def built_once(tmp_path_factory, name: str, build) -> Path:
     """``build(folder)`` run once per test session, its folder shared by every xdist worker (``make test`` runs the
-    suite in workers; each has its own temporary root, whose parent is the session's). The builders of
-    lowmem_vt.tiny reuse a complete folder, so the first worker builds under the lock and the others reuse it."""
+    suite in workers; each has its own temporary root, whose parent is the session's): the first worker builds under
+    the lock, the others wait for it and reuse the folder."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent
     folder = root / "built-once" / name
     folder.parent.mkdir(parents=True, exist_ok=True)
+    done = folder.parent / f"{name}.done"
     with open(folder.parent / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return build(folder)
+        if not done.exists():
+            assert Path(build(folder)) == folder
+            done.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -76,17 +80,10 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_dir):
     """The tiny model with a LoRA adapter whose B is non-zero, so policy != reference."""
-    from lowmem_vt.config import LoraConfig, ModelConfig
-    from lowmem_vt.model import load_model
+    from helpers.tiny_models import lora_model
+    from lowmem_vt.config import LoraConfig
 
-    torch.manual_seed(0)
-    lm = load_model(ModelConfig(name_or_path=str(tiny_dir), dtype="float32"), LoraConfig(r=4, alpha=8),
-                    torch.device("cpu"), min_pixels=3136, max_pixels=112 * 112)
-    with torch.no_grad():
-        for name, p in lm.peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    return lm
+    return lora_model(tiny_dir, LoraConfig(r=4, alpha=8), max_pixels=112 * 112)
 
 
 def tiny_recipe(tiny_dir, out_dir, **over):
@@ -109,3 +106,50 @@ def recipe_factory(tiny_dir, tmp_path):
 
 
 logging.getLogger("lowmem_vt").setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------- the tiny models of each family
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread while a test runs (a whole module's: ``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    the tiny models' matmuls gain nothing from threads, and lose a lot when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dir(tmp_path_factory):
+    """``tiny_family_dir(name)``: the folder of family ``name``'s tiny random model, built once per session by
+    ``lowmem-vt build-tiny --family name`` (``built_once``: shared by the xdist workers). No test writes into it."""
+    from lowmem_vt.cli import main
+
+    def build(name: str):
+        def build_tiny(folder):
+            assert main(["build-tiny", str(folder), "--family", name]) == 0
+            return folder
+
+        return built_once(tmp_path_factory, f"tiny-{name}", build_tiny)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny35_dir(tiny_family_dir):
+    """The tiny Qwen3.5: a Gated DeltaNet layer, then a gated full-attention layer."""
+    return tiny_family_dir("qwen3_5")
+
+
+@pytest.fixture(scope="session")
+def tiny35_lm(tiny35_dir):
+    """The tiny Qwen3.5 with LoRA (r 4) on every linear of both layer kinds, B non-zero (policy != reference), in eval
+    mode, images up to 128 x 128 px. Shared by several modules: tests read it and never change its weights."""
+    from helpers.tiny_models import QWEN35_TARGETS, lora_model
+    from lowmem_vt.config import LoraConfig
+
+    lm = lora_model(tiny35_dir, LoraConfig(r=4, alpha=8, target_modules=QWEN35_TARGETS), max_pixels=128 * 128)
+    lm.peft_model.eval()
+    return lm

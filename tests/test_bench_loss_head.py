@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,30 @@ def test_clean_heads_pass_the_bench_in_fp16(tmp_path):
     run, result = _run(tmp_path, "--dtype", "float16", "--skip-timing")
     assert run.returncode == 0, run.stdout[-3000:]
     assert not result["failures"] and min(c["worst"] for c in result["cases"]) > 1.2
+
+
+def test_a_row_is_judged_with_the_real_vocabulary(monkeypatch):
+    """Each row is judged by the self-check's rule on its recipe case: a quantity's bound is 3 x the larger of the torch
+    head's error and float32's floor for the terms it sums, the vocabulary's for dh (V = 300 here). A row whose dh is
+    off by 5e-6 sits inside that floor (3 x 4.1e-6) and passes; judged with the floor of V = 1 (the rows' V was read
+    from a dW the recipe case does not form) it failed. A dh 1e-3 off fails."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    import loss_head
+
+    from lowmem_vt.selfcheck import head
+    from lowmem_vt.selfcheck.compare import MULTIPLE, fp32_minimum, rel_err
+
+    args = loss_head.parse_args(["--out", "unused", "--smoke", "--dtype", "float32"])
+    x = loss_head.make_inputs(args, torch.device("cpu"), torch.float32)
+    settings = loss_head.settings_for(args)
+    exact, ref = head.exact(x, settings), head._run_once("torch", x, settings, torch.device("cpu"))
+    assert MULTIPLE * max(rel_err(ref["dh"], exact["dh"]), fp32_minimum(1)) < 5e-6 < MULTIPLE * fp32_minimum(args.vocab)
+    direction = torch.randn(exact["dh"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for off, passes in ((5e-6, True), (1e-3, False)):
+        dh = exact["dh"] + direction * (off * exact["dh"].norm() / direction.norm())
+        row = {"loss": exact["loss"].float(), "grad": dh.float(), "logp": exact["logp"].float()}
+        errors, over = loss_head.disagreement(row, x, args, {"recipe": (exact, ref)})
+        assert set(errors) == {"loss", "logp", "dh"} and errors["dh"] == pytest.approx(off, rel=0.05)
+        assert (not over) == passes, (off, over)

@@ -10,65 +10,45 @@ import json
 import pytest
 import torch
 
-from lowmem_vt.config import LoraConfig, ModelConfig, load_config
+from lowmem_vt.config import LoraConfig, load_config
 from lowmem_vt.data import examples_from_records, generate_sat_records
 from lowmem_vt.families import family_named
 from lowmem_vt.inputs import InputBuilder, build_sequences
-from lowmem_vt.model import image_embeddings, load_model, sequence_hidden
+from lowmem_vt.model import image_embeddings, sequence_hidden
 from lowmem_vt.rollout import SamplingParams, make_rollout
-from conftest import built_once
+from helpers.tiny_models import lora_model, prompt_embeddings, sat_prompts
 from test_inputs import hf_single_logprobs  # the model's own unpadded forward, pixels in
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 MAX_PIXELS = 128 * 128  # 8x8 patches of 16 px (Qwen3-VL) or 9x9 of 14 px (Qwen2.5-VL): several windows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny models' matmuls gain nothing from threads
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def family_dir(request, tmp_path_factory):
-    from lowmem_vt.tiny import build_tiny_model
-
-    family = family_named(request.param)
-    return family, built_once(tmp_path_factory, f"tiny-{request.param}", lambda folder: build_tiny_model(folder, family=family))
+def family_dir(request, tiny_family_dir):
+    """(family, the folder of its tiny model: conftest's, built once per session)."""
+    return family_named(request.param), tiny_family_dir(request.param)
 
 
 @pytest.fixture(scope="module")
 def lm(family_dir):
     """The tiny model with a LoRA adapter whose B is non-zero (policy != reference), in eval mode."""
-    _, path = family_dir
-    torch.manual_seed(0)
-    lm = load_model(ModelConfig(name_or_path=str(path), dtype="float32"), LoraConfig(r=4, alpha=8), torch.device("cpu"),
-                    min_pixels=3136, max_pixels=MAX_PIXELS)
-    with torch.no_grad():
-        for name, p in lm.peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
+    lm = lora_model(family_dir[1], LoraConfig(r=4, alpha=8), MAX_PIXELS)
     lm.peft_model.eval()
     return lm
 
 
 @pytest.fixture(scope="module")
 def prompts(lm):
-    builder = InputBuilder(lm.tokenizer, lm.image_processor, lm.config, max_prompt_length=1024, min_pixels=3136,
-                           max_pixels=MAX_PIXELS)
     # different image sizes (-> different numbers of image tokens) and different question lengths
-    recs = generate_sat_records(2, size=112, seed=0) + generate_sat_records(1, size=56, seed=1, tasks=["count"])
-    examples, _ = examples_from_records(recs, max_samples=3, shuffle_options=True, max_pixels=MAX_PIXELS, seed=0)
-    out = [builder.encode(e.image, e.question) for e in examples]
-    assert len({p.length for p in out}) == 3 and len({p.num_image_tokens for p in out}) == 2
-    return out
+    return sat_prompts(lm, MAX_PIXELS)
 
 
 @pytest.fixture(scope="module")
 def embeds(lm, prompts):
-    return image_embeddings(lm, [p.pixel_values for p in prompts], [p.image_grid_thw for p in prompts])
+    return prompt_embeddings(lm, prompts)
 
 
 def test_positions_and_image_tokens_equal_the_models(lm, prompts):

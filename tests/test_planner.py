@@ -1,5 +1,8 @@
 """The memory planner's arithmetic on known configurations, checked against hand-computed values."""
 
+import dataclasses
+import importlib
+
 import pytest
 
 from lowmem_vt.config import load_config
@@ -147,3 +150,45 @@ def test_qwen35_recipes_fit_14_gib_in_the_plan():
         cfg = load_config(f"recipes/{recipe}.yaml")
         assert (cfg.grpo.num_generations, cfg.grpo.max_completion_length, cfg.train.prompts_per_step) == (8, 700, 8)
         assert plan(cfg, config_for(cfg)).peak <= 14.0, recipe
+
+
+def test_qwen35_repeated_qk_follow_the_installed_layer(monkeypatch, cfg35):
+    """The planner counts q / k repeated to the value heads where the installed transformers' Gated DeltaNet layer
+    repeats them before its chunked delta rule (5.17) and holds them while it runs; the oracle is that layer's own
+    forward (2 key heads serving 4 value heads), its rule replaced by one that records what it is handed."""
+    import torch
+    from transformers import Qwen3_5TextConfig
+
+    from lowmem_vt.families import family_named
+
+    text = Qwen3_5TextConfig(hidden_size=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                             linear_value_head_dim=8, linear_conv_kernel_dim=4, num_hidden_layers=1,
+                             layer_types=["linear_attention"])
+    modeling = importlib.import_module(family_named("qwen3_5").model_class().__module__)
+    layer = modeling.Qwen3_5GatedDeltaNet(text, layer_idx=0)
+    handed = {}
+
+    class Recorded(Exception):
+        pass
+
+    def recorder(query, key, value, **kwargs):
+        handed.update(query=query.shape[2], key=key.shape[2], value=value.shape[2])
+        raise Recorded
+
+    monkeypatch.setattr(modeling, "torch_chunk_gated_delta_rule", recorder)
+    with torch.no_grad(), pytest.raises(Recorded):
+        layer(torch.randn(1, 5, 32))
+    monkeypatch.undo()
+    repeats_before = handed == {"query": 4, "key": 4, "value": 4}
+    assert repeats_before or handed == {"query": 2, "key": 2, "value": 4}, handed
+    assert family_named("qwen3_5").mixer_holds_repeated_qk() == repeats_before
+
+    s = model_shape(cfg35, 64, TARGETS35)  # 16 key heads serve 32 value heads of key dim 128
+    assert s.linear_repeated_qk_width == (32 * 128 if repeats_before else 0)
+    # a no-grad forward (the reference pass, a prefill) holds both copies in bf16 beside the rule's float32 work; a
+    # recomputed backward's peak comes after the layer's forward has let them go
+    cfg = load_config("recipes/sat_qlora_qwen35_9b.yaml")
+    held, none = (dataclasses.replace(s, linear_repeated_qk_width=w) for w in (s.linear_width, 0))
+    assert layer_bytes_per_token(held, cfg, backward=False) - layer_bytes_per_token(none, cfg, backward=False) \
+        == pytest.approx(2 * 32 * 128 * 2)
+    assert layer_bytes_per_token(held, cfg, backward=True) == layer_bytes_per_token(none, cfg, backward=True)

@@ -12,64 +12,33 @@ import torch
 import yaml
 from PIL import Image
 
-from lowmem_vt.config import LoraConfig, ModelConfig, load_config, to_dict
-from lowmem_vt.data import examples_from_records, generate_sat_records
+from lowmem_vt.config import load_config, to_dict
 from lowmem_vt.families import family_named
-from lowmem_vt.inputs import InputBuilder, build_sequences
-from lowmem_vt.model import image_embeddings, load_model, sequence_hidden
+from lowmem_vt.inputs import build_sequences
+from lowmem_vt.model import sequence_hidden
+from helpers.tiny_models import QWEN35_LINEAR_TARGETS, QWEN35_TARGETS, prompt_embeddings, sat_prompts
 from test_inputs import hf_single_logprobs  # the model's own unpadded forward, pixels in
 
-MAX_PIXELS = 128 * 128
-LINEAR_TARGETS = ["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", *LINEAR_TARGETS]
+MAX_PIXELS = 128 * 128  # tiny35_lm's (conftest)
+TARGETS, LINEAR_TARGETS = QWEN35_TARGETS, QWEN35_LINEAR_TARGETS
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny35(tmp_path_factory):
-    """``lowmem-vt build-tiny --family qwen3_5``."""
-    from lowmem_vt.cli import main
-
-    out = tmp_path_factory.mktemp("qwen3_5") / "tiny"
-    assert main(["build-tiny", str(out), "--family", "qwen3_5"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def lm(tiny35):
+def lm(tiny35_lm):
     """The tiny Qwen3.5 with LoRA on every linear of both layer kinds, B non-zero (policy != reference), eval mode."""
-    torch.manual_seed(0)
-    lm = load_model(ModelConfig(name_or_path=str(tiny35), dtype="float32"), LoraConfig(r=4, alpha=8, target_modules=TARGETS),
-                    torch.device("cpu"), min_pixels=3136, max_pixels=MAX_PIXELS)
-    with torch.no_grad():
-        for name, p in lm.peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    lm.peft_model.eval()
-    return lm
+    return tiny35_lm
 
 
 @pytest.fixture(scope="module")
 def prompts(lm):
-    builder = InputBuilder(lm.tokenizer, lm.image_processor, lm.config, max_prompt_length=1024, min_pixels=3136,
-                           max_pixels=MAX_PIXELS)
-    recs = generate_sat_records(2, size=112, seed=0) + generate_sat_records(1, size=56, seed=1, tasks=["count"])
-    examples, _ = examples_from_records(recs, max_samples=3, shuffle_options=True, max_pixels=MAX_PIXELS, seed=0)
-    out = [builder.encode(e.image, e.question) for e in examples]
-    assert len({p.length for p in out}) == 3 and len({p.num_image_tokens for p in out}) == 2
-    return out
+    return sat_prompts(lm, MAX_PIXELS)
 
 
 @pytest.fixture(scope="module")
 def embeds(lm, prompts):
-    return image_embeddings(lm, [p.pixel_values for p in prompts], [p.image_grid_thw for p in prompts])
+    return prompt_embeddings(lm, prompts)
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +50,9 @@ def completions():
     return comp, lengths, (torch.arange(T)[None] < lengths[:, None]).float()
 
 
-def test_tiny_model_is_hybrid_with_zero_centred_norms_and_lora_on_both_kinds(lm, tiny35):
+def test_tiny_model_is_hybrid_with_zero_centred_norms_and_lora_on_both_kinds(lm, tiny35_dir):
     family = lm.family
-    config = json.loads((tiny35 / "config.json").read_text())
+    config = json.loads((tiny35_dir / "config.json").read_text())
     assert config["model_type"] == "qwen3_5" and not config["tie_word_embeddings"]
     kinds = family.layer_types(lm.config.text_config)
     assert kinds == ["linear_attention", "full_attention"]
@@ -217,7 +186,7 @@ def test_lora_targets_and_adapter_shapes_of_the_linear_attention_layers(lm, tmp_
 
 
 @torch.no_grad()
-def test_merged_model_is_base_plus_adapter_norms_included(lm, tiny35, prompts, tmp_path):
+def test_merged_model_is_base_plus_adapter_norms_included(lm, tiny35_dir, prompts, tmp_path):
     """The merged folder's every weight: base + scale * B @ A for each adapted linear (both layer kinds), the base's
     own elsewhere (the zero-centred norms as trained, not reset); its logits equal the adapter's."""
     from safetensors.torch import load_file
@@ -226,12 +195,12 @@ def test_merged_model_is_base_plus_adapter_norms_included(lm, tiny35, prompts, t
 
     ckpt = tmp_path / "checkpoint-1"
     lm.peft_model.save_pretrained(str(ckpt / "adapter"))
-    cfg = load_config(None, [f"model.name_or_path={tiny35}", "model.dtype=float32", "lora.r=4", "lora.alpha=8",
+    cfg = load_config(None, [f"model.name_or_path={tiny35_dir}", "model.dtype=float32", "lora.r=4", "lora.alpha=8",
                              f"lora.target_modules=[{','.join(TARGETS)}]", "data.min_pixels=3136", f"data.max_pixels={MAX_PIXELS}"])
     (ckpt / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     assert main(["merge", "--checkpoint", str(ckpt), "--out", str(tmp_path / "merged")]) == 0
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
-    base = load_file(str(tiny35 / "model.safetensors"))
+    base = load_file(str(tiny35_dir / "model.safetensors"))
     assert merged.keys() == base.keys()
     adapted = {}
     for name, module in lm.hf_model.named_modules():
@@ -263,13 +232,13 @@ def test_qwen3_5_moe_is_refused_in_one_line(tmp_path):
         assert "\n" not in str(err.value)
 
 
-def test_the_step_runs_on_fake_tensors(tiny35):
+def test_the_step_runs_on_fake_tensors(tiny35_dir):
     """The memory simulator runs the tiny Qwen3.5's step (both layer kinds, LoRA on the linear-attention layers)
     without values: the text model tests its padding mask for all ones, which a fake mask answers without a value
     (the simulator makes the batch's mask one)."""
     from test_simulate import simulate_fresh
 
-    sim = simulate_fresh("recipes/demo_tiny.yaml", [f"model.name_or_path={tiny35}", "train.micro_batch_size=2",
+    sim = simulate_fresh("recipes/demo_tiny.yaml", [f"model.name_or_path={tiny35_dir}", "train.micro_batch_size=2",
                                                     "grpo.num_generations=2", "train.prompts_per_step=1",
                                                     f"lora.target_modules=[{','.join(TARGETS)}]"])
     assert sim["peaks"]["policy update"] > sim["resident"] > 0

@@ -3,7 +3,6 @@ tiny model in float32. CPU: the eager decode path, and the capture logic with CU
 (tests/helpers/graph_emulation.py); the real graphs are tested by tests/test_rollout_engine_gpu.py."""
 
 import collections
-import dataclasses
 import importlib.util
 import json
 import os
@@ -17,8 +16,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from lowmem_vt.data import examples_from_records, generate_sat_records
-from lowmem_vt.inputs import InputBuilder, build_sequences
+from lowmem_vt.inputs import build_sequences
 from lowmem_vt.model import image_embeddings, sequence_hidden
 from lowmem_vt.rollout import SamplingParams, make_rollout
 from lowmem_vt.engine_memory import CacheLayout, engine_allocation_bytes
@@ -30,15 +28,11 @@ from lowmem_vt.families.qwen2_vl import qwen2_vl_2b_config
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from graph_emulation import EmulatedGraphs  # noqa: E402
 from nf4 import nf4_on_cpu  # noqa: E402
+from helpers.engine_checks import check_rope_into_cache, rollout_storages  # noqa: E402
+from helpers.tiny_models import prompt_embeddings, sat_prompts, with_eos  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tiny model's matmuls gain nothing from threads, and lose a lot when the cores are shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -49,24 +43,13 @@ def lm(tiny_lm):
 
 @pytest.fixture(scope="module")
 def prompts(lm):
-    builder = InputBuilder(lm.tokenizer, lm.image_processor, lm.config, max_prompt_length=1024, min_pixels=3136,
-                           max_pixels=112 * 112)
     # different image sizes (16 and 4 image tokens) and different question lengths
-    recs = generate_sat_records(2, size=112, seed=0) + generate_sat_records(1, size=56, seed=1, tasks=["count"])
-    examples, _ = examples_from_records(recs, max_samples=3, shuffle_options=True, max_pixels=112 * 112, seed=0)
-    out = [builder.encode(e.image, e.question) for e in examples]
-    assert len({p.length for p in out}) == 3 and len({p.num_image_tokens for p in out}) == 2
-    return out
+    return sat_prompts(lm, 112 * 112)
 
 
 @pytest.fixture(scope="module")
 def embeds(lm, prompts):
-    return image_embeddings(lm, [p.pixel_values for p in prompts], [p.image_grid_thw for p in prompts])
-
-
-def with_eos(lm, eos: int):
-    """The same model with another token id playing EOS (-1: no token ends a completion)."""
-    return dataclasses.replace(lm, tokenizer=types.SimpleNamespace(eos_token_id=eos, pad_token_id=lm.pad_token_id))
+    return prompt_embeddings(lm, prompts)
 
 
 @pytest.mark.parametrize("bucket", [128, 4], ids=["one-bucket", "bucket-4"])
@@ -337,14 +320,10 @@ def test_cache_holds_each_prompt_once_and_attention_reads_the_filled_part(lm, pr
 def test_allocation_function_equals_what_the_engine_allocates(lm, prompts):
     """engine_allocation_bytes (what the planner calls) against the storages of the state and the adapter
     copies the engine allocates for a rollout, on the tiny model (fp32, LoRA r 4 on every linear)."""
-    engine = EngineRollout(lm)
-    params = SamplingParams(num_generations=3, max_new_tokens=40)
-    lengths = [p.length for p in prompts]
-    s = engine.new_state(lengths, [p.next_position for p in prompts], params)
-    weights = engine.decode_weights()
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in s.tensors() + weights.tensors()}
-    predicted = engine_allocation_bytes(lm.config.text_config, torch.float32, len(prompts), max(lengths), 3, 40,
-                                        lora_r=4, lora_targets=_targets(lm))
+    s, storages = rollout_storages(lm, prompts, num_generations=3, max_new_tokens=40)
+    longest = max(p.length for p in prompts)
+    predicted = engine_allocation_bytes(lm.config.text_config, torch.float32, len(prompts), longest, 3, 40, lora_r=4,
+                                        lora_targets=_targets(lm))
     assert sum(storages.values()) == predicted.allocated
     assert s.kv.untyped_storage().nbytes() == predicted.kv_cache
 
@@ -513,29 +492,13 @@ def test_fused_references_equal_the_models_modules(lm):
     """rms_norm's reference is Qwen2RMSNorm; rope_into_cache's queries and cache writes are HF's rotary."""
     from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
-    from lowmem_vt.rollout.fused import rope_into_cache_reference
-
     text = lm.hf_model.model.language_model
     norm = text.layers[0].input_layernorm
     x = torch.randn(5, text.config.hidden_size)
     assert torch.equal(rms_norm_reference(x, norm.weight, norm.variance_epsilon), norm(x))
-    P, W, kvh, heads = 2, 3, text.config.num_key_value_heads, text.config.num_attention_heads
-    d = text.config.hidden_size // heads
-    q, k, v = torch.randn(P * W, heads * d), torch.randn(P * W, kvh * d), torch.randn(P * W, kvh * d)
-    positions = torch.arange(P * W).view(1, -1, 1).expand(3, -1, 1) * 7
-    cos, sin = text.rotary_emb(q[:, None], positions)
-    kv = torch.zeros(2, P, kvh, 20, d)
-    sample = torch.tensor([0, 4, 2, 3, 1, 0])  # rows decoding samples 0, 4, 2 of prompt 0 and 3, 1, 0 of prompt 1
-    out = rope_into_cache_reference(q, k, v, cos[:, 0], sin[:, 0], kv[0], kv[1], torch.tensor([4]), sample, W)
-    q_hf, k_hf = apply_rotary_pos_emb(q.view(P * W, 1, heads, d).transpose(1, 2), k.view(P * W, 1, kvh, d).transpose(1, 2), cos, sin)
-    group = heads // kvh
-    for p in range(P):
-        for i in range(W):
-            r = p * W + i
-            for h in range(heads):
-                assert torch.equal(out[p, h // group, i * group + h % group], q_hf[r, h, 0])
-            assert torch.equal(kv[0, p, :, 4 + sample[r]], k_hf[r, :, 0])
-            assert torch.equal(kv[1, p, :, 4 + sample[r]], v.view(P * W, kvh, d)[r])
+    # rows decoding samples 0, 4, 2 of prompt 0 and 3, 1, 0 of prompt 1
+    check_rope_into_cache(text, apply_rotary_pos_emb, P=2, W=3, d=text.config.hidden_size // text.config.num_attention_heads,
+                          sample=[0, 4, 2, 3, 1, 0], start=4, slots=20, stride=7)
 
 
 def test_adapter_in_bf16_is_as_close_as_the_fp32_adapter():

@@ -3,76 +3,47 @@ gated full-attention layer; zero-centred norms; partial rotary; LoRA on every li
 CPU, against HF ``generate``, the trainer's log-probs and the model's own cache after a prompt. The capture logic
 runs with CUDA graphs emulated (tests/helpers/graph_emulation.py); the graphs themselves need a GPU."""
 
-import dataclasses
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from lowmem_vt.config import LoraConfig, ModelConfig
-from lowmem_vt.data import examples_from_records, generate_sat_records
 from lowmem_vt.engine_memory import engine_allocation_bytes
 from lowmem_vt.families import family_named
-from lowmem_vt.inputs import InputBuilder, build_sequences
-from lowmem_vt.model import image_embeddings, load_model, sequence_hidden
+from lowmem_vt.inputs import build_sequences
+from lowmem_vt.model import load_model, sequence_hidden
 from lowmem_vt.rollout import SamplingParams, make_rollout
 from lowmem_vt.rollout.engine import EngineRollout
-from lowmem_vt.rollout.fused import rms_norm_reference, rope_into_cache_reference
+from lowmem_vt.rollout.fused import rms_norm_reference
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from graph_emulation import EmulatedGraphs  # noqa: E402
+from helpers.engine_checks import check_rope_into_cache, rollout_storages  # noqa: E402
+from helpers.tiny_models import QWEN35_TARGETS as TARGETS, prompt_embeddings, sat_prompts, with_eos  # noqa: E402
 
-MAX_PIXELS = 128 * 128
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj_qkv", "in_proj_z",
-           "in_proj_a", "in_proj_b", "out_proj"]
+MAX_PIXELS = 128 * 128  # tiny35_lm's (conftest)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    from lowmem_vt.tiny import build_tiny_model
-
-    path = build_tiny_model(tmp_path_factory.mktemp("qwen3_5") / "tiny", family=family_named("qwen3_5"))
-    torch.manual_seed(0)
-    lm = load_model(ModelConfig(name_or_path=str(path), dtype="float32"), LoraConfig(r=4, alpha=8, target_modules=TARGETS),
-                    torch.device("cpu"), min_pixels=3136, max_pixels=MAX_PIXELS)
-    with torch.no_grad():
-        for name, p in lm.peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    lm.peft_model.eval()
-    kinds = [lay.kind for lay in EngineRollout(lm).layers]
+def lm(tiny35_lm):
+    """conftest's tiny Qwen3.5 (LoRA on every linear of both layer kinds, B non-zero, eval mode)."""
+    kinds = [lay.kind for lay in EngineRollout(tiny35_lm).layers]
     assert kinds == ["linear_attention", "full_attention"]
-    return lm
+    return tiny35_lm
 
 
 @pytest.fixture(scope="module")
 def prompts(lm):
-    builder = InputBuilder(lm.tokenizer, lm.image_processor, lm.config, max_prompt_length=1024, min_pixels=3136,
-                           max_pixels=MAX_PIXELS)
-    recs = generate_sat_records(2, size=128, seed=0) + generate_sat_records(1, size=64, seed=1, tasks=["count"])
-    examples, _ = examples_from_records(recs, max_samples=3, shuffle_options=True, max_pixels=MAX_PIXELS, seed=0)
-    out = [builder.encode(e.image, e.question) for e in examples]
-    assert len({p.length for p in out}) == 3 and len({p.num_image_tokens for p in out}) == 2
-    return out
+    return sat_prompts(lm, MAX_PIXELS, sizes=(128, 64))
 
 
 @pytest.fixture(scope="module")
 def embeds(lm, prompts):
-    return image_embeddings(lm, [p.pixel_values for p in prompts], [p.image_grid_thw for p in prompts])
-
-
-def with_eos(lm, eos: int):
-    return dataclasses.replace(lm, tokenizer=types.SimpleNamespace(eos_token_id=eos, pad_token_id=lm.pad_token_id))
+    return prompt_embeddings(lm, prompts)
 
 
 @pytest.mark.parametrize("bucket", [128, 4], ids=["one-bucket", "bucket-4"])
@@ -174,14 +145,10 @@ def test_allocation_function_equals_what_the_engine_allocates(lm, prompts):
     """engine_allocation_bytes with the family's shapes (q_proj twice as wide, the linear-attention projections)
     against the storages the engine allocates: the full-attention layer's KV, the linear layer's states per row,
     the adapter's decode copies of both kinds."""
-    engine = EngineRollout(lm)
-    params = SamplingParams(num_generations=3, max_new_tokens=40)
-    lengths = [p.length for p in prompts]
-    s = engine.new_state(lengths, [p.next_position for p in prompts], params)
-    weights = engine.decode_weights()
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in s.tensors() + weights.tensors()}
+    s, storages = rollout_storages(lm, prompts, num_generations=3, max_new_tokens=40)
     text = lm.config.text_config
-    predicted = engine_allocation_bytes(text, torch.float32, len(prompts), max(lengths), 3, 40, lora_r=4,
+    longest = max(p.length for p in prompts)
+    predicted = engine_allocation_bytes(text, torch.float32, len(prompts), longest, 3, 40, lora_r=4,
                                         lora_targets=TARGETS, qkv_bias=False,
                                         shapes=family_named("qwen3_5").decoder_linear_shapes(text))
     assert sum(storages.values()) == predicted.allocated
@@ -199,23 +166,9 @@ def test_fused_references_equal_the_models_modules(lm):
     assert float(norm.weight.abs().max()) > 0  # tiny_init moved it off zero: 1 + w differs from w
     x = torch.randn(5, text.config.hidden_size)
     assert torch.equal(rms_norm_reference(x, norm.weight, norm.eps, zero_centred=True), norm(x))
-    c = text.config
-    P, W, kvh, heads, d = 2, 2, c.num_key_value_heads, c.num_attention_heads, c.head_dim
-    q, k, v = torch.randn(P * W, heads * d), torch.randn(P * W, kvh * d), torch.randn(P * W, kvh * d)
-    positions = torch.arange(P * W).view(1, -1, 1).expand(3, -1, 1) * 5
-    cos, sin = text.rotary_emb(q[:, None], positions)
-    assert cos.shape[-1] < d  # a partial rotary
-    kv = torch.zeros(2, P, kvh, 10, d)
-    sample = torch.tensor([0, 2, 1, 0])
-    out = rope_into_cache_reference(q, k, v, cos[:, 0], sin[:, 0], kv[0], kv[1], torch.tensor([3]), sample, W)
-    q_hf, k_hf = apply_rotary_pos_emb(q.view(P * W, 1, heads, d).transpose(1, 2), k.view(P * W, 1, kvh, d).transpose(1, 2), cos, sin)
-    group = heads // kvh
-    for p in range(P):
-        for i in range(W):
-            r = p * W + i
-            for h in range(heads):
-                assert torch.equal(out[p, h // group, i * group + h % group], q_hf[r, h, 0])
-            assert torch.equal(kv[0, p, :, 3 + sample[r]], k_hf[r, :, 0])
+    cos = check_rope_into_cache(text, apply_rotary_pos_emb, P=2, W=2, d=text.config.head_dim, sample=[0, 2, 1, 0], start=3,
+                                slots=10, stride=5)
+    assert cos.shape[-1] < text.config.head_dim  # a partial rotary
 
 
 class LosesTheRecurrentState(EngineRollout):

@@ -45,14 +45,6 @@ def cache(tmp_path, monkeypatch):
     return path
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(cfg, lm):
     from lowmem_vt.data import load_examples
     from lowmem_vt.inputs import InputBuilder

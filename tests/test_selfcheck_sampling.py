@@ -29,14 +29,6 @@ ALPHA = FALSE_ALARM / (distribution.TESTS_PER_POSITION * 2)
 
 
 @pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWMEM_VT_CACHE_DIR", str(tmp_path / "cache"))
 

@@ -128,6 +128,11 @@ class QwenVLFamily:
         recurrent state: Qwen3.5); every layer is full attention unless the family says otherwise."""
         return ["full_attention"] * text_config.num_hidden_layers
 
+    def mixer_holds_repeated_qk(self) -> bool:
+        """Whether this transformers' linear-attention layers hold q and k repeated to the value heads while their
+        delta rule runs (Qwen3.5 on transformers 5.17); no linear-attention layers here."""
+        return False
+
     # ------------------------------------------------------------------------------------- inputs
 
     def image_token_id(self, config) -> int:

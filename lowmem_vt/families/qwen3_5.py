@@ -25,6 +25,8 @@ given the 2-D mask; ``inputs.completion_hidden`` gives it).
 
 from __future__ import annotations
 
+import functools
+import importlib
 from types import SimpleNamespace
 
 import torch
@@ -84,6 +86,23 @@ def qwen3_5_4b_config():
                            dict(depth=24, hidden_size=1024, intermediate_size=4096, out_hidden_size=2560), tie=True)
 
 
+@functools.cache
+def _delta_rule_takes_grouped_heads(modeling) -> bool:
+    """Whether ``modeling``'s chunked delta rule serves several value heads from one q/k head itself (transformers
+    5.18+ repeats q/k inside it, while they are cast to float32) or expects q/k already repeated, as 5.17's does:
+    its layer then repeats them before the call and holds both repeated copies, in the model's dtype, while the
+    rule runs. A probe on the CPU (2 key heads, 4 value heads, 2 tokens): 5.17's rule fails to broadcast the key
+    heads against the value heads' write strengths. Any failure reads as "expects them repeated", the side on which
+    the planner counts more."""
+    q, k = torch.rand(1, 2, 2, 4), torch.rand(1, 2, 2, 4)
+    v, g, beta = torch.rand(1, 2, 4, 4), -torch.rand(1, 2, 4), torch.rand(1, 2, 4)
+    try:
+        out, _ = modeling.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
+    except Exception:  # noqa: BLE001 (any failure: the rule cannot take grouped heads)
+        return False
+    return tuple(out.shape) == (1, 2, 4, 4)
+
+
 class Qwen35(QwenVLFamily):
     model_type = "qwen3_5"
     label = "Qwen3.5"
@@ -110,6 +129,9 @@ class Qwen35(QwenVLFamily):
 
     def layer_types(self, text_config) -> list[str]:
         return list(text_config.layer_types)
+
+    def mixer_holds_repeated_qk(self) -> bool:
+        return not _delta_rule_takes_grouped_heads(importlib.import_module(self.model_class().__module__))
 
     def engine_layer(self, layer) -> SimpleNamespace:
         """Full attention: the base parts with the q/k norms and ``output_gate`` (each head's q_proj output is its

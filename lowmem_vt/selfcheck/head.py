@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 
 import torch
@@ -110,34 +111,53 @@ class Case:
     dw_rows: torch.Tensor | None = None
 
 
-def cases(x: dict, settings: HeadSettings) -> list[Case]:
-    """The cases: the recipe's (timed and repeated); KL only; advantage only; at temperature 1, the recipe's at
-    CHECK_TEMPERATURE; and dW: the recipe's on the first DW_VOCAB rows of W, W trained."""
-    out = [Case("recipe", x, settings),
-           Case("KL only", {**x, "advantages": torch.zeros_like(x["advantages"])}, settings),
-           Case("advantage only", x, replace(settings, beta=0.0))]
-    if settings.temperature == 1.0:
-        hot = replace(settings, temperature=CHECK_TEMPERATURE)
-        out.append(Case(f"temperature {CHECK_TEMPERATURE:g}", _rebased(x, hot, x["weight"], x["targets"], settings), hot))
-    V = x["weight"].shape[0]
-    vs = min(V, DW_VOCAB)
-    sliced = _rebased(x, settings, x["weight"][:vs], x["targets"] % vs, settings)
-    out.append(Case("dW", sliced, settings, dw_rows(vs, sliced["targets"])))
+def case_names(settings: HeadSettings) -> list[str]:
+    """The cases, in order: the recipe's (timed and repeated); KL only; advantage only; at temperature 1, the
+    recipe's at CHECK_TEMPERATURE; and dW: the recipe's on the first DW_VOCAB rows of W, W trained."""
+    hot = [f"temperature {CHECK_TEMPERATURE:g}"] if settings.temperature == 1.0 else []
+    return ["recipe", "KL only", "advantage only", *hot, "dW"]
+
+
+def cases(x: dict, settings: HeadSettings, only: Collection[str] | None = None) -> list[Case]:
+    """The cases of ``case_names`` (those in ``only``, when given) on the recipe's inputs ``x``."""
+    out = []
+    recipe_logp = None  # what each case on another head is rebased from: computed once, when one is wanted
+    for name in case_names(settings):
+        if only is not None and name not in only:
+            continue
+        if name == "recipe":
+            out.append(Case(name, x, settings))
+        elif name == "KL only":
+            out.append(Case(name, {**x, "advantages": torch.zeros_like(x["advantages"])}, settings))
+        elif name == "advantage only":
+            out.append(Case(name, x, replace(settings, beta=0.0)))
+        else:
+            if recipe_logp is None:
+                recipe_logp = _logprobs(x, x["weight"], x["targets"], settings.temperature)
+            if name == "dW":
+                vs = min(x["weight"].shape[0], DW_VOCAB)
+                sliced = _rebased(x, recipe_logp, x["weight"][:vs], x["targets"] % vs, settings.temperature)
+                out.append(Case(name, sliced, settings, dw_rows(vs, sliced["targets"])))
+            else:
+                hot = replace(settings, temperature=CHECK_TEMPERATURE)
+                out.append(Case(name, _rebased(x, recipe_logp, x["weight"], x["targets"], hot.temperature), hot))
     return out
 
 
-def _rebased(x: dict, settings: HeadSettings, weight: torch.Tensor, targets: torch.Tensor, before: HeadSettings) -> dict:
-    """The inputs on another head (``weight``, ``targets``, ``settings.temperature``), with reference (and old)
-    log-probs as near the policy's there as they were before (the KL term then acts as in training, instead of
-    exploding on log-ratios of several nats)."""
+def _logprobs(x: dict, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The reference head's log-probs [B, T] float32 of ``x``'s hidden states on ``weight``, no grad."""
     from ..kernels.chunked_logprobs import chunked_logprobs_reference
 
     B, T, H = x["hidden"].shape
-    flat = x["hidden"].reshape(B * T, H)
     with torch.no_grad():
-        now = chunked_logprobs_reference(flat, weight, targets.reshape(-1), settings.temperature).view(B, T).float()
-        was = chunked_logprobs_reference(flat, x["weight"], x["targets"].reshape(-1), before.temperature).view(B, T).float()
-    shift = now - was
+        return chunked_logprobs_reference(x["hidden"].reshape(B * T, H), weight, targets.reshape(-1), temperature).view(B, T).float()
+
+
+def _rebased(x: dict, recipe_logp: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> dict:
+    """The inputs on another head (``weight``, ``targets``, ``temperature``), with reference (and old) log-probs as
+    near the policy's there as they were to the recipe's log-probs ``recipe_logp`` [B, T] (the KL term then acts as
+    in training, instead of exploding on log-ratios of several nats)."""
+    shift = _logprobs(x, weight, targets, temperature) - recipe_logp
     return {**x, "weight": weight, "targets": targets,
             "ref_logp": None if x["ref_logp"] is None else x["ref_logp"] + shift,
             "old_logp": None if x["old_logp"] is None else x["old_logp"] + shift,
@@ -388,16 +408,17 @@ def _one_line(exc: BaseException) -> str:
 
 
 def judge_cases(x: dict, settings: HeadSettings, name: str, first_run: dict, device: torch.device,
-                torch_runs: dict | None = None) -> tuple[dict, list[str], dict]:
-    """Head ``name`` on every case (``cases``) against the float64 head, bounded by the torch reference's error.
+                torch_runs: dict | None = None, only: Collection[str] | None = None) -> tuple[dict, list[str], dict]:
+    """Head ``name`` on every case (``cases``; those in ``only``, when given) against the float64 head, bounded by
+    the torch reference's error.
 
     ``first_run``: the head's run on the recipe's case (already measured); ``torch_runs``: the float64 head's and
-    the reference's runs by case, computed here when missing (and returned, for the next head). Returns (figures by
-    case, problems, torch_runs): figures[case][quantity] = {error, floor, bound, margin}.
+    the reference's runs by case, computed here when missing (added to the dict given, and returned, for the next
+    head). Returns (figures by case, problems, torch_runs): figures[case][quantity] = {error, floor, bound, margin}.
     """
     torch_runs = {} if torch_runs is None else torch_runs
     figures, problems = {}, []
-    for case in cases(x, settings):
+    for case in cases(x, settings, only):
         xc = case.x
         active = xc["mask"] != 0
         rows = case.dw_rows
@@ -436,7 +457,7 @@ def check_heads(weight: torch.Tensor, heads: list[str], settings: HeadSettings, 
     rows = rows or check_rows(weight.shape[0], device)
     x = make_inputs(weight, rows, settings)
     common = {"rows": int(x["targets"].numel()), "vocab": int(weight.shape[0]), "hidden": int(weight.shape[1]),
-              "dtype": dtype_name, "dw_vocab": min(int(weight.shape[0]), DW_VOCAB), "cases": [c.name for c in cases(x, settings)],
+              "dtype": dtype_name, "dw_vocab": min(int(weight.shape[0]), DW_VOCAB), "cases": case_names(settings),
               "bound": f"{MULTIPLE:g} x the torch reference's error against float64"}
     if interpreted is None:  # Triton's interpreter (tests): correctness checked, never a fast path
         interpreted = not fast_path_device(device)
