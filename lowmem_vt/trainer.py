@@ -662,8 +662,10 @@ class Trainer:
     def _recheck_head(self, hidden: torch.Tensor, head_inputs: tuple, counts: LossCounts) -> dict:
         """The Triton head's gradient against the torch reference on this micro-batch's first rows (issue 21): a
         disagreement (on any rank) switches the run to the torch head, with a warning."""
-        result = recheck(hidden, self.lm.lm_head_weight, *head_inputs, counts, HeadSettings.from_recipe(self.cfg),
-                         self.kernel_backend)
+        # the loss this run computes now: the correction of the rollout backend in use (an hf fallback has none)
+        settings = dataclasses.replace(HeadSettings.from_recipe(self.cfg), correction=self.sampler_correction(self.rollout_backend),
+                                       also_uncorrected=False)
+        result = recheck(hidden, self.lm.lm_head_weight, *head_inputs, counts, settings, self.kernel_backend)
         if self.dist.any(not result["ok"]):
             if self.dist.is_main:
                 log.warning("step %d: the loss head %s disagrees with the exact (float64) head on this micro-batch beyond "

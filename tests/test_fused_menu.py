@@ -20,6 +20,7 @@ backend's is held to 1e-4 only: VESPO's weight exp(lambda + k log w - lambda w) 
 the head's 1e-6 log-prob rounding by up to |k - lambda w| x T.
 """
 
+import dataclasses
 import importlib.util
 import itertools
 import os
@@ -374,3 +375,34 @@ def test_the_selfcheck_judges_the_recipes_loss_through_the_terms_kernel(monkeypa
     _, bad = selfcheck_head.check_heads(weight, [name], settings, rows=16, repeats=1, interpreted=False)
     assert bad.ok is False and "error" in bad.reason, bad.reason
 
+
+
+def test_with_rollout_auto_the_selfcheck_also_judges_the_loss_of_an_hf_fallback(monkeypatch):
+    """sat_lora: rollout auto, correction auto. The engine's runs take the correction (terms kernel), an hf
+    fallback none (the paper loss fused in the heads): the head check judges both graphs, so a fault in the paper
+    path alone (loss and gradient 1 % off) fails it; the in-training re-check judges the backend in use only."""
+    import lowmem_vt.kernels.head as head_module
+    from lowmem_vt.config import load_config
+    from lowmem_vt.selfcheck import head as selfcheck_head
+
+    root = Path(__file__).resolve().parents[1]
+    settings = selfcheck_head.HeadSettings.from_recipe(load_config(root / "recipes/sat_lora.yaml"))
+    assert settings.correction.on and settings.also_uncorrected
+    assert selfcheck_head.UNCORRECTED in selfcheck_head.case_names(settings)
+    weight = torch.randn(64, 16, generator=torch.Generator().manual_seed(0)) * 0.2
+    torch_ref, good = selfcheck_head.check_heads(weight, ["triton_streaming"], settings, rows=16, repeats=1, interpreted=False)
+    assert torch_ref.ok and good.ok, good.reason
+
+    real = head_module.streaming_grpo_loss_op
+
+    def paper_path_off(*args):
+        loss, *rest = real(*args)
+        return (loss * 1.01, *rest)
+
+    monkeypatch.setattr(head_module, "streaming_grpo_loss_op", paper_path_off)
+    _, bad = selfcheck_head.check_heads(weight, ["triton_streaming"], settings, rows=16, repeats=1, interpreted=False)
+    assert bad.ok is False and selfcheck_head.UNCORRECTED in bad.reason, bad.reason
+    # without the extra case the fault goes unseen: every other case runs the terms kernel
+    engine_only = dataclasses.replace(settings, also_uncorrected=False)
+    _, unseen = selfcheck_head.check_heads(weight, ["triton_streaming"], engine_only, rows=16, repeats=1, interpreted=False)
+    assert unseen.ok, unseen.reason

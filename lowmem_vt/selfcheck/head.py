@@ -72,6 +72,9 @@ class HeadSettings:
     with_old: bool = False
     variant: LossVariant = PAPER  # the recipe's loss beyond loss_type (level, delta, masks; lowmem_vt.grpo)
     correction: SamplerCorrection = NO_CORRECTION  # the recipe's sampler correction (``from_recipe`` resolves auto)
+    # rollout auto with correction auto: the engine's correction, or none when the run falls back to hf (the engine
+    # failed its check): both loss graphs can run, so both are judged (the case "without the correction")
+    also_uncorrected: bool = False
 
     @classmethod
     def from_recipe(cls, cfg) -> "HeadSettings":
@@ -84,7 +87,8 @@ class HeadSettings:
         return cls(beta=g.beta if g.beta > 0 else 0.04, epsilon_low=g.epsilon,
                    epsilon_high=g.epsilon if g.epsilon_high is None else g.epsilon_high, loss_type=g.loss_type,
                    temperature=g.temperature, with_old=g.num_iterations > 1, variant=LossVariant.of(g),
-                   correction=SamplerCorrection(mode, g.sampler_correction_clip_min, g.sampler_correction_clip_max))
+                   correction=SamplerCorrection(mode, g.sampler_correction_clip_min, g.sampler_correction_clip_max),
+                   also_uncorrected=g.sampler_correction == "auto" and cfg.rollout.backend == "auto")
 
     def loss_kwargs(self) -> dict:
         """What ``grpo_loss`` / ``fused_grpo_loss`` take of these settings (counts and temperature apart)."""
@@ -111,11 +115,16 @@ class Case:
     dw_rows: torch.Tensor | None = None
 
 
+UNCORRECTED = "without the correction"
+
+
 def case_names(settings: HeadSettings) -> list[str]:
     """The cases, in order: the recipe's (timed and repeated); KL only; advantage only; at temperature 1, the
-    recipe's at CHECK_TEMPERATURE; and dW: the recipe's on the first DW_VOCAB rows of W, W trained."""
+    recipe's at CHECK_TEMPERATURE; with ``also_uncorrected``, the recipe's without the sampler correction (the loss
+    of an hf fallback); and dW: the recipe's on the first DW_VOCAB rows of W, W trained."""
     hot = [f"temperature {CHECK_TEMPERATURE:g}"] if settings.temperature == 1.0 else []
-    return ["recipe", "KL only", "advantage only", *hot, "dW"]
+    fallback = [UNCORRECTED] if settings.also_uncorrected and settings.correction.on else []
+    return ["recipe", "KL only", "advantage only", *hot, *fallback, "dW"]
 
 
 def cases(x: dict, settings: HeadSettings, only: Collection[str] | None = None) -> list[Case]:
@@ -131,6 +140,8 @@ def cases(x: dict, settings: HeadSettings, only: Collection[str] | None = None) 
             out.append(Case(name, {**x, "advantages": torch.zeros_like(x["advantages"])}, settings))
         elif name == "advantage only":
             out.append(Case(name, x, replace(settings, beta=0.0)))
+        elif name == UNCORRECTED:
+            out.append(Case(name, x, replace(settings, correction=NO_CORRECTION)))
         else:
             if recipe_logp is None:
                 recipe_logp = _logprobs(x, x["weight"], x["targets"], settings.temperature)
