@@ -39,6 +39,15 @@ def selfcheck_cache(tmp_path_factory):
 
 
 @pytest.fixture
+def seed() -> int:
+    """A fresh random seed per test (LOWMEM_TEST_SEED repeats one), printed so a failure can be replayed."""
+    value = int(os.environ.get("LOWMEM_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"seed={value}")
+    torch.manual_seed(value)
+    return value
+
+
+@pytest.fixture
 def no_model_load(monkeypatch):
     """Any model load fails the test: a problem must be reported before the model loads."""
     import lowmem_vt.model

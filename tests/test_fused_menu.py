@@ -23,7 +23,6 @@ the head's 1e-6 log-prob rounding by up to |k - lambda w| x T.
 import dataclasses
 import importlib.util
 import itertools
-import os
 import sys
 from pathlib import Path
 
@@ -115,14 +114,6 @@ def assert_same_terms(msg: str, got, want, loss_tol: float = TOL, stats_tol: flo
         a, b = float(stats[key]), float(stats_ref[key])
         slack = 1.0 if key in COUNT_KEYS else 0.0
         assert abs(a - b) <= stats_tol * max(1.0, abs(b)) + slack, f"{msg}: stat {key} {a} vs {b}"
-
-
-@pytest.fixture
-def seed() -> int:
-    value = int(os.environ.get("LOWMEM_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"seed={value}")
-    torch.manual_seed(value)
-    return value
 
 
 def check_terms(loss_fn, loss_type: str, level: str, row_index: int, correction: str, B: int = 3, T: int = 7):

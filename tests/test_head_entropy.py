@@ -35,14 +35,6 @@ HEADS = ("triton_fused_linear", "triton_streaming")
 TOL = 1e-5
 
 
-@pytest.fixture
-def seed() -> int:
-    value = int(os.environ.get("LOWMEM_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"seed={value}")
-    torch.manual_seed(value)
-    return value
-
-
 def _kwargs(head: str, v_splits: int = 3, block_v: int = 32) -> dict:
     """Small launch shapes: the streaming head in 16-row blocks, ``block_v``-column tiles and ``v_splits`` splits;
     the fused-linear head in 16-row chunks and ``block_v``-column steps of its row kernel."""

@@ -8,7 +8,6 @@ loss, 1e-4 for gradients (the kernels sum in another order, and dh gathers atomi
 interpreter reads bf16 tensors wrongly with CPU torch, so bf16 is tested only on CUDA.
 """
 
-import os
 from dataclasses import replace
 
 
@@ -27,14 +26,6 @@ SMALL_ROWS = RowTiles(block_v=32, num_warps=4)
 HEADS = ("triton_fused_linear", "triton_streaming")
 LOGP_TOL = 1e-5
 GRAD_TOL = 1e-4
-
-
-@pytest.fixture
-def seed() -> int:
-    value = int(os.environ.get("LOWMEM_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"seed={value}")
-    torch.manual_seed(value)
-    return value
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

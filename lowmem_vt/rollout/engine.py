@@ -242,8 +242,6 @@ class EngineRollout(RolloutBackend):
         # allocation failure (or the host's OOM killer) after the model has loaded
         from torch._subclasses.fake_tensor import FakeTensor
 
-        from ..preflight import check_engine_memory
-
         if not isinstance(self.text.embed_tokens.weight, FakeTensor):  # the memory simulation measures, not allocates
             check_engine_memory(self.text.config, dtype, P, max(prompt_lengths), G, T, dev, "rollout (engine)",
                                 shapes=self.family.decoder_linear_shapes(self.text.config))
