@@ -26,7 +26,7 @@ given the 2-D mask; ``inputs.completion_hidden`` gives it).
 from __future__ import annotations
 
 import functools
-import importlib
+import sys
 from types import SimpleNamespace
 
 import torch
@@ -131,7 +131,9 @@ class Qwen35(QwenVLFamily):
         return list(text_config.layer_types)
 
     def mixer_holds_repeated_qk(self) -> bool:
-        return not _delta_rule_takes_grouped_heads(importlib.import_module(self.model_class().__module__))
+        # the class's module, imported by model_class(); from sys.modules, not an import by computed name, which the
+        # self-check's fingerprint walk could not follow (it would then fingerprint the whole package)
+        return not _delta_rule_takes_grouped_heads(sys.modules[self.model_class().__module__])
 
     def engine_layer(self, layer) -> SimpleNamespace:
         """Full attention: the base parts with the q/k norms and ``output_gate`` (each head's q_proj output is its
