@@ -62,13 +62,15 @@ test-min: .venv-min/.installed
 
 # The suite on the newest releases in the declared ranges, resolved afresh each time: what `pip install .` gets
 # today. Red here, green in `make test`: an upstream release broke us; fix, then `make lock`.
+# names as pip compares them (liger-kernel == liger_kernel == Liger-Kernel), one per line, sorted
+NORMALIZE := $(PY) -c "import re, sys; print(''.join(sorted(re.sub(r'[-_.]+', '-', n).lower() + '==' + v for n, v in (l.split('==', 1) for l in sys.stdin if '==' in l))), end='')"
 # When the newest releases are exactly the lock (no release since `make lock`), the suite has nothing new to meet:
 # `make test` runs it on those very versions, so the report says so instead of running it again.
 test-latest:
 	$(call make_venv,.venv-latest,-e '.[dev]')
 	mkdir -p out
-	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -v '^-e ' | sort -f > out/latest-versions.txt
-	grep -v '^#' $(LOCK) | sort -f > out/lock-versions.txt
+	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -v '^-e ' | $(NORMALIZE) > out/latest-versions.txt
+	grep -v '^#' $(LOCK) | $(NORMALIZE) > out/lock-versions.txt
 	if cmp -s out/latest-versions.txt out/lock-versions.txt; then \
 		echo "test-latest: the newest releases in the declared ranges are exactly $(LOCK), the versions make test runs the suite on: nothing new to test"; \
 	else \
