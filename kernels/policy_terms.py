@@ -55,6 +55,7 @@ from lowmem_vt.grpo import (
     SamplerCorrection,
     TokenTerms,
     aggregation_weights,
+    check_loss_inputs,
     high_entropy_mask,
     is_paper_loss,
     loss_stats,
@@ -357,16 +358,12 @@ def policy_loss(
 
     advantages: [B]; old_logp, ref_logp, sampling_logp, entropy: [B, T] or None; mask: [B, T].
     """
-    if correction.on and sampling_logp is None:
-        raise ValueError(f"sampler correction {correction.mode!r} needs the rollout's sampling log-probs; this backend "
-                         "reports none (use sampler_correction: none)")
+    check_loss_inputs(variant, correction, sampling_logp, entropy)
     if loss_type not in LOSS_KIND:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {tuple(LOSS_KIND)}")
     B, T = logp.shape
     token_weight = None
     if variant.needs_entropy:
-        if entropy is None:
-            raise ValueError("top_entropy_quantile < 1 needs each token's entropy from the head")
         # a batch-level order statistic (torch.quantile over the micro-batch): computed here, passed in as a weight
         token_weight = high_entropy_mask(entropy, mask, variant.top_entropy_quantile).float().reshape(-1)
 

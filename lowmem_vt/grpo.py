@@ -376,6 +376,17 @@ def is_paper_loss(loss_type: str, variant: LossVariant, correction: SamplerCorre
     return loss_type in ("grpo", "dr_grpo", "bnpo", "dapo") and variant == PAPER and not correction.on
 
 
+def check_loss_inputs(variant: LossVariant, correction: SamplerCorrection, sampling_logp: torch.Tensor | None,
+                      entropy: torch.Tensor | None) -> None:
+    """The inputs this loss configuration needs beyond the log-probs, or a ValueError saying which is missing (for
+    ``grpo_loss`` and the Triton terms kernel's ``kernels.policy_terms.policy_loss`` alike)."""
+    if correction.on and sampling_logp is None:
+        raise ValueError(f"sampler correction {correction.mode!r} needs the rollout's sampling log-probs; this backend "
+                         "reports none (use sampler_correction: none)")
+    if variant.needs_entropy and entropy is None:
+        raise ValueError("top_entropy_quantile < 1 needs each token's entropy from the head")
+
+
 def grpo_loss(
     logp: torch.Tensor,
     mask: torch.Tensor,
@@ -404,16 +415,12 @@ def grpo_loss(
     stats (``loss_stats``): ``kl_sum`` (sum of per-sequence mean k3), ``clipped_tokens`` and ``tokens`` for the
     logs, and, beyond the paper's loss (or with entropy given), the sums behind TRL's metrics.
     """
-    if correction.on and sampling_logp is None:
-        raise ValueError(f"sampler correction {correction.mode!r} needs the rollout's sampling log-probs; this backend "
-                         "reports none (use sampler_correction: none)")
+    check_loss_inputs(variant, correction, sampling_logp, entropy)
     advantages_col = advantages.unsqueeze(1)
     mask_t = mask.to(logp.dtype)
     behaviour = logp.detach() if old_logp is None else old_logp
     weight = None
     if variant.needs_entropy:
-        if entropy is None:
-            raise ValueError("top_entropy_quantile < 1 needs each token's entropy from the head")
         weight = high_entropy_mask(entropy, mask, variant.top_entropy_quantile)
     if variant.off_policy_mask_threshold is not None:
         opm = off_policy_sequence_mask(advantages_col, logp, behaviour if sampling_logp is None else sampling_logp,
