@@ -14,9 +14,9 @@ Shapes as ../shared/ANCHORS.md: one prompt = vision_start + 256 image tokens (44
 tokens (the image a generated SAT-style one); G = 8 completions; LoRA r 64 on q/k/v/o/gate/up/down; beta 0.04.
 EOS is never sampled (it is masked out of the logits) so every completion has the full length.
 
-Checks (exit 1 when one fails): every micro-batch's loss and the LoRA gradient norm are finite, and the rollout's
+Checks (exit 1 when one fails): every micro-batch's loss and the LoRA gradient norm are finite, the rollout's
 sampling log-probs agree with the policy update's log-probs of the same tokens (max < 0.1, mean < 0.01: bf16, as
-bench/rollout.py). ``LOWMEM_BENCH_FAULT=1`` (the GPU check's ``--fault``) makes the loss NaN: the check must fail.
+bench/rollout.py), and (CUDA, from step 2 on) the memory allocated after a step equals step 1's within 1/16 GiB. ``LOWMEM_BENCH_FAULT=1`` (the GPU check's ``--fault``) makes the loss NaN: the check must fail.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from types import SimpleNamespace
 import torch
 
 import report
+
+
+FLAT_GIB = 1 / 16  # what allocator rounding can explain between steps, not a leak (lowmem_vt.held_memory)
 
 
 def main() -> int:
@@ -145,7 +148,7 @@ def main() -> int:
     def save() -> None:
         flat = None
         if cuda and len(after_step) > 1:
-            flat = max(after_step) - min(after_step) < 1 / 16  # GiB: what allocator rounding can explain, not a leak
+            flat = max(after_step) - min(after_step) < FLAT_GIB
         data = {"device": device_name, "args": vars(args), "weights_gib": weights_gib, "after_step_gib": after_step,
                 "memory_flat": flat, "phases": [dict(step=r[0], phase=r[1], s=r[2], peak_gib=r[3]) for r in rows],
                 "measured_peak_gib": max((r[3] for r in rows if r[3] is not None), default=None),
@@ -207,6 +210,10 @@ def main() -> int:
         del embeds, roll, ref, adv
         sync()
         after_step.append(allocated())
+        if cuda and step > 1:  # step 1 allocated the optimizer's state and the engine's buffers; nothing more after it
+            grown = after_step[-1] - after_step[0]
+            check(step, "memory held between steps flat", abs(grown) < FLAT_GIB,
+                  f"{after_step[-1]:.3f} GiB allocated after step {step}, {after_step[0]:.3f} after step 1 (|diff| < {FLAT_GIB:.4f})")
         save()
     print(f"device: {device_name}; {args}; weights + LoRA resident: {weights_gib} GiB")
     print(Path(args.out, "step.md").read_text() if args.out else predicted.table())

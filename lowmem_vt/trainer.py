@@ -35,6 +35,7 @@ from .grpo import (
     truncated_rows,
     zero_variance_groups,
 )
+from .held_memory import HeldMemoryWatch, device_capacity, held_bytes
 from .inputs import InputBuilder, PromptInputs, build_sequences
 from .kernels.head import TRITON_HEAD, fused_grpo_loss, token_logprobs
 from .metrics import MetricsWriter, format_summary, run_summary
@@ -260,6 +261,7 @@ class Trainer:
         self._stopped_by: int | None = None  # the signal that stopped the run at once (a second one)
         self._updated = False
         self._bad_total = 0  # skipped steps over the whole run (kept in checkpoints)
+        self._held_watch = HeldMemoryWatch()  # memory left allocated after each step, watched for growth
         if resumed_from:
             self._restore(resumed_from)
         self.recipe_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
@@ -826,6 +828,7 @@ class Trainer:
                     return last
                 except torch.cuda.OutOfMemoryError as exc:
                     raise RuntimeError(self._oom_message()) from exc
+                self._note_held_memory(m)  # the step's own tensors are gone now
                 if self.metrics is not None:
                     self.metrics.write(m)
                 if self.reporters is not None:
@@ -860,6 +863,13 @@ class Trainer:
         if self.step_count == self.total_steps and self.dist.is_main:
             print(format_summary(run_summary(self.out)), flush=True)
         return last
+
+    def _note_held_memory(self, m: dict) -> None:
+        held = held_bytes(self.device)
+        m["mem_held_gib"] = None if held is None else held / 2**30
+        warning = self._held_watch.add(self.step_count, held, device_capacity(self.device))
+        if warning and self.dist.is_main:
+            log.warning(warning)
 
     def _log_sample(self, bar) -> None:
         texts, answers, rewards = self._last_texts

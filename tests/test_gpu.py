@@ -14,8 +14,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_qlora_on_cuda_keeps_vision_bf16_and_trains(recipe_factory):
     """sat_qlora's settings on the tiny model: NF4 language model, bf16 vision tower and head, fp32 LoRA,
-    paged 8-bit AdamW; two finite steps. The loss head is the torch reference here, so that a kernel fault
-    (tested on its own) cannot hide what this test says about NF4; the whole-step stage runs both together."""
+    paged 8-bit AdamW; three finite steps, the memory they leave allocated flat. The loss head is the torch
+    reference here, so that a kernel fault (tested on its own) cannot hide what this test says about NF4; the
+    whole-step stage runs both together."""
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is carried as a wheel (make gpu-wheels)")
     from lowmem_vt.model import vision_on_device
     from lowmem_vt.trainer import Trainer
@@ -40,12 +41,16 @@ def test_qlora_on_cuda_keeps_vision_bf16_and_trains(recipe_factory):
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert tr.params and all(p.dtype == torch.float32 and p.device.type == "cuda" for p in tr.params)
     assert isinstance(tr.optimizer, bnb.optim.PagedAdamW8bit)
-    for _ in range(2):
+    held = []
+    for _ in range(3):
         m = tr.step()
         assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and not m["skipped_step"], m
         assert m["vision_forward_calls"] == cfg.train.prompts_per_step  # one vision pass per prompt per step
         assert 0 < m["peak_gpu_mem_gib"] < 4, m
+        held.append(torch.cuda.memory_allocated())  # the step's own tensors are gone
     assert tr.optimizer.state  # the 8-bit states exist: the step reached the optimizer
+    # nothing of a step outlives it: what steps 2 and 3 leave allocated is what step 1 did (lowmem_vt.held_memory)
+    assert abs(held[2] - held[0]) < 2**26 and abs(held[1] - held[0]) < 2**26, held
 
 
 def config_only_2b_folder(tmp_path, tiny_dir):
