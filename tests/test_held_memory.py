@@ -92,13 +92,18 @@ def cpu_counts(monkeypatch):
     return graphs
 
 
-@pytest.mark.parametrize("over", [
-    {"rollout.backend": "hf"},
-    {"rollout.backend": "engine"},  # its KV cache and buffers
+@pytest.mark.parametrize("family,over", [
+    ("qwen2_vl", {"rollout.backend": "hf"}),
+    ("qwen2_vl", {"rollout.backend": "engine"}),  # its KV cache and buffers
     # DAPO's dynamic sampling (rounds of rollouts kept until the update) and two iterations on one rollout
-    {"rollout.backend": "engine", "grpo.loss_type": "dapo", "grpo.dynamic_sampling": "true", "grpo.num_iterations": 2},
-], ids=["hf", "engine", "engine-dapo-2-iterations"])
-def test_held_memory_is_flat_from_the_first_step(recipe_factory, cpu_counts, caplog, over):
+    ("qwen2_vl", {"rollout.backend": "engine", "grpo.loss_type": "dapo", "grpo.dynamic_sampling": "true",
+                  "grpo.num_iterations": 2}),
+    ("qwen3_vl", {"rollout.backend": "engine"}),  # DeepStack's levels of image features
+    ("qwen3_5", {"rollout.backend": "engine"}),  # the linear-attention layers' conv and recurrent states
+], ids=["hf", "engine", "engine-dapo-2-iterations", "qwen3_vl-engine", "qwen3_5-engine"])
+def test_held_memory_is_flat_from_the_first_step(recipe_factory, tiny_family_dir, cpu_counts, caplog, family, over):
+    if family != "qwen2_vl":
+        over = {**over, "model.name_or_path": tiny_family_dir(family)}
     tr = Trainer(recipe_factory(**SMALL, **over, **{"train.max_steps": 6, "log.save_steps": 100}))
     with caplog.at_level(logging.WARNING, logger="lowmem_vt.trainer"):
         tr.train()
