@@ -105,6 +105,12 @@ def _nan_to_num(x):
 
 
 @triton.jit
+def _vespo_log_clamp(log_w):
+    """A log weight clamped to VESPO's [log(1e-8), 20] (lowmem_vt.grpo.vespo_weights)."""
+    return tl.minimum(tl.maximum(log_w, -18.420680743952367), 20.0)
+
+
+@triton.jit
 def _correct(ratio, clip_min, clip_max, MASK: tl.constexpr):
     """The sampler correction's ratio truncated to [clip_min, clip_max], or set to 0 outside it; and the mask flag
     (fp32 0 / 1)."""
@@ -148,11 +154,11 @@ def _policy_terms_kernel(
             sampler_sum += tl.sum(sampler_diff, axis=0)
         if OFF_POLICY_MASK:
             behaviour_kl_sum += tl.sum(_nan_to_num(sampling - logp) * m, axis=0)
-        if LOSS == 3:  # -18.42...: log(1e-8), VESPO's floor of the ratio (lowmem_vt.grpo.vespo_weights)
+        if LOSS == 3:  # the token log-ratio is clamped to [-20, 20] (lowmem_vt.grpo.vespo_weights)
             vespo_sum += tl.sum(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0) * m, axis=0)
             if CORRECTION == 1:
                 c, _ = _correct(tl.exp(sampler_diff), clip_min, clip_max, CORRECTION_MASKS)
-                log_c = tl.minimum(tl.maximum(tl.log(tl.maximum(c, 1e-30)), -18.420680743952367), 20.0)
+                log_c = _vespo_log_clamp(tl.log(tl.maximum(c, 1e-30)))
                 vespo_sum += tl.sum(tl.where(in_seq, log_c, 0.0), axis=0)
     count = tl.maximum(tokens, 1.0)
 
@@ -168,8 +174,8 @@ def _policy_terms_kernel(
     phi = 0.0
     if LOSS == 3:
         if CORRECTION == 2:
-            vespo_sum += tl.minimum(tl.maximum(tl.log(tl.maximum(seq_c, 1e-30)), -18.420680743952367), 20.0)
-        log_w = tl.minimum(tl.maximum(vespo_sum, -18.420680743952367), 20.0)
+            vespo_sum += _vespo_log_clamp(tl.log(tl.maximum(seq_c, 1e-30)))
+        log_w = _vespo_log_clamp(vespo_sum)
         k = tl.where(adv >= 0.0, k_pos, k_neg)
         lam = tl.maximum(tl.where(adv >= 0.0, lam_pos, lam_neg), 1e-4)
         phi = tl.exp(lam + k * log_w - lam * tl.exp(log_w))
