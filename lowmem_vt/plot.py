@@ -1,4 +1,4 @@
-"""Training plots from metrics.jsonl: rewards, accuracy, response length, reflection-word rate."""
+"""Training plots from metrics.jsonl: rewards, accuracy, response length, reflection-word rate, KL, GPU memory."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ PANELS = [
     ("completion_length_mean", "response length (tokens)"),
     ("reflection_rate", "reflection-word rate"),
     ("kl", "KL to reference"),
+    ("gpu_memory", "GPU memory (GiB): step peak, held after"),
 ]
+# panels that draw named keys (the others draw their key, or every key under a prefix ending in "/")
+PANEL_KEYS = {"gpu_memory": ("peak_gpu_mem_gib", "mem_held_gib")}  # null on CPU: "not logged"
 
 
 def smooth(values: list[float], alpha: float) -> list[float]:
@@ -61,10 +64,15 @@ def plot_metrics(metrics_path: str | Path, out_dir: str | Path, smoothing: float
     steps = [r["step"] for r in rows]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     written = []
-    fig_all, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig_all, axes = plt.subplots(2, 4, figsize=(20, 8))
+    for ax in axes.flat[len(PANELS):]:
+        ax.axis("off")
     fig_all.suptitle(f"{Path(metrics_path).parent.name or 'run'}: {len(rows)} steps (solid: moving average, {smoothing})")
     for ax_all, (key, title) in zip(axes.flat, PANELS):
-        keys = sorted({k for r in rows for k in r if k.startswith(key)}) if key.endswith("/") else [key]
+        if key in PANEL_KEYS:
+            keys = list(PANEL_KEYS[key])
+        else:
+            keys = sorted({k for r in rows for k in r if k.startswith(key)}) if key.endswith("/") else [key]
         fig, ax = plt.subplots(figsize=(6, 4))
         drawn = 0
         for k in keys:

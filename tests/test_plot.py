@@ -1,5 +1,6 @@
 """Training plots: ``lowmem-vt plot`` writes a non-empty PNG per panel and an overview from a metrics.jsonl."""
 
+import json
 import math
 import random
 
@@ -21,7 +22,8 @@ def metrics(tmp_path):
         fmt = min(1.0, 1 - 0.9 * math.exp(-s / 8))
         writer.write({"step": s, "reward": acc + fmt, "rewards/accuracy": acc, "rewards/format": fmt, "accuracy": acc,
                       "completion_length_mean": 60 + 2 * s, "reflection_rate": 0.01 * s,
-                      "kl": float("nan") if s == 7 else 0.001 * s})
+                      "kl": float("nan") if s == 7 else 0.001 * s,
+                      "peak_gpu_mem_gib": 14.2 + rng.gauss(0, 0.1), "mem_held_gib": 6.1})
     writer.close()
     return writer.path
 
@@ -42,9 +44,12 @@ def test_plot_writes_nonempty_pngs(metrics, tmp_path):
 
 
 def test_plot_marks_panels_without_data(metrics, tmp_path):
-    lines = metrics.read_text().splitlines()
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for r in rows:  # no reflection rate; GPU memory null, as on CPU
+        r["other"] = r.pop("reflection_rate")
+        r["peak_gpu_mem_gib"] = r["mem_held_gib"] = None
     stripped = tmp_path / "metrics.jsonl"
-    stripped.write_text("\n".join(line.replace('"reflection_rate"', '"other"') for line in lines) + "\n")
+    stripped.write_text("".join(json.dumps(r) + "\n" for r in rows))
     written = plot_metrics(stripped, tmp_path / "plots")
     assert len(written) == len(PANELS) + 1 and all(p.stat().st_size > 0 for p in written)
 
