@@ -57,7 +57,9 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 SUMMARY_KEYS = [("reward", "reward"), ("format_rate", "format rate"), ("accuracy", "accuracy"),
-                ("completion_length_mean", "completion length")]
+                ("completion_length_mean", "completion length"),
+                # CUDA only (null on CPU: no line): a held figure that rises from the first steps to the last is a leak
+                ("peak_gpu_mem_gib", "peak GPU memory (GiB)"), ("mem_held_gib", "held between steps (GiB)")]
 
 
 def run_summary(out_dir: str | Path, n: int = 5) -> dict:

@@ -140,3 +140,21 @@ def test_a_step_that_keeps_a_tensor_is_caught(recipe_factory, cpu_counts, caplog
     assert cpu_counts == list(range(2, 9, 2)), cpu_counts  # two micro-batches: two losses with their graph a step
     warned = [r.message for r in caplog.records if "held between steps" in r.message]
     assert len(warned) == 1 and warned[0].startswith("step 4:"), warned
+
+
+def test_the_run_summary_shows_memory_on_a_gpu_and_nothing_on_cpu(tmp_path):
+    from lowmem_vt.metrics import MetricsWriter, format_summary, run_summary
+
+    def summary(folder, gpu: bool) -> str:
+        w = MetricsWriter(folder / "metrics.jsonl")
+        for s in range(1, 11):
+            w.write({"step": s, "reward": 0.1 * s, "peak_gpu_mem_gib": 14.0 + 0.1 * (s % 2) if gpu else None,
+                     "mem_held_gib": 6.0 + 0.25 * s if gpu else None})
+        w.close()
+        return format_summary(run_summary(folder))
+
+    gpu = summary(tmp_path / "gpu", True)
+    assert "  peak GPU memory (GiB)           14.100    14.060 ->  14.040" in gpu, gpu
+    assert "  held between steps (GiB)         6.250     6.750 ->   8.000" in gpu, gpu  # first 5 vs last 5 means
+    cpu = summary(tmp_path / "cpu", False)
+    assert "reward" in cpu and "GPU" not in cpu and "held" not in cpu, cpu
