@@ -60,31 +60,39 @@ def test_growth_that_pauses_is_not_warned_until_it_grows_a_whole_window_again():
     assert [s for s, _ in feed(HeldMemoryWatch(window=3), held)] == [4]
 
 
+def real_tensors() -> list[torch.Tensor]:
+    """Every plain tensor and parameter Python can reach, after a collection. Subclasses are left out: the fake
+    tensors that simulation tests earlier in the same process leave behind have no storage to count."""
+    gc.collect()
+    return [o for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter) and o.device.type == "cpu"]
+
+
 def live_tensor_bytes() -> int:
     """Bytes of the storages of every tensor Python can reach (each storage once): parameters, optimizer state,
     buffers, and whatever a step left behind. Tensors an autograd graph saved are reached through the graph's
-    output, which test_held_memory_is_flat_from_the_first_step also counts."""
-    gc.collect()
+    output, which ``graphs_alive`` counts."""
     storages: dict[int, int] = {}
-    for o in gc.get_objects():
-        if isinstance(o, torch.Tensor) and o.device.type == "cpu":
-            st = o.untyped_storage()
-            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+    for t in real_tensors():
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
     return sum(storages.values())
 
 
 def graphs_alive() -> int:
     """Tensors Python can reach that carry an autograd graph (a step's loss or logits kept past the step)."""
-    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None)
+    return sum(1 for t in real_tensors() if t.grad_fn is not None)
 
 
 @pytest.fixture
 def cpu_counts(monkeypatch):
-    """The trainer's held memory on CPU: live tensor bytes (a test-only figure: gc over every object each step)."""
+    """The trainer's held memory on CPU: live tensor bytes (a test-only figure: gc over every object each step).
+    Returns the number of tensors with a graph alive after each step, less those alive before the test (an earlier
+    test in the same process may have left some)."""
     graphs: list[int] = []
+    before = graphs_alive()
 
     def held(device):
-        graphs.append(graphs_alive())
+        graphs.append(graphs_alive() - before)
         return live_tensor_bytes()
 
     monkeypatch.setattr(trainer_module, "held_bytes", held)
