@@ -207,7 +207,7 @@ def main() -> int:
               f"max {max_drift:.3g} (< 0.1), mean {mean_drift:.3g} (< 0.01)")
         phase(step, f"optimizer step ({args.optimizer})", opt.step)
         opt.zero_grad(set_to_none=True)
-        del embeds, roll, ref, adv
+        embeds = roll = ref = adv = None  # freed before the memory held after the step is read
         sync()
         after_step.append(allocated())
         if cuda and step > 1:  # step 1 allocated the optimizer's state and the engine's buffers; nothing more after it

@@ -10,7 +10,6 @@ whose gradient disagrees is switched to torch."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import sys

@@ -77,7 +77,6 @@ def estimate_seconds(cfg, card: Card, config=None) -> dict:
 
     # rollout: hf greedy (one batched call) and sampling (one call per prompt, G rows), the candidate's greedy and
     # sampling calls, the trainer's forward over both sampled batches
-    rollout_s = 0.0
     if cfg.rollout.backend != "hf":
         from .rollout import check_length
 
@@ -92,7 +91,6 @@ def estimate_seconds(cfg, card: Card, config=None) -> dict:
         hf = (P * prefill + T * max(step_read, HF_STEP_OVERHEAD_S)) + P * (G * prefill + T * max(step_read, HF_STEP_OVERHEAD_S))
         engine = 2 * (P * prefill + 2 * ENGINE_EAGER_STEP_S + T * step_read)
         trainer = 2 * 2 * text_params * P * G * (L + T) / flops
-        rollout_s = hf + engine + trainer
         out["rollout: hf (greedy + sampling)"] = hf
         out["rollout: engine (greedy + sampling, one graph)"] = engine
         out["rollout: trainer log-probs of both samples"] = trainer
