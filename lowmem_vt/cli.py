@@ -19,6 +19,10 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # huggingface_hub and datasets give their loggers a stderr handler of their own and let records propagate too:
+    # beside the root handler above, each of their warnings (the hub's retries when it is unreachable) printed twice
+    for own_handler in ("huggingface_hub", "datasets"):
+        logging.getLogger(own_handler).propagate = False
     # bitsandbytes (0.50, CPUs with AVX512-BF16) warns at import that the optional `kernels` package for its
     # CPU NF4 *inference* path is missing; training never uses that path (model.keep_nf4_trainable)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -846,3 +846,24 @@ def test_29_a_tab_in_an_override_is_named_as_a_tab(tiny_dir, tmp_path, capsys, n
     assert "not a valid value" not in line and "starts with" not in line
     cfg = load_config(RECIPE, ['log.output_dir="out\trun"'])  # quoted, it is taken as written
     assert cfg.log.output_dir == "out\trun"
+
+
+LOG_ONCE = r"""
+import logging
+from lowmem_vt.cli import _setup_logging
+_setup_logging()
+import datasets, huggingface_hub  # each gives its logger a stderr handler of its own at import
+logging.getLogger("huggingface_hub.utils._http").warning("hub-retry-probe")
+logging.getLogger("datasets.load").warning("datasets-probe")
+logging.getLogger("lowmem_vt.trainer").warning("ours-probe")
+"""
+
+
+def test_a_library_warning_prints_once():
+    """Without the hub (`train.py recipes/sat_lora.yaml` here), the hub's five retry warnings each printed twice:
+    once by its own handler, once by ours through propagation."""
+    res = subprocess.run([sys.executable, "-c", LOG_ONCE], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    for probe in ("hub-retry-probe", "datasets-probe", "ours-probe"):
+        assert res.stderr.count(probe) == 1, res.stderr
+    assert " WARNING lowmem_vt.trainer: ours-probe" in res.stderr  # ours keep the timestamped format
