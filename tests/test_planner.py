@@ -152,6 +152,32 @@ def test_qwen35_recipes_fit_14_gib_in_the_plan():
         assert plan(cfg, config_for(cfg)).peak <= 14.0, recipe
 
 
+PROBE_QUIET = r"""
+import sys, torch
+from lowmem_vt.families import family_named
+family = family_named("qwen3_5")
+family.mixer_holds_repeated_qk()
+print("probed", file=sys.stderr, flush=True)
+rule = sys.modules[family.model_class().__module__].torch_chunk_gated_delta_rule
+q, k, v = torch.rand(1, 2, 4, 4), torch.rand(1, 2, 4, 4), torch.rand(1, 2, 4, 4)
+rule(q, k, v, g=-torch.rand(1, 2, 4), beta=torch.rand(1, 2, 4), use_qk_l2norm_in_kernel=True)
+"""
+
+
+def test_qwen35_probe_says_nothing_and_leaves_the_runs_fallback_warning():
+    """The probe runs the delta rule on CPU tensors; transformers would say it "is falling back to its reference
+    PyTorch implementation", which ``lowmem-vt plan`` on a GPU with flash-linear-attention must not claim. The run's
+    own call (here the same rule, on CPU, without flash-linear-attention) still warns, once."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", PROBE_QUIET], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    probe, run = res.stderr.split("probed\n")
+    assert "falling back" not in probe, probe
+    assert run.count("falling back to its reference PyTorch implementation") == 1, run
+
+
 def test_qwen35_repeated_qk_follow_the_installed_layer(monkeypatch, cfg35):
     """The planner counts q / k repeated to the value heads where the installed transformers' Gated DeltaNet layer
     repeats them before its chunked delta rule (5.17) and holds them while it runs; the oracle is that layer's own

@@ -25,7 +25,9 @@ given the 2-D mask; ``inputs.completion_hidden`` gives it).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import sys
 from types import SimpleNamespace
 
@@ -97,10 +99,29 @@ def _delta_rule_takes_grouped_heads(modeling) -> bool:
     q, k = torch.rand(1, 2, 2, 4), torch.rand(1, 2, 2, 4)
     v, g, beta = torch.rand(1, 2, 4, 4), -torch.rand(1, 2, 4), torch.rand(1, 2, 4)
     try:
-        out, _ = modeling.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
+        with _no_fallback_warning():
+            out, _ = modeling.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
     except Exception:  # noqa: BLE001 (any failure: the rule cannot take grouped heads)
         return False
     return tuple(out.shape) == (1, 2, 4, 4)
+
+
+@contextlib.contextmanager
+def _no_fallback_warning():
+    """Without transformers' one-time "`chunk_gated_delta_rule` is falling back to its reference PyTorch
+    implementation" while the probe runs on CPU tensors: said during ``lowmem-vt plan``, it is wrong on a GPU with
+    flash-linear-attention. Silenced on the logger's instance, not through the class's once-only cache, so that the
+    run's own fallback (a GPU without flash-linear-attention, or the CPU) still warns."""
+    logger = logging.getLogger("transformers.integrations.hub_kernels")
+    own = logger.__dict__.get("warning_once")
+    logger.warning_once = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if own is None:
+            del logger.warning_once
+        else:
+            logger.warning_once = own
 
 
 class Qwen35(QwenVLFamily):
