@@ -16,7 +16,8 @@ EOS is never sampled (it is masked out of the logits) so every completion has th
 
 Checks (exit 1 when one fails): every micro-batch's loss and the LoRA gradient norm are finite, the rollout's
 sampling log-probs agree with the policy update's log-probs of the same tokens (max < 0.1, mean < 0.01: bf16, as
-bench/rollout.py), and (CUDA, from step 2 on) the memory allocated after a step equals step 1's within 1/16 GiB. ``LOWMEM_BENCH_FAULT=1`` (the GPU check's ``--fault``) makes the loss NaN: the check must fail.
+bench/rollout.py), and (CUDA, from step 2 on) the memory allocated after each step so far is the same within 1/16
+GiB. ``LOWMEM_BENCH_FAULT=1`` (the GPU check's ``--fault``) makes the loss NaN: the check must fail.
 """
 
 from __future__ import annotations
@@ -145,10 +146,12 @@ def main() -> int:
         rows.append((step, name, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30 if cuda else None))
         return out
 
+    def spread() -> float | None:
+        """How far apart the memory allocated after each step so far lies (GiB); None before two CUDA steps."""
+        return max(after_step) - min(after_step) if cuda and len(after_step) > 1 else None
+
     def save() -> None:
-        flat = None
-        if cuda and len(after_step) > 1:
-            flat = max(after_step) - min(after_step) < FLAT_GIB
+        flat = None if spread() is None else spread() < FLAT_GIB
         data = {"device": device_name, "args": vars(args), "weights_gib": weights_gib, "after_step_gib": after_step,
                 "memory_flat": flat, "phases": [dict(step=r[0], phase=r[1], s=r[2], peak_gib=r[3]) for r in rows],
                 "measured_peak_gib": max((r[3] for r in rows if r[3] is not None), default=None),
@@ -210,10 +213,9 @@ def main() -> int:
         embeds = roll = ref = adv = None  # freed before the memory held after the step is read
         sync()
         after_step.append(allocated())
-        if cuda and step > 1:  # step 1 allocated the optimizer's state and the engine's buffers; nothing more after it
-            grown = after_step[-1] - after_step[0]
-            check(step, "memory held between steps flat", abs(grown) < FLAT_GIB,
-                  f"{after_step[-1]:.3f} GiB allocated after step {step}, {after_step[0]:.3f} after step 1 (|diff| < {FLAT_GIB:.4f})")
+        if spread() is not None:  # step 1 allocated the optimizer's state and the engine's buffers; nothing more after it
+            check(step, "memory held between steps flat", spread() < FLAT_GIB,
+                  f"allocated after steps 1-{step}: {[round(a, 3) for a in after_step]} GiB (spread < {FLAT_GIB:.4f})")
         save()
     print(f"device: {device_name}; {args}; weights + LoRA resident: {weights_gib} GiB")
     print(Path(args.out, "step.md").read_text() if args.out else predicted.table())

@@ -37,10 +37,11 @@ class HeldMemoryWatch:
 
     window: int = 5  # steps in a row that each held more than the one before
     threshold: int = 256 * 2**20  # and the growth since the second step, bytes (allocator rounding is ~MiB)
+    capacity: int | None = None  # the card's bytes, for the step the pace would fill it (None: not said)
     held: list[tuple[int, int]] = field(default_factory=list)
     warned: bool = False
 
-    def add(self, step: int, held: int | None, capacity: int | None = None) -> str | None:
+    def add(self, step: int, held: int | None) -> str | None:
         if held is None:
             return None
         self.held.append((step, held))
@@ -58,7 +59,7 @@ class HeldMemoryWatch:
         msg = (f"step {step}: the memory held between steps grew at each of the last {self.window} steps, from "
                f"{first / GIB:.2f} GiB after step {first_step} to {now / GIB:.2f} GiB after step {last_step} "
                f"({per_step / 2**20:.0f} MiB a step lately): something keeps tensors from one step to the next")
-        if capacity:
-            steps_left = max(int((capacity - now) // per_step), 0)
-            msg += f"; at this pace the card's {capacity / GIB:.0f} GiB are reached around step {step + steps_left}"
+        if self.capacity:
+            steps_left = max(int((self.capacity - now) // per_step), 0)
+            msg += f"; at this pace the card's {self.capacity / GIB:.0f} GiB are reached around step {step + steps_left}"
         return msg + " (mem_held_gib in metrics.jsonl)"

@@ -261,7 +261,8 @@ class Trainer:
         self._stopped_by: int | None = None  # the signal that stopped the run at once (a second one)
         self._updated = False
         self._bad_total = 0  # skipped steps over the whole run (kept in checkpoints)
-        self._held_watch = HeldMemoryWatch()  # memory left allocated after each step, watched for growth
+        # memory left allocated after each step, watched for growth
+        self._held_watch = HeldMemoryWatch(capacity=device_capacity(self.device))
         if resumed_from:
             self._restore(resumed_from)
         self.recipe_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
@@ -867,7 +868,7 @@ class Trainer:
     def _note_held_memory(self, m: dict) -> None:
         held = held_bytes(self.device)
         m["mem_held_gib"] = None if held is None else held / 2**30
-        warning = self._held_watch.add(self.step_count, held, device_capacity(self.device))
+        warning = self._held_watch.add(self.step_count, held)
         if warning and self.dist.is_main:
             log.warning(warning)
 

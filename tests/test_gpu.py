@@ -49,8 +49,8 @@ def test_qlora_on_cuda_keeps_vision_bf16_and_trains(recipe_factory):
         assert 0 < m["peak_gpu_mem_gib"] < 4, m
         held.append(torch.cuda.memory_allocated())  # the step's own tensors are gone
     assert tr.optimizer.state  # the 8-bit states exist: the step reached the optimizer
-    # nothing of a step outlives it: what steps 2 and 3 leave allocated is what step 1 did (lowmem_vt.held_memory)
-    assert abs(held[2] - held[0]) < 2**26 and abs(held[1] - held[0]) < 2**26, held
+    # nothing of a step outlives it: the three steps leave the same allocated, within 64 MiB (bench/step.py's bound)
+    assert max(held) - min(held) < 2**26, held
 
 
 def config_only_2b_folder(tmp_path, tiny_dir):

@@ -15,13 +15,13 @@ from lowmem_vt.held_memory import GIB, HeldMemoryWatch
 from lowmem_vt.metrics import read_metrics
 from lowmem_vt.trainer import Trainer
 
+from test_trainer import SMALL  # the trainer tests' small step
+
 MIB = 2**20
-SMALL = {"train.prompts_per_step": 2, "grpo.num_generations": 4, "train.micro_batch_size": 4,
-         "grpo.max_completion_length": 4, "data.generated_samples": 16}
 
 
-def feed(watch: HeldMemoryWatch, held: list[int | None], capacity: int | None = None) -> list[tuple[int, str]]:
-    return [(step, w) for step, h in enumerate(held, 1) if (w := watch.add(step, h, capacity))]
+def feed(watch: HeldMemoryWatch, held: list[int | None]) -> list[tuple[int, str]]:
+    return [(step, w) for step, h in enumerate(held, 1) if (w := watch.add(step, h))]
 
 
 def test_flat_or_a_plateau_is_not_a_leak():
@@ -36,9 +36,9 @@ def test_flat_or_a_plateau_is_not_a_leak():
 
 
 def test_steady_growth_is_warned_once_with_the_step_the_card_runs_out():
-    watch = HeldMemoryWatch()
+    watch = HeldMemoryWatch(capacity=80 * GIB)
     held = [GIB] + [2 * GIB + k * 100 * MIB for k in range(30)]  # 100 MiB a step from step 2 on
-    warnings = feed(watch, held, capacity=80 * GIB)
+    warnings = feed(watch, held)
     # the 5-step window is first full at step 6 (steps 2-6), and 400 MiB since step 2 pass the 256 MiB threshold
     assert [s for s, _ in warnings] == [6]
     text = warnings[0][1]
@@ -96,7 +96,6 @@ def cpu_counts(monkeypatch):
         return live_tensor_bytes()
 
     monkeypatch.setattr(trainer_module, "held_bytes", held)
-    monkeypatch.setattr(trainer_module, "device_capacity", lambda device: None)
     return graphs
 
 
